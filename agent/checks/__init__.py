@@ -1,0 +1,1 @@
+"""Checks: one module per check; each returns findings and never raises to the caller."""

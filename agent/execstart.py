@@ -1,0 +1,245 @@
+"""Pure: what an ExecStart= command line launches (gunicorn, its app, its virtualenv)."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agent.model import ExecCommand
+
+SHELLS = {"sh", "bash", "dash", "zsh", "ksh"}
+# Gunicorn options that take no value; every other option consumes one (unless "--x=y").
+GUNICORN_FLAGS = {
+    "--preload", "--reload", "-R", "-D", "--daemon", "--capture-output",
+    "--enable-stdio-inheritance", "--proxy-protocol", "--check-config", "--print-config",
+    "--spew", "--no-sendfile", "--reuse-port", "--strip-header-spaces",
+    "--suppress-ragged-eofs", "--do-handshake-on-connect", "--log-syslog", "--initgroups",
+    "--disable-redirect-access-to-syslog", "--paste-global", "-v", "--version", "-h",
+    "--help", "--no-control-socket", "--permit-obsolete-folding",
+    "--permit-unconventional-http-method", "--permit-unconventional-http-version",
+    "--casefold-http-method", "--header-map",
+}
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the unit's main command runs, as far as the command line tells."""
+
+    argv: tuple[str, ...]              # the gunicorn-running argv after unwrapping shells
+    runs_gunicorn: bool
+    program: str = ""                  # the executable named on the command line
+    python: str = ""                   # the interpreter when run as "python -m gunicorn"
+    venv: str = ""                     # the virtualenv the command line points into
+    venv_source: str = ""              # how the venv was found, for the report
+    app_spec: str = ""                 # gunicorn's "module:variable" or "module:factory()"
+    chdir: str = ""                    # gunicorn --chdir, or a "cd DIR &&" in a shell wrapper
+    config_file: str = ""              # gunicorn -c FILE
+    gunicorn_env: tuple[str, ...] = () # gunicorn -e/--env KEY=VALUE, given to the app
+    shell_wrapped: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+def _basename(word: str) -> str:
+    return posixpath.basename(word)
+
+
+def _absolute(path: str, cwd: str) -> str:
+    """Resolve a path against a working directory without touching the filesystem."""
+    if not path:
+        return path
+    if posixpath.isabs(path):
+        return posixpath.normpath(path)
+    return posixpath.normpath(posixpath.join(cwd or "/", path))
+
+
+def _venv_from_bin(path: str) -> str:
+    """'/srv/app/venv/bin/gunicorn' -> '/srv/app/venv' (a candidate; the caller checks it)."""
+    parent = posixpath.dirname(path)
+    if posixpath.basename(parent) == "bin":
+        return posixpath.dirname(parent)
+    return ""
+
+
+def _shell_segments(script: str) -> list[list[str]]:
+    """Split a 'sh -c' script into simple commands on &&, ||, ; and newlines."""
+    try:
+        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:
+        return [script.split()]
+    segments: list[list[str]] = [[]]
+    for word in words:
+        if word in (";", "&&", "||", "&", "|", ";;"):
+            segments.append([])
+        else:
+            segments[-1].append(word)
+    return [s for s in segments if s]
+
+
+def _strip_prefixes(argv: list[str]) -> list[str]:
+    """Drop 'exec', 'env [-i] K=V ...' and leading K=V assignments before the real program."""
+    out = list(argv)
+    while out:
+        head = _basename(out[0])
+        if out[0] == "exec":
+            out = out[1:]
+        elif head == "env":
+            out = out[1:]
+            while out and (out[0].startswith("-") or ASSIGNMENT.match(out[0])):
+                out = out[1:]
+        elif ASSIGNMENT.match(out[0]):
+            out = out[1:]
+        else:
+            break
+    return out
+
+
+def _is_python(word: str) -> bool:
+    return re.fullmatch(r"python(\d+(\.\d+)?)?", _basename(word)) is not None
+
+
+def _gunicorn_args(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after gunicorn itself, or None when argv does not run gunicorn."""
+    if not argv:
+        return None
+    if _basename(argv[0]).startswith("gunicorn"):
+        return list(argv[1:])
+    if _is_python(argv[0]):
+        args = list(argv[1:])
+        while args and args[0].startswith("-") and args[0] != "-m":
+            args = args[1:]
+        if len(args) >= 2 and args[0] == "-m" and args[1] == "gunicorn":
+            return args[2:]
+        if args and args[0].startswith("-mgunicorn"):
+            return args[1:]
+    return None
+
+
+def parse_gunicorn_args(args: Sequence[str]) -> dict[str, object]:
+    """Pure: app spec, --chdir, -c and -e values from gunicorn's own arguments."""
+    result: dict[str, object] = {"app_spec": "", "chdir": "", "config_file": "", "env": []}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest = args[i + 1:]
+            if rest and not result["app_spec"]:
+                result["app_spec"] = rest[0]
+            break
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            i += 1
+        elif arg.startswith("-") and arg not in GUNICORN_FLAGS and len(arg) > 1:
+            key = arg
+            if not arg.startswith("--") and len(arg) > 2:
+                key, value = arg[:2], arg[2:]   # short option glued to its value: -w4
+                i += 1
+            else:
+                value = args[i + 1] if i + 1 < len(args) else ""
+                i += 2
+        elif arg.startswith("-"):
+            i += 1
+            continue
+        else:
+            if not result["app_spec"]:
+                result["app_spec"] = arg
+            i += 1
+            continue
+        if key == "--chdir":
+            result["chdir"] = value
+        elif key in ("-c", "--config"):
+            result["config_file"] = value
+        elif key in ("-e", "--env"):
+            result["env"].append(value)  # type: ignore[union-attr]
+    return result
+
+
+def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str = "",
+                       ) -> LaunchSpec:
+    """Find the gunicorn launch in ExecStart (shell wrappers included) and what it implies."""
+    if not commands:
+        return LaunchSpec(argv=(), runs_gunicorn=False, notes=("the unit has no ExecStart",))
+    main = commands[-1]
+    for command in commands:
+        if _gunicorn_args(_strip_prefixes(list(command.argv))) is not None or _wrapped(command):
+            main = command
+            break
+    argv = list(main.argv) or [main.path]
+    cwd = working_directory
+    activate = ""
+    shell_wrapped = False
+    if _basename(argv[0]) in SHELLS and "-c" in argv[1:]:
+        shell_wrapped = True
+        script = argv[argv.index("-c") + 1] if argv.index("-c") + 1 < len(argv) else ""
+        chosen: list[str] = []
+        for segment in _shell_segments(script):
+            segment = _strip_prefixes(segment)
+            if not segment:
+                continue
+            if segment[0] == "cd" and len(segment) > 1:
+                cwd = _absolute(segment[1], cwd)
+            elif segment[0] in (".", "source") and len(segment) > 1:
+                activate = _absolute(segment[1], cwd)
+            elif _gunicorn_args(segment) is not None:
+                chosen = segment
+                break
+        if not chosen:
+            return LaunchSpec(argv=tuple(argv), runs_gunicorn=False, shell_wrapped=True,
+                              program=argv[0],
+                              notes=("a shell wrapper that does not visibly start gunicorn",))
+        argv = chosen
+    else:
+        argv = _strip_prefixes(argv)
+    gargs = _gunicorn_args(argv)
+    program = _absolute(argv[0], cwd) if "/" in argv[0] else argv[0]
+    parsed = parse_gunicorn_args(gargs or [])
+    venv, source = "", ""
+    python = program if _is_python(argv[0]) else ""
+    if "/" in argv[0]:
+        venv = _venv_from_bin(program)
+        source = "ExecStart program path" if venv else ""
+    if not venv and activate:
+        venv = _venv_from_bin(activate)
+        source = "activate script sourced in ExecStart" if venv else ""
+    chdir = str(parsed["chdir"])
+    return LaunchSpec(
+        argv=tuple(argv),
+        runs_gunicorn=gargs is not None,
+        program=program,
+        python=python,
+        venv=venv,
+        venv_source=source,
+        app_spec=str(parsed["app_spec"]),
+        chdir=_absolute(chdir, cwd) if chdir else (cwd if cwd != working_directory else ""),
+        config_file=_absolute(str(parsed["config_file"]), cwd) if parsed["config_file"] else "",
+        gunicorn_env=tuple(parsed["env"]),  # type: ignore[arg-type]
+        shell_wrapped=shell_wrapped,
+    )
+
+
+def _wrapped(command: ExecCommand) -> bool:
+    """True for 'sh -c SCRIPT' commands whose script mentions gunicorn."""
+    argv = command.argv
+    return bool(argv) and _basename(argv[0]) in SHELLS and "-c" in argv[1:] and any(
+        "gunicorn" in a for a in argv)
+
+
+def runs_gunicorn(commands: Sequence[ExecCommand]) -> bool:
+    """True when any ExecStart command starts gunicorn, directly, via python -m or a shell."""
+    return analyse_exec_start(commands).runs_gunicorn
+
+
+def venv_of_interpreter(path: str) -> str:
+    """'/srv/venv/bin/python3' -> '/srv/venv' candidate, '' when not under a bin/ dir."""
+    return _venv_from_bin(path) if path else ""
+
+
+def split_env_assignment(assignment: str) -> tuple[str, str]:
+    """'KEY=VALUE' -> ('KEY', 'VALUE'); a bare word is a name with an empty value."""
+    name, _, value = assignment.partition("=")
+    return name, value

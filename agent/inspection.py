@@ -1,0 +1,86 @@
+"""Walks the first half of the runbook for one unit: systemd, disk, processes -> findings."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.checks.unit import UnitFacts, unit_findings
+from agent.context import AppContext, ContextInputs, build_context, wanted_paths
+from agent.model import Finding, ProcessInfo, UnitProperties
+from agent.sources import files, procs
+from agent.sources.systemd import SystemdSource
+
+
+@dataclass
+class UnitReport:
+    """The unit as systemd sees it, as it really runs, and what is wrong between the two."""
+
+    props: UnitProperties
+    context: AppContext
+    processes: list[ProcessInfo]
+    findings: list[Finding] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form; secrets masked."""
+        data = self.context.as_dict(reveal=False)
+        data.pop("environment")
+        data["active_state"] = self.props.active_state
+        data["sub_state"] = self.props.sub_state
+        data["fragment_path"] = self.props.fragment_path
+        data["drop_in_paths"] = list(self.props.drop_in_paths)
+        data["need_daemon_reload"] = self.props.need_daemon_reload
+        data["started_at"] = self.props.exec_main_start_timestamp
+        data["processes"] = [p.as_dict() for p in self.processes]
+        data["findings"] = [f.as_dict() for f in self.findings]
+        return data
+
+
+def gather_inputs(props: UnitProperties) -> ContextInputs:
+    """Read the env files, venv candidates and '#!' lines the context builder needs."""
+    env_paths, venv_candidates, scripts = wanted_paths(props)
+    env_files: dict[str, bytes | None] = {}
+    errors: dict[str, str] = {}
+    for path in env_paths:
+        read = files.read_file(path)
+        env_files[path] = read.data
+        if read.error and not read.missing:
+            errors[path] = read.error
+    shebangs = {script: files.shebang_interpreter(script) for script in scripts}
+    for interpreter in shebangs.values():
+        if interpreter.startswith("/"):
+            venv_candidates.append(posixpath.dirname(posixpath.dirname(interpreter)))
+    venvs = {v: files.is_virtualenv(v) for v in venv_candidates}
+    return ContextInputs(env_files=env_files, env_file_errors=errors,
+                         user_home=files.user_home(props.user), venvs=venvs,
+                         shebangs=shebangs)
+
+
+def gather_facts(ctx: AppContext, processes: list[ProcessInfo]) -> UnitFacts:
+    """Realpaths and the newest code file, for the pure unit checks."""
+    paths = {ctx.app_directory, ctx.venv, *(p.venv or "" for p in processes),
+             *(p.cwd for p in processes)}
+    realpaths = {p: files.realpath(p) for p in paths if p}
+    app_dir = ctx.app_directory
+    # Walking "/" would be slow and meaningless: only a real app directory is scanned.
+    newest = files.newest_file(app_dir) if app_dir and app_dir != "/" else None
+    return UnitFacts(realpaths=realpaths, newest_code=newest, now=time.time())
+
+
+def inspect_unit(systemd: SystemdSource, name: str) -> UnitReport:
+    """Read one unit and its processes and return its report (raises UnitNotFound)."""
+    props = systemd.read_unit(name)
+    ctx = build_context(props, gather_inputs(props))
+    processes = procs.unit_processes(props.main_pid) if props.main_pid else []
+    facts = gather_facts(ctx, processes)
+    report = UnitReport(props, ctx, processes)
+    report.findings = unit_findings(props, ctx, processes, facts)
+    if processes and any("permission denied" in p.error for p in processes) and os.geteuid():
+        report.findings.append(Finding(
+            "insufficient_privileges", "info",
+            "some process details of the unit could not be read without root "
+            "(environment, memory maps)", "run agentctl as root"))
+    return report

@@ -1,0 +1,1 @@
+"""The I/O edges: each returns plain data."""
