@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 SYSTEMD_BIN = "/lib/systemd/systemd"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_TARGET = "driftwatch-sandbox.target"
 
 # Units that must never run against the host: kernel settings, devices, clocks, /tmp
@@ -49,7 +50,7 @@ MASKED_UNITS = (
 
 BOOT_SCRIPT = r"""
 set -eu
-base=$1; payload=$2; cgmode=$3; cgname=$4
+base=$1; payload=$2; cgmode=$3; cgname=$4; shift 4
 mount -t tmpfs -o mode=755 driftwatch-sandbox "$base"
 mkdir -p "$base/upper" "$base/work" "$base/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
@@ -59,6 +60,8 @@ mount --rbind /sys "$R/sys"
 mount --rbind /dev "$R/dev"
 mount -t tmpfs -o mode=755 tmpfs "$R/run"
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
+# Host paths the tests need at the same place inside (the checkout may live under /tmp).
+for p in "$@"; do mkdir -p "$R$p"; mount --bind "$p" "$R$p"; done
 # Fresh cgroup mounts made inside our cgroup namespace show only our own subtree.
 if [ "$cgmode" = unified ]; then
   mount -t cgroup2 cgroup2 "$R/sys/fs/cgroup"
@@ -119,15 +122,7 @@ def sandbox_unavailable_reason() -> str | None:
             return f"{tool} (util-linux) is not installed"
     if not Path(SYSTEMD_BIN).exists():
         return f"{SYSTEMD_BIN} is not installed"
-    if Path("/proc/1/comm").read_text().strip() == "systemd" and not _in_container():
-        # Booting works there too, but we never want to run next to the host's own systemd
-        # without the overlay; the overlay is always used, so this is only informative.
-        return None
     return None
-
-
-def _in_container() -> bool:
-    return Path("/run/.containerenv").exists() or Path("/.dockerenv").exists()
 
 
 def _cgroup_mode() -> str:
@@ -141,7 +136,7 @@ def _cgroup_mode() -> str:
 class Sandbox:
     """One booted systemd; use as a context manager or call boot()/destroy()."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, binds: tuple[str, ...] = ()) -> None:
         self.id = uuid.uuid4().hex[:10]
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="driftwatch-sandbox-"))
         self.payload = self.workdir / "payload"
@@ -150,6 +145,8 @@ class Sandbox:
         self.pid: int | None = None
         self._launcher: subprocess.Popen[bytes] | None = None
         self._cgroup_dirs: list[Path] = []
+        # The checkout (with its .venv) is always visible inside, wherever it was cloned.
+        self.binds = tuple(dict.fromkeys((str(REPO_ROOT), *binds)))
         self.payload.mkdir(parents=True, exist_ok=True)
         self.base.mkdir(exist_ok=True)
         self.add_file(f"/etc/systemd/system/{SANDBOX_TARGET}", SANDBOX_TARGET_UNIT)
@@ -185,7 +182,8 @@ class Sandbox:
         self._launcher = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup",
              "--propagation", "private",
-             "sh", str(script), str(self.base), str(self.payload), mode, self.id],
+             "sh", str(script), str(self.base), str(self.payload), mode, self.id,
+             *self.binds],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=self._enter_cgroups,
         )

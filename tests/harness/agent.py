@@ -1,0 +1,38 @@
+"""Running the agent's own commands inside a sandbox, with the checkout's venv."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.harness.sandbox import Sandbox
+
+VENV_BIN = Path(sys.executable).parent
+AGENTCTL = str(VENV_BIN / "agentctl")
+PYTHON = sys.executable
+
+
+def agentctl(sb: Sandbox, *args: str, user: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run agentctl inside the sandbox (as root, or as USER through setpriv)."""
+    argv = [AGENTCTL, *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return sb.run(argv, check=False, env=env)
+
+
+def agentctl_json(sb: Sandbox, *args: str) -> Any:
+    """agentctl ... --json inside the sandbox, parsed; fails loudly on a crash."""
+    proc = agentctl(sb, *args, "--json")
+    assert proc.returncode in (0, 1), f"agentctl {args} exited {proc.returncode}: {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def agent_python(sb: Sandbox, code: str) -> Any:
+    """Run Python with the agent's venv inside the sandbox; the code prints one JSON value."""
+    proc = sb.run([PYTHON, "-c", code], check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
