@@ -98,7 +98,7 @@ def test_unknown_unit_is_one_clear_line(sb: Sandbox) -> None:
 
 
 def test_no_dbus_is_one_clear_line(sb: Sandbox) -> None:
-    proc = agentctl(sb, "env", "gunicorn", user="nobody",
+    proc = agentctl(sb, "env", "gunicorn", user="nobody", group="nogroup",
                     env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"})
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -106,7 +106,7 @@ def test_no_dbus_is_one_clear_line(sb: Sandbox) -> None:
 
 
 def test_reveal_needs_root(sb: Sandbox) -> None:
-    proc = agentctl(sb, "env", "gunicorn", "--reveal", user="nobody")
+    proc = agentctl(sb, "env", "gunicorn", "--reveal", user="nobody", group="nogroup")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "agentctl: --reveal shows secrets and is for root only"
     assert "pw" not in proc.stdout

@@ -15,12 +15,12 @@ AGENTCTL = str(VENV_BIN / "agentctl")
 PYTHON = sys.executable
 
 
-def agentctl(sb: Sandbox, *args: str, user: str | None = None,
+def agentctl(sb: Sandbox, *args: str, user: str | None = None, group: str | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run agentctl inside the sandbox (as root, or as USER through setpriv)."""
     argv = [AGENTCTL, *args]
     if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+        argv = ["setpriv", f"--reuid={user}", f"--regid={group or user}", "--clear-groups", *argv]
     return sb.run(argv, check=False, env=env)
 
 

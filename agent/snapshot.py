@@ -1,0 +1,99 @@
+"""The snapshot: everything one inspection run learnt, shared by metrics, /status and agentctl."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.model import Finding
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    """One check's outcome for one unit: did it manage to look, and how long it took."""
+
+    name: str
+    success: bool
+    duration_seconds: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class DriftItem:
+    """One object where the live schema differs from the app's models."""
+
+    kind: str      # add_table, remove_column, modify_type, ...
+    table: str
+    name: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    """Where the database stands against the revision graph of the deployed code."""
+
+    version_table_present: bool
+    current: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    pending: tuple[str, ...] = ()       # in upgrade order
+    multiple_heads: bool = False
+    unknown: tuple[str, ...] = ()       # database revisions the code does not know
+    in_progress: bool = False
+
+
+@dataclass(frozen=True)
+class UnitSnapshot:
+    """One watched unit at one moment. None means 'could not be determined'."""
+
+    unit: str
+    timestamp: float
+    unit_up: bool
+    active_state: str = ""
+    main_pid: int = 0
+    started_at: float | None = None
+    database: str = ""                   # host:port/dbname, never credentials
+    app_loaded: bool | None = None
+    db_up: bool | None = None
+    migrations: MigrationState | None = None
+    schema_drift: tuple[DriftItem, ...] | None = None
+    venv: str = ""
+    venv_mismatch: bool = False
+    stale_environment_variables: int = 0
+    needs_daemon_reload: bool = False
+    needs_restart: bool = False
+    database_mismatch: bool | None = None
+    migration_privileges_ok: bool | None = None
+    applied_migrations_modified: int = 0
+    journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total
+    checks: tuple[CheckRun, ...] = ()
+    findings: tuple[Finding, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (no secrets are ever stored in a snapshot)."""
+        return asdict(self)
+
+    @property
+    def has_problems(self) -> bool:
+        """True when any finding is a warning or worse."""
+        return any(f.severity in ("critical", "warning") for f in self.findings)
+
+    @property
+    def could_not_inspect(self) -> bool:
+        """True when a check that matters failed to look (exit code 2 territory)."""
+        return any(not c.success for c in self.checks)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All watched units at one moment."""
+
+    units: tuple[UnitSnapshot, ...]
+    taken_at: float = field(default_factory=time.time)
+    duration_seconds: float = 0.0
+    errors: tuple[str, ...] = ()         # e.g. systemd unreachable, discovery failed
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, the body of /status."""
+        return {"taken_at": self.taken_at, "duration_seconds": self.duration_seconds,
+                "errors": list(self.errors), "units": [u.as_dict() for u in self.units]}
