@@ -1,0 +1,529 @@
+"""The agent's own read-only view of an app's PostgreSQL database.
+
+Every session is opened with psycopg2 (SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3),
+NullPool, autocommit, default_transaction_read_only=on and short statement/lock timeouts:
+it can never write, never holds a transaction or a pooled connection open, and gives up
+rather than queue behind a running migration. Functions return dataclasses; database
+problems come back as a masked one-line error text, never as an exception.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from agent.secrets import mask_url
+
+DRIVER = "postgresql+psycopg2"
+APPLICATION_NAME = "driftwatch"
+DEFAULT_PORT = 5432
+MAX_QUERY_CHARS = 200
+# Statements that change the schema: what a migration in progress is running.
+DDL = re.compile(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(ALTER|CREATE|DROP|TRUNCATE|COMMENT|"
+                 r"REINDEX|CLUSTER|RENAME|GRANT|REVOKE)\b", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds of every agent session (seconds / milliseconds)."""
+
+    connect_s: int = 3
+    statement_ms: int = 3000
+    lock_ms: int = 500
+    idle_in_transaction_ms: int = 5000
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+class DatabaseProblem(Exception):
+    """Internal: a database error already turned into a masked one-line text."""
+
+
+# -- URLs ----------------------------------------------------------------------------------
+def agent_url(url: str | URL) -> URL:
+    """The app's URL with the psycopg2 driver, whatever driver it named (ValueError if not PG)."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except ArgumentError as exc:
+        raise ValueError(f"not a database URL: {mask_url(str(exc))}") from None
+    backend = parsed.drivername.split("+", 1)[0]
+    if backend not in ("postgresql", "postgres", "pgsql"):
+        raise ValueError(f"only PostgreSQL databases are inspected, not {backend}")
+    return parsed.set(drivername=DRIVER)
+
+
+def _parse(url: str | URL) -> URL | None:
+    try:
+        return agent_url(url)
+    except ValueError:
+        try:
+            return make_url(url) if isinstance(url, str) else url
+        except ArgumentError:
+            return None
+
+
+def url_host_port(url: str | URL) -> tuple[str, int]:
+    """(host or unix socket directory, port) as libpq would use them ('' for the default)."""
+    parsed = _parse(url)
+    if parsed is None:
+        return "", DEFAULT_PORT
+    host = parsed.host or ""
+    query_host = parsed.query.get("host")
+    if not host and query_host:  # postgresql:///app?host=/run/postgresql
+        host = query_host if isinstance(query_host, str) else query_host[0]
+    port = parsed.port
+    if port is None:
+        query_port = parsed.query.get("port")
+        try:
+            port = int(query_port if isinstance(query_port, str) else (query_port or [0])[0])
+        except ValueError:
+            port = 0
+    return host, port or DEFAULT_PORT
+
+
+def db_label(url: str | URL) -> str:
+    """'host:port/dbname' for metrics and messages: never a user or a password."""
+    parsed = _parse(url)
+    if parsed is None:
+        return "invalid-url"
+    host, port = url_host_port(parsed)
+    if ":" in host and not host.startswith("/"):
+        host = f"[{host}]"
+    return f"{host or 'localhost'}:{port}/{parsed.database or ''}"
+
+
+def _connect_args(parsed: URL, timeouts: Timeouts) -> tuple[URL, dict[str, Any]]:
+    options = (f"-c default_transaction_read_only=on -c statement_timeout={timeouts.statement_ms}"
+               f" -c lock_timeout={timeouts.lock_ms}"
+               f" -c idle_in_transaction_session_timeout={timeouts.idle_in_transaction_ms}")
+    # Keep the app's own options (e.g. -c search_path=...): they decide which schema
+    # unqualified names such as alembic_version resolve to. Ours come last and win.
+    app_options = parsed.query.get("options")
+    if app_options:
+        app_options = app_options if isinstance(app_options, str) else " ".join(app_options)
+        options = f"{app_options} {options}"
+    query = {k: v for k, v in parsed.query.items()
+             if k not in ("options", "application_name", "connect_timeout")}
+    return parsed.set(query=query), {"options": options, "application_name": APPLICATION_NAME,
+                                     "connect_timeout": timeouts.connect_s}
+
+
+@contextmanager
+def session(url: str | URL, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Iterator[Connection]:
+    """One read-only autocommit connection; raises DatabaseProblem with a masked text."""
+    label = db_label(url)
+    try:
+        parsed, connect_args = _connect_args(agent_url(url), timeouts)
+    except ValueError as exc:
+        raise DatabaseProblem(f"database {label}: {exc}") from None
+    engine = create_engine(parsed, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                           connect_args=connect_args)
+    try:
+        try:
+            conn = engine.connect()
+        except (SQLAlchemyError, OSError) as exc:
+            raise DatabaseProblem(describe_error(label, exc)) from None
+        try:
+            yield conn
+        except SQLAlchemyError as exc:
+            raise DatabaseProblem(describe_error(label, exc)) from None
+        finally:
+            conn.close()
+    finally:
+        engine.dispose()
+
+
+def describe_error(label: str, exc: BaseException) -> str:
+    """A one-line, masked reason: 'database h:p/db unreachable: connection refused'."""
+    orig = getattr(exc, "orig", None) or exc
+    raw = str(orig).strip()
+    low = raw.lower()
+    first = raw.splitlines()[0] if raw else type(orig).__name__
+    if "connection refused" in low:
+        reason = "unreachable: connection refused"
+    elif "timeout expired" in low or "timed out" in low:
+        reason = "unreachable: connection timed out"
+    elif "could not translate host name" in low:
+        reason = "unreachable: unknown host name"
+    elif "no such file or directory" in low and "socket" in low:
+        reason = "unreachable: no server socket at that path"
+    elif "password authentication failed" in low or "no password supplied" in low:
+        reason = "authentication failed: " + re.sub(r".*?(password|no password)", r"\1",
+                                                   first, count=1, flags=re.I)
+    elif re.search(r'database ".*" does not exist', low):
+        reason = "does not exist"
+    elif "lock timeout" in low:
+        reason = "busy: lock timeout (a migration or other DDL holds the table)"
+    elif "statement timeout" in low:
+        reason = "slow: statement timeout"
+    else:
+        reason = "error: " + re.sub(r"^(FATAL|ERROR):\s+", "", first)
+    reason = " ".join(mask_url(reason).split())
+    return f"database {label} {reason}"[:400]
+
+
+def _timed(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+# -- the version table -----------------------------------------------------------------
+@dataclass(frozen=True)
+class VersionTable:
+    """alembic_version as the database holds it (exists None: could not be read)."""
+
+    label: str
+    table: str
+    exists: bool | None = None
+    revisions: tuple[str, ...] = ()
+    # True when our read gave up on a lock: somebody (a migration) holds the table.
+    locked: bool = False
+    error: str = ""
+    elapsed_ms: float = 0.0
+
+
+def _qualified(table: str, schema: str | None) -> str:
+    # to_regclass takes a (possibly quoted) name; quote each part so case is kept.
+    parts = ([schema] if schema else []) + [table]
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+
+
+def query_version_table(conn: Connection, table: str = "alembic_version",
+                        schema: str | None = None) -> tuple[bool, tuple[str, ...], bool]:
+    """(exists, revisions, locked) on an open session; revisions sorted."""
+    name = _qualified(table, schema)
+    # to_regclass takes no lock: it answers even while a migration holds the table.
+    oid = conn.execute(text("SELECT to_regclass(:n)::oid"), {"n": name}).scalar()
+    if oid is None:
+        return False, (), False
+    try:
+        rows = conn.execute(text(f"SELECT version_num FROM {name}")).scalars().all()
+    except DBAPIError as exc:
+        if "lock timeout" in str(exc.orig).lower():
+            return True, (), True
+        raise
+    return True, tuple(sorted(str(r) for r in rows)), False
+
+
+def read_version_table(url: str | URL, table: str = "alembic_version",
+                       schema: str | None = None,
+                       timeouts: Timeouts = DEFAULT_TIMEOUTS) -> VersionTable:
+    """Does the version table exist, and which revision(s) does it hold."""
+    started, label = time.monotonic(), db_label(url)
+    try:
+        with session(url, timeouts) as conn:
+            exists, revisions, locked = query_version_table(conn, table, schema)
+    except DatabaseProblem as exc:
+        return VersionTable(label, table, error=str(exc), elapsed_ms=_timed(started))
+    return VersionTable(label, table, exists, revisions, locked, elapsed_ms=_timed(started))
+
+
+# -- a migration in progress ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ActiveSession:
+    """Another session that holds or awaits the version table, or runs DDL."""
+
+    pid: int
+    user: str
+    state: str
+    # Seconds since its transaction (or query) began.
+    duration_s: float
+    query: str
+    reason: str  # "holds lock on alembic_version", "waits for ...", "running DDL"
+
+
+@dataclass(frozen=True)
+class MigrationActivity:
+    """Is a migration (or other DDL) running against this database right now."""
+
+    label: str
+    in_progress: bool = False
+    sessions: tuple[ActiveSession, ...] = ()
+    # Other roles' queries are hidden unless we are superuser / pg_read_all_stats.
+    queries_hidden: bool = False
+    error: str = ""
+    elapsed_ms: float = 0.0
+
+
+LOCKS_SQL = """
+SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)),
+       coalesce(a.query, ''), l.mode, l.granted
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.relation = to_regclass(:n)
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+"""
+ACTIVE_SQL = """
+SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)), coalesce(a.query, '')
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.backend_type = 'client backend' AND a.state = 'active'
+LIMIT 500
+"""
+
+
+def short_query(query: str, limit: int = MAX_QUERY_CHARS) -> str:
+    """One line, masked (a query can carry a password: ALTER ROLE ... PASSWORD), truncated."""
+    query = re.sub(r"(?i)(\bPASSWORD\s+)('(?:[^']|'')*'|\S+)", r"\1'****'", query)
+    flat = " ".join(mask_url(query).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def query_migration_activity(conn: Connection, table: str = "alembic_version",
+                             schema: str | None = None,
+                             ) -> tuple[tuple[ActiveSession, ...], bool]:
+    """(sessions, queries_hidden) on an open session."""
+    found: dict[int, ActiveSession] = {}
+    hidden = False
+    name = _qualified(table, schema)
+    for pid, user, state, secs, query, mode, granted in conn.execute(text(LOCKS_SQL),
+                                                                     {"n": name}):
+        hidden = hidden or query == "<insufficient privilege>"
+        verb = "holds" if granted else "waits for"
+        found.setdefault(pid, ActiveSession(pid, user, state, round(float(secs or 0), 1),
+                                            short_query(query),
+                                            f"{verb} {mode} on {table}"))
+    for pid, user, state, secs, query in conn.execute(text(ACTIVE_SQL)):
+        hidden = hidden or query == "<insufficient privilege>"
+        if pid not in found and DDL.match(query):
+            found[pid] = ActiveSession(pid, user, state, round(float(secs or 0), 1),
+                                       short_query(query), "running DDL")
+    return tuple(sorted(found.values(), key=lambda s: s.pid)), hidden
+
+
+def migration_activity(url: str | URL, table: str = "alembic_version",
+                       schema: str | None = None,
+                       timeouts: Timeouts = DEFAULT_TIMEOUTS) -> MigrationActivity:
+    """Sessions holding/awaiting locks on the version table or running DDL (not ours)."""
+    started, label = time.monotonic(), db_label(url)
+    try:
+        with session(url, timeouts) as conn:
+            sessions, hidden = query_migration_activity(conn, table, schema)
+    except DatabaseProblem as exc:
+        return MigrationActivity(label, error=str(exc), elapsed_ms=_timed(started))
+    return MigrationActivity(label, bool(sessions), sessions, hidden, elapsed_ms=_timed(started))
+
+
+# -- privileges ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Privileges:
+    """May the app's role run migrations on the schema (runbook: insufficient permissions)."""
+
+    label: str
+    user: str = ""
+    schema: str = ""
+    superuser: bool = False
+    can_create: bool = False
+    can_use: bool = False
+    tables: int = 0
+    # (table, owner) for tables the role neither owns nor inherits the owner role of.
+    not_owned: tuple[tuple[str, str], ...] = ()
+    error: str = ""
+
+    @property
+    def sufficient(self) -> bool:
+        """True when the role can create in and alter everything in the schema."""
+        return not self.error and (self.superuser or (self.can_create and self.can_use
+                                                      and not self.not_owned))
+
+
+PRIV_SQL = """
+SELECT current_user, r.rolsuper, n.nspname,
+       has_schema_privilege(n.oid, 'CREATE'), has_schema_privilege(n.oid, 'USAGE')
+FROM pg_roles r, pg_namespace n
+WHERE r.rolname = current_user AND n.nspname = coalesce(:schema, current_schema())
+"""
+TABLES_SQL = """
+SELECT c.relname, pg_get_userbyid(c.relowner), pg_has_role(c.relowner, 'USAGE')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = :schema AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+ORDER BY c.relname
+"""
+
+
+def query_privileges(conn: Connection, schema: str | None = None) -> Privileges:
+    """Privileges of current_user on schema (default: current_schema()) on an open session."""
+    row = conn.execute(text(PRIV_SQL), {"schema": schema}).first()
+    if row is None:
+        user = conn.execute(text("SELECT current_user")).scalar() or ""
+        return Privileges("", str(user), schema or "",
+                          error=f"schema {schema or '(search_path)'} does not exist")
+    user, is_super, nsp, can_create, can_use = row
+    not_owned, total = [], 0
+    for relname, owner, owns in conn.execute(text(TABLES_SQL), {"schema": nsp}):
+        total += 1
+        if not owns and not is_super:
+            not_owned.append((str(relname), str(owner)))
+    return Privileges("", str(user), str(nsp), bool(is_super), bool(can_create), bool(can_use),
+                      total, tuple(not_owned))
+
+
+def read_privileges(url: str | URL, schema: str | None = None,
+                    timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Privileges:
+    """Can the URL's role CREATE in the schema and does it own the tables there."""
+    label = db_label(url)
+    try:
+        with session(url, timeouts) as conn:
+            priv = query_privileges(conn, schema)
+    except DatabaseProblem as exc:
+        return Privileges(label, error=str(exc))
+    return Privileges(**{**priv.__dict__, "label": label})
+
+
+# -- server identity ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Which server and database a URL really reaches."""
+
+    label: str
+    server_addr: str = ""  # "" over a unix socket
+    server_port: int = 0
+    database: str = ""
+    # Same value on every connection to the same cluster, whatever address was used.
+    system_identifier: str = ""
+    socket_dirs: tuple[str, ...] = ()
+    version: str = ""
+    backend_pid: int = 0
+    error: str = ""
+
+
+IDENTITY_SQL = """
+SELECT host(inet_server_addr()), current_setting('port')::int, current_database(),
+       current_setting('server_version'), pg_backend_pid()
+"""
+
+
+def query_identity(conn: Connection) -> ServerIdentity:
+    """Server address, port, database and cluster identity on an open session."""
+    addr, port, database, version, backend = conn.execute(text(IDENTITY_SQL)).one()
+    # Both need superuser, pg_monitor or pg_read_all_settings: nice to have, not required.
+    ident = _optional(conn, "SELECT system_identifier FROM pg_control_system()")
+    sockets = _optional(conn, "SELECT current_setting('unix_socket_directories')")
+    dirs = tuple(d.strip() for d in str(sockets or "").split(",") if d.strip())
+    return ServerIdentity("", addr or "", int(port), str(database),
+                          "" if ident is None else str(ident), dirs, str(version), int(backend))
+
+
+def _optional(conn: Connection, sql: str) -> Any:
+    """A scalar, or None when our role may not read it (autocommit: no transaction spoiled)."""
+    try:
+        return conn.execute(text(sql)).scalar()
+    except DBAPIError as exc:
+        if "permission denied" in str(exc.orig).lower() or "must be" in str(exc.orig).lower():
+            return None
+        raise
+
+
+def server_identity(url: str | URL, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> ServerIdentity:
+    """Which server/database the URL reaches."""
+    label = db_label(url)
+    try:
+        with session(url, timeouts) as conn:
+            ident = query_identity(conn)
+    except DatabaseProblem as exc:
+        return ServerIdentity(label, error=str(exc))
+    return ServerIdentity(**{**ident.__dict__, "label": label})
+
+
+def same_server(a: ServerIdentity, b: ServerIdentity) -> bool | None:
+    """Pure: True/False when two identities are the same cluster, None when undecidable."""
+    if a.error or b.error:
+        return None
+    if a.system_identifier and b.system_identifier:
+        return a.system_identifier == b.system_identifier
+    if a.server_addr and b.server_addr:
+        return (a.server_addr, a.server_port) == (b.server_addr, b.server_port)
+    return None
+
+
+def same_database(a: ServerIdentity, b: ServerIdentity) -> bool | None:
+    """Pure: same cluster and same database name (None when undecidable)."""
+    server = same_server(a, b)
+    return server if not server else a.database == b.database
+
+
+# -- sessions of the app's role --------------------------------------------------------------
+@dataclass(frozen=True)
+class RoleSession:
+    """A session of the URL's own role (its client address/port are visible to that role)."""
+
+    pid: int
+    database: str
+    client_addr: str
+    client_port: int  # -1 over a unix socket
+    application_name: str
+    state: str
+
+
+SESSIONS_SQL = """
+SELECT pid, coalesce(datname, ''), coalesce(host(client_addr), ''), coalesce(client_port, -1),
+       coalesce(application_name, ''), coalesce(state, '')
+FROM pg_stat_activity
+WHERE usename = current_user AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+LIMIT 2000
+"""
+
+
+def query_role_sessions(conn: Connection) -> tuple[RoleSession, ...]:
+    """Other sessions of current_user on the whole cluster (any database)."""
+    return tuple(RoleSession(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5])
+                 for r in conn.execute(text(SESSIONS_SQL)))
+
+
+# -- one round trip for everything -------------------------------------------------------------
+@dataclass(frozen=True)
+class DatabaseInspection:
+    """Everything the agent reads from one database in one short session."""
+
+    label: str
+    version: VersionTable
+    activity: MigrationActivity
+    privileges: Privileges
+    identity: ServerIdentity
+    sessions: tuple[RoleSession, ...] = ()
+    error: str = ""
+    elapsed_ms: float = 0.0
+
+    @property
+    def reachable(self) -> bool:
+        """True when the session could be opened."""
+        return not self.error
+
+
+def inspect(url: str | URL, table: str = "alembic_version", schema: str | None = None,
+            timeouts: Timeouts = DEFAULT_TIMEOUTS) -> DatabaseInspection:
+    """Version table, migration activity, privileges, identity, role sessions: one session."""
+    started, label = time.monotonic(), db_label(url)
+    try:
+        with session(url, timeouts) as conn:
+            # Activity first: it explains a lock timeout on the version table that follows.
+            sessions_, hidden = query_migration_activity(conn, table, schema)
+            exists, revisions, locked = query_version_table(conn, table, schema)
+            priv = query_privileges(conn, schema)
+            ident = query_identity(conn)
+            role_sessions = query_role_sessions(conn)
+    except DatabaseProblem as exc:
+        ms = _timed(started)
+        return DatabaseInspection(label, VersionTable(label, table, error=str(exc)),
+                                  MigrationActivity(label, error=str(exc)),
+                                  Privileges(label, error=str(exc)),
+                                  ServerIdentity(label, error=str(exc)),
+                                  error=str(exc), elapsed_ms=ms)
+    ms = _timed(started)
+    return DatabaseInspection(
+        label, VersionTable(label, table, exists, revisions, locked, elapsed_ms=ms),
+        MigrationActivity(label, bool(sessions_) or locked, sessions_, hidden, elapsed_ms=ms),
+        Privileges(**{**priv.__dict__, "label": label}),
+        ServerIdentity(**{**ident.__dict__, "label": label}),
+        role_sessions, elapsed_ms=ms)

@@ -1,0 +1,208 @@
+"""A unit's recent "missing column / missing table" errors from the journal, counted by kind.
+
+Reading: pystemd.journal can only write to the journal (sendv/log), so entries are read
+with `journalctl -u UNIT -o json` in a subprocess with a timeout, over a bounded window
+(--since, -n) and after the cursor of the previous read, so a Prometheus counter only ever
+adds new entries. Parsing and counting are pure and kept apart from the subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.secrets import mask_url
+
+UNDEFINED_COLUMN = "undefined_column"
+UNDEFINED_TABLE = "undefined_table"
+KINDS = (UNDEFINED_COLUMN, UNDEFINED_TABLE)
+MAX_SAMPLE_CHARS = 300
+MAX_SAMPLES = 5
+# Seconds within which an exception's cause line and SQLAlchemy's wrapper line are one error.
+PAIR_WINDOW_USEC = 2_000_000
+
+# PostgreSQL (psycopg2/psycopg/asyncpg), SQLite and MySQL phrasings.
+PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (UNDEFINED_COLUMN, re.compile(
+        r'\bcolumn\s+("[^"]+"|[\w.$]+)(?:\s+of\s+relation\s+"[^"]+")?\s+does not exist'
+        r"|\bUndefinedColumn(?:Error)?\b|\bno such column:\s*\S+|\bUnknown column '[^']+'")),
+    (UNDEFINED_TABLE, re.compile(
+        r'\brelation\s+"[^"]+"\s+does not exist|\bUndefinedTable(?:Error)?\b'
+        r"|\bno such table:\s*\S+|\bTable '[^']+' doesn't exist")),
+)
+# "(psycopg2.errors.UndefinedColumn) column ..." : SQLAlchemy's wrapper of a DBAPI error.
+WRAPPER = re.compile(r"\((?:psycopg2?|asyncpg|pymysql|MySQLdb|sqlite3)[\w.]*\)")
+# The part of a message that names the missing object, to pair cause and wrapper lines.
+DETAIL = re.compile(r'(column|relation)\s+("[^"]+"|[\w.$]+).*?does not exist|no such \w+:\s*\S+'
+                    r"|Unknown column '[^']+'|Table '[^']+' doesn't exist")
+
+
+@dataclass(frozen=True)
+class JournalScan:
+    """What one read of a unit's journal found."""
+
+    unit: str
+    counts: dict[str, int]
+    samples: tuple[str, ...] = ()
+    cursor: str | None = None
+    entries_read: int = 0
+    # True when the entry limit was reached: older entries in the window were not read.
+    truncated: bool = False
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (samples are already masked)."""
+        return {"unit": self.unit, "counts": dict(self.counts), "samples": list(self.samples),
+                "entries_read": self.entries_read, "truncated": self.truncated,
+                "error": self.error}
+
+
+def classify(message: str) -> tuple[str, str] | None:
+    """Pure: (kind, detail) when message reports a missing column or table, else None."""
+    for kind, pattern in PATTERNS:
+        if pattern.search(message):
+            detail = DETAIL.search(message)
+            return kind, detail.group(0) if detail else ""
+    return None
+
+
+def message_text(entry: Mapping[str, Any]) -> str:
+    """Pure: the MESSAGE of a journal JSON entry (journald gives bytes as a list of ints)."""
+    value = entry.get("MESSAGE")
+    if isinstance(value, list):
+        try:
+            return bytes(value).decode("utf-8", "replace")
+        except (TypeError, ValueError):
+            return ""
+    return value if isinstance(value, str) else ""
+
+
+def sample(message: str, limit: int = MAX_SAMPLE_CHARS) -> str:
+    """Pure: a message fit to show: passwords masked, one line, truncated."""
+    text = " ".join(mask_url(message).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class _Pending:
+    detail: str
+    wrapper: bool
+    usec: int
+    paired: bool = False
+
+
+def count_errors(entries: Iterable[Mapping[str, Any]], max_samples: int = MAX_SAMPLES,
+                 ) -> tuple[dict[str, int], list[str]]:
+    """Pure: journal JSON entries -> (count per kind, masked samples).
+
+    One failed query usually logs two lines in a chained traceback, the driver's
+    "psycopg2.errors.UndefinedColumn: ..." and SQLAlchemy's "(psycopg2.errors.UndefinedColumn)
+    ..." wrapper: a wrapper/cause pair with the same detail from the same PID within
+    PAIR_WINDOW_USEC counts once.
+    """
+    counts = {kind: 0 for kind in KINDS}
+    samples: list[str] = []
+    last: dict[tuple[str, str], _Pending] = {}
+    for entry in entries:
+        text = message_text(entry)
+        hit = classify(text)
+        if hit is None:
+            continue
+        kind, detail = hit
+        pid = str(entry.get("_PID", ""))
+        usec = _int(entry.get("__REALTIME_TIMESTAMP"))
+        wrapper = bool(WRAPPER.search(text))
+        prev = last.get((pid, kind))
+        if (prev is not None and not prev.paired and prev.wrapper != wrapper
+                and prev.detail == detail and abs(usec - prev.usec) <= PAIR_WINDOW_USEC):
+            prev.paired = True  # second half of the same error
+            continue
+        counts[kind] += 1
+        last[(pid, kind)] = _Pending(detail, wrapper, usec)
+        if len(samples) < max_samples:
+            samples.append(sample(text))
+    return counts, samples
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def parse_json_lines(output: str) -> list[dict[str, Any]]:
+    """Pure: journalctl -o json output (one object per line) -> entries; bad lines skipped."""
+    entries = []
+    for line in output.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            entries.append(obj)
+    return entries
+
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@dataclass
+class JournalReader:
+    """Reads one unit's journal repeatedly; each read counts only entries after the last."""
+
+    unit: str
+    window_minutes: int = 15
+    max_entries: int = 2000
+    timeout: float = 5.0
+    journalctl: str = "journalctl"
+    cursor: str | None = None
+    runner: Runner = field(default=subprocess.run, repr=False)
+
+    def argv(self, cursor: str | None) -> list[str]:
+        """The journalctl command line for a read after cursor (or over the window)."""
+        argv = [self.journalctl, "-u", self.unit, "-o", "json", "--no-pager", "-q",
+                "-n", str(self.max_entries),
+                "--output-fields=MESSAGE,_PID,__REALTIME_TIMESTAMP"]
+        if cursor:
+            argv.append(f"--after-cursor={cursor}")
+        else:
+            argv.append(f"--since=-{self.window_minutes}min")
+        return argv
+
+    def read(self) -> JournalScan:
+        """Count new matching entries; never raises: problems come back in .error."""
+        proc, error = self._run(self.cursor)
+        if proc is not None and proc.returncode != 0 and self.cursor:
+            # A rotated-away or foreign cursor: fall back to the window, once.
+            proc, error = self._run(None)
+        if proc is None or proc.returncode != 0:
+            if proc is not None:
+                error = f"journalctl exited {proc.returncode}: " + sample(proc.stderr or "", 200)
+            return JournalScan(self.unit, {k: 0 for k in KINDS}, cursor=self.cursor,
+                               error=error)
+        entries = parse_json_lines(proc.stdout)
+        counts, samples = count_errors(entries)
+        if entries and entries[-1].get("__CURSOR"):
+            self.cursor = str(entries[-1]["__CURSOR"])
+        return JournalScan(self.unit, counts, tuple(samples), self.cursor, len(entries),
+                           truncated=len(entries) >= self.max_entries)
+
+    def _run(self, cursor: str | None,
+             ) -> tuple[subprocess.CompletedProcess[str] | None, str]:
+        try:
+            proc = self.runner(self.argv(cursor), capture_output=True, text=True,
+                               timeout=self.timeout, stdin=subprocess.DEVNULL,
+                               errors="replace")
+            return proc, ""
+        except subprocess.TimeoutExpired:
+            return None, f"journalctl did not answer within {self.timeout:g}s"
+        except OSError as exc:
+            return None, f"cannot run {self.journalctl}: {exc.strerror or exc}"

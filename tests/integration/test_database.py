@@ -1,0 +1,274 @@
+"""The agent's read-only database view and the connection matcher against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from agent.checks.migrations import privilege_findings
+from agent.sources import connections, database
+from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
+
+pytestmark = pytest.mark.postgres
+
+VERSION_DDL = "CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)"
+
+
+def test_url_conversion_and_label() -> None:
+    url = database.agent_url("postgresql://app:s3cret@db.example:6543/shop?sslmode=require")
+    assert url.drivername == "postgresql+psycopg2"
+    assert url.query["sslmode"] == "require"
+    assert database.agent_url("postgresql+psycopg://a@h/d").drivername == "postgresql+psycopg2"
+    assert database.db_label("postgresql+asyncpg://app:s3cret@db/shop") == "db:5432/shop"
+    assert database.db_label("postgresql://app@/shop?host=/run/postgresql") \
+        == "/run/postgresql:5432/shop"
+    with pytest.raises(ValueError):
+        database.agent_url("mysql://a:b@h/d")
+
+
+def test_version_table_missing(pg_database: PgDatabase) -> None:
+    result = database.read_version_table(pg_database.url)
+    assert result.error == "" and result.exists is False and result.revisions == ()
+
+
+def test_version_table_empty_then_present(pg_database: PgDatabase) -> None:
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    assert database.read_version_table(pg_database.url).revisions == ()
+    assert database.read_version_table(pg_database.url).exists is True
+    pg_database.execute("INSERT INTO alembic_version VALUES ('b2'), ('a1')", as_owner=True)
+    result = database.read_version_table(pg_database.dsn("postgresql"))  # any driver given
+    assert result.exists and result.revisions == ("a1", "b2")
+
+
+def test_custom_version_table_and_schema(pg_database: PgDatabase) -> None:
+    pg_database.execute("CREATE SCHEMA meta", as_owner=True)
+    pg_database.execute("CREATE TABLE meta.\"Versions\" (version_num varchar(32))",
+                        as_owner=True)
+    pg_database.execute("INSERT INTO meta.\"Versions\" VALUES ('x1')", as_owner=True)
+    assert database.read_version_table(pg_database.url).exists is False
+    result = database.read_version_table(pg_database.url, "Versions", "meta")
+    assert result.revisions == ("x1",)
+
+
+def test_session_is_read_only(pg_database: PgDatabase) -> None:
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    with pytest.raises(database.DatabaseProblem, match="read-only"):
+        with database.session(pg_database.url) as conn:
+            conn.execute(text("INSERT INTO alembic_version VALUES ('evil')"))
+    assert pg_database.alembic_versions() == []
+    with database.session(pg_database.url) as conn:
+        settings = conn.execute(text(
+            "SELECT current_setting('default_transaction_read_only'), "
+            "current_setting('application_name'), current_setting('lock_timeout')")).one()
+        assert tuple(settings) == ("on", "driftwatch", "500ms")
+    # NullPool: nothing of ours lingers once the session is closed.
+    left = pg_database.execute("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE application_name = 'driftwatch'")
+    assert left[0][0] == 0
+
+
+def test_app_options_are_kept(pg_database: PgDatabase) -> None:
+    pg_database.execute("CREATE SCHEMA app", as_owner=True)
+    pg_database.execute("CREATE TABLE app.alembic_version (version_num varchar(32))",
+                        as_owner=True)
+    url = pg_database.url + "?options=-csearch_path%3Dapp"
+    assert database.read_version_table(url).exists is True
+
+
+@pytest.fixture
+def migration_running(pg: PostgresCluster, pg_database: PgDatabase) -> Iterator[int]:
+    """A 'migration' holding LOCK TABLE alembic_version and stuck in an ALTER; yields its pid."""
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    pg_database.execute("INSERT INTO alembic_version VALUES ('a1')", as_owner=True)
+    pg_database.execute("CREATE TABLE users (id int)", as_owner=True)
+    reader = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                        autocommit=False)
+    migrator = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                          autocommit=False)
+    reader.cursor().execute("SELECT * FROM users")  # holds AccessShareLock: ALTER must wait
+    cur = migrator.cursor()
+    cur.execute("LOCK TABLE alembic_version")
+    cur.execute("SELECT pg_backend_pid()")
+    pid = cur.fetchone()[0]
+    alter = threading.Thread(target=cur.execute,
+                             args=("ALTER TABLE users ADD COLUMN email text",), daemon=True)
+    alter.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not pg_database.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+            (pid,)):
+        time.sleep(0.02)
+    try:
+        yield pid
+    finally:
+        reader.rollback()
+        alter.join(10)
+        migrator.rollback()
+        reader.close()
+        migrator.close()
+
+
+def test_migration_in_progress_never_blocks(pg_database: PgDatabase,
+                                            migration_running: int) -> None:
+    started = time.monotonic()
+    result = database.inspect(pg_database.url)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0
+    assert result.error == ""
+    assert result.version.exists and result.version.locked
+    assert result.activity.in_progress
+    by_pid = {s.pid: s for s in result.activity.sessions}
+    assert migration_running in by_pid
+    assert "AccessExclusiveLock on alembic_version" in by_pid[migration_running].reason
+    assert by_pid[migration_running].query.startswith("ALTER TABLE users ADD COLUMN email")
+    activity = database.migration_activity(pg_database.url)
+    assert migration_running in {s.pid for s in activity.sessions}
+
+
+def test_ddl_without_version_lock_is_seen(pg: PostgresCluster,
+                                          pg_database: PgDatabase) -> None:
+    pg_database.execute("CREATE TABLE users (id int)", as_owner=True)
+    reader = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                        autocommit=False)
+    ddl = pg.connect(pg_database.name, pg_database.owner, pg_database.password)
+    reader.cursor().execute("SELECT * FROM users")
+    cur = ddl.cursor()
+    thread = threading.Thread(target=cur.execute,
+                              args=("/* migrate */ ALTER TABLE users ADD c int",), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        sessions: tuple[Any, ...] = ()
+        while time.monotonic() < deadline and not sessions:
+            sessions = database.migration_activity(pg_database.url).sessions
+        assert [s.reason for s in sessions] == ["running DDL"]
+    finally:
+        reader.rollback()
+        thread.join(10)
+        reader.close()
+        ddl.close()
+
+
+def test_privileges_of_a_role_without_create_and_not_owner(pg: PostgresCluster,
+                                                           pg_database: PgDatabase) -> None:
+    pg_database.execute("CREATE TABLE users (id int)", as_owner=True)
+    pg_database.execute("CREATE TABLE orders (id int)", as_owner=True)
+    role = pg_database.name + "_web"
+    pg.create_role(role, "web-pass")
+    try:
+        pg_database.execute(f'GRANT SELECT ON users, orders TO "{role}"')
+        url = pg.dsn(role, "web-pass", pg_database.name)
+        priv = database.read_privileges(url)
+        assert priv.error == "" and priv.user == role and priv.schema == "public"
+        assert not priv.can_create and not priv.superuser and not priv.sufficient
+        assert dict(priv.not_owned) == {"users": pg_database.owner,
+                                        "orders": pg_database.owner}
+        findings = privilege_findings("app.service", priv.user, priv.schema, priv.superuser,
+                                      priv.can_create, priv.not_owned)
+        assert "users" in findings[0].message and "orders" in findings[0].message
+        owner = database.read_privileges(pg_database.url)
+        assert owner.sufficient and owner.tables == 2
+    finally:
+        pg_database.execute(f'DROP OWNED BY "{role}"')
+        pg.drop_role(role)
+
+
+def test_unreachable_database_is_an_error_text(pg_database: PgDatabase) -> None:
+    port = free_port()
+    url = f"postgresql://app:hunter2secret@127.0.0.1:{port}/app"
+    started = time.monotonic()
+    result = database.inspect(url)
+    assert time.monotonic() - started < 5
+    assert result.error == f"database 127.0.0.1:{port}/app unreachable: connection refused"
+    assert result.version.error == result.error
+    assert "hunter2" not in repr(result)
+    bad_password = pg_database.url.replace(pg_database.password, "hunter2secret")
+    assert "authentication failed" in database.read_version_table(bad_password).error
+
+
+def test_server_identity(pg: PostgresCluster, pg_database: PgDatabase) -> None:
+    ident = database.server_identity(pg_database.url)
+    assert ident.error == ""
+    assert (ident.server_addr, ident.server_port) == ("127.0.0.1", pg.port)
+    assert ident.database == pg_database.name
+    other = database.server_identity(pg.superuser_dsn())
+    assert database.same_server(ident, other) is True
+    assert database.same_database(ident, other) is False
+
+
+def test_full_inspection_round_trip_is_fast(pg_database: PgDatabase) -> None:
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    database.inspect(pg_database.url)  # warm imports
+    times = []
+    for _ in range(5):
+        result = database.inspect(pg_database.url)
+        assert result.error == ""
+        times.append(result.elapsed_ms)
+    print(f"inspect() round trips (ms): {times}")
+    assert min(times) < 500
+
+
+@pytest.fixture
+def client_process(pg: PostgresCluster, pg_database: PgDatabase) -> Iterator[int]:
+    """A python child holding a TCP and a unix-socket psycopg2 connection; yields its pid."""
+    code = ("import psycopg2, sys, time\n"
+            "a = psycopg2.connect(sys.argv[1])\n"
+            "b = psycopg2.connect(host=sys.argv[2], port=sys.argv[3], dbname=sys.argv[4],"
+            " user='postgres')\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n")
+    child = subprocess.Popen(
+        [sys.executable, "-c", code,
+         pg.libpq_dsn(pg_database.owner, pg_database.password, pg_database.name),
+         str(pg.socket_dir), str(pg.port), pg_database.name],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        yield child.pid
+    finally:
+        child.kill()  # by its own Popen handle: only the process we started
+        child.wait(10)
+
+
+def test_connections_to_the_url_server(pg: PostgresCluster, pg_database: PgDatabase,
+                                       client_process: int) -> None:
+    verdict, errors = connections.connection_verdict("127.0.0.1", pg.port, [client_process])
+    assert errors == []
+    assert verdict.status == "connected"
+    assert {c.kind for c in verdict.matching} == {"tcp"}
+    # The unix-socket connection was identified through its peer (sock_diag).
+    assert f"{pg.socket_dir}/.s.PGSQL.{pg.port}" in {c.socket_path for c in verdict.other}
+
+    verdict, _ = connections.connection_verdict(str(pg.socket_dir), pg.port, [client_process])
+    assert verdict.status == "connected"
+    assert {c.kind for c in verdict.matching} == {"unix"}
+
+
+def test_connections_elsewhere(pg: PostgresCluster, client_process: int) -> None:
+    other_port = free_port()
+    verdict, _ = connections.connection_verdict("localhost", other_port, [client_process])
+    assert verdict.status == "elsewhere"
+    assert f"127.0.0.1:{pg.port}" in verdict.message
+    observed, _ = connections.observe([client_process])
+    pure = connections.match_connections("10.9.9.9", pg.port, None, observed)
+    assert pure.status == "elsewhere"
+
+
+def test_connections_matched_to_sessions(pg_database: PgDatabase,
+                                         client_process: int) -> None:
+    observed, _ = connections.observe([client_process])
+    inspection = database.inspect(pg_database.url)
+    found = connections.sessions_by_connection(observed, inspection.sessions)
+    assert list(found.values()) == [pg_database.name]
+
+
+def test_no_connections_is_none() -> None:
+    verdict, errors = connections.connection_verdict("127.0.0.1", 5432, [])
+    assert verdict.status == "none" and errors == []
