@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.envfile import parse_env_file
+from agent.envfile import EnvFileError, parse_env_file
 from agent.execstart import LaunchSpec, analyse_exec_start, split_env_assignment
 from agent.model import UnitProperties
 from agent.secrets import mask_environment
@@ -115,10 +115,17 @@ def build_environment(props: UnitProperties, inputs: ContextInputs,
         data = inputs.env_files.get(path)
         error = inputs.env_file_errors.get(path, "")
         if data is None:
-            states.append(EnvFileState(path, optional, exists=not error and False,
+            # Unreadable (permissions) still exists; otherwise it is missing.
+            states.append(EnvFileState(path, optional, exists=bool(error),
                                        error=error or "no such file"))
             continue
-        parsed = parse_env_file(data)
+        try:
+            parsed = parse_env_file(data)
+        except EnvFileError as exc:
+            # systemd refuses the whole file: a required one fails the start, an optional one
+            # is skipped entirely.
+            states.append(EnvFileState(path, optional, exists=True, error=f"invalid: {exc}"))
+            continue
         names = []
         for name, value in parsed.assignments:
             env[name] = value

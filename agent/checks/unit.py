@@ -66,6 +66,13 @@ def check_environment_files(ctx: AppContext) -> list[Finding]:
                 f"EnvironmentFile {state.path} is required but {state.error or 'missing'}: "
                 f"the next start of {ctx.unit} will fail",
                 f"restore {state.path} or mark it optional with a '-' prefix"))
+        elif state.error.startswith("invalid:"):
+            findings.append(Finding(
+                "env_file_invalid", "warning" if state.optional else "critical",
+                f"EnvironmentFile {state.path} is {state.error}"
+                + (" (skipped as a whole, it is optional)" if state.optional
+                   else f": the next start of {ctx.unit} will fail"),
+                f"fix {state.path}"))
         elif state.error and state.exists:
             findings.append(Finding(
                 "env_file_unreadable", "critical",

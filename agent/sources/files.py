@@ -7,7 +7,8 @@ import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_ENV_FILE_BYTES = 1 << 20
+# One byte over systemd's own limit, so the parser can name the exact refusal.
+MAX_ENV_FILE_BYTES = 64 * 1024 * 1024
 # Directories never walked when looking for the newest code change.
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", "env",
              ".tox", ".mypy_cache", ".pytest_cache", "static", "media", "site-packages"}

@@ -97,3 +97,15 @@ def test_code_newer_than_the_process() -> None:
     facts = UnitFacts(realpaths=FACTS.realpaths, newest_code=("/srv/app/migrations/x.py", 1500.0),
                       now=2000.0)
     assert checks_of(props(), [proc(10, "master")], facts) == ["code_newer_than_process"]
+
+
+def test_env_file_systemd_refuses_as_a_whole() -> None:
+    bad = ContextInputs(env_files={"/etc/app.env": b"A=1\nB=\xff\n"}, venvs={VENV: True})
+    ctx = build_context(props(), bad)
+    assert "A" not in ctx.environment  # the lines before the bad one are not applied either
+    found = unit_findings(props(), ctx, [], FACTS)
+    assert [f.check for f in found] == ["env_file_invalid"]
+    assert found[0].severity == "critical" and "invalid UTF-8" in found[0].message
+    optional = props(environment_files=(("/etc/app.env", True),))
+    found = unit_findings(optional, build_context(optional, bad), [], FACTS)
+    assert [(f.check, f.severity) for f in found] == [("env_file_invalid", "warning")]
