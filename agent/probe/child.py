@@ -1,0 +1,489 @@
+"""The probe child: runs INSIDE the app's own interpreter, loads the app, reports JSON on a pipe.
+
+Stdlib only at module level: this file is run as ``python -B -c SOURCE FD REQUEST_JSON`` with
+the app's venv python, whose SQLAlchemy (1.4/2.0/2.1), Alembic and Flask are the app's own.
+Nothing from driftwatch or the agent's venv may be imported here. The app's packages are
+imported lazily, inside functions, after the runner has already dropped privileges.
+
+Protocol: exactly one JSON object written to the inherited file descriptor FD, then
+``os._exit``. Whatever the app prints goes to stdout/stderr, never to FD.
+"""
+
+import ast
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+PROTOCOL = 1
+# How much of one error message goes into the report (one line, already short).
+MAX_MESSAGE = 500
+# Bound on migration files read, so a huge versions/ directory cannot stall the probe.
+MAX_REVISIONS = 5000
+
+
+def one_line(exc):
+    """'KeyError: 'DATABASE_URL'' style text: type name and the first line of the message."""
+    # SyntaxError's str() repeats "(file, line N)"; where() names the full path instead.
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    # SQLAlchemy appends "[SQL: ...]" and "(Background on this error at: ...)" lines.
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if first.startswith("(") and ") " in first:
+        # "(psycopg2.errors.ReadOnlySqlTransaction) cannot execute ..." -> keep the DBAPI name
+        inner, _, rest = first[1:].partition(") ")
+        return "%s: %s" % (inner.rsplit(".", 1)[-1], rest)[:MAX_MESSAGE]
+    name = type(exc).__name__
+    return ("%s: %s" % (name, first) if first else name)[:MAX_MESSAGE]
+
+
+def where(exc, roots):
+    """' (at path line N)' for the innermost traceback frame under one of roots, else ''."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return " (at %s line %s)" % (exc.filename, exc.lineno)
+    found = ""
+    # The app's venv often lives inside the app directory: its frames are not the app's.
+    skip = tuple(p.rstrip("/") + "/" for p in (sys.prefix, sys.base_prefix))
+    for frame in traceback.extract_tb(exc.__traceback__):
+        filename = frame.filename  # '<frozen os>' and the like are not files
+        if not filename.startswith("/") or filename.startswith(skip) or \
+                "/site-packages/" in filename:
+            continue
+        if any(filename.startswith(root.rstrip("/") + "/") for root in roots if root):
+            found = " (at %s line %s)" % (filename, frame.lineno)
+    return found
+
+
+def versions():
+    """Versions of the app's interpreter and database libraries, without importing them."""
+    out = {"python": "%d.%d.%d" % sys.version_info[:3]}
+    try:
+        from importlib import metadata
+    except ImportError:  # Python < 3.8
+        return out
+    for key, dist in (("sqlalchemy", "SQLAlchemy"), ("alembic", "alembic"),
+                      ("flask", "Flask"), ("flask_sqlalchemy", "Flask-SQLAlchemy"),
+                      ("flask_migrate", "Flask-Migrate")):
+        try:
+            out[key] = metadata.version(dist)
+        except Exception:
+            out[key] = None
+    return out
+
+
+# -- loading the app the way gunicorn / flask do ---------------------------------------------
+
+def _literal_call(expr):
+    """gunicorn's rule: 'name' or 'name(literal args)' -> (name, args, kwargs, is_call)."""
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError("failed to parse %r as an attribute name or function call" % expr)
+    if isinstance(node, ast.Name):
+        return node.id, (), {}, False
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        args = tuple(ast.literal_eval(a) for a in node.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        return node.func.id, args, kwargs, True
+    raise ValueError("failed to parse %r as an attribute name or function call" % expr)
+
+
+def load_gunicorn(spec):
+    """Import 'module:expr' like gunicorn.util.import_app (default variable 'application')."""
+    import importlib
+    module_name, _, expr = spec.partition(":")
+    expr = expr or "application"
+    module = importlib.import_module(module_name)
+    name, args, kwargs, is_call = _literal_call(expr)
+    if not hasattr(module, name):
+        raise AttributeError("module %r has no attribute %r (gunicorn app %r)"
+                             % (module_name, name, spec))
+    app = getattr(module, name)
+    if is_call:
+        app = app(*args, **kwargs)
+    if app is None:
+        raise ValueError("%r returned None (gunicorn app %r)" % (expr, spec))
+    return app
+
+
+def _module_from_path(value):
+    """FLASK_APP 'path/to/wsgi.py' -> module name, with its directory put on sys.path."""
+    path = os.path.realpath(value)
+    base, ext = os.path.splitext(path)
+    if ext == ".py":
+        path = base
+    if os.path.basename(path) == "__init__":
+        path = os.path.dirname(path)
+    parts = []
+    while True:  # walk up through packages, like flask.cli.prepare_import
+        path, name = os.path.split(path)
+        parts.append(name)
+        if not os.path.exists(os.path.join(path, "__init__.py")):
+            break
+    if sys.path[0] != path:
+        sys.path.insert(0, path)
+    return ".".join(reversed(parts))
+
+
+def _is_flask(obj):
+    return hasattr(obj, "extensions") and hasattr(obj, "app_context") and hasattr(obj, "config")
+
+
+def load_flask_app_env(value):
+    """Find the app like `flask` does from FLASK_APP (module, module:name, factory, file)."""
+    import importlib
+    target, _, expr = value.partition(":")
+    if target.endswith(".py") or "/" in target:
+        target = _module_from_path(target)
+    module = importlib.import_module(target)
+    if expr:
+        name, args, kwargs, is_call = _literal_call(expr)
+        obj = getattr(module, name)
+        return obj(*args, **kwargs) if is_call else obj
+    for name in ("app", "application"):
+        if _is_flask(getattr(module, name, None)):
+            return getattr(module, name)
+    found = [v for v in vars(module).values() if _is_flask(v)]
+    if len(found) == 1:
+        return found[0]
+    for name in ("create_app", "make_app"):
+        factory = getattr(module, name, None)
+        if callable(factory):
+            return factory()
+    raise LookupError("no Flask app or factory found in module %r (FLASK_APP=%r)"
+                      % (target, value))
+
+
+def unwrap_flask(obj):
+    """The Flask app behind WSGI middleware (ProxyFix(app), app.wsgi_app wrappers...)."""
+    seen = 0
+    while obj is not None and not _is_flask(obj) and seen < 8:
+        seen += 1
+        obj = next((getattr(obj, a) for a in ("app", "application", "wsgi_app", "__self__")
+                    if getattr(obj, a, None) is not None), None)
+    if not _is_flask(obj):
+        raise TypeError("the WSGI app is not a Flask app (or is wrapped beyond recognition)")
+    return obj
+
+
+def load_app(request):
+    """(flask app, how it was found) from the gunicorn spec, else FLASK_APP, else wsgi/app."""
+    spec = request.get("app_spec") or ""
+    if spec:
+        return unwrap_flask(load_gunicorn(spec)), "gunicorn " + spec
+    flask_app = os.environ.get("FLASK_APP", "")
+    if flask_app:
+        return unwrap_flask(load_flask_app_env(flask_app)), "FLASK_APP=" + flask_app
+    for candidate in ("wsgi", "app"):  # flask's own fallbacks
+        if os.path.exists(candidate + ".py") or os.path.isdir(candidate):
+            return unwrap_flask(load_flask_app_env(candidate)), "default " + candidate
+    raise LookupError("no gunicorn app spec, no FLASK_APP, and no wsgi.py or app/ in %s"
+                      % os.getcwd())
+
+
+# -- what the app knows -----------------------------------------------------------------------
+
+def render_url(url):
+    """The full URL string (password included) for SQLAlchemy 1.3 .. 2.1 URL objects."""
+    render = getattr(url, "render_as_string", None)
+    return render(hide_password=False) if render else str(url)
+
+
+def engines(app):
+    """{bind key or None: engine} from Flask-SQLAlchemy 3.x (db.engines) or 2.x (get_engine)."""
+    ext = app.extensions.get("sqlalchemy")
+    if ext is None:
+        return {}, None
+    db = getattr(ext, "db", ext)  # 2.x stores a _SQLAlchemyState holding .db
+    found = {}
+    if hasattr(db, "engines"):
+        found = dict(db.engines)
+    else:
+        binds = [None] + list((app.config.get("SQLALCHEMY_BINDS") or {}).keys())
+        for key in binds:
+            found[key] = db.get_engine(app, bind=key)
+    return found, db
+
+
+def metadata_for(db, key):
+    """The models' MetaData for one bind, and a filter for 2.x's single shared MetaData."""
+    metadatas = getattr(db, "metadatas", None)
+    if metadatas is not None:
+        return metadatas.get(key), None
+    metadata = db.metadata
+
+    def include_object(obj, name, type_, reflected, compare_to):
+        # Flask-SQLAlchemy 2.x keeps every bind's tables in one MetaData, tagged in info.
+        if type_ == "table" and not reflected:
+            return obj.info.get("bind_key") == key
+        return True
+    return metadata, include_object
+
+
+def migrations_config(app, report):
+    """Alembic Config the way Flask-Migrate builds it, or from ./alembic.ini; None if none."""
+    from alembic.config import Config
+    ext = app.extensions.get("migrate")
+    if ext is not None:
+        directory = os.path.abspath(str(getattr(ext, "directory", "migrations")))
+        report["migrations_dir"] = directory
+        migrate = getattr(ext, "migrate", None)
+        if migrate is not None and hasattr(migrate, "get_config"):
+            config = migrate.get_config(directory)
+        else:
+            config = Config(os.path.join(directory, "alembic.ini"))
+            config.set_main_option("script_location", directory)
+        return config, dict(getattr(ext, "configure_args", {}) or {})
+    if os.path.exists("alembic.ini"):
+        config = Config(os.path.abspath("alembic.ini"))
+        return config, {}
+    return None, {}
+
+
+def file_sha256(path):
+    """sha256 hex of a file's bytes ('' when unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def as_list(value):
+    """Alembic's str / tuple / set / None revision fields -> sorted-stable list of str."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return sorted(str(v) for v in value) if isinstance(value, (set, frozenset)) else \
+        [str(v) for v in value]
+
+
+def read_revisions(config, report):
+    """Fill revisions and heads from the ScriptDirectory; errors name the file and line."""
+    from alembic.script import ScriptDirectory
+    script_dir = ScriptDirectory.from_config(config)
+    report["script_location"] = script_dir.dir
+    revisions = []
+    for script in script_dir.walk_revisions():
+        revisions.append({
+            "revision": script.revision,
+            "down_revisions": as_list(script.down_revision),
+            "branch_labels": as_list(script.branch_labels),
+            "depends_on": as_list(getattr(script, "dependencies", None)),
+            "path": script.path,
+            "sha256": file_sha256(script.path),
+            "doc": (script.doc or "").strip().splitlines()[0][:200] if script.doc else "",
+        })
+        if len(revisions) >= MAX_REVISIONS:
+            break
+    report["revisions"] = revisions
+    report["heads"] = sorted(script_dir.get_heads())
+
+
+# -- schema drift ----------------------------------------------------------------------------
+
+def _type_text(type_):
+    try:
+        return str(type_)
+    except Exception:
+        return repr(type_)
+
+
+def _cols(names):
+    return ", ".join(str(n) for n in names)
+
+
+def describe_diff(item):
+    """One compare_metadata entry -> {kind, table, name, detail}."""
+    if isinstance(item, list):  # modify_* ops come grouped per column
+        return [d for sub in item for d in describe_diff(sub)]
+    op = item[0]
+    if op in ("add_table", "remove_table"):
+        table = item[1]
+        return [{"kind": op, "table": table.name, "name": table.name,
+                 "detail": _cols(c.name for c in table.columns)}]
+    if op in ("add_column", "remove_column"):
+        column = item[3]
+        return [{"kind": op, "table": item[2], "name": column.name,
+                 "detail": "%s %s" % (_type_text(column.type),
+                                      "NULL" if column.nullable else "NOT NULL")}]
+    if op in ("add_index", "remove_index"):
+        index = item[1]
+        return [{"kind": op, "table": index.table.name if index.table is not None else "",
+                 "name": index.name or "", "detail": ("UNIQUE " if index.unique else "") +
+                 "(%s)" % _cols(getattr(c, "name", c) for c in index.expressions)}]
+    if op in ("add_constraint", "remove_constraint", "add_fk", "remove_fk"):
+        const = item[1]
+        kind_of = type(const).__name__
+        verb = op.split("_", 1)[0]
+        table = const.table.name if getattr(const, "table", None) is not None else ""
+        if kind_of == "ForeignKeyConstraint":
+            detail = "(%s) -> %s(%s)" % (_cols(const.column_keys), const.referred_table.name,
+                                         _cols(e.column.name for e in const.elements))
+            kind = verb + "_fk"
+        elif kind_of == "UniqueConstraint":
+            detail = "(%s)" % _cols(c.name for c in const.columns)
+            kind = verb + "_unique"
+        else:
+            detail, kind = kind_of, op
+        return [{"kind": kind, "table": table, "name": const.name or "", "detail": detail}]
+    if op.startswith("modify_"):
+        # (op, schema, table, column, existing_kw, old (database), new (models))
+        _, _, table, column, _, old, new = item[:7]
+        if op == "modify_type":
+            old, new = _type_text(old), _type_text(new)
+        elif op == "modify_nullable":
+            old = "NULL" if old else "NOT NULL"
+            new = "NULL" if new else "NOT NULL"
+        return [{"kind": op, "table": table, "name": column,
+                 "detail": "database %s, models %s" % (old, new)}]
+    name = getattr(item[1], "name", "") if len(item) > 1 else ""
+    return [{"kind": str(op), "table": "", "name": str(name or ""), "detail": repr(item)[:200]}]
+
+
+def safe_describe(item):
+    """describe_diff, degrading to a raw entry for shapes a future Alembic may add."""
+    try:
+        return describe_diff(item)
+    except Exception:
+        op = item[0] if isinstance(item, tuple) and item else "unknown"
+        return [{"kind": str(op), "table": "", "name": "", "detail": repr(item)[:200]}]
+
+
+def compare_bind(engine, metadata, include_object, configure_args):
+    """compare_metadata for one engine, on a short read-only connection, rolled back."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    opts = {"compare_type": True}
+    for key in ("compare_type", "compare_server_default", "include_schemas",
+                "include_object", "include_name", "version_table", "version_table_schema",
+                "render_as_batch"):
+        if key in configure_args:
+            opts[key] = configure_args[key]
+    if include_object is not None:
+        user_filter = opts.get("include_object")
+
+        def both(*args):
+            return include_object(*args) and (user_filter is None or user_filter(*args))
+        opts["include_object"] = both
+    connection = engine.connect()
+    try:
+        context = MigrationContext.configure(connection, opts=opts)
+        return [d for item in compare_metadata(context, metadata) for d in safe_describe(item)]
+    finally:
+        try:
+            connection.rollback() if hasattr(connection, "rollback") else None
+        finally:
+            connection.close()
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def probe(request, report):
+    """Fill report step by step; every failure is recorded, later steps still run if they can."""
+    report["versions"] = versions()
+    cwd = os.getcwd()
+    roots = [cwd]
+    try:
+        app, source = load_app(request)
+        report["app_source"] = source
+    except BaseException as exc:  # SystemExit at import too: the app never loaded
+        report["error_kind"] = "app_load"
+        report["error"] = "the app could not be loaded: " + one_line(exc) + where(exc, roots)
+        return
+    with app.app_context():
+        try:
+            found, db = engines(app)
+            report["urls"] = {("default" if k is None else str(k)): render_url(e.url)
+                              for k, e in found.items()}
+        except Exception as exc:
+            found, db = {}, None
+            report["error_kind"], report["error"] = "app_load", \
+                "the database settings could not be read: " + one_line(exc)
+        if not found:
+            uri = app.config.get("SQLALCHEMY_DATABASE_URI")
+            if uri:
+                report["urls"] = {"default": str(uri)}
+        configure_args = {}
+        try:
+            config, configure_args = migrations_config(app, report)
+            if config is not None and request.get("include_revisions", True):
+                read_revisions(config, report)
+        except BaseException as exc:
+            versions_dir = os.path.join(report.get("migrations_dir") or cwd, "versions")
+            report["revisions_error"] = "a migration script could not be read: " + \
+                one_line(exc) + where(exc, [versions_dir, report.get("migrations_dir", "")])
+            if not report.get("error"):
+                report["error_kind"], report["error"] = "migrations", report["revisions_error"]
+        if not request.get("compare_schema", True) or db is None:
+            return
+        diff = []
+        try:
+            for key, engine in sorted(found.items(), key=lambda kv: str(kv[0] or "")):
+                metadata, include_object = metadata_for(db, key)
+                if metadata is None:
+                    continue
+                for entry in compare_bind(engine, metadata, include_object, configure_args):
+                    entry["bind"] = "default" if key is None else str(key)
+                    diff.append(entry)
+            report["schema_diff"] = diff
+        except Exception as exc:
+            report["schema_diff_error"] = "the live schema could not be compared: " + \
+                one_line(exc)
+            if not report.get("error"):
+                report["error_kind"], report["error"] = "database", report["schema_diff_error"]
+
+
+def main(argv):
+    """Entry point: argv = [FD, REQUEST_JSON]; writes one JSON report to FD and _exits."""
+    started = time.monotonic()
+    fd = int(argv[0])
+    os.set_inheritable(fd, False)  # nothing the app spawns may hold or write our pipe
+    report = {"protocol": PROTOCOL, "ok": False, "error": "", "error_kind": "",
+              "app_uid": os.getuid(), "app_gid": os.getgid(),
+              "groups": sorted(os.getgroups()), "urls": {}, "migrations_dir": "",
+              "script_location": "", "revisions": [], "heads": [], "revisions_error": "",
+              "schema_diff": None, "schema_diff_error": "", "versions": {}}
+    try:
+        request = json.loads(argv[1])
+        if os.getuid() == 0 or os.geteuid() == 0:
+            if not request.get("allow_root"):
+                raise PermissionError("refusing to load app code as root")
+        # Again after the drop: fails like systemd's 200/CHDIR if the user cannot enter it.
+        if request.get("cwd"):
+            try:
+                os.chdir(request["cwd"])
+            except OSError as exc:
+                report["error_kind"] = "privileges"
+                report["error"] = "uid %d cannot enter the working directory %s: %s" % (
+                    os.getuid(), request["cwd"], exc.strerror)
+                raise
+        # gunicorn puts its --chdir (default: cwd) first on sys.path; "python -c" gave ''.
+        if sys.path and sys.path[0] in ("", "."):
+            sys.path[0] = os.getcwd()
+        elif os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        probe(request, report)
+    except BaseException as exc:
+        report["error_kind"] = report.get("error_kind") or "internal"
+        report["error"] = report.get("error") or "the probe failed: " + one_line(exc)
+    report["ok"] = not report["error"]
+    report["duration"] = round(time.monotonic() - started, 3)
+    try:
+        data = json.dumps(report, default=str).encode()
+    except Exception as exc:  # never leave the agent without a report
+        data = json.dumps({"protocol": PROTOCOL, "ok": False, "error_kind": "internal",
+                           "error": "the probe could not encode its report: " +
+                           one_line(exc)}).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.close(fd)
+    # Skip the app's atexit hooks and non-daemon threads: the report is out, we are done.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,485 @@
+"""Agent side of the probe: start child.py in the unit's exact context, read its JSON report."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from agent.context import AppContext
+from agent.model import Finding
+from agent.secrets import MASK, is_secret_name, mask_url
+
+PROTOCOL = 1
+CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
+# systemd's default PATH for system services (the manager's, when the unit sets none).
+SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Keep this much of the child's stdout+stderr for the failure reason.
+TAIL_BYTES = 4096
+# A report larger than this is not a probe report (thousands of revisions fit easily).
+MAX_REPORT_BYTES = 32 * 1024 * 1024
+ERROR_KINDS = ("app_load", "migrations", "database", "timeout", "privileges", "internal")
+
+
+class ProbeSetupError(Exception):
+    """The probe could not be started; kind is one of ERROR_KINDS."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What the probe should find out, and how gently it must treat the database."""
+
+    compare_schema: bool = True
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 1000
+    include_revisions: bool = True
+    # A session left idle in a transaction (by app import code) is ended by the server.
+    idle_in_transaction_timeout_ms: int = 10000
+    # libpq gives up connecting after this (PGCONNECT_TIMEOUT), unless the unit sets its own.
+    connect_timeout_s: int = 5
+    # Units without User= run as root; loading their code as root breaks safety rule 2.
+    allow_root: bool = False
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the unit's processes run as, resolved the way systemd resolves User=/Group=."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    shell: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the probe learnt about the app; urls hold secrets and are masked in as_dict()."""
+
+    ok: bool
+    error: str = ""
+    error_kind: str = ""
+    urls: dict[str, str] = field(default_factory=dict, repr=False)
+    migrations_dir: str = ""
+    script_location: str = ""
+    revisions: tuple[dict[str, Any], ...] = ()
+    heads: tuple[str, ...] = ()
+    revisions_error: str = ""
+    schema_diff: tuple[dict[str, str], ...] | None = None
+    schema_diff_error: str = ""
+    app_uid: int | None = None
+    app_source: str = ""
+    versions: dict[str, str | None] = field(default_factory=dict)
+    duration: float = 0.0
+    returncode: int | None = None
+    output_tail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, URLs with their passwords masked."""
+        return {
+            "ok": self.ok, "error": self.error, "error_kind": self.error_kind,
+            "urls": {k: mask_url(v) for k, v in self.urls.items()},
+            "migrations_dir": self.migrations_dir, "script_location": self.script_location,
+            "revisions": [dict(r) for r in self.revisions], "heads": list(self.heads),
+            "revisions_error": self.revisions_error,
+            "schema_diff": None if self.schema_diff is None else [dict(d) for d in
+                                                                  self.schema_diff],
+            "schema_diff_error": self.schema_diff_error, "app_uid": self.app_uid,
+            "app_source": self.app_source, "versions": dict(self.versions),
+            "duration": self.duration, "returncode": self.returncode,
+            "output_tail": self.output_tail,
+        }
+
+    def finding(self) -> Finding | None:
+        """The probe failure as a finding (None when the probe worked)."""
+        if self.ok:
+            return None
+        remedy = {
+            "app_load": "run the app's import by hand as the unit's user, in its working "
+                        "directory and environment, and fix the error",
+            "migrations": "fix the migration script named; Alembic cannot read the graph",
+            "database": "check that the database is reachable with the app's URL",
+            "timeout": "the app's import hangs or is very slow; look for network calls at "
+                       "import time",
+            "privileges": "run the agent as root so it can take the unit's User=/Group=",
+        }.get(self.error_kind, "")
+        return Finding("probe", "critical", self.error, remedy)
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+def resolve_identity(user: str, group: str, supplementary: Iterable[str], *,
+                     getpwnam: Callable[[str], Any] = pwd.getpwnam,
+                     getpwuid: Callable[[int], Any] = pwd.getpwuid,
+                     getgrnam: Callable[[str], Any] = grp.getgrnam,
+                     getgrouplist: Callable[[str, int], list[int]] = os.getgrouplist,
+                     ) -> Identity:
+    """User=/Group=/SupplementaryGroups= -> uids and gids, as systemd does (empty = root)."""
+    user = user or "root"
+    try:
+        entry = getpwuid(int(user)) if user.isdigit() else getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise ProbeSetupError("privileges", f"User={user} does not exist") from None
+        entry = None  # systemd accepts a numeric uid without a passwd entry
+    if entry is not None:
+        name, uid, gid = entry.pw_name, entry.pw_uid, entry.pw_gid
+        home, shell = entry.pw_dir or "/", entry.pw_shell or "/bin/sh"
+    else:
+        name, uid, gid, home, shell = user, int(user), int(user), "/", "/bin/sh"
+    if group:
+        gid = _gid(group, getgrnam)
+    # systemd calls initgroups() for the user, then adds SupplementaryGroups=.
+    groups = list(getgrouplist(name, gid)) if entry is not None else [gid]
+    for extra in supplementary:
+        groups.append(_gid(extra, getgrnam))
+    return Identity(name, uid, gid, tuple(dict.fromkeys(groups)), home, shell)
+
+
+def _gid(group: str, getgrnam: Callable[[str], Any]) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return int(getgrnam(group).gr_gid)
+    except KeyError:
+        raise ProbeSetupError("privileges", f"group {group} does not exist") from None
+
+
+def privilege_plan(identity: Identity, euid: int, allow_root: bool) -> dict[str, Any]:
+    """Popen keyword arguments that drop to identity, or ProbeSetupError when we cannot."""
+    if identity.uid == 0 and not allow_root:
+        raise ProbeSetupError("privileges", "the unit runs as root (no User=): the probe "
+                                            "does not load app code as root")
+    if euid == 0:
+        return {"user": identity.uid, "group": identity.gid,
+                "extra_groups": list(identity.groups)}
+    if euid == identity.uid:
+        return {}  # already the unit's user; setgroups would need root anyway
+    raise ProbeSetupError("privileges", f"the agent runs as uid {euid} and cannot become "
+                                        f"User={identity.name} (uid {identity.uid}); "
+                                        f"run the agent as root")
+
+
+# -- environment ------------------------------------------------------------------------------
+
+def pgoptions(existing: str, request: ProbeRequest) -> str:
+    """Append read-only and timeout settings to PGOPTIONS; later -c options win in PostgreSQL."""
+    ours = (f"-c default_transaction_read_only=on "
+            f"-c statement_timeout={int(request.statement_timeout_ms)} "
+            f"-c lock_timeout={int(request.lock_timeout_ms)} "
+            f"-c idle_in_transaction_session_timeout="
+            f"{int(request.idle_in_transaction_timeout_ms)}")
+    return f"{existing.strip()} {ours}" if existing.strip() else ours
+
+
+def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
+                    ) -> dict[str, str]:
+    """The environment a new process of the unit gets, plus the probe's safety settings."""
+    env = {"PATH": SYSTEMD_DEFAULT_PATH}
+    if ctx.user:  # systemd sets these for User=; Environment= may still override them
+        env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name,
+                   SHELL=identity.shell)
+    env.update(ctx.environment)
+    for assignment in ctx.launch.gunicorn_env:  # gunicorn -e puts these in os.environ
+        name, sep, value = assignment.partition("=")
+        if name and sep:
+            env[name] = value
+    if ctx.venv:
+        venv_bin = os.path.join(ctx.venv, "bin")
+        rest = [p for p in env.get("PATH", "").split(":") if p and p != venv_bin]
+        env["PATH"] = ":".join([venv_bin, *rest])
+    env["PGOPTIONS"] = pgoptions(env.get("PGOPTIONS", ""), request)
+    env.setdefault("PGAPPNAME", "driftwatch-probe")  # visible in pg_stat_activity
+    # A blackholed database host then gives a "database" error, not a probe timeout.
+    env.setdefault("PGCONNECT_TIMEOUT", str(int(request.connect_timeout_s)))
+    return env
+
+
+def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
+    """The JSON the child gets in argv."""
+    return {"protocol": PROTOCOL, "app_spec": ctx.launch.app_spec, "cwd": ctx.app_directory,
+            "compare_schema": request.compare_schema,
+            "include_revisions": request.include_revisions,
+            "allow_root": request.allow_root}
+
+
+def interpreter(ctx: AppContext, env: Mapping[str, str]) -> str:
+    """The app's python as an absolute path (looked up on the unit's PATH if bare)."""
+    python = ctx.python or (os.path.join(ctx.venv, "bin", "python3") if ctx.venv else "")
+    if not python:
+        raise ProbeSetupError("app_load", "the unit's Python interpreter is unknown "
+                                          "(no venv or python found in ExecStart)")
+    if not os.path.isabs(python):
+        found = shutil.which(python, path=env.get("PATH", SYSTEMD_DEFAULT_PATH))
+        if not found:
+            raise ProbeSetupError("app_load", f"{python} not found on the unit's PATH")
+        python = found
+    return python
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+def secret_values(env: Mapping[str, str], urls: Iterable[str] = ()) -> list[str]:
+    """Values that must never appear in anything surfaced: secret variables, URL passwords."""
+    found = [v for k, v in env.items() if is_secret_name(k) and len(v) >= 4]
+    for url in [*urls, *(v for v in env.values() if "://" in v)]:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        if password and len(password) >= 4:
+            found += [password, unquote(password)]
+    return sorted(set(found), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """text with URL passwords and every known secret value masked."""
+    text = mask_url(text)
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+# -- result parsing ---------------------------------------------------------------------------
+
+def _last_line(tail: str) -> str:
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bool,
+                 timeout: float, duration: float, secrets: Iterable[str] = ()) -> ProbeResult:
+    """The child's report (or its absence) -> ProbeResult, every message scrubbed."""
+    secrets = list(secrets)
+    tail = scrub(tail, secrets)
+    base = {"returncode": returncode, "output_tail": tail, "duration": round(duration, 3)}
+    if timed_out:
+        return ProbeResult(ok=False, error_kind="timeout",
+                           error=f"the probe timed out after {timeout:g} s", **base)
+    if not raw:
+        how = (f"was killed by signal {signal.Signals(-returncode).name}"
+               if returncode is not None and returncode < 0 and
+               -returncode in signal.Signals._value2member_map_
+               else f"exited with status {returncode}")
+        last = _last_line(tail)
+        return ProbeResult(ok=False, error_kind="app_load",
+                           error=f"the app's interpreter {how} before reporting"
+                                 + (f": {last}" if last else ""), **base)
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        return ProbeResult(ok=False, error_kind="internal",
+                           error=f"the probe's report is not valid JSON ({exc})", **base)
+    if doc.get("protocol") != PROTOCOL:
+        return ProbeResult(ok=False, error_kind="internal",
+                           error=f"the probe spoke protocol {doc.get('protocol')!r}, "
+                                 f"expected {PROTOCOL}", **base)
+    urls = {str(k): str(v) for k, v in (doc.get("urls") or {}).items()}
+    secrets = sorted(set(secrets) | set(secret_values({}, urls.values())), key=len,
+                     reverse=True)
+    error = scrub(str(doc.get("error") or ""), secrets)
+    kind = str(doc.get("error_kind") or "")
+    diff = doc.get("schema_diff")
+    base["output_tail"] = scrub(tail, secrets)
+    return ProbeResult(
+        ok=not error, error=error, error_kind=(kind if kind in ERROR_KINDS else "internal")
+        if error else "",
+        urls=urls, migrations_dir=str(doc.get("migrations_dir") or ""),
+        script_location=str(doc.get("script_location") or ""),
+        revisions=tuple(r for r in doc.get("revisions") or () if isinstance(r, dict)),
+        heads=tuple(str(h) for h in doc.get("heads") or ()),
+        revisions_error=scrub(str(doc.get("revisions_error") or ""), secrets),
+        schema_diff=None if diff is None else tuple(d for d in diff if isinstance(d, dict)),
+        schema_diff_error=scrub(str(doc.get("schema_diff_error") or ""), secrets),
+        app_uid=doc.get("app_uid") if isinstance(doc.get("app_uid"), int) else None,
+        app_source=str(doc.get("app_source") or ""),
+        versions={str(k): (None if v is None else str(v))
+                  for k, v in (doc.get("versions") or {}).items()},
+        **base)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+class _Tail:
+    """The last TAIL_BYTES of a stream."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        del self.data[:-TAIL_BYTES]
+
+
+def _exited(pid: int) -> bool:
+    """True once pid has exited, without reaping it (so its process group id stays ours)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _collect(proc: subprocess.Popen[bytes], report_fd: int, deadline: float,
+             ) -> tuple[bytes, bytes, bool]:
+    """Read report and output until the child exits or the deadline passes."""
+    report, tail = bytearray(), _Tail()
+    assert proc.stdout is not None and proc.stderr is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(report_fd, selectors.EVENT_READ, "report")
+        sel.register(proc.stdout, selectors.EVENT_READ, "out")
+        sel.register(proc.stderr, selectors.EVENT_READ, "out")
+        exited = False
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(report), bytes(tail.data), True
+            # Once the child is gone, only drain what is already there (a grandchild
+            # holding stdout open must not make us wait for the deadline).
+            ready = sel.select(0 if exited else min(remaining, 0.2))
+            if not ready and exited:
+                break
+            for key, _ in ready:
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.data == "report":
+                    if len(report) + len(chunk) > MAX_REPORT_BYTES:
+                        sel.unregister(key.fileobj)
+                        report.clear()
+                    else:
+                        report += chunk
+                else:
+                    tail.add(chunk)
+            exited = exited or _exited(proc.pid)
+    return bytes(report), bytes(tail.data), False
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the probe's own process group (it is the session leader), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeResult:
+    """Load the app in the unit's exact context in a child process and report what it found."""
+    started = time.monotonic()
+    secrets = secret_values(ctx.environment)
+    try:
+        identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
+        drop = privilege_plan(identity, os.geteuid(), request.allow_root)
+        env = build_probe_env(ctx, identity, request)
+        python = interpreter(ctx, env)
+        source = CHILD_SOURCE_PATH.read_text()
+    except ProbeSetupError as exc:
+        return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
+    read_fd, write_fd = os.pipe()
+    argv = [python, "-B", "-c", source, str(write_fd),
+            json.dumps(child_request(ctx, request))]
+    try:
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=ctx.app_directory, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,),
+                start_new_session=True, **drop)
+        except OSError as exc:
+            who = f" as {identity.name}" if drop else ""
+            return ProbeResult(ok=False, error_kind="privileges" if isinstance(
+                exc, PermissionError) else "app_load",
+                error=scrub(f"cannot start {python}{who} in {ctx.app_directory}: "
+                            f"{exc.strerror or exc}", secrets),
+                duration=round(time.monotonic() - started, 3))
+        os.close(write_fd)
+        write_fd = -1
+        try:
+            raw, tail, timed_out = _collect(proc, read_fd, started + timeout)
+        finally:
+            _kill_group(proc)  # also ends anything the app left running in the group
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    return parse_report(raw, proc.returncode, tail.decode("utf-8", "replace"),
+                        timed_out=timed_out, timeout=timeout,
+                        duration=time.monotonic() - started, secrets=secrets)
+
+
+# -- memoisation ------------------------------------------------------------------------------
+
+_SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", ".git", ".hg", ".tox"}
+
+
+def _stat_files(root: str, want: Callable[[str], bool], limit: int) -> list[str]:
+    """'path mtime_ns size' lines for wanted files under root, sorted walk, at most limit."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Skip venvs (pyvenv.cfg), caches and hidden dirs: they are not the app's code.
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and
+                             not d.startswith(".") and
+                             not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg")))
+        for name in sorted(filenames):
+            if not want(name):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.append(f"{path} {st.st_mtime_ns} {st.st_size}")
+            if len(out) >= limit:
+                out.append("(truncated)")
+                return out
+    return out
+
+
+def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000) -> str:
+    """Hash of everything a probe result depends on, to memoise it until something changes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "env": sorted(ctx.environment.items()), "cwd": ctx.app_directory,
+        "venv": ctx.venv, "python": ctx.python, "user": ctx.user, "group": ctx.group,
+        "groups": list(ctx.supplementary_groups), "app": ctx.launch.app_spec,
+        "gunicorn_env": list(ctx.launch.gunicorn_env),
+    }, sort_keys=True).encode())
+    lines: list[str] = []
+    if migrations_dir:
+        lines += _stat_files(migrations_dir, lambda n: not n.endswith((".pyc", ".pyo")),
+                             max_files)
+    if ctx.app_directory:
+        lines += _stat_files(ctx.app_directory, lambda n: n.endswith(".py"), max_files)
+    # An installed or upgraded package changes its site-packages directory's mtime.
+    site = sorted(str(p) for p in Path(ctx.venv).glob("lib/python*/site-packages")) \
+        if ctx.venv else []
+    for extra in (ctx.venv and os.path.join(ctx.venv, "pyvenv.cfg"), ctx.python, *site):
+        if extra:
+            try:
+                st = os.stat(extra)
+                lines.append(f"{extra} {st.st_mtime_ns} {st.st_size}")
+            except OSError:
+                lines.append(f"{extra} missing")
+    h.update("\n".join(lines).encode())
+    return h.hexdigest()
