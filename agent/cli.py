@@ -15,6 +15,7 @@ from agent import __version__
 from agent.errors import AccessDenied, DriftwatchError
 from agent.inspection import UnitReport, inspect_unit
 from agent.secrets import mask_value
+from agent.snapshot import UnitSnapshot
 from agent.sources.systemd import SystemdSource, normalize_unit_name
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -40,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     ctx = sub.add_parser("context", help="the unit's rebuilt context and its findings")
     ctx.add_argument("unit")
     ctx.add_argument("--json", action="store_true", help="machine-readable output")
+
+    check = sub.add_parser(
+        "check", help="run every check once, no daemon needed (exit 0 ok, 1 problems, "
+                      "2 could not inspect)")
+    check.add_argument("units", nargs="*", metavar="UNIT",
+                       help="units to check (default: gunicorn.service and every discovered "
+                            "gunicorn service)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--probe-timeout", type=float, default=20.0, metavar="SECONDS",
+                       help="how long the app may take to load (default 20)")
+    check.add_argument("--db-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="database connect/statement timeout (default 5)")
+    check.add_argument("--state-dir", default="/var/lib/driftwatch", metavar="DIR",
+                       help="where applied-migration hashes are remembered")
     return parser
 
 
@@ -134,7 +149,95 @@ def render_context(report: UnitReport, out: TextIO) -> None:
             out.write(f"        fix: {finding.remedy}\n")
 
 
-COMMANDS = {"env": cmd_env, "context": cmd_context}
+def cmd_check(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
+    """agentctl check [UNIT...]."""
+    from agent.inspector import Inspector, InspectorSettings
+
+    settings = InspectorSettings(probe_timeout_seconds=args.probe_timeout,
+                                 db_timeout_seconds=args.db_timeout,
+                                 state_path=f"{args.state_dir.rstrip('/')}/state.db",
+                                 bus_timeout_seconds=args.bus_timeout)
+    inspector = Inspector(settings, systemd=systemd)
+    try:
+        snapshot = inspector.inspect(args.units or None)
+    finally:
+        inspector.close()
+    if snapshot.errors and not snapshot.units:
+        raise DriftwatchError("; ".join(snapshot.errors))
+    if args.json:
+        json.dump({"units": [check_json(u) for u in snapshot.units],
+                   "errors": list(snapshot.errors)}, out, indent=2)
+        out.write("\n")
+    else:
+        render_check(snapshot.units, out)
+    return exit_code(snapshot.units)
+
+
+def exit_code(units: Sequence[UnitSnapshot]) -> int:
+    """2 when a unit could not be inspected, 1 when any has problems, else 0."""
+    if any(not_inspectable(u) for u in units):
+        return EXIT_ERROR
+    return EXIT_PROBLEMS if any(u.has_problems for u in units) else EXIT_OK
+
+
+def not_inspectable(unit: UnitSnapshot) -> bool:
+    """The unit, its app or its database could not be looked at."""
+    return any(not c.success for c in unit.checks
+               if c.name in ("unit", "app_load", "database", "migrations"))
+
+
+def check_json(u: UnitSnapshot) -> dict[str, object]:
+    """The documented JSON shape of one unit in agentctl check --json."""
+    m = u.migrations
+    return {
+        "unit": u.unit, "active_state": u.active_state, "database": u.database,
+        "app_loaded": u.app_loaded, "db_up": u.db_up,
+        "migrations": None if m is None else {
+            "current": list(m.current), "heads": list(m.heads), "pending": list(m.pending),
+            "multiple_heads": m.multiple_heads, "unknown": list(m.unknown),
+            "version_table": m.version_table_present, "in_progress": m.in_progress},
+        "schema_drift": None if u.schema_drift is None else {
+            "count": len(u.schema_drift),
+            "items": [{"kind": d.kind, "table": d.table, "name": d.name}
+                      for d in u.schema_drift]},
+        "needs_restart": u.needs_restart, "database_mismatch": u.database_mismatch,
+        "migration_privileges_ok": u.migration_privileges_ok,
+        "checks": [{"name": c.name, "success": c.success, "seconds": c.duration_seconds,
+                    "error": c.error} for c in u.checks],
+        "findings": [f.as_dict() for f in u.findings],
+    }
+
+
+def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
+    """A compact table, then each finding with its remedy."""
+    header = ("UNIT", "DATABASE", "CURRENT", "HEAD", "PENDING", "DRIFT", "RESTART", "STATE")
+    rows = [header]
+    for u in units:
+        m = u.migrations
+        rows.append((
+            u.unit, u.database or "-",
+            ",".join(m.current) or "(none)" if m else "?",
+            ",".join(m.heads) or "-" if m else "?",
+            str(len(m.pending)) if m and not m.unknown else ("?" if m is None else "unknown"),
+            "?" if u.schema_drift is None else str(len(u.schema_drift)),
+            "yes" if u.needs_restart else "no",
+            "cannot inspect" if not_inspectable(u) else
+            ("problems" if u.has_problems else "ok")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    for u in units:
+        for check in u.checks:
+            if not check.success:
+                out.write(f"{u.unit}: could not run check {check.name}: {check.error}\n")
+        for finding in u.findings:
+            out.write(f"{u.unit}: {SEVERITY_MARK[finding.severity]} [{finding.severity}] "
+                      f"{finding.check}: {finding.message}\n")
+            if finding.remedy:
+                out.write(f"    fix: {finding.remedy}\n")
+
+
+COMMANDS = {"env": cmd_env, "context": cmd_context, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
@@ -144,6 +247,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     args = build_parser().parse_args(argv)
     if getattr(args, "unit", None):
         args.unit = normalize_unit_name(args.unit)
+    if getattr(args, "units", None):
+        args.units = [normalize_unit_name(u) for u in args.units]
     systemd = systemd or SystemdSource(timeout_seconds=args.bus_timeout)
     try:
         return COMMANDS[args.command](args, systemd, out)

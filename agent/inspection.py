@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.checks.unit import UnitFacts, unit_findings
+from agent.checks.unit import UnitFacts, stale_variables, unit_findings
 from agent.context import AppContext, ContextInputs, build_context, wanted_paths
 from agent.model import Finding, ProcessInfo, UnitProperties
 from agent.sources import files, procs
@@ -23,6 +23,8 @@ class UnitReport:
     context: AppContext
     processes: list[ProcessInfo]
     findings: list[Finding] = field(default_factory=list)
+    # Names of variables whose running value differs from the unit's (never the values).
+    stale_variables: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form; secrets masked."""
@@ -78,6 +80,10 @@ def inspect_unit(systemd: SystemdSource, name: str) -> UnitReport:
     facts = gather_facts(ctx, processes)
     report = UnitReport(props, ctx, processes)
     report.findings = unit_findings(props, ctx, processes, facts)
+    master = next((p for p in processes if p.role == "master"), None)
+    if master is not None and master.environ is not None:
+        changed, added, removed = stale_variables(ctx.environment, master.environ)
+        report.stale_variables = changed + added + removed
     if processes and any("permission denied" in p.error for p in processes) and os.geteuid():
         report.findings.append(Finding(
             "insufficient_privileges", "info",

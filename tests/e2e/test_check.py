@@ -1,0 +1,320 @@
+"""agentctl check on real Flask-Migrate apps under gunicorn.service with a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.agent import agentctl
+from tests.harness.apps import (
+    AppDir,
+    AppSpec,
+    Revision,
+    broken_revision,
+    db_upgrade,
+    db_write_hook,
+    env_file_text,
+    gunicorn_pids,
+    gunicorn_unit,
+    http_get,
+    read_identities,
+    record_identity_hook,
+    two_heads_spec,
+    unit_diagnostics,
+    writable_dir,
+)
+from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
+from tests.harness.sandbox import Sandbox
+
+pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
+
+UNIT = "gunicorn.service"
+ENV_FILE = "/etc/site/env"
+
+
+class Site:
+    """A sandbox running the app under gunicorn.service against a database."""
+
+    def __init__(self, sb: Sandbox, app: AppDir, venv: Path, port: int, db: PgDatabase) -> None:
+        self.sb, self.app, self.venv, self.port, self.db = sb, app, venv, port, db
+
+    def check(self, *extra: str) -> tuple[int, dict[str, Any]]:
+        proc = agentctl(self.sb, "check", UNIT, "--json", "--probe-timeout", "30", *extra)
+        assert proc.returncode in (0, 1, 2), proc.stderr
+        try:
+            data = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            raise AssertionError(f"not JSON: {proc.stdout!r} {proc.stderr!r}") from None
+        return proc.returncode, data["units"][0]
+
+    def check_text(self) -> subprocess.CompletedProcess[str]:
+        return agentctl(self.sb, "check", UNIT)
+
+    def set_database_url(self, url: str) -> None:
+        self.sb.write_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
+
+
+def checks(unit: dict[str, Any]) -> list[str]:
+    return sorted(f["check"] for f in unit["findings"])
+
+
+@pytest.fixture
+def site(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+         flask_venv: Path, pg_database: PgDatabase) -> Callable[..., Site]:
+    """site(spec, upgrade_to=...) -> a running Site; upgrade_to=None leaves the db empty."""
+
+    def start(spec: AppSpec | None = None, upgrade_to: str | None = "head",
+              url: str | None = None, start_unit: bool = True, app: AppDir | None = None,
+              ) -> Site:
+        app = app or make_app(spec)
+        if upgrade_to:
+            db_upgrade(app, flask_venv, pg_database.url, upgrade_to)
+        port = free_port()
+        sb = make_sandbox()
+        sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url or pg_database.url}))
+        sb.add_unit(UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=port,
+                                        environment={"FLASK_APP": "wsgi.py"},
+                                        environment_files=[ENV_FILE]))
+        sb.boot()
+        site = Site(sb, app, flask_venv, port, pg_database)
+        if start_unit:
+            sb.systemctl("start", UNIT)
+            http_get(f"http://127.0.0.1:{port}/healthz",
+                     describe=lambda: unit_diagnostics(sb, UNIT))
+            gunicorn_pids(sb, UNIT)
+        return site
+
+    return start
+
+
+def test_healthy(site: Callable[..., Site]) -> None:
+    s = site()
+    code, unit = s.check()
+    assert unit["findings"] == [], unit["findings"]
+    assert code == 0
+    assert unit["migrations"]["current"] == ["r3"] and unit["migrations"]["pending"] == []
+    assert unit["schema_drift"] == {"count": 0, "items": []}
+    assert unit["database"] == f"127.0.0.1:{s.db.cluster.port}/{s.db.name}"
+    assert s.db.password not in json.dumps(unit)
+    assert all(c["success"] for c in unit["checks"]), unit["checks"]
+    assert s.check_text().returncode == 0
+
+
+@pytest.mark.parametrize("at,pending", [("r2", ["r3"]), ("r1", ["r2", "r3"])])
+def test_upgrade_skipped(site: Callable[..., Site], at: str, pending: list[str]) -> None:
+    s = site(upgrade_to=at)
+    code, unit = s.check()
+    assert code == 1
+    assert unit["migrations"]["pending"] == pending
+    assert "pending_migrations" in checks(unit)
+    # The models are ahead of the database: the drift is named and blamed on the pending work.
+    drift = next(f for f in unit["findings"] if f["check"] == "schema_drift")
+    assert "pending migration" in drift["message"]
+    text = s.check_text().stdout
+    assert "pending_migrations" in text and "flask db upgrade" in text
+
+
+def test_unit_points_at_a_database_that_was_never_migrated(
+        site: Callable[..., Site], pg: PostgresCluster) -> None:
+    other = pg.new_database("never")
+    try:
+        s = site(url=other.url)  # the migrated database is pg_database; the unit uses `other`
+        code, unit = s.check()
+        assert code == 1
+        assert "version_table_missing" in checks(unit)
+        assert unit["database"].endswith(f"/{other.name}")
+    finally:
+        pg.drop(other)
+
+
+def test_workers_connected_to_another_database_than_the_unit_says(
+        site: Callable[..., Site], pg: PostgresCluster, flask_venv: Path) -> None:
+    s = site()
+    http_get(f"http://127.0.0.1:{s.port}/db")  # the workers now hold connections
+    other = PostgresCluster().start()
+    try:
+        moved = s.db.url.replace(f":{pg.port}/", f":{other.port}/")
+        s.set_database_url(moved)
+        for _ in range(4):  # every worker serves at least one request
+            http_get(f"http://127.0.0.1:{s.port}/db")
+        code, unit = s.check()
+        assert "database_mismatch" in checks(unit)
+        assert unit["database_mismatch"] is True
+        assert "environment_stale" in checks(unit)
+    finally:
+        other.stop()
+
+
+def test_migration_files_not_deployed(site: Callable[..., Site], make_app: Callable[..., AppDir],
+                                      flask_venv: Path, pg_database: PgDatabase) -> None:
+    newer = make_app(AppSpec(models_at=4, revisions=AppSpec(models_at=4).revisions + (
+        Revision("r4", "r3", upgrade="op.add_column('posts', sa.Column('created_at', "
+                                     "sa.DateTime(), nullable=True))"),)), name="newer")
+    db_upgrade(newer, flask_venv, pg_database.url, "head")  # the db went ahead with newer code
+    s = site(upgrade_to=None)  # the deployed code only knows r1..r3
+    code, unit = s.check()
+    assert code == 1
+    assert "db_revision_unknown" in checks(unit)
+    assert unit["migrations"]["unknown"] == ["r4"]
+
+
+def test_multiple_heads(site: Callable[..., Site]) -> None:
+    s = site(two_heads_spec(), upgrade_to="r3")
+    code, unit = s.check()
+    assert unit["migrations"]["multiple_heads"] is True
+    assert "multiple_heads" in checks(unit)
+    assert code == 1
+
+
+def test_manual_schema_change_at_head(site: Callable[..., Site]) -> None:
+    s = site()
+    s.db.execute("ALTER TABLE users ADD COLUMN nickname text", as_owner=True)
+    code, unit = s.check()
+    assert code == 1
+    assert unit["migrations"]["pending"] == []
+    assert {"kind": "extra_column", "table": "users", "name": "nickname"} in \
+        unit["schema_drift"]["items"]
+    drift = next(f for f in unit["findings"] if f["check"] == "schema_drift")
+    assert "users.nickname" in drift["message"] and "at head" in drift["message"]
+
+
+def test_insufficient_privileges(site: Callable[..., Site], pg: PostgresCluster) -> None:
+    s = site()
+    pg.create_role("webonly", "webpw")
+    try:
+        pg.execute(f"GRANT CONNECT ON DATABASE {s.db.name} TO webonly")
+        s.db.execute("GRANT USAGE ON SCHEMA public TO webonly; "
+                     "REVOKE CREATE ON SCHEMA public FROM PUBLIC; "
+                     "GRANT SELECT ON ALL TABLES IN SCHEMA public TO webonly")
+        s.set_database_url(pg.dsn("webonly", "webpw", s.db.name))
+        s.sb.systemctl("restart", UNIT)
+        code, unit = s.check()
+        assert unit["migration_privileges_ok"] is False
+        found = next(f for f in unit["findings"] if f["check"] == "insufficient_db_privileges")
+        assert "users" in found["message"] and "CREATE" in found["message"]
+    finally:
+        pg.execute(f"REASSIGN OWNED BY webonly TO {s.db.owner}", db=s.db.name)
+        pg.execute("DROP OWNED BY webonly", db=s.db.name)
+        pg.drop_role("webonly")
+
+
+def test_app_cannot_load_missing_variable(site: Callable[..., Site]) -> None:
+    s = site(AppSpec(database_env="SITE_DATABASE_URL"), upgrade_to=None, start_unit=False)
+    code, unit = s.check()
+    assert code == 2
+    assert unit["app_loaded"] is False
+    probe = next(f for f in unit["findings"] if f["check"] == "probe")
+    assert "KeyError" in probe["message"] and "SITE_DATABASE_URL" in probe["message"]
+
+
+def test_migration_file_with_a_syntax_error(site: Callable[..., Site]) -> None:
+    spec = AppSpec().with_revisions(broken_revision("r4", "r3"))
+    s = site(spec, upgrade_to="r3", start_unit=False)
+    code, unit = s.check()
+    assert code == 2
+    probe = next(f for f in unit["findings"] if f["check"] == "probe")
+    assert "r4" in probe["message"] and "SyntaxError" in probe["message"]
+
+
+def test_database_down(site: Callable[..., Site]) -> None:
+    s = site()
+    s.set_database_url(s.db.url.replace(f":{s.db.cluster.port}/", f":{free_port()}/"))
+    code, unit = s.check()
+    assert code == 2
+    assert unit["db_up"] is False
+    down = next(f for f in unit["findings"] if f["check"] == "database_unreachable")
+    assert "refused" in down["message"] and s.db.password not in down["message"]
+
+
+def test_upgrade_in_progress(site: Callable[..., Site]) -> None:
+    s = site(upgrade_to="r2")
+    conn = s.db.cluster.connect(s.db.name, s.db.owner, s.db.password, autocommit=False)
+    try:
+        cur = conn.cursor()
+        cur.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+        cur.execute("ALTER TABLE users ADD COLUMN migrating int")
+        started = time.monotonic()
+        code, unit = s.check()
+        assert time.monotonic() - started < 30
+        assert unit["migrations"]["in_progress"] is True
+        assert "migration_in_progress" in checks(unit)
+        assert "pending_migrations" not in checks(unit)
+        assert "schema_drift" not in checks(unit)
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def test_applied_migration_edited_afterwards(site: Callable[..., Site]) -> None:
+    s = site()
+    assert s.check()[0] == 0  # first sight: the hashes of applied revisions are remembered
+    r2 = str(s.app.revision_file("r2"))
+    s.sb.write_file(r2, s.sb.path(r2).read_text() + "\n# edited after it was applied\n")
+    code, unit = s.check()
+    assert code == 1
+    found = next(f for f in unit["findings"] if f["check"] == "applied_migration_modified")
+    assert "r2" in found["message"]
+
+
+def test_app_code_never_runs_as_root(site: Callable[..., Site], app_workspace: Path,
+                                     make_app: Callable[..., AppDir]) -> None:
+    marks = writable_dir(app_workspace / "identities")
+    s = site(AppSpec(on_import=record_identity_hook(str(marks))), start_unit=False)
+    for old in marks.iterdir():
+        old.unlink()  # flask db upgrade ran on the host, as root, before the test
+    s.check()
+    seen = read_identities(s.sb.path(str(marks)))
+    assert seen, "the probe did not import the app"
+    assert {rec["uid"] for rec in seen} == {33}
+
+
+def test_never_writes_to_the_inspected_database(site: Callable[..., Site]) -> None:
+    spec = AppSpec(on_create=db_write_hook("import_side_effect"))
+    s = site(spec, upgrade_to=None, start_unit=False)
+    db_upgrade(s.app, s.venv, s.db.url, "head")  # creates the side-effect table as root
+    s.db.execute("DELETE FROM import_side_effect", as_owner=True)
+    before = _fingerprint(s.db)
+    code, unit = s.check()
+    assert _fingerprint(s.db) == before
+    assert s.db.execute("SELECT count(*) FROM import_side_effect")[0][0] == 0
+    probe = next((f for f in unit["findings"] if f["check"] == "probe"), None)
+    assert probe is not None and "read-only" in probe["message"]
+
+
+def _fingerprint(db: PgDatabase) -> list[tuple[Any, ...]]:
+    """Every table's row count, the version rows and the statement counters of writes."""
+    rows = db.execute("SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
+                      "ORDER BY relname")
+    return [*rows, *db.execute("SELECT version_num FROM alembic_version")]
+
+
+def test_upgrade_running_while_checking_is_never_blocked(site: Callable[..., Site]) -> None:
+    s = site(AppSpec(models_at=5, revisions=AppSpec(models_at=5).revisions), upgrade_to="r1",
+             start_unit=False)
+    stop = threading.Event()
+    runs = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            runs.append(agentctl(s.sb, "check", UNIT, "--json").returncode)
+
+    checker = threading.Thread(target=loop)
+    checker.start()
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        db_upgrade(s.app, s.venv, s.db.url, "head")
+        upgrade_seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        checker.join(60)
+    assert s.db.alembic_versions() == ["r5"]
+    assert upgrade_seconds < 20
+    assert runs, "the checker never ran"
