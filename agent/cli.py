@@ -201,6 +201,7 @@ def check_json(u: UnitSnapshot) -> dict[str, object]:
             "items": [{"kind": d.kind, "table": d.table, "name": d.name}
                       for d in u.schema_drift]},
         "needs_restart": u.needs_restart, "database_mismatch": u.database_mismatch,
+        "database_connections": u.database_connections,
         "migration_privileges_ok": u.migration_privileges_ok,
         "checks": [{"name": c.name, "success": c.success, "seconds": c.duration_seconds,
                     "error": c.error} for c in u.checks],

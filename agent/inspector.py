@@ -163,6 +163,8 @@ class Inspector:
             findings.append(probe.finding())  # type: ignore[arg-type]
         url = probe.urls.get("default") or next(iter(probe.urls.values()), "")
         if url:
+            fields["database"] = database.db_label(url)
+            self._connections_check(unit, url, report, timer, fields, findings)
             self._database_checks(unit, url, report, probe, timer, fields, findings)
         self._journal_check(unit, timer, fields, findings)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
@@ -191,7 +193,6 @@ class Inspector:
 
     def _database_checks(self, unit: str, url: str, report: UnitReport, probe: ProbeResult,
                          timer: _Timer, fields: dict[str, Any], findings: list[Finding]) -> None:
-        fields["database"] = database.db_label(url)
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         with timer.check("database") as res:
             inspection = database.inspect(url, timeouts=timeouts)
@@ -251,13 +252,21 @@ class Inspector:
                 findings += migration_checks.privilege_findings(
                     unit, priv.user, priv.schema, priv.superuser, priv.can_create,
                     priv.not_owned)
+        with timer.check("integrity") as res:
+            self._integrity(unit, probe, fields, findings, res)
+
+    def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
+                           fields: dict[str, Any], findings: list[Finding]) -> None:
+        """Which server the running workers are really connected to (no database access)."""
         with timer.check("connections") as res:
             host, port = database.url_host_port(url)
             pids = [p.pid for p in report.processes]
-            verdict, errors = connections.connection_verdict(host, port, pids)
+            verdict, errors = connections.connection_verdict(
+                host, port, pids, known_ports=_env_database_ports(report))
             if errors and verdict.status == "none":
                 res["error"] = "; ".join(errors)
             fields["database_mismatch"] = verdict.status == "elsewhere"
+            fields["database_connections"] = verdict.message
             if verdict.status == "elsewhere":
                 findings.append(Finding(
                     "database_mismatch", "critical",
@@ -265,8 +274,6 @@ class Inspector:
                     f"{fields['database']} that the unit's environment names",
                     f"systemctl restart {unit} (the environment changed since start), then "
                     "check which database was migrated"))
-        with timer.check("integrity") as res:
-            self._integrity(unit, probe, fields, findings, res)
 
     def _integrity(self, unit: str, probe: ProbeResult, fields: dict[str, Any],
                    findings: list[Finding], res: dict[str, Any]) -> None:
@@ -319,6 +326,19 @@ class Inspector:
                 log.warning("state store %s unavailable: %s", self.settings.state_path, exc)
                 return None
         return self._state
+
+
+def _env_database_ports(report: UnitReport) -> set[int]:
+    """Ports of database URLs in the running processes' environment (they may be stale)."""
+    ports = set()
+    for proc in report.processes:
+        for value in (proc.environ or {}).values():
+            if "://" in value and value.split("://", 1)[0].startswith("postgres"):
+                try:
+                    ports.add(database.url_host_port(value)[1])
+                except Exception:  # a malformed URL in the environment is not our problem
+                    continue
+    return ports
 
 
 def make_inspector(config: Any) -> Inspector:

@@ -63,6 +63,7 @@ class UnitSnapshot:
     needs_daemon_reload: bool = False
     needs_restart: bool = False
     database_mismatch: bool | None = None
+    database_connections: str = ""      # what the workers' sockets say, in words
     migration_privileges_ok: bool | None = None
     applied_migrations_modified: int = 0
     journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total

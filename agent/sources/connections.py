@@ -280,6 +280,7 @@ def local_postgres_ports() -> set[int]:
 
 
 def connection_verdict(url_host: str, url_port: int, pids: Iterable[int],
+                       known_ports: Iterable[int] = (),
                        ) -> tuple[ConnectionVerdict, list[str]]:
     """Observe pids and judge against the URL's host (a socket dir when it starts with '/')."""
     observed, errors = observe(pids)
@@ -287,7 +288,9 @@ def connection_verdict(url_host: str, url_port: int, pids: Iterable[int],
     # costs ~0.1-0.3 s, so only do it when a loopback connection goes to an unknown port.
     unknown = any(c.kind == "tcp" and c.remote_port not in PG_PORTS | {url_port}
                   and ipaddress.ip_address(c.remote_addr).is_loopback for c in observed)
-    extra = local_postgres_ports() if unknown else set()
+    # known_ports: database ports the caller already knows of (e.g. from the URL in the
+    # running processes' own environment), recognised without scanning.
+    extra = set(known_ports) | (local_postgres_ports() if unknown else set())
     if url_host.startswith("/"):
         return match_connections((), url_port, url_host, observed, extra), errors
     if not url_host:

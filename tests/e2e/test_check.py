@@ -145,7 +145,7 @@ def test_workers_connected_to_another_database_than_the_unit_says(
         for _ in range(4):  # every worker serves at least one request
             http_get(f"http://127.0.0.1:{s.port}/db")
         code, unit = s.check()
-        assert "database_mismatch" in checks(unit)
+        assert "database_mismatch" in checks(unit), unit["database_connections"]
         assert unit["database_mismatch"] is True
         assert "environment_stale" in checks(unit)
     finally:

@@ -1,0 +1,179 @@
+"""TOML configuration of the agent -> a frozen Config; every mistake is one clear ConfigError."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/driftwatch/agent.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """HTTPS for the metrics endpoint; client_ca_file turns on client-certificate checks."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """True when the server must speak TLS."""
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the agent reads from agent.toml (flags may override some of it)."""
+
+    units: tuple[str, ...] = ("gunicorn.service",)
+    unit_patterns: tuple[str, ...] = ()
+    discover_gunicorn: bool = True
+    listen_address: str = ":9410"
+    min_interval_seconds: float = 30.0
+    probe_timeout_seconds: float = 20.0
+    db_timeout_seconds: float = 5.0       # connect, statement and lock timeout
+    journal_window_seconds: float = 3600.0
+    state_dir: str = "/var/lib/driftwatch"
+    log_level: str = "info"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    source: str = ""                      # the file this came from, "" for built-in defaults
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with command-line overrides applied and validated."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        new = replace(self, **changes)
+        _validate(new, new.source or "command line")
+        return new
+
+
+# key -> (accepted python types, description for the error message)
+_AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "units": ((list,), "a list of strings"),
+    "unit_patterns": ((list,), "a list of strings"),
+    "discover_gunicorn": ((bool,), "true or false"),
+    "listen_address": ((str,), "a string such as \":9410\""),
+    "min_interval_seconds": ((int, float), "a number"),
+    "probe_timeout_seconds": ((int, float), "a number"),
+    "db_timeout_seconds": ((int, float), "a number"),
+    "journal_window_seconds": ((int, float), "a number"),
+    "state_dir": ((str,), "a string"),
+    "log_level": ((str,), "one of " + ", ".join(LOG_LEVELS)),
+}
+_TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "cert_file": ((str,), "a string (path)"),
+    "key_file": ((str,), "a string (path)"),
+    "client_ca_file": ((str,), "a string (path)"),
+}
+_TABLES = {"agent": _AGENT_KEYS, "tls": _TLS_KEYS}
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_table(name: str, table: Any, spec: dict[str, tuple[tuple[type, ...], str]],
+                 where: str) -> dict[str, Any]:
+    """Reject unknown keys and wrong types in one [table]."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    for key, value in table.items():
+        if key not in spec:
+            raise ConfigError(f"{where}: unknown key '{key}' in [{name}]"
+                              f"{_did_you_mean(key, list(spec))}")
+        types, described = spec[key]
+        # bool is an int subclass in Python: `min_interval_seconds = true` must still fail.
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ConfigError(f"{where}: '{key}' in [{name}] must be {described}, "
+                              f"not {type(value).__name__} {value!r}")
+        if list in types and not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: '{key}' in [{name}] must be {described}")
+    return table
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """':9410' -> ('', 9410) (all interfaces); '127.0.0.1:9410'; '[::1]:9410' -> ('::1', 9410)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid listen address {text!r}: expected [HOST]:PORT, "
+                         "e.g. ':9410', '127.0.0.1:9410' or '[::1]:9410'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid listen address {text!r}: {host!r} is not an IPv6 "
+                             "address") from None
+    elif ":" in host:
+        raise ValueError(f"invalid listen address {text!r}: put IPv6 addresses in brackets, "
+                         "e.g. '[::1]:9410'")
+    return host, int(port_text)
+
+
+def _validate(config: Config, where: str) -> None:
+    """Checks on values (not types): ranges, address syntax, TLS completeness."""
+    try:
+        parse_listen_address(config.listen_address)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for name in ("min_interval_seconds", "probe_timeout_seconds", "db_timeout_seconds",
+                 "journal_window_seconds"):
+        if getattr(config, name) < 0 or (name != "min_interval_seconds"
+                                         and getattr(config, name) == 0):
+            raise ConfigError(f"{where}: '{name}' must be positive")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{where}: 'log_level' must be one of {', '.join(LOG_LEVELS)}, "
+                          f"not {config.log_level!r}")
+    tls = config.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError(f"{where}: [tls] needs both 'cert_file' and 'key_file'")
+    if tls.client_ca_file and not tls.cert_file:
+        raise ConfigError(f"{where}: [tls] 'client_ca_file' needs 'cert_file' and 'key_file'")
+
+
+def parse_config(text: str, where: str = "<config>") -> Config:
+    """Pure: TOML text -> validated Config; WHERE names the file in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    for key in data:
+        if key not in _TABLES:
+            raise ConfigError(f"{where}: unknown table or key '{key}' at top level"
+                              f"{_did_you_mean(key, list(_TABLES))}; "
+                              "expected [agent] and optionally [tls]")
+    agent = _check_table("agent", data.get("agent", {}), _AGENT_KEYS, where)
+    tls = _check_table("tls", data.get("tls", {}), _TLS_KEYS, where)
+    values: dict[str, Any] = {}
+    for f in fields(Config):
+        if f.name in agent:
+            value = agent[f.name]
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].lower()
+    config = Config(**values, tls=TLSConfig(**tls), source=where)
+    _validate(config, where)
+    return config
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read PATH (default /etc/driftwatch/agent.toml; a missing default file means defaults)."""
+    explicit = path is not None
+    file = Path(path if explicit else DEFAULT_CONFIG_PATH)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{file}: config file not found") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc}") from None
+    return parse_config(text, str(file))

@@ -1,0 +1,237 @@
+"""Every metric name, help text and label in one place, and the collector built on Snapshot."""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.snapshot import Snapshot, UnitSnapshot
+
+PREFIX = "driftwatch_"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Name (without prefix, counters without _total), help, labels and type of one metric."""
+
+    name: str
+    help: str
+    labels: tuple[str, ...] = ("unit",)
+    counter: bool = False
+
+    @property
+    def full_name(self) -> str:
+        """The exposed name (counters get _total from prometheus_client)."""
+        return PREFIX + self.name + ("_total" if self.counter else "")
+
+    def family(self) -> Metric:
+        """A fresh, empty metric family: new objects on every scrape, never stale labels."""
+        cls = CounterMetricFamily if self.counter else GaugeMetricFamily
+        return cls(PREFIX + self.name, self.help, labels=list(self.labels))
+
+
+# -- the agent itself -----------------------------------------------------------------------
+BUILD_INFO = Spec("build_info", "Agent version and Python version; value is always 1.",
+                  ("version", "python"))
+SCRAPE_DURATION = Spec("scrape_collection_duration_seconds",
+                       "Time this scrape spent collecting, including waiting for an inspection.",
+                       ())
+INSPECTIONS = Spec("inspections", "Inspection runs actually executed (cached scrapes do not count).",
+                   (), counter=True)
+INSPECTION_FAILURES = Spec("inspection_failures",
+                           "Inspection runs that raised instead of returning a snapshot.",
+                           (), counter=True)
+INSPECTION_SUCCESS = Spec("inspection_success",
+                          "1 if the latest inspection run returned a snapshot, 0 if it failed.", ())
+INSPECTION_DURATION = Spec("inspection_duration_seconds",
+                           "How long the inspection behind the served snapshot took.", ())
+SNAPSHOT_TIMESTAMP = Spec("snapshot_timestamp_seconds",
+                          "When the served snapshot was taken (seconds since the epoch).", ())
+INSPECTION_ERRORS = Spec("inspection_errors",
+                         "Agent-wide problems in the served snapshot (e.g. systemd unreachable).",
+                         ())
+UNITS_WATCHED = Spec("units_watched", "Number of units in the served snapshot.", ())
+
+# -- per unit -------------------------------------------------------------------------------
+UNIT_UP = Spec("unit_up", "1 if systemd reports the unit active, 0 otherwise.")
+CHECK_SUCCESS = Spec("check_success",
+                     "1 if the check managed to look (whatever it found), 0 if it failed to run.",
+                     ("unit", "check"))
+CHECK_DURATION = Spec("check_duration_seconds", "How long the check took.", ("unit", "check"))
+LAST_CHECK_TIMESTAMP = Spec("last_check_timestamp_seconds",
+                            "When the unit was last inspected (seconds since the epoch).")
+APP_LOAD_SUCCESS = Spec("app_load_success",
+                        "1 if the app could be loaded in the unit's exact context, 0 otherwise.")
+DB_UP = Spec("db_up", "1 if the app's database answered, 0 if not; absent when not tried.")
+DATABASE_INFO = Spec("database_info",
+                     "The database the app is configured for (host:port/dbname); value is 1.",
+                     ("unit", "database"))
+VERSION_TABLE_PRESENT = Spec("version_table_present",
+                             "1 if the database has an alembic_version table.")
+REVISION_INFO = Spec("revision_info",
+                     "Current database revision x code head revision; value is 1, "
+                     "empty label when there is none.", ("unit", "current", "head"))
+PENDING_REVISIONS = Spec("pending_revisions",
+                         "Migrations in the deployed code not yet applied to the database.")
+MIGRATION_HEADS = Spec("migration_heads", "Number of head revisions in the deployed code.")
+DB_REVISION_UNKNOWN = Spec("db_revision_unknown",
+                           "1 if the database is at a revision the deployed code does not know.")
+MIGRATION_IN_PROGRESS = Spec("migration_in_progress",
+                             "1 if a migration appears to be running right now.")
+SCHEMA_DRIFT_OBJECTS = Spec("schema_drift_objects",
+                            "Schema objects that differ between the database and the models.",
+                            ("unit", "kind"))
+APPLIED_MIGRATION_MODIFIED = Spec("applied_migration_modified",
+                                  "Already-applied migration files changed since they ran.")
+VENV_MISMATCH = Spec("venv_mismatch",
+                     "1 if running processes use another virtualenv than the unit's ExecStart.")
+STALE_ENV = Spec("environment_stale_variables",
+                 "Variables whose value in the running processes differs from the unit's.")
+NEEDS_DAEMON_RELOAD = Spec("needs_daemon_reload",
+                           "1 if the unit file changed and systemctl daemon-reload is due.")
+NEEDS_RESTART = Spec("needs_restart",
+                     "1 if code, environment or schema changed after the processes started.")
+DATABASE_MISMATCH = Spec("database_mismatch",
+                         "1 if the running workers use another database than the configured one.")
+MIGRATION_PRIVILEGES_OK = Spec("migration_privileges_ok",
+                               "1 if the app's database role may run its migrations.")
+JOURNAL_SCHEMA_ERRORS = Spec("journal_schema_errors",
+                             "Schema errors (UndefinedColumn, UndefinedTable, ...) in the unit's "
+                             "journal.", ("unit", "kind"), counter=True)
+FINDINGS = Spec("findings", "Problems found on the unit, by severity.", ("unit", "severity"))
+
+ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Spec))
+
+# Always exposed (as 0 when absent) so dashboards and alerts see a stable series per kind.
+DRIFT_KINDS = ("add_table", "remove_table", "add_column", "remove_column", "modify_type",
+               "modify_nullable", "add_index", "remove_index")
+SEVERITIES = ("critical", "warning", "info")
+_DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
+
+
+def safe_database_label(database: str) -> str:
+    """host:port/dbname at most: drops scheme, credentials and query even if a caller slipped."""
+    text = _DSN_NOISE.sub("", database)
+    return text.rsplit("@", 1)[-1]
+
+
+def _b(value: bool) -> float:
+    return 1.0 if value else 0.0
+
+
+def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], float]]:
+    """(spec, label values, value) for one unit; None in the snapshot -> no sample."""
+    n = u.unit
+    yield UNIT_UP, (n,), _b(u.unit_up)
+    yield LAST_CHECK_TIMESTAMP, (n,), u.timestamp
+    for check in u.checks:
+        yield CHECK_SUCCESS, (n, check.name), _b(check.success)
+        yield CHECK_DURATION, (n, check.name), check.duration_seconds
+    # A success gauge is 0 when unknown: "could not load" must not vanish from alerts.
+    yield APP_LOAD_SUCCESS, (n,), _b(bool(u.app_loaded))
+    if u.db_up is not None:
+        yield DB_UP, (n,), _b(u.db_up)
+    if u.database:
+        yield DATABASE_INFO, (n, safe_database_label(u.database)), 1.0
+    m = u.migrations
+    if m is not None:
+        yield VERSION_TABLE_PRESENT, (n,), _b(m.version_table_present)
+        for current in m.current or ("",):
+            for head in m.heads or ("",):
+                yield REVISION_INFO, (n, current, head), 1.0
+        yield PENDING_REVISIONS, (n,), float(len(m.pending))
+        yield MIGRATION_HEADS, (n,), float(len(m.heads))
+        yield DB_REVISION_UNKNOWN, (n,), _b(bool(m.unknown))
+        yield MIGRATION_IN_PROGRESS, (n,), _b(m.in_progress)
+    if u.schema_drift is not None:
+        counts = Counter(item.kind for item in u.schema_drift)
+        for kind in (*DRIFT_KINDS, *sorted(set(counts) - set(DRIFT_KINDS))):
+            yield SCHEMA_DRIFT_OBJECTS, (n, kind), float(counts.get(kind, 0))
+    yield APPLIED_MIGRATION_MODIFIED, (n,), float(u.applied_migrations_modified)
+    yield VENV_MISMATCH, (n,), _b(u.venv_mismatch)
+    yield STALE_ENV, (n,), float(u.stale_environment_variables)
+    yield NEEDS_DAEMON_RELOAD, (n,), _b(u.needs_daemon_reload)
+    yield NEEDS_RESTART, (n,), _b(u.needs_restart)
+    if u.database_mismatch is not None:
+        yield DATABASE_MISMATCH, (n,), _b(u.database_mismatch)
+    if u.migration_privileges_ok is not None:
+        yield MIGRATION_PRIVILEGES_OK, (n,), _b(u.migration_privileges_ok)
+    for kind, total in sorted(u.journal_schema_errors.items()):
+        yield JOURNAL_SCHEMA_ERRORS, (n, kind), float(total)
+    severities = Counter(f.severity for f in u.findings)
+    for severity in (*SEVERITIES, *sorted(set(severities) - set(SEVERITIES))):
+        yield FINDINGS, (n, severity), float(severities.get(severity, 0))
+
+
+def snapshot_families(snapshot: Snapshot | None) -> list[Metric]:
+    """Pure: fresh metric families for one snapshot (None = no inspection succeeded yet)."""
+    families: dict[Spec, Metric] = {}
+
+    def add(spec: Spec, labels: tuple[str, ...], value: float) -> None:
+        if spec not in families:
+            families[spec] = spec.family()
+        families[spec].add_metric(list(labels), value)
+
+    if snapshot is not None:
+        add(INSPECTION_DURATION, (), snapshot.duration_seconds)
+        add(SNAPSHOT_TIMESTAMP, (), snapshot.taken_at)
+        add(INSPECTION_ERRORS, (), float(len(snapshot.errors)))
+        add(UNITS_WATCHED, (), float(len(snapshot.units)))
+        for unit in snapshot.units:
+            for spec, labels, value in _unit_samples(unit):
+                add(spec, labels, value)
+    return list(families.values())
+
+
+@dataclass(frozen=True)
+class CollectorStats:
+    """Counters of the cache behind the collector."""
+
+    inspections_total: int = 0
+    failures_total: int = 0
+    last_success: bool | None = None
+
+
+class DriftwatchCollector(Collector):
+    """Reads the latest Snapshot on every scrape and turns it into fresh metric families."""
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot | None],
+                 stats: Callable[[], CollectorStats] = CollectorStats,
+                 version: str = __version__) -> None:
+        self._get_snapshot = get_snapshot
+        self._stats = stats
+        self._version = version
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: registering must never trigger an inspection."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """One scrape: get (maybe cached) snapshot, emit families, then the scrape duration."""
+        start = time.perf_counter()
+        build = BUILD_INFO.family()
+        build.add_metric([self._version, platform.python_version()], 1.0)
+        yield build
+        snapshot = self._get_snapshot()
+        yield from snapshot_families(snapshot)
+        stats = self._stats()
+        for spec, value in ((INSPECTIONS, stats.inspections_total),
+                            (INSPECTION_FAILURES, stats.failures_total)):
+            family = spec.family()
+            family.add_metric([], float(value))
+            yield family
+        if stats.last_success is not None:
+            family = INSPECTION_SUCCESS.family()
+            family.add_metric([], _b(stats.last_success))
+            yield family
+        duration = SCRAPE_DURATION.family()
+        duration.add_metric([], time.perf_counter() - start)
+        yield duration
