@@ -26,6 +26,7 @@ from tests.harness.apps import (
     http_get,
     read_identities,
     record_identity_hook,
+    standard_revisions,
     two_heads_spec,
     unit_diagnostics,
     writable_dir,
@@ -214,9 +215,14 @@ def test_app_cannot_load_missing_variable(site: Callable[..., Site]) -> None:
     assert "KeyError" in probe["message"] and "SITE_DATABASE_URL" in probe["message"]
 
 
-def test_migration_file_with_a_syntax_error(site: Callable[..., Site]) -> None:
-    spec = AppSpec().with_revisions(broken_revision("r4", "r3"))
-    s = site(spec, upgrade_to="r3", start_unit=False)
+def test_migration_file_with_a_syntax_error(site: Callable[..., Site],
+                                            make_app: Callable[..., AppDir],
+                                            flask_venv: Path, pg_database: PgDatabase) -> None:
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url, "head")
+    broken = broken_revision("r4", "r3")  # deployed after the last successful upgrade
+    app.write(f"migrations/versions/{broken.file_name}", broken.render())
+    s = site(upgrade_to=None, start_unit=False, app=app)
     code, unit = s.check()
     assert code == 2
     probe = next(f for f in unit["findings"] if f["check"] == "probe")
@@ -296,7 +302,7 @@ def _fingerprint(db: PgDatabase) -> list[tuple[Any, ...]]:
 
 
 def test_upgrade_running_while_checking_is_never_blocked(site: Callable[..., Site]) -> None:
-    s = site(AppSpec(models_at=5, revisions=AppSpec(models_at=5).revisions), upgrade_to="r1",
+    s = site(AppSpec(models_at=5, revisions=standard_revisions(5)), upgrade_to="r1",
              start_unit=False)
     stop = threading.Event()
     runs = []
