@@ -76,6 +76,9 @@ class UnitWatcher:
         self._resubscribe = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
+        # pystemd hands sd-bus a borrowed pointer to each callback and keeps no reference:
+        # a callback garbage-collected while its match exists segfaults the process.
+        self._callbacks: list[Callable[..., None]] = []
         self.connected = threading.Event()
         self.connections = 0   # successful (re)connects, for tests and logs
 
@@ -149,16 +152,21 @@ class UnitWatcher:
         """Open a bus, Subscribe() and add the matches for the current unit set."""
         self._resubscribe.clear()
         bus = self._bus_factory()
+        # The previous bus is closed, so its matches (and their callbacks) are gone.
+        self._callbacks = []
         try:
             # Without Subscribe() systemd does not emit unit signals to this client at all.
             bus.call_method(DESTINATION, MANAGER_PATH, MANAGER_IFACE, b"Subscribe", [])
             for unit in sorted(self._units):
                 # sender None: on systemd's private socket signals carry no well-known name.
+                callback = self._properties_callback(unit)
+                self._callbacks.append(callback)
                 bus.match_signal(None, unit_object_path(unit), PROPERTIES_IFACE,
-                                 b"PropertiesChanged", self._properties_callback(unit))
+                                 b"PropertiesChanged", callback)
             for member in (b"UnitNew", b"UnitRemoved", b"JobRemoved"):
-                bus.match_signal(None, MANAGER_PATH, MANAGER_IFACE, member,
-                                 self._manager_callback(member))
+                callback = self._manager_callback(member)
+                self._callbacks.append(callback)
+                bus.match_signal(None, MANAGER_PATH, MANAGER_IFACE, member, callback)
         except Exception:
             bus.close()
             raise

@@ -1,0 +1,152 @@
+"""The self-contained demo: a real PostgreSQL, a real Flask app under gunicorn in a real
+systemd sandbox with one migration not applied, and driftwatch watching it.
+
+Run as root: `python -m tests.harness.demo [--keep]`. Everything is torn down on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.harness.agent import AGENTCTL, PYTHON
+from tests.harness.apps import (
+    AppSpec,
+    app_venv,
+    db_upgrade,
+    env_file_text,
+    gunicorn_pids,
+    gunicorn_unit,
+    http_get,
+    new_workspace,
+    write_app,
+)
+from tests.harness.postgres import PostgresCluster, free_port, postgres_unavailable_reason
+from tests.harness.sandbox import REPO_ROOT, Sandbox, sandbox_unavailable_reason
+
+ENV_FILE = "/etc/demo-site/env"
+AGENT_UNIT_SOURCE = REPO_ROOT / "systemd" / "driftwatch-agent.service"
+LISTEN = "127.0.0.1:9410"
+
+
+def say(text: str) -> None:
+    """A section heading on the terminal."""
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def show(sb: Sandbox, argv: list[str]) -> None:
+    """Run a command inside the sandbox and print it with its output, like a terminal."""
+    print(f"$ {' '.join(Path(a).name if a in (AGENTCTL, PYTHON) else a for a in argv)}",
+          flush=True)
+    proc = sb.run(argv, check=False)
+    sys.stdout.write(proc.stdout)
+    if proc.stderr.strip():
+        sys.stdout.write(proc.stderr)
+    print(f"(exit code {proc.returncode})", flush=True)
+
+
+def agent_unit_text() -> str:
+    """The agent's own unit from systemd/, pointed at this checkout's venv and a loopback port."""
+    text = AGENT_UNIT_SOURCE.read_text()
+    text = text.replace("/usr/bin/driftwatch-agent", str(Path(PYTHON).parent / "driftwatch-agent"))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the demo, show what driftwatch sees, clean up."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the demo running until Ctrl-C (metrics on " + LISTEN + ")")
+    args = parser.parse_args(argv)
+    for reason in (sandbox_unavailable_reason(), postgres_unavailable_reason()):
+        if reason:
+            print(f"demo: cannot run: {reason}", file=sys.stderr)
+            return 2
+    cluster = PostgresCluster()
+    workspace = new_workspace()
+    sb = Sandbox()
+    try:
+        say("PostgreSQL: a throwaway cluster on 127.0.0.1")
+        cluster.start()
+        db = cluster.new_database("demo")
+        print(f"database {db.name} on 127.0.0.1:{cluster.port}, owner {db.owner}")
+
+        say("The app: Flask + Flask-Migrate, models at r3, migrations r1 -> r2 -> r3")
+        venv = app_venv()
+        app = write_app(workspace / "site", AppSpec(models_at=3))
+        db_upgrade(app, venv, db.url, "r2")
+        print(f"app in {app.root}, venv {venv}; `flask db upgrade r2` ran: r3 is NOT applied")
+
+        say("A real systemd in a throwaway sandbox, running gunicorn.service as www-data")
+        port = free_port()
+        sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": db.url, "SECRET_KEY": "demo-secret"}),
+                    mode=0o640)
+        sb.add_unit("gunicorn.service", gunicorn_unit(
+            venv=venv, app_dir=app, port=port, environment={"FLASK_APP": "wsgi.py"},
+            environment_files=[ENV_FILE]))
+        has_agent_unit = AGENT_UNIT_SOURCE.exists()
+        if has_agent_unit:
+            sb.add_file("/etc/driftwatch/agent.toml",
+                        f'[agent]\nlisten_address = "{LISTEN}"\nmin_interval_seconds = 5\n')
+            sb.add_unit("driftwatch-agent.service", agent_unit_text())
+        sb.boot()
+        sb.systemctl("start", "gunicorn.service")
+        http_get(f"http://127.0.0.1:{port}/healthz")
+        gunicorn_pids(sb, "gunicorn.service")
+        status, _ = http_get(f"http://127.0.0.1:{port}/db")
+        print(f"GET http://127.0.0.1:{port}/db -> HTTP {status} (the code queries table "
+              "posts, which migration r3 creates)")
+
+        say("What systemd says the unit runs, and what really runs")
+        show(sb, [AGENTCTL, "context", "gunicorn"])
+        say("The environment a new process would get (secrets masked)")
+        show(sb, [AGENTCTL, "env", "gunicorn"])
+        say("Every check once: the deploy gate (exit 0 ok, 1 problems, 2 cannot inspect)")
+        show(sb, [AGENTCTL, "check", "gunicorn"])
+        if has_agent_unit:
+            say(f"The agent as a systemd service, serving metrics on {LISTEN}")
+            sb.systemctl("start", "driftwatch-agent.service")
+            sb.wait_active("driftwatch-agent.service")
+            show(sb, [AGENTCTL, "status"])
+            metrics = _fetch(f"http://{LISTEN}/metrics")
+            print(f"$ curl -s http://{LISTEN}/metrics | grep -E "
+                  "'^driftwatch_(pending_revisions|revision_info|schema_drift_objects|unit_up)'")
+            for line in metrics.splitlines():
+                if line.startswith(("driftwatch_pending_revisions", "driftwatch_revision_info",
+                                    "driftwatch_schema_drift_objects", "driftwatch_unit_up")):
+                    print(line)
+        if args.keep:
+            say("Running; Ctrl-C to tear everything down")
+            print(f"try: curl -s http://{LISTEN}/metrics | grep ^driftwatch_")
+            print(f"     nsenter -t {sb.pid} -m -p -u -i -C -r -w -- {AGENTCTL} status")
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        say("Cleaning up: sandbox, PostgreSQL, app files")
+        sb.destroy()
+        cluster.stop()
+        shutil.rmtree(workspace, ignore_errors=True)
+        print("done")
+
+
+def _fetch(url: str) -> str:
+    """GET url, retrying for a few seconds while the agent starts."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                return resp.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

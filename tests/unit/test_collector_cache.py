@@ -1,0 +1,176 @@
+"""agent.collector_cache: single-flight, minimum interval, invalidation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from agent.collector_cache import SnapshotCache, merge_snapshots
+from agent.snapshot import Snapshot, UnitSnapshot
+
+
+class FakeInspector:
+    """Counts runs; each run takes `delay` seconds and returns units a.service and b.service."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.calls: list[Sequence[str] | None] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, units: Sequence[str] | None) -> Snapshot:
+        with self.lock:
+            self.calls.append(units)
+            run = len(self.calls)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("systemd unreachable")
+        names = units if units is not None else ["a.service", "b.service"]
+        return Snapshot(units=tuple(UnitSnapshot(unit=n, timestamp=run, unit_up=True)
+                                    for n in names), taken_at=run)
+
+
+class Clock:
+    """A manual monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fifty_concurrent_scrapes_share_one_inspection() -> None:
+    inspector = FakeInspector(delay=0.3)
+    cache = SnapshotCache(inspector, min_interval_seconds=30)
+    barrier = threading.Barrier(50)
+    results: list[Snapshot | None] = []
+
+    def scrape() -> None:
+        barrier.wait()
+        results.append(cache.get())
+
+    threads = [threading.Thread(target=scrape) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(inspector.calls) == 1
+    assert cache.inspections_total == 1
+    assert len(results) == 50 and all(r is results[0] and r is not None for r in results)
+
+
+def test_cached_within_interval_then_rerun() -> None:
+    clock = Clock()
+    inspector = FakeInspector()
+    cache = SnapshotCache(inspector, min_interval_seconds=30, clock=clock)
+    first = cache.get()
+    clock.now += 29
+    assert cache.get() is first
+    assert len(inspector.calls) == 1
+    clock.now += 1
+    assert cache.get() is not first
+    assert inspector.calls == [None, None]
+
+
+def test_invalidate_unit_reinspects_only_that_unit() -> None:
+    clock = Clock()
+    inspector = FakeInspector()
+    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=1, clock=clock)
+    cache.get()
+    clock.now += 2
+    cache.invalidate("b.service")
+    snap = cache.get()
+    assert inspector.calls == [None, ["b.service"]]
+    assert [(u.unit, u.timestamp) for u in snap.units] == [("a.service", 1), ("b.service", 2)]
+    # served from cache again afterwards
+    assert cache.get() is snap and len(inspector.calls) == 2
+
+
+def test_invalidate_unknown_unit_or_all_reinspects_everything() -> None:
+    clock = Clock()
+    inspector = FakeInspector()
+    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=0, clock=clock)
+    cache.get()
+    cache.invalidate("new.service")
+    cache.get()
+    cache.invalidate()
+    cache.get()
+    assert inspector.calls == [None, None, None]
+
+
+def test_invalidation_storm_is_rate_limited() -> None:
+    clock = Clock()
+    inspector = FakeInspector()
+    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=1, clock=clock)
+    cache.get()
+    clock.now += 5
+    for _ in range(100):
+        cache.invalidate()
+        cache.get()
+    assert len(inspector.calls) == 2
+    clock.now += 1
+    cache.get()
+    assert len(inspector.calls) == 3
+
+
+def test_invalidate_during_inflight_run_triggers_another() -> None:
+    inspector = FakeInspector(delay=0.3)
+    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=0)
+    t = threading.Thread(target=cache.get)
+    t.start()
+    time.sleep(0.1)
+    cache.invalidate()          # the unit restarted while we were looking
+    t.join()
+    cache.get()
+    assert len(inspector.calls) == 2
+
+
+def test_failure_keeps_last_snapshot_and_counts() -> None:
+    clock = Clock()
+    inspector = FakeInspector()
+    cache = SnapshotCache(inspector, min_interval_seconds=30, clock=clock)
+    good = cache.get()
+    inspector.fail = True
+    clock.now += 31
+    assert cache.get() is good
+    assert (cache.inspections_total, cache.failures_total, cache.last_success) == (2, 1, False)
+    assert "systemd unreachable" in cache.last_error
+    clock.now += 1
+    assert cache.get() is good and len(inspector.calls) == 2   # no retry storm
+
+
+def test_failure_without_snapshot_retries_later() -> None:
+    clock = Clock()
+    inspector = FakeInspector(fail=True)
+    cache = SnapshotCache(inspector, min_interval_seconds=30, clock=clock)
+    assert cache.get() is None
+    assert cache.get() is None
+    assert len(inspector.calls) == 1
+    clock.now += 5
+    inspector.fail = False
+    assert cache.get() is not None
+    assert cache.stats().inspections_total == 2
+
+
+def test_merge_snapshots() -> None:
+    old = Snapshot(units=(UnitSnapshot("a", 1, True), UnitSnapshot("b", 1, True)),
+                   errors=("old",))
+    new = Snapshot(units=(UnitSnapshot("b", 2, False), UnitSnapshot("c", 2, True)),
+                   errors=("new",))
+    merged = merge_snapshots(old, new)
+    assert [(u.unit, u.timestamp) for u in merged.units] == [("a", 1), ("b", 2), ("c", 2)]
+    assert merged.errors == ("new", "old")
+
+
+@pytest.mark.parametrize("threads", [200])
+def test_cached_scrape_is_cheap(threads: int) -> None:
+    cache = SnapshotCache(FakeInspector(), min_interval_seconds=30)
+    cache.get()
+    start = time.perf_counter()
+    for _ in range(threads):
+        cache.get()
+    assert (time.perf_counter() - start) / threads < 0.001
