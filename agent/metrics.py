@@ -66,6 +66,9 @@ CHECK_SUCCESS = Spec("check_success",
                      "1 if the check managed to look (whatever it found), 0 if it failed to run.",
                      ("unit", "check"))
 CHECK_DURATION = Spec("check_duration_seconds", "How long the check took.", ("unit", "check"))
+UNIT_START_TIMESTAMP = Spec("unit_start_timestamp_seconds",
+                            "When the unit's main process started (seconds since the epoch); "
+                            "changes on every restart.")
 LAST_CHECK_TIMESTAMP = Spec("last_check_timestamp_seconds",
                             "When the unit was last inspected (seconds since the epoch).")
 APP_LOAD_SUCCESS = Spec("app_load_success",
@@ -111,8 +114,10 @@ FINDINGS = Spec("findings", "Problems found on the unit, by severity.", ("unit",
 ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Spec))
 
 # Always exposed (as 0 when absent) so dashboards and alerts see a stable series per kind.
-DRIFT_KINDS = ("add_table", "remove_table", "add_column", "remove_column", "modify_type",
-               "modify_nullable", "add_index", "remove_index")
+# The admin-facing kinds of agent.checks.schema; the common ones always exported (0 if none)
+# so that series stay stable across scrapes.
+DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column", "column_type",
+               "column_nullable", "missing_index", "extra_index")
 SEVERITIES = ("critical", "warning", "info")
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
@@ -132,6 +137,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     n = u.unit
     yield UNIT_UP, (n,), _b(u.unit_up)
     yield LAST_CHECK_TIMESTAMP, (n,), u.timestamp
+    if u.started_at:
+        yield UNIT_START_TIMESTAMP, (n,), u.started_at
     for check in u.checks:
         yield CHECK_SUCCESS, (n, check.name), _b(check.success)
         yield CHECK_DURATION, (n, check.name), check.duration_seconds

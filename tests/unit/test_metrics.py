@@ -21,9 +21,9 @@ def broken_unit() -> UnitSnapshot:
         migrations=MigrationState(version_table_present=True, current=("aaa",),
                                   heads=("bbb", "ccc"), pending=("bbb", "ccc", "ddd"),
                                   multiple_heads=True, unknown=(), in_progress=False),
-        schema_drift=(DriftItem("add_column", "users", "email"),
-                      DriftItem("add_column", "users", "name"),
-                      DriftItem("remove_fk", "orders", "fk_user")),
+        schema_drift=(DriftItem("missing_column", "users", "email"),
+                      DriftItem("missing_column", "users", "name"),
+                      DriftItem("extra_foreign_key", "orders", "fk_user")),
         venv_mismatch=True, stale_environment_variables=2, needs_daemon_reload=True,
         needs_restart=True, database_mismatch=False, migration_privileges_ok=True,
         applied_migrations_modified=1,
@@ -75,9 +75,9 @@ def test_unit_values() -> None:
     assert get("driftwatch_migration_heads", u) == 2
     assert get("driftwatch_db_revision_unknown", u) == 0
     assert get("driftwatch_migration_in_progress", u) == 0
-    assert get("driftwatch_schema_drift_objects", {**u, "kind": "add_column"}) == 2
-    assert get("driftwatch_schema_drift_objects", {**u, "kind": "remove_fk"}) == 1
-    assert get("driftwatch_schema_drift_objects", {**u, "kind": "add_table"}) == 0
+    assert get("driftwatch_schema_drift_objects", {**u, "kind": "missing_column"}) == 2
+    assert get("driftwatch_schema_drift_objects", {**u, "kind": "extra_foreign_key"}) == 1
+    assert get("driftwatch_schema_drift_objects", {**u, "kind": "missing_table"}) == 0
     assert get("driftwatch_applied_migration_modified", u) == 1
     assert get("driftwatch_venv_mismatch", u) == 1
     assert get("driftwatch_environment_stale_variables", u) == 2
