@@ -8,11 +8,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.harness.sandbox import Sandbox
+from tests.harness.sandbox import REPO_ROOT, Sandbox
 
 VENV_BIN = Path(sys.executable).parent
 AGENTCTL = str(VENV_BIN / "agentctl")
 PYTHON = sys.executable
+AGENT_UNIT_SOURCE = REPO_ROOT / "systemd" / "driftwatch-agent.service"
+
+
+def agent_unit_text() -> str:
+    """The agent's own unit from systemd/, running this checkout's driftwatch-agent."""
+    return AGENT_UNIT_SOURCE.read_text().replace("/usr/bin/driftwatch-agent",
+                                                 str(VENV_BIN / "driftwatch-agent"))
+
+
+def agent_config(listen: str, **settings: object) -> str:
+    """An /etc/driftwatch/agent.toml body."""
+    lines = ["[agent]", f'listen_address = "{listen}"']
+    for key, value in settings.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def agentctl(sb: Sandbox, *args: str, user: str | None = None, group: str | None = None,

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.harness.agent import AGENTCTL, PYTHON
+from tests.harness.agent import AGENT_UNIT_SOURCE, AGENTCTL, PYTHON, agent_config, agent_unit_text
 from tests.harness.apps import (
     AppSpec,
     app_venv,
@@ -27,10 +27,9 @@ from tests.harness.apps import (
     write_app,
 )
 from tests.harness.postgres import PostgresCluster, free_port, postgres_unavailable_reason
-from tests.harness.sandbox import REPO_ROOT, Sandbox, sandbox_unavailable_reason
+from tests.harness.sandbox import Sandbox, sandbox_unavailable_reason
 
 ENV_FILE = "/etc/demo-site/env"
-AGENT_UNIT_SOURCE = REPO_ROOT / "systemd" / "driftwatch-agent.service"
 LISTEN = "127.0.0.1:9410"
 
 
@@ -48,13 +47,6 @@ def show(sb: Sandbox, argv: list[str]) -> None:
     if proc.stderr.strip():
         sys.stdout.write(proc.stderr)
     print(f"(exit code {proc.returncode})", flush=True)
-
-
-def agent_unit_text() -> str:
-    """The agent's own unit from systemd/, pointed at this checkout's venv and a loopback port."""
-    text = AGENT_UNIT_SOURCE.read_text()
-    text = text.replace("/usr/bin/driftwatch-agent", str(Path(PYTHON).parent / "driftwatch-agent"))
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             environment_files=[ENV_FILE]))
         has_agent_unit = AGENT_UNIT_SOURCE.exists()
         if has_agent_unit:
-            sb.add_file("/etc/driftwatch/agent.toml",
-                        f'[agent]\nlisten_address = "{LISTEN}"\nmin_interval_seconds = 5\n')
+            sb.add_file("/etc/driftwatch/agent.toml", agent_config(LISTEN, min_interval_seconds=5))
             sb.add_unit("driftwatch-agent.service", agent_unit_text())
         sb.boot()
         sb.systemctl("start", "gunicorn.service")

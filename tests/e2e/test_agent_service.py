@@ -1,0 +1,179 @@
+"""End to end: the agent as the unit from systemd/, beside gunicorn.service, scraped by a real
+Prometheus whose alert rules are the shipped ones."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import skip_or_fail
+from tests.harness.agent import agent_config, agent_unit_text, agentctl
+from tests.harness.apps import (
+    AppDir,
+    db_upgrade,
+    env_file_text,
+    gunicorn_pids,
+    gunicorn_unit,
+    http_get,
+    unit_diagnostics,
+)
+from tests.harness.postgres import PgDatabase, free_port
+from tests.harness.prometheus import PROMTOOL, PrometheusServer, prometheus_unavailable_reason
+from tests.harness.sandbox import Sandbox
+
+pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
+
+APP_UNIT = "gunicorn.service"
+AGENT_UNIT = "driftwatch-agent.service"
+ENV_FILE = "/etc/site/env"
+
+
+@dataclass
+class Deployment:
+    """A sandbox with the app (one migration pending) and the agent, both as systemd units."""
+
+    sb: Sandbox
+    app: AppDir
+    db: PgDatabase
+    agent_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_port}/metrics"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=30) as resp:
+            return resp.read().decode()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return None
+
+
+@pytest.fixture
+def deployment(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+               flask_venv: Path, pg_database: PgDatabase) -> Iterator[Deployment]:
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url, "r2")  # r3 is deployed but not applied
+    app_port, agent_port = free_port(), free_port()
+    sb = make_sandbox()
+    sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": pg_database.url}), mode=0o640)
+    sb.add_unit(APP_UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=app_port,
+                                        environment={"FLASK_APP": "wsgi.py"},
+                                        environment_files=[ENV_FILE]))
+    sb.add_file("/etc/driftwatch/agent.toml",
+                agent_config(f"127.0.0.1:{agent_port}", min_interval_seconds=3))
+    sb.add_unit(AGENT_UNIT, agent_unit_text())
+    sb.boot()
+    sb.systemctl("start", APP_UNIT)
+    http_get(f"http://127.0.0.1:{app_port}/healthz", describe=lambda: unit_diagnostics(sb, APP_UNIT))
+    gunicorn_pids(sb, APP_UNIT)
+    sb.systemctl("start", AGENT_UNIT)  # Type=notify: returns once the agent said READY=1
+    sb.wait_active(AGENT_UNIT)
+    yield Deployment(sb, app, pg_database, agent_port)
+
+
+def test_prometheus_alert_fires_then_resolves_after_agentctl_upgrade(
+        deployment: Deployment) -> None:
+    reason = prometheus_unavailable_reason()
+    if reason:
+        skip_or_fail(reason)
+    prom = PrometheusServer([f"127.0.0.1:{deployment.agent_port}"]).start()
+    try:
+        def pending_alert() -> list[dict[str, object]]:
+            return [a for a in prom.firing() if a["labels"]["alertname"] ==
+                    "DriftwatchPendingMigrations" and a["labels"]["unit"] == APP_UNIT]
+
+        fired = prom.wait_for(pending_alert, timeout=60, what="DriftwatchPendingMigrations")
+        assert "agentctl upgrade gunicorn.service --restart" in \
+            fired[0]["annotations"]["description"]
+        upgrade = agentctl(deployment.sb, "upgrade", "gunicorn", "--restart", "--yes")
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert deployment.db.alembic_versions() == ["r3"]
+        prom.wait_for(lambda: not pending_alert(), timeout=60,
+                      what="DriftwatchPendingMigrations to resolve")
+        up = prom.api("query", query=f'up{{job="driftwatch"}}')["result"]
+        assert up and up[0]["value"][1] == "1"
+    finally:
+        prom.stop()
+
+
+def test_live_exposition_passes_promtool(deployment: Deployment) -> None:
+    if not PROMTOOL.exists():
+        skip_or_fail(f"{PROMTOOL} missing: run .ci/setup")
+    text = deployment.metrics_text()
+    assert 'driftwatch_pending_revisions{unit="gunicorn.service"} 1.0' in text
+    assert deployment.db.password not in text and "postgresql" not in text
+    proc = subprocess.run([str(PROMTOOL), "check", "metrics"], input=text, text=True,
+                          capture_output=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", \
+        proc.stdout + proc.stderr
+
+
+def test_fifty_concurrent_scrapes_cause_one_inspection(deployment: Deployment) -> None:
+    deployment.metrics_text()
+    before = deployment.sample("driftwatch_inspections_total")
+    deployment.db.cluster.reset_statements()
+    time.sleep(3.5)  # let the cached snapshot age past min_interval_seconds
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        bodies = list(pool.map(lambda _: deployment.metrics_text(), range(50)))
+    assert all("driftwatch_pending_revisions" in b for b in bodies)
+    after = deployment.sample("driftwatch_inspections_total")
+    assert before is not None and after == before + 1
+    # ...and the database saw exactly one read of its version table from the agent.
+    reads = [calls for query, calls in deployment.db.cluster.statements(db=deployment.db.name)
+             if "alembic_version" in query and "driftwatch" not in query.lower()
+             and query.lstrip().upper().startswith("SELECT")]
+    assert sum(reads) == 1, deployment.db.cluster.statements(db=deployment.db.name)
+
+
+def test_restart_shows_the_new_process_within_two_seconds(deployment: Deployment) -> None:
+    old = deployment.sample("driftwatch_unit_start_timestamp_seconds", unit=APP_UNIT)
+    assert old is not None
+    time.sleep(1.1)  # start timestamps have microsecond resolution; make the change visible
+    deployment.sb.systemctl("restart", APP_UNIT)
+    restarted = time.monotonic()
+    while time.monotonic() - restarted < 5:
+        new = deployment.sample("driftwatch_unit_start_timestamp_seconds", unit=APP_UNIT)
+        if new is not None and new != old and \
+                deployment.sample("driftwatch_unit_up", unit=APP_UNIT) == 1.0:
+            break
+        time.sleep(0.05)
+    elapsed = time.monotonic() - restarted
+    assert new != old, "the restart never showed in /metrics"
+    assert elapsed < 2.0, f"the restart showed after {elapsed:.2f}s"
+
+
+def test_agent_unit_is_hardened_and_talks_to_systemd(deployment: Deployment) -> None:
+    sb = deployment.sb
+    deployment.metrics_text()  # the first scrape runs the first inspection
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = sb.systemctl("show", "-p", "StatusText", "--value", AGENT_UNIT).stdout.strip()
+        if status.startswith("watching 1 unit"):
+            break
+        time.sleep(0.2)
+    assert status.startswith("watching 1 unit") and "pending" in status, status
+    proc = sb.run(["systemd-analyze", "security", "--no-pager", AGENT_UNIT], check=False)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    exposure = float(match.group(1))
+    print(f"systemd-analyze security exposure: {exposure} {match.group(2)}")
+    assert exposure <= 4.5, proc.stdout
+    sb.systemctl("reload", AGENT_UNIT)  # SIGHUP: re-read the config, keep serving
+    time.sleep(0.5)
+    assert sb.systemctl("is-active", AGENT_UNIT, check=False).stdout.strip() == "active"
+    assert deployment.sample("driftwatch_unit_up", unit=APP_UNIT) == 1.0
