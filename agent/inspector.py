@@ -159,13 +159,15 @@ class Inspector:
 
         probe = self._run_probe(report, timer)
         fields["app_loaded"] = probe.ok or probe.error_kind in ("migrations", "database")
-        if probe.finding():
-            findings.append(probe.finding())  # type: ignore[arg-type]
+        probe_finding = probe.finding()
         url = probe.urls.get("default") or next(iter(probe.urls.values()), "")
         if url:
             fields["database"] = database.db_label(url)
             self._connections_check(unit, url, report, timer, fields, findings)
             self._database_checks(unit, url, report, probe, timer, fields, findings)
+        # The agent's own database check already says "unreachable" more precisely.
+        if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
+            findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
         return UnitSnapshot(**fields, checks=tuple(timer.runs), findings=tuple(findings))

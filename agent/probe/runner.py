@@ -33,6 +33,14 @@ MAX_REPORT_BYTES = 32 * 1024 * 1024
 ERROR_KINDS = ("app_load", "migrations", "database", "timeout", "privileges", "internal")
 
 
+# The finding's check id for each way the probe can fail.
+FINDING_CHECKS = {
+    "app_load": "app_load_failed", "timeout": "app_load_timeout",
+    "migrations": "migration_scripts_broken", "database": "probe_database_error",
+    "privileges": "probe_privileges", "internal": "probe_failed",
+}
+
+
 class ProbeSetupError(Exception):
     """The probe could not be started; kind is one of ERROR_KINDS."""
 
@@ -120,7 +128,8 @@ class ProbeResult:
                        "import time",
             "privileges": "run the agent as root so it can take the unit's User=/Group=",
         }.get(self.error_kind, "")
-        return Finding("probe", "critical", self.error, remedy)
+        check = FINDING_CHECKS.get(self.error_kind, "probe_failed")
+        return Finding(check, "critical", self.error, remedy)
 
 
 # -- identity ---------------------------------------------------------------------------------

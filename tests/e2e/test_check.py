@@ -211,7 +211,7 @@ def test_app_cannot_load_missing_variable(site: Callable[..., Site]) -> None:
     code, unit = s.check()
     assert code == 2
     assert unit["app_loaded"] is False
-    probe = next(f for f in unit["findings"] if f["check"] == "probe")
+    probe = next(f for f in unit["findings"] if f["check"] == "app_load_failed")
     assert "KeyError" in probe["message"] and "SITE_DATABASE_URL" in probe["message"]
 
 
@@ -225,7 +225,7 @@ def test_migration_file_with_a_syntax_error(site: Callable[..., Site],
     s = site(upgrade_to=None, start_unit=False, app=app)
     code, unit = s.check()
     assert code == 2
-    probe = next(f for f in unit["findings"] if f["check"] == "probe")
+    probe = next(f for f in unit["findings"] if f["check"] == "migration_scripts_broken")
     assert "r4" in probe["message"] and "SyntaxError" in probe["message"]
 
 
@@ -290,7 +290,7 @@ def test_never_writes_to_the_inspected_database(site: Callable[..., Site]) -> No
     code, unit = s.check()
     assert _fingerprint(s.db) == before
     assert s.db.execute("SELECT count(*) FROM import_side_effect")[0][0] == 0
-    probe = next((f for f in unit["findings"] if f["check"] == "probe"), None)
+    probe = next((f for f in unit["findings"] if f["check"] == "app_load_failed"), None)
     assert probe is not None and "read-only" in probe["message"]
 
 

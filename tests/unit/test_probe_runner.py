@@ -207,7 +207,7 @@ def test_parse_error_report_scrubs_password_from_messages() -> None:
     assert "s3cret-pw" not in json.dumps(result.as_dict())  # type: ignore[attr-defined]
     assert result.schema_diff is None  # type: ignore[attr-defined]
     finding = result.finding()  # type: ignore[attr-defined]
-    assert finding.check == "probe" and finding.severity == "critical"
+    assert finding.check == "probe_database_error" and finding.severity == "critical"
     assert finding.message == result.error  # type: ignore[attr-defined]
 
 
