@@ -1,0 +1,207 @@
+"""agentctl upgrade: check, plan, confirm, `flask db upgrade` in the unit's context, verify, restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from agent.context import AppContext
+from agent.errors import DriftwatchError
+from agent.inspection import inspect_unit
+from agent.snapshot import UnitSnapshot
+from agent.sources.systemd import SystemdSource
+from agent.unitexec import describe_returncode, plan_exec, run_captured
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+# Checks without which nobody can say what an upgrade would do.
+ESSENTIAL_CHECKS = ("unit", "app_load", "database", "migrations")
+
+
+class UpgradeError(DriftwatchError):
+    """The upgrade was refused or stopped; exit_code says which kind (1 state, 2 could not)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What upgrade should do for a unit, decided from its snapshot alone."""
+
+    action: str                    # "refuse", "nothing" or "upgrade"
+    reason: str = ""
+    exit_code: int = EXIT_OK
+    pending: tuple[str, ...] = ()  # in upgrade order
+    warnings: tuple[str, ...] = ()
+
+
+def decide(unit: UnitSnapshot) -> Decision:
+    """Pure: refuse, do nothing, or upgrade through these revisions."""
+    for check in unit.checks:
+        if check.name in ESSENTIAL_CHECKS and not check.success:
+            return Decision("refuse", f"cannot inspect {unit.unit} ({check.name}): "
+                                      f"{check.error}", EXIT_ERROR)
+    m = unit.migrations
+    if m is None:
+        return Decision("refuse", f"the migration state of {unit.unit} is unknown "
+                                  "(no revisions found and no version table read)", EXIT_ERROR)
+    where = unit.database or "the database"
+    if m.in_progress:
+        return Decision("refuse", f"a migration is already running on {where}: wait for it "
+                                  "to finish (agentctl status shows it)", EXIT_PROBLEMS)
+    if m.multiple_heads:
+        return Decision("refuse", f"the deployed code has {len(m.heads)} migration heads "
+                                  f"({', '.join(m.heads)}): merge them first "
+                                  "(flask db merge heads) and deploy that", EXIT_PROBLEMS)
+    if m.unknown:
+        return Decision("refuse", f"{where} is at revision {', '.join(m.unknown)}, which the "
+                                  "deployed code does not know (newer code migrated it, or "
+                                  "the code was rolled back): deploy matching code first",
+                        EXIT_PROBLEMS)
+    if not m.heads:
+        return Decision("refuse", f"the code of {unit.unit} has no migration revisions",
+                        EXIT_PROBLEMS)
+    if not m.pending:
+        return Decision("nothing", f"{where} is at head {', '.join(m.heads)}; nothing to "
+                                   "upgrade")
+    warnings = () if m.version_table_present else (
+        f"{where} has no alembic_version table: every revision will be applied, as for a "
+        "new database; make sure this is the database you mean",)
+    return Decision("upgrade", pending=tuple(m.pending), warnings=warnings)
+
+
+def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
+    """The plan shown before asking: database, revisions in order, and the restart."""
+    m = unit.migrations
+    current = ", ".join(m.current) if m and m.current else "(empty)"
+    lines = [f"Upgrade plan for {unit.unit}:",
+             f"  database:  {unit.database or '?'}",
+             f"  current:   {current}",
+             f"  head:      {', '.join(m.heads) if m else '?'}",
+             f"  pending:   {len(decision.pending)} revision(s), applied in this order:"]
+    lines += [f"    {n}. {rev}" for n, rev in enumerate(decision.pending, 1)]
+    lines.append(f"  then:      {'restart ' + unit.unit if restart else 'no restart (--restart not given)'}")
+    lines += [f"  warning:   {w}" for w in decision.warnings]
+    return "\n".join(lines) + "\n"
+
+
+def flask_app_value(ctx: AppContext) -> str:
+    """FLASK_APP as the unit sets it, else the gunicorn app spec (Flask reads the same syntax)."""
+    for assignment in ctx.launch.gunicorn_env:
+        name, _, value = assignment.partition("=")
+        if name == "FLASK_APP":
+            return value
+    if ctx.environment.get("FLASK_APP"):
+        return ctx.environment["FLASK_APP"]
+    spec = ctx.launch.app_spec
+    if not spec:
+        raise UpgradeError(f"{ctx.unit}: FLASK_APP is unset and the gunicorn app spec is "
+                           "unknown; set FLASK_APP in the unit's environment")
+    # 'module:app' and 'module:create_app()' mean the same to Flask; a bare module too.
+    return spec
+
+
+@dataclass(frozen=True)
+class UpgradeOptions:
+    """What the admin asked for."""
+
+    unit: str
+    restart: bool = False
+    assume_yes: bool = False
+    restart_timeout: float = 60.0
+
+
+Inspect = Callable[[str], UnitSnapshot]
+Confirm = Callable[[str], bool]
+
+
+class Upgrader:
+    """The sequence; every step that fails stops it with a one-line reason."""
+
+    def __init__(self, options: UpgradeOptions, systemd: SystemdSource, inspect: Inspect,
+                 confirm: Confirm | None, out: TextIO, euid: int) -> None:
+        self.options, self.systemd, self.inspect = options, systemd, inspect
+        self.confirm, self.out, self.euid = confirm, out, euid
+
+    def run(self) -> int:
+        """check -> plan -> confirm -> flask db upgrade -> verify -> restart."""
+        unit = self.inspect(self.options.unit)
+        decision = decide(unit)
+        if decision.action == "refuse":
+            raise UpgradeError(f"refusing to upgrade {unit.unit}: {decision.reason}",
+                               decision.exit_code)
+        if decision.action == "nothing":
+            self.out.write(f"{unit.unit}: {decision.reason}.\n")
+            if self.options.restart and unit.needs_restart:
+                self.out.write(f"{unit.unit}: the running processes are stale; restarting.\n")
+                self._restart(unit.main_pid)
+            return EXIT_OK
+        self.out.write(render_plan(unit, decision, self.options.restart))
+        self._confirm(unit.unit)
+        self._flask_upgrade(unit)
+        after = self.inspect(self.options.unit)
+        m = after.migrations
+        if m is None or m.pending or m.unknown or set(m.current) != set(m.heads):
+            now = ", ".join(m.current) if m else "unknown"
+            raise UpgradeError(f"flask db upgrade finished but {after.database or 'the database'}"
+                               f" is at {now or '(empty)'}, not at head "
+                               f"{', '.join(m.heads) if m else '?'}; not restarting")
+        self.out.write(f"{after.unit}: {after.database} is now at head {', '.join(m.heads)}.\n")
+        if self.options.restart:
+            self._restart(after.main_pid or unit.main_pid)
+        return EXIT_OK
+
+    def _confirm(self, name: str) -> None:
+        if self.options.assume_yes:
+            return
+        if self.confirm is None:
+            raise UpgradeError("not confirmed: no terminal to ask on; pass --yes to upgrade "
+                               "without asking", EXIT_ERROR)
+        if not self.confirm(f"Apply these migrations to the database of {name}? [y/N] "):
+            raise UpgradeError("not confirmed; nothing changed", EXIT_ERROR)
+
+    def _flask_upgrade(self, unit: UnitSnapshot) -> None:
+        ctx = inspect_unit(self.systemd, self.options.unit).context
+        plan = plan_exec(ctx, ("flask", "db", "upgrade"), self.euid,
+                         extra_env={"FLASK_APP": flask_app_value(ctx)})
+        self.out.write(f"Running flask db upgrade as {plan.user} in {plan.cwd}:\n")
+        self.out.flush()
+        result = run_captured(plan, on_line=lambda line: self.out.write(f"  | {line}\n"))
+        if result.returncode != 0:
+            tail = "\n".join(f"  | {line}" for line in result.tail[-10:])
+            raise UpgradeError(f"flask db upgrade {describe_returncode(result.returncode)}; "
+                               f"{unit.database} was not verified and {unit.unit} was not "
+                               f"restarted" + (f". Last output:\n{tail}" if tail else ""))
+
+    def _restart(self, old_pid: int) -> None:
+        name = self.options.unit
+        self.systemd.restart_unit(name)
+        started = time.monotonic()
+        deadline = started + self.options.restart_timeout
+        props = self.systemd.read_unit(name)
+        while time.monotonic() < deadline:
+            props = self.systemd.read_unit(name)
+            if props.active_state == "active" and props.main_pid and props.main_pid != old_pid:
+                self.out.write(f"{name}: restarted, active with MainPID {props.main_pid} "
+                               f"(was {old_pid or '-'}).\n")
+                return
+            # A unit that was failed before still shows it until the job starts.
+            if props.active_state == "failed" and time.monotonic() - started > 2:
+                break
+            time.sleep(0.2)
+        raise UpgradeError(f"{name} did not come back after the restart: {props.active_state} "
+                           f"({props.sub_state}), MainPID {props.main_pid or '-'}; see "
+                           f"journalctl -u {name}")
+
+
+def unit_snapshot(snapshots: Sequence[UnitSnapshot], name: str) -> UnitSnapshot:
+    """The one unit asked for out of an inspection run."""
+    for snap in snapshots:
+        if snap.unit == name:
+            return snap
+    if len(snapshots) == 1:
+        return snapshots[0]
+    raise UpgradeError(f"{name} was not inspected")

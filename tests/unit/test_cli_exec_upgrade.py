@@ -1,0 +1,236 @@
+"""Pure parts of agentctl exec and upgrade: parsing, the exec environment, plan and refusals."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from agent.cli import build_parser
+from agent.context import AppContext
+from agent.errors import AccessDenied
+from agent.execstart import LaunchSpec
+from agent.model import UnitProperties
+from agent.snapshot import CheckRun, MigrationState, UnitSnapshot
+from agent.unitexec import ExecError, plan_exec, unit_environment
+from agent.probe.runner import Identity
+from agent.upgrade import (
+    Decision,
+    Upgrader,
+    UpgradeError,
+    UpgradeOptions,
+    decide,
+    flask_app_value,
+    render_plan,
+)
+
+WWW = Identity("www-data", 33, 33, (33,), "/var/www", "/usr/sbin/nologin")
+OK_CHECKS = tuple(CheckRun(n, True, 0.01) for n in ("unit", "app_load", "database",
+                                                    "migrations"))
+
+
+def make_ctx(env: dict[str, str] | None = None, **kw: Any) -> AppContext:
+    """An AppContext with plain defaults."""
+    launch = LaunchSpec(argv=("/srv/venv/bin/gunicorn", "wsgi:app"), runs_gunicorn=True,
+                        app_spec=kw.pop("app_spec", "wsgi:app"), chdir=kw.pop("chdir", ""),
+                        gunicorn_env=tuple(kw.pop("gunicorn_env", ())))
+    fields: dict[str, Any] = dict(
+        unit="gunicorn.service", user="www-data", group="www-data", supplementary_groups=(),
+        working_directory="/srv/app", working_directory_optional=False, exec_start=(),
+        launch=launch, venv="/srv/venv", venv_source="", python="/srv/venv/bin/python3",
+        environment=env or {}, environment_sources={}, environment_files=(), main_pid=0)
+    fields.update(kw)
+    return AppContext(**fields)
+
+
+def snap(migrations: MigrationState | None, **kw: Any) -> UnitSnapshot:
+    """A UnitSnapshot of gunicorn.service with all essential checks passed."""
+    fields: dict[str, Any] = dict(unit="gunicorn.service", timestamp=0.0, unit_up=True,
+                                  database="db:5432/app", migrations=migrations,
+                                  checks=OK_CHECKS, main_pid=100)
+    fields.update(kw)
+    return UnitSnapshot(**fields)
+
+
+AT_R2 = MigrationState(True, current=("r2",), heads=("r3",), pending=("r3",))
+AT_HEAD = MigrationState(True, current=("r3",), heads=("r3",))
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def test_exec_takes_everything_after_the_double_dash() -> None:
+    args = build_parser().parse_args(["exec", "gunicorn", "--", "flask", "db", "upgrade",
+                                      "--sql"])
+    assert (args.command, args.unit, args.cmd) == ("exec", "gunicorn",
+                                                   ["flask", "db", "upgrade", "--sql"])
+
+
+def test_upgrade_and_status_flags() -> None:
+    args = build_parser().parse_args(["upgrade", "gunicorn", "--restart", "-y"])
+    assert (args.restart, args.yes, args.restart_timeout) == (True, True, 60.0)
+    args = build_parser().parse_args(["status", "--web.listen-address", ":9999", "--json"])
+    assert (args.unit, args.listen_address, args.json, args.timeout) == (None, ":9999", True,
+                                                                          2.0)
+
+
+# -- exec environment and privileges ------------------------------------------------------
+
+def test_exec_env_has_venv_first_and_no_read_only_session() -> None:
+    env = unit_environment(make_ctx({"DATABASE_URL": "postgresql://a:pw@db/app",
+                                     "PATH": "/usr/bin:/bin"}), WWW)
+    assert env["PATH"] == "/srv/venv/bin:/usr/bin:/bin"
+    assert env["DATABASE_URL"] == "postgresql://a:pw@db/app"
+    assert env["USER"] == "www-data" and env["HOME"] == "/var/www"
+    for probe_only in ("PGOPTIONS", "PGAPPNAME", "PGCONNECT_TIMEOUT"):
+        assert probe_only not in env
+
+
+def test_exec_env_keeps_the_units_own_pgoptions() -> None:
+    env = unit_environment(make_ctx({"PGOPTIONS": "-c search_path=app"},
+                                    gunicorn_env=("PGAPPNAME=site",)), WWW)
+    assert env["PGOPTIONS"] == "-c search_path=app" and env["PGAPPNAME"] == "site"
+
+
+def test_exec_plan_uses_gunicorn_chdir_and_drops_to_the_unit_user() -> None:
+    plan = plan_exec(make_ctx(chdir="/srv/app/src"), ["id"], euid=0)
+    assert plan.cwd == "/srv/app/src"
+    assert plan.drop["user"] == 33 and plan.drop["group"] == 33
+    assert plan_exec(make_ctx(), ["id"], euid=33).drop == {}  # already the unit's user
+
+
+def test_exec_as_another_user_is_refused_clearly() -> None:
+    with pytest.raises(AccessDenied, match=r"runs as User=www-data \(uid 33\) and you are "
+                                           r"uid 1000: run agentctl as root"):
+        plan_exec(make_ctx(), ["id"], euid=1000)
+
+
+def test_exec_without_command_and_with_missing_user() -> None:
+    with pytest.raises(ExecError, match="no command given"):
+        plan_exec(make_ctx(), [], euid=0)
+    with pytest.raises(ExecError, match="User=nosuchuser-dw does not exist"):
+        plan_exec(make_ctx(user="nosuchuser-dw"), ["id"], euid=0)
+
+
+def test_exec_plan_scrubs_secrets() -> None:
+    plan = plan_exec(make_ctx({"SECRET_KEY": "sekrit-value",
+                               "DATABASE_URL": "postgresql://a:hunter22@db/app"}), ["x"], 0)
+    text = plan.scrub("boom postgresql://a:hunter22@db/app sekrit-value hunter22")
+    assert "hunter22" not in text and "sekrit-value" not in text
+
+
+# -- FLASK_APP --------------------------------------------------------------------------------
+
+def test_flask_app_from_unit_env_else_gunicorn_spec() -> None:
+    assert flask_app_value(make_ctx({"FLASK_APP": "site.py"})) == "site.py"
+    assert flask_app_value(make_ctx(gunicorn_env=("FLASK_APP=g.py",))) == "g.py"
+    assert flask_app_value(make_ctx(app_spec="app:create_app()")) == "app:create_app()"
+    with pytest.raises(UpgradeError, match="FLASK_APP is unset"):
+        flask_app_value(make_ctx(app_spec=""))
+
+
+# -- decision ----------------------------------------------------------------------------------
+
+def test_one_pending_is_an_upgrade() -> None:
+    assert decide(snap(AT_R2)) == Decision("upgrade", pending=("r3",))
+
+
+def test_at_head_is_nothing_to_do() -> None:
+    d = decide(snap(AT_HEAD))
+    assert (d.action, d.exit_code) == ("nothing", 0)
+    assert d.reason == "db:5432/app is at head r3; nothing to upgrade"
+
+
+@pytest.mark.parametrize("state,code,words", [
+    (replace(AT_R2, heads=("r3", "r3b"), multiple_heads=True), 1, "2 migration heads (r3, r3b)"),
+    (replace(AT_R2, current=("r9",), unknown=("r9",), pending=()), 1,
+     "at revision r9, which the deployed code does not know"),
+    (replace(AT_R2, in_progress=True), 1, "a migration is already running on db:5432/app"),
+    (MigrationState(True), 1, "has no migration revisions"),
+    (None, 2, "migration state of gunicorn.service is unknown"),
+])
+def test_refusals(state: MigrationState | None, code: int, words: str) -> None:
+    d = decide(snap(state))
+    assert (d.action, d.exit_code) == ("refuse", code)
+    assert words in d.reason
+
+
+def test_failed_essential_check_refuses_with_its_error() -> None:
+    checks = (CheckRun("unit", True, 0), CheckRun("database", False, 0, "connection refused"))
+    d = decide(snap(AT_R2, checks=checks))
+    assert (d.action, d.exit_code) == ("refuse", 2)
+    assert d.reason == "cannot inspect gunicorn.service (database): connection refused"
+
+
+def test_missing_version_table_upgrades_with_a_warning() -> None:
+    d = decide(snap(MigrationState(False, heads=("r2",), pending=("r1", "r2"))))
+    assert d.action == "upgrade" and "no alembic_version table" in d.warnings[0]
+
+
+def test_plan_lists_revisions_in_order() -> None:
+    state = MigrationState(True, current=("r1",), heads=("r3",), pending=("r2", "r3"))
+    text = render_plan(snap(state), decide(snap(state)), restart=True)
+    assert text == ("Upgrade plan for gunicorn.service:\n"
+                    "  database:  db:5432/app\n"
+                    "  current:   r1\n"
+                    "  head:      r3\n"
+                    "  pending:   2 revision(s), applied in this order:\n"
+                    "    1. r2\n"
+                    "    2. r3\n"
+                    "  then:      restart gunicorn.service\n")
+
+
+# -- the sequence, with fakes -------------------------------------------------------------
+
+class FakeSystemd:
+    """Restarts give a new MainPID at once."""
+
+    def __init__(self) -> None:
+        self.restarts: list[str] = []
+
+    def restart_unit(self, name: str) -> str:
+        self.restarts.append(name)
+        return "/job/1"
+
+    def read_unit(self, name: str) -> UnitProperties:
+        return UnitProperties(name, "loaded", "active", "running",
+                              main_pid=200 if self.restarts else 100)
+
+
+def upgrader(unit: UnitSnapshot, confirm: Any = None, **opts: Any) -> tuple[Upgrader, FakeSystemd,
+                                                                           io.StringIO]:
+    systemd, out = FakeSystemd(), io.StringIO()
+    return Upgrader(UpgradeOptions("gunicorn.service", **opts), systemd,  # type: ignore[arg-type]
+                    lambda name: unit, confirm, out, euid=0), systemd, out
+
+
+def test_without_terminal_and_yes_nothing_runs() -> None:
+    up, systemd, out = upgrader(snap(AT_R2), restart=True)
+    with pytest.raises(UpgradeError, match="no terminal to ask on; pass --yes") as err:
+        up.run()
+    assert err.value.exit_code == 2 and systemd.restarts == []
+    assert "1. r3" in out.getvalue()
+
+
+def test_answering_no_changes_nothing() -> None:
+    asked: list[str] = []
+    up, systemd, _ = upgrader(snap(AT_R2), confirm=lambda p: asked.append(p) or False)
+    with pytest.raises(UpgradeError, match="not confirmed; nothing changed"):
+        up.run()
+    assert asked == ["Apply these migrations to the database of gunicorn.service? [y/N] "]
+
+
+def test_refusal_is_one_line_with_its_exit_code() -> None:
+    up, _, _ = upgrader(snap(replace(AT_R2, in_progress=True)), assume_yes=True)
+    with pytest.raises(UpgradeError) as err:
+        up.run()
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+
+
+def test_nothing_pending_restarts_only_when_needed() -> None:
+    up, systemd, out = upgrader(snap(AT_HEAD), restart=True)
+    assert up.run() == 0 and systemd.restarts == []
+    up, systemd, out = upgrader(snap(AT_HEAD, needs_restart=True), restart=True)
+    assert up.run() == 0 and systemd.restarts == ["gunicorn.service"]
+    assert "restarted, active with MainPID 200 (was 100)" in out.getvalue()
