@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.checks import migrations as migration_checks
@@ -39,6 +39,8 @@ class InspectorSettings:
     probe_timeout_seconds: float = 20.0
     db_timeout_seconds: float = 5.0
     journal_window_seconds: int = 3600
+    # Even when nothing seems to have changed, load the app again after this long.
+    probe_max_age_seconds: float = 900.0
     state_path: str = "/var/lib/driftwatch/state.db"
     bus_timeout_seconds: float = 5.0
 
@@ -53,6 +55,16 @@ class InspectorSettings:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class _ProbeMemo:
+    """A probe result and what it depended on."""
+
+    code_fingerprint: str
+    schema_fingerprint: str   # of the live database when last compared ("" = not yet known)
+    created: float
+    result: ProbeResult
 
 
 @dataclass
@@ -85,7 +97,7 @@ class Inspector:
         self.systemd = systemd or SystemdSource(timeout_seconds=settings.bus_timeout_seconds)
         self._state = state
         self._probe = probe
-        self._probe_memo: dict[str, tuple[str, ProbeResult]] = {}
+        self._probe_memo: dict[str, _ProbeMemo] = {}
         self._journals: dict[str, JournalReader] = {}
         self._journal_totals: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
@@ -158,13 +170,26 @@ class Inspector:
         fields["stale_environment_variables"] = len(report.stale_variables)
 
         probe = self._run_probe(report, timer)
-        fields["app_loaded"] = probe.ok or probe.error_kind in ("migrations", "database")
-        probe_finding = probe.finding()
         url = probe.urls.get("default") or next(iter(probe.urls.values()), "")
+        inspection = None
         if url:
             fields["database"] = database.db_label(url)
             self._connections_check(unit, url, report, timer, fields, findings)
-            self._database_checks(unit, url, report, probe, timer, fields, findings)
+            inspection = self._database_check(unit, url, timer, fields, findings)
+            memo = self._probe_memo.get(unit)
+            if (inspection is not None and memo is not None and memo.result is probe
+                    and inspection.schema_fingerprint
+                    and memo.schema_fingerprint != inspection.schema_fingerprint):
+                if memo.schema_fingerprint:
+                    # The live schema changed (an upgrade, a manual ALTER): the memoised
+                    # schema diff is stale, so compare again.
+                    probe = self._run_probe(report, timer, force=True)
+                self._probe_memo[unit] = replace(
+                    self._probe_memo[unit], schema_fingerprint=inspection.schema_fingerprint)
+        fields["app_loaded"] = probe.ok or probe.error_kind in ("migrations", "database")
+        probe_finding = probe.finding()
+        if inspection is not None:
+            self._migration_checks(unit, inspection, probe, timer, fields, findings)
         # The agent's own database check already says "unreachable" more precisely.
         if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
             findings.append(probe_finding)
@@ -172,14 +197,19 @@ class Inspector:
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
         return UnitSnapshot(**fields, checks=tuple(timer.runs), findings=tuple(findings))
 
-    def _run_probe(self, report: UnitReport, timer: _Timer) -> ProbeResult:
+    def _run_probe(self, report: UnitReport, timer: _Timer, force: bool = False) -> ProbeResult:
+        """The probe's result, memoised while its code fingerprint holds and it is young."""
         unit, ctx = report.props.name, report.context
-        with timer.check("app_load") as res:
+        name = "app_load"
+        if force:  # a second, forced run is timed on its own, not as a second app_load
+            timer.runs = [r for r in timer.runs if r.name != name]
+        with timer.check(name) as res:
             memo = self._probe_memo.get(unit)
-            migrations_dir = memo[1].migrations_dir if memo else ""
-            key = fingerprint(ctx, migrations_dir)
-            if memo and memo[0] == key:
-                result = memo[1]
+            key = fingerprint(ctx, memo.result.migrations_dir if memo else "")
+            fresh = memo is not None and not force and memo.code_fingerprint == key and \
+                time.monotonic() - memo.created < self.settings.probe_max_age_seconds
+            if fresh:
+                result = memo.result  # type: ignore[union-attr]
             else:
                 request = ProbeRequest(
                     statement_timeout_ms=int(self.settings.db_timeout_seconds * 1000),
@@ -187,14 +217,17 @@ class Inspector:
                 result = self._probe(ctx, request, self.settings.probe_timeout_seconds)
                 self.probe_runs += 1
                 # Recompute with the migrations dir the probe found, so edits there count.
-                self._probe_memo[unit] = (fingerprint(ctx, result.migrations_dir), result)
+                self._probe_memo[unit] = _ProbeMemo(
+                    fingerprint(ctx, result.migrations_dir),
+                    memo.schema_fingerprint if memo else "", time.monotonic(), result)
             if not result.ok and result.error_kind not in ("migrations", "database"):
                 res["error"] = result.error
             return result
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
 
-    def _database_checks(self, unit: str, url: str, report: UnitReport, probe: ProbeResult,
-                         timer: _Timer, fields: dict[str, Any], findings: list[Finding]) -> None:
+    def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
+                        findings: list[Finding]) -> database.DatabaseInspection | None:
+        """One short read-only session: version table, activity, privileges, schema hash."""
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         with timer.check("database") as res:
             inspection = database.inspect(url, timeouts=timeouts)
@@ -204,7 +237,14 @@ class Inspector:
                 findings.append(Finding(
                     "database_unreachable", "critical", f"{unit}: {inspection.error}",
                     "check that PostgreSQL runs and that the unit's DATABASE_URL is right"))
-                return
+                return None
+            return inspection
+        return None
+
+    def _migration_checks(self, unit: str, inspection: database.DatabaseInspection,
+                          probe: ProbeResult, timer: _Timer, fields: dict[str, Any],
+                          findings: list[Finding]) -> None:
+        """Revision state, migration activity, drift, privileges and integrity."""
         activity = inspection.activity
         in_progress = activity.in_progress
         with timer.check("migrations") as res:

@@ -404,6 +404,44 @@ SELECT host(inet_server_addr()), current_setting('port')::int, current_database(
 """
 
 
+# One row per column, constraint and index of the user's schemas, hashed by the server: a
+# cheap way to tell "the live schema changed" (a manual ALTER, an upgrade run by hand)
+# without loading the app's models again. Only catalog columns, no pg_get_*def() calls:
+# those open the relation and would wait on a running migration's locks.
+SCHEMA_FINGERPRINT_SQL = """
+SELECT md5(coalesce(string_agg(x, ' ' ORDER BY x), '')) FROM (
+  SELECT concat_ws('|', 'col', n.nspname, c.relname, a.attname, a.atttypid, a.atttypmod,
+                   a.attnotnull, d.adbin::text) AS x
+    FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+   WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+     AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT concat_ws('|', 'con', n.nspname, co.conname, co.contype, co.conrelid::regclass::text,
+                   co.conkey::text, co.confrelid, co.confkey::text, co.conbin::text)
+    FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
+   WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT concat_ws('|', 'idx', n.nspname, c.relname, i.indrelid, i.indkey::text, i.indisunique,
+                   i.indexprs::text, i.indpred::text)
+    FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+) AS s
+"""
+
+
+def query_schema_fingerprint(conn: Connection) -> str:
+    """md5 of the user schemas' columns, constraints and indexes ('' if it cannot be read)."""
+    try:
+        value = conn.execute(text(SCHEMA_FINGERPRINT_SQL)).scalar()
+    except DBAPIError:
+        return ""  # unknown: the caller then keeps its memo as it is
+    return "" if value is None else str(value)
+
+
 def query_identity(conn: Connection) -> ServerIdentity:
     """Server address, port, database and cluster identity on an open session."""
     addr, port, database, version, backend = conn.execute(text(IDENTITY_SQL)).one()
@@ -494,6 +532,7 @@ class DatabaseInspection:
     sessions: tuple[RoleSession, ...] = ()
     error: str = ""
     elapsed_ms: float = 0.0
+    schema_fingerprint: str = ""
 
     @property
     def reachable(self) -> bool:
@@ -513,6 +552,7 @@ def inspect(url: str | URL, table: str = "alembic_version", schema: str | None =
             priv = query_privileges(conn, schema)
             ident = query_identity(conn)
             role_sessions = query_role_sessions(conn)
+            schema_fp = query_schema_fingerprint(conn)
     except DatabaseProblem as exc:
         ms = _timed(started)
         return DatabaseInspection(label, VersionTable(label, table, error=str(exc)),
@@ -526,4 +566,4 @@ def inspect(url: str | URL, table: str = "alembic_version", schema: str | None =
         MigrationActivity(label, bool(sessions_) or locked, sessions_, hidden, elapsed_ms=ms),
         Privileges(**{**priv.__dict__, "label": label}),
         ServerIdentity(**{**ident.__dict__, "label": label}),
-        role_sessions, elapsed_ms=ms)
+        role_sessions, elapsed_ms=ms, schema_fingerprint=schema_fp)

@@ -104,6 +104,9 @@ def test_prometheus_alert_fires_then_resolves_after_agentctl_upgrade(
         assert deployment.db.alembic_versions() == ["r3"]
         prom.wait_for(lambda: not pending_alert(), timeout=60,
                       what="DriftwatchPendingMigrations to resolve")
+        # The running agent compares the schema again once it changed: no stale drift.
+        assert deployment.sample("driftwatch_schema_drift_objects", unit=APP_UNIT,
+                                 kind="missing_table") == 0
         up = prom.api("query", query=f'up{{job="driftwatch"}}')["result"]
         assert up and up[0]["value"][1] == "1"
     finally:
@@ -138,6 +141,14 @@ def test_fifty_concurrent_scrapes_cause_one_inspection(deployment: Deployment) -
              if "alembic_version" in query and "driftwatch" not in query.lower()
              and query.lstrip().upper().startswith("SELECT")]
     assert sum(reads) == 1, deployment.db.cluster.statements(db=deployment.db.name)
+
+
+def test_manual_schema_change_reaches_the_running_agent(deployment: Deployment) -> None:
+    deployment.metrics_text()
+    deployment.db.execute("ALTER TABLE users ADD COLUMN nickname text", as_owner=True)
+    time.sleep(3.5)  # past min_interval_seconds: the next scrape inspects again
+    assert deployment.sample("driftwatch_schema_drift_objects", unit=APP_UNIT,
+                             kind="extra_column") == 1
 
 
 def test_restart_shows_the_new_process_within_two_seconds(deployment: Deployment) -> None:
