@@ -14,9 +14,8 @@ from typing import Any, NoReturn
 from agent.context import AppContext
 from agent.errors import AccessDenied, DriftwatchError
 from agent.probe.runner import (
-    ProbeRequest,
     ProbeSetupError,
-    build_probe_env,
+    build_unit_env,
     privilege_plan,
     resolve_identity,
     scrub,
@@ -25,8 +24,6 @@ from agent.probe.runner import (
 
 # Conventions of env(1), chroot(1) and docker run: the command's own codes stay free.
 EXIT_EXEC_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
-# Variables build_probe_env adds for the probe's safety only; exec is the explicit write path.
-PROBE_ONLY_VARIABLES = ("PGOPTIONS", "PGAPPNAME", "PGCONNECT_TIMEOUT")
 
 
 class ExecError(DriftwatchError):
@@ -55,20 +52,8 @@ class ExecPlan:
 
 
 def unit_environment(ctx: AppContext, identity: Any) -> dict[str, str]:
-    """The unit's environment with the venv first on PATH, without the probe's read-only PGOPTIONS."""
-    env = build_probe_env(ctx, identity, ProbeRequest())
-    # What the unit itself sets for these wins; what only the probe added goes.
-    own = dict(ctx.environment)
-    for assignment in ctx.launch.gunicorn_env:
-        name, sep, value = assignment.partition("=")
-        if name and sep:
-            own[name] = value
-    for name in PROBE_ONLY_VARIABLES:
-        if name in own:
-            env[name] = own[name]
-        else:
-            env.pop(name, None)
-    return env
+    """The unit's environment with the venv first on PATH (no probe-only read-only settings)."""
+    return build_unit_env(ctx, identity)
 
 
 def plan_exec(ctx: AppContext, argv: Sequence[str], euid: int,

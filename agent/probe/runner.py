@@ -198,9 +198,8 @@ def pgoptions(existing: str, request: ProbeRequest) -> str:
     return f"{existing.strip()} {ours}" if existing.strip() else ours
 
 
-def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
-                    ) -> dict[str, str]:
-    """The environment a new process of the unit gets, plus the probe's safety settings."""
+def build_unit_env(ctx: AppContext, identity: Identity) -> dict[str, str]:
+    """The environment a new process of the unit gets, with the venv first on PATH."""
     env = {"PATH": SYSTEMD_DEFAULT_PATH}
     if ctx.user:  # systemd sets these for User=; Environment= may still override them
         env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name,
@@ -214,6 +213,13 @@ def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
         venv_bin = os.path.join(ctx.venv, "bin")
         rest = [p for p in env.get("PATH", "").split(":") if p and p != venv_bin]
         env["PATH"] = ":".join([venv_bin, *rest])
+    return env
+
+
+def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
+                    ) -> dict[str, str]:
+    """The unit's environment plus the probe's safety settings (read-only, timeouts)."""
+    env = build_unit_env(ctx, identity)
     env["PGOPTIONS"] = pgoptions(env.get("PGOPTIONS", ""), request)
     env.setdefault("PGAPPNAME", "driftwatch-probe")  # visible in pg_stat_activity
     # A blackholed database host then gives a "database" error, not a probe timeout.
