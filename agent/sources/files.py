@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pwd
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # One byte over systemd's own limit, so the parser can name the exact refusal.
 MAX_ENV_FILE_BYTES = 64 * 1024 * 1024

@@ -107,7 +107,7 @@ def test_prometheus_alert_fires_then_resolves_after_agentctl_upgrade(
         # The running agent compares the schema again once it changed: no stale drift.
         assert deployment.sample("driftwatch_schema_drift_objects", unit=APP_UNIT,
                                  kind="missing_table") == 0
-        up = prom.api("query", query=f'up{{job="driftwatch"}}')["result"]
+        up = prom.api("query", query='up{job="driftwatch"}')["result"]
         assert up and up[0]["value"][1] == "1"
     finally:
         prom.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -20,47 +19,18 @@ from tests.harness.apps import (
     broken_revision,
     db_upgrade,
     db_write_hook,
-    env_file_text,
-    gunicorn_pids,
-    gunicorn_unit,
     http_get,
     read_identities,
     record_identity_hook,
     standard_revisions,
     two_heads_spec,
-    unit_diagnostics,
     writable_dir,
 )
 from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
 from tests.harness.sandbox import Sandbox
+from tests.harness.site import UNIT, Site, SiteFactory, site_factory
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
-
-UNIT = "gunicorn.service"
-ENV_FILE = "/etc/site/env"
-
-
-class Site:
-    """A sandbox running the app under gunicorn.service against a database."""
-
-    def __init__(self, sb: Sandbox, app: AppDir, venv: Path, port: int, db: PgDatabase) -> None:
-        self.sb, self.app, self.venv, self.port, self.db = sb, app, venv, port, db
-
-    def check(self, *extra: str) -> tuple[int, dict[str, Any]]:
-        proc = agentctl(self.sb, "check", UNIT, "--json", "--probe-timeout", "30", *extra)
-        assert proc.returncode in (0, 1, 2), proc.stderr
-        try:
-            data = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            raise AssertionError(f"not JSON: {proc.stdout!r} {proc.stderr!r}") from None
-        return proc.returncode, data["units"][0]
-
-    def check_text(self) -> subprocess.CompletedProcess[str]:
-        return agentctl(self.sb, "check", UNIT)
-
-    def set_database_url(self, url: str) -> None:
-        self.sb.write_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
-
 
 def checks(unit: dict[str, Any]) -> list[str]:
     return sorted(f["check"] for f in unit["findings"])
@@ -68,31 +38,9 @@ def checks(unit: dict[str, Any]) -> list[str]:
 
 @pytest.fixture
 def site(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
-         flask_venv: Path, pg_database: PgDatabase) -> Callable[..., Site]:
-    """site(spec, upgrade_to=...) -> a running Site; upgrade_to=None leaves the db empty."""
-
-    def start(spec: AppSpec | None = None, upgrade_to: str | None = "head",
-              url: str | None = None, start_unit: bool = True, app: AppDir | None = None,
-              ) -> Site:
-        app = app or make_app(spec)
-        if upgrade_to:
-            db_upgrade(app, flask_venv, pg_database.url, upgrade_to)
-        port = free_port()
-        sb = make_sandbox()
-        sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url or pg_database.url}))
-        sb.add_unit(UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=port,
-                                        environment={"FLASK_APP": "wsgi.py"},
-                                        environment_files=[ENV_FILE]))
-        sb.boot()
-        site = Site(sb, app, flask_venv, port, pg_database)
-        if start_unit:
-            sb.systemctl("start", UNIT)
-            http_get(f"http://127.0.0.1:{port}/healthz",
-                     describe=lambda: unit_diagnostics(sb, UNIT))
-            gunicorn_pids(sb, UNIT)
-        return site
-
-    return start
+         flask_venv: Path, pg_database: PgDatabase) -> SiteFactory:
+    """site(spec, upgrade_to=..., url=..., start_unit=..., app=...) -> a running Site."""
+    return site_factory(make_sandbox, make_app, flask_venv, pg_database)
 
 
 def test_healthy(site: Callable[..., Site]) -> None:

@@ -46,23 +46,36 @@ class Site:
             raise AssertionError(f"not JSON: {proc.stdout!r} {proc.stderr!r}") from None
         return proc.returncode, data["units"][0]
 
+    def check_text(self) -> subprocess.CompletedProcess[str]:
+        """agentctl check of the unit, human form."""
+        return self.agentctl("check", UNIT)
+
+    def set_database_url(self, url: str) -> None:
+        """Rewrite the unit's env file (inside the sandbox) to name another database."""
+        self.sb.write_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
+
 
 SiteFactory = Callable[..., Site]
 
 
 def site_factory(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
                  flask_venv: Path, pg_database: PgDatabase) -> SiteFactory:
-    """start(spec, upgrade_to=..., environment=..., extra_units=...) -> a running Site."""
+    """start(spec, upgrade_to=..., url=..., start_unit=..., app=...) -> a running Site.
+
+    upgrade_to=None leaves the database empty; url names another database for the unit than
+    the one migrated; start_unit=False boots the sandbox without starting the app.
+    """
 
     def start(spec: AppSpec | None = None, upgrade_to: str | None = "head",
               environment: dict[str, str] | None = None,
-              extra_files: dict[str, str] | None = None, **unit_kw: Any) -> Site:
-        app = make_app(spec)
+              extra_files: dict[str, str] | None = None, url: str | None = None,
+              start_unit: bool = True, app: AppDir | None = None, **unit_kw: Any) -> Site:
+        app = app or make_app(spec)
         if upgrade_to:
             db_upgrade(app, flask_venv, pg_database.url, upgrade_to)
         port = free_port()
         sb = make_sandbox()
-        sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": pg_database.url}))
+        sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url or pg_database.url}))
         for path, text in (extra_files or {}).items():
             sb.add_file(path, text)
         env = {"FLASK_APP": "wsgi.py"} if environment is None else environment
@@ -70,9 +83,11 @@ def site_factory(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., Ap
                                         environment=env, environment_files=[ENV_FILE],
                                         **unit_kw))
         sb.boot()
-        sb.systemctl("start", UNIT)
-        http_get(f"http://127.0.0.1:{port}/healthz", describe=lambda: unit_diagnostics(sb, UNIT))
-        gunicorn_pids(sb, UNIT)
+        if start_unit:
+            sb.systemctl("start", UNIT)
+            http_get(f"http://127.0.0.1:{port}/healthz",
+                     describe=lambda: unit_diagnostics(sb, UNIT))
+            gunicorn_pids(sb, UNIT)
         return Site(sb, app, flask_venv, port, pg_database)
 
     return start
