@@ -15,6 +15,7 @@ from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH
 from agent.errors import AccessDenied, ConfigError, DriftwatchError
 from agent.inspection import UnitReport, inspect_unit
+from agent.checks.schema import describe as describe_drift
 from agent.secrets import mask_value
 from agent.snapshot import Snapshot, UnitSnapshot
 from agent.sources.systemd import SystemdSource, normalize_unit_name
@@ -412,8 +413,7 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
     elif not drift:
         rows.append(("drift", "none (schema matches the models)"))
     else:
-        names = ", ".join(f"{d['kind']} {d['table']}{'.' + d['name'] if d['name'] else ''}"
-                          for d in drift[:3])
+        names = ", ".join(describe_drift(d) for d in drift[:3])
         rows.append(("drift", f"{len(drift)} difference(s): {names}"
                               + (", ..." if len(drift) > 3 else "")))
     venv = unit.get("venv") or "none found"

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.harness.agent import AGENT_UNIT_SOURCE, AGENTCTL, PYTHON, agent_config, agent_unit_text
+from tests.harness.agent import AGENTCTL, PYTHON, agent_config, agent_unit_text
 from tests.harness.apps import (
     AppSpec,
     app_venv,
@@ -81,10 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         sb.add_unit("gunicorn.service", gunicorn_unit(
             venv=venv, app_dir=app, port=port, environment={"FLASK_APP": "wsgi.py"},
             environment_files=[ENV_FILE]))
-        has_agent_unit = AGENT_UNIT_SOURCE.exists()
-        if has_agent_unit:
-            sb.add_file("/etc/driftwatch/agent.toml", agent_config(LISTEN, min_interval_seconds=5))
-            sb.add_unit("driftwatch-agent.service", agent_unit_text())
+        sb.add_file("/etc/driftwatch/agent.toml", agent_config(LISTEN, min_interval_seconds=5))
+        sb.add_unit("driftwatch-agent.service", agent_unit_text())
         sb.boot()
         sb.systemctl("start", "gunicorn.service")
         http_get(f"http://127.0.0.1:{port}/healthz")
@@ -99,18 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         show(sb, [AGENTCTL, "env", "gunicorn"])
         say("Every check once: the deploy gate (exit 0 ok, 1 problems, 2 cannot inspect)")
         show(sb, [AGENTCTL, "check", "gunicorn"])
-        if has_agent_unit:
-            say(f"The agent as a systemd service, serving metrics on {LISTEN}")
-            sb.systemctl("start", "driftwatch-agent.service")
-            sb.wait_active("driftwatch-agent.service")
-            show(sb, [AGENTCTL, "status"])
-            metrics = _fetch(f"http://{LISTEN}/metrics")
-            print(f"$ curl -s http://{LISTEN}/metrics | grep -E "
-                  "'^driftwatch_(pending_revisions|revision_info|schema_drift_objects|unit_up)'")
-            for line in metrics.splitlines():
-                if line.startswith(("driftwatch_pending_revisions", "driftwatch_revision_info",
-                                    "driftwatch_schema_drift_objects", "driftwatch_unit_up")):
-                    print(line)
+        say(f"The agent as a systemd service (systemd/driftwatch-agent.service) on {LISTEN}")
+        sb.systemctl("start", "driftwatch-agent.service")
+        sb.wait_active("driftwatch-agent.service")
+        show_metrics(f"http://{LISTEN}/metrics")
+        show(sb, [AGENTCTL, "status"])
+
+        say("The fix, in the runbook's order: upgrade in the unit's exact context, verify, restart")
+        show(sb, [AGENTCTL, "upgrade", "gunicorn", "--restart", "--yes"])
+        status, _ = http_get(f"http://127.0.0.1:{port}/db")
+        print(f"GET http://127.0.0.1:{port}/db -> HTTP {status}")
+        show(sb, [AGENTCTL, "status"])
+        show_metrics(f"http://{LISTEN}/metrics")
         if args.keep:
             say("Running; Ctrl-C to tear everything down")
             print(f"try: curl -s http://{LISTEN}/metrics | grep ^driftwatch_")
@@ -123,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         shutil.rmtree(workspace, ignore_errors=True)
         print("done")
+
+
+def show_metrics(url: str) -> None:
+    """Print the headline series of the agent's /metrics, as a curl | grep would."""
+    wanted = ("driftwatch_pending_revisions", "driftwatch_revision_info",
+              "driftwatch_schema_drift_objects{kind=\"missing_table\"",
+              "driftwatch_unit_up", "driftwatch_needs_restart")
+    print(f"$ curl -s {url} | grep -E '^driftwatch_(pending_revisions|revision_info|unit_up|"
+          "needs_restart)|missing_table'")
+    for line in _fetch(url).splitlines():
+        if line.startswith(wanted):
+            print(line)
 
 
 def _fetch(url: str) -> str:
