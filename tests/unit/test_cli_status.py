@@ -89,7 +89,7 @@ def test_render_from_the_agent() -> None:
         "✗ gunicorn.service - problems\n"
         "        state: active (MainPID 4242, up 1h)\n"
         "     revision: r2, head r3: 1 pending (r3)\n"
-        "        drift: 1 difference(s): missing_table posts.posts\n"
+        "        drift: 1 difference(s): missing_table posts\n"
         "         venv: /srv/venv\n"
         "  environment: as the running processes have it\n"
         "     database: 127.0.0.1:5432/app, reachable\n"
