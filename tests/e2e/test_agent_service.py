@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import skip_or_fail
-from tests.harness.agent import agent_config, agent_unit_text, agentctl
+from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text, agentctl
 from tests.harness.apps import (
     AppDir,
     db_upgrade,
@@ -75,7 +75,7 @@ def deployment(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppD
                                         environment_files=[ENV_FILE]))
     sb.add_file("/etc/driftwatch/agent.toml",
                 agent_config(f"127.0.0.1:{agent_port}", min_interval_seconds=3))
-    sb.add_unit(AGENT_UNIT, agent_unit_text())
+    sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
     sb.boot()
     sb.systemctl("start", APP_UNIT)
     http_get(f"http://127.0.0.1:{app_port}/healthz", describe=lambda: unit_diagnostics(sb, APP_UNIT))

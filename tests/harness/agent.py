@@ -22,6 +22,12 @@ def agent_unit_text() -> str:
                                                  str(VENV_BIN / "driftwatch-agent"))
 
 
+def agent_unit_dropins() -> dict[str, str]:
+    """Drop-ins for the agent's unit in tests: the checkout (with the venv) stays visible even
+    when it lives under /tmp, which the unit's PrivateTmp=yes would otherwise hide."""
+    return {"checkout.conf": f"[Service]\nBindReadOnlyPaths={REPO_ROOT}\n"}
+
+
 def agent_config(listen: str, **settings: object) -> str:
     """An /etc/driftwatch/agent.toml body."""
     lines = ["[agent]", f'listen_address = "{listen}"']

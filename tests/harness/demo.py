@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.harness.agent import AGENTCTL, PYTHON, agent_config, agent_unit_text
+from tests.harness.agent import AGENTCTL, PYTHON, agent_config, agent_unit_dropins, agent_unit_text
 from tests.harness.apps import (
     AppSpec,
     app_venv,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             venv=venv, app_dir=app, port=port, environment={"FLASK_APP": "wsgi.py"},
             environment_files=[ENV_FILE]))
         sb.add_file("/etc/driftwatch/agent.toml", agent_config(LISTEN, min_interval_seconds=5))
-        sb.add_unit("driftwatch-agent.service", agent_unit_text())
+        sb.add_unit("driftwatch-agent.service", agent_unit_text(), agent_unit_dropins())
         sb.boot()
         sb.systemctl("start", "gunicorn.service")
         http_get(f"http://127.0.0.1:{port}/healthz")
