@@ -105,6 +105,15 @@ def test_no_dbus_is_one_clear_line(sb: Sandbox) -> None:
     assert "cannot reach systemd over D-Bus" in proc.stderr
 
 
+def test_unreadable_env_file_is_one_clear_line(sb: Sandbox) -> None:
+    sb.path("/etc/app/env").chmod(0o600)
+    proc = agentctl(sb, "env", "gunicorn", user="nobody", group="nogroup")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("agentctl: cannot read /etc/app/env: permission denied "
+                                   "(run agentctl as root)")
+    assert proc.stdout == ""
+
+
 def test_reveal_needs_root(sb: Sandbox) -> None:
     proc = agentctl(sb, "env", "gunicorn", "--reveal", user="nobody", group="nogroup")
     assert proc.returncode == 2

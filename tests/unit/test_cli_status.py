@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import exit_code_of_dicts, format_age, render_status
+from agent.render import exit_code_of_dicts, format_age, render_status
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.model import Finding
 from agent.statusclient import client_address, fetch_status, status_url
