@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.checks.unit import UnitFacts, stale_variables, unit_findings
+from agent.checks.unit import UnitFacts, ignored_variables, stale_variables, unit_findings
 from agent.context import AppContext, ContextInputs, build_context, wanted_paths
 from agent.model import Finding, ProcessInfo, UnitProperties
 from agent.sources import files, procs
@@ -82,7 +82,8 @@ def inspect_unit(systemd: SystemdSource, name: str) -> UnitReport:
     report.findings = unit_findings(props, ctx, processes, facts)
     master = next((p for p in processes if p.role == "master"), None)
     if master is not None and master.environ is not None:
-        changed, added, removed = stale_variables(ctx.environment, master.environ)
+        changed, added, removed = stale_variables(ctx.environment, master.environ,
+                                                  ignored_variables(ctx))
         report.stale_variables = changed + added + removed
     if processes and any("permission denied" in p.error for p in processes) and os.geteuid():
         report.findings.append(Finding(

@@ -21,6 +21,10 @@ SYSTEMD_ADDED = {
     "TRIGGER_TIMER_MONOTONIC_USEC", "PIDFILE", "SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS",
 }
 
+# Variables a shell wrapper (sh -c '. venv/bin/activate && exec gunicorn ...') adds on its own.
+SHELL_ADDED = {"PWD", "OLDPWD", "SHLVL", "_", "PS1", "VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT",
+               "_OLD_VIRTUAL_PATH", "_OLD_VIRTUAL_PS1", "_OLD_VIRTUAL_PYTHONHOME"}
+
 
 @dataclass(frozen=True)
 class UnitFacts:
@@ -86,13 +90,21 @@ def check_environment_files(ctx: AppContext) -> list[Finding]:
     return findings
 
 
+def ignored_variables(ctx: AppContext) -> frozenset[str]:
+    """Variables the launch itself adds or rewrites, which are never stale."""
+    return frozenset(SHELL_ADDED) if ctx.launch.shell_wrapped else frozenset()
+
+
 def stale_variables(unit_env: Mapping[str, str], process_env: Mapping[str, str],
+                    ignore: frozenset[str] = frozenset(),
                     ) -> tuple[list[str], list[str], list[str]]:
     """(changed, added to the unit, removed from the unit) variable names, sorted."""
-    changed = sorted(n for n in unit_env if n in process_env and process_env[n] != unit_env[n])
-    added = sorted(n for n in unit_env if n not in process_env)
+    changed = sorted(n for n in unit_env if n in process_env and process_env[n] != unit_env[n]
+                     and n not in ignore)
+    added = sorted(n for n in unit_env if n not in process_env and n not in ignore)
     removed = sorted(n for n in process_env
-                     if n not in unit_env and n not in SYSTEMD_ADDED and not n.startswith("LC_"))
+                     if n not in unit_env and n not in SYSTEMD_ADDED and n not in ignore
+                     and not n.startswith("LC_"))
     return changed, added, removed
 
 
@@ -101,7 +113,8 @@ def check_environment_drift(ctx: AppContext, procs: Sequence[ProcessInfo]) -> li
     master = _master(procs)
     if master is None or master.environ is None:
         return []
-    changed, added, removed = stale_variables(ctx.environment, master.environ)
+    changed, added, removed = stale_variables(ctx.environment, master.environ,
+                                              ignored_variables(ctx))
     if not (changed or added or removed):
         return []
     parts = []

@@ -181,3 +181,21 @@ def test_failing_and_stopped_units(start_app: Callable[..., Running],
     report = run.context()
     assert findings(report) == ["unit_failed"]
     assert agentctl(run.sb, "context", UNIT).returncode == 1
+
+
+@pytest.mark.parametrize("launcher,chdir,app_spec", [
+    ("python-m", False, "wsgi:app"),
+    ("sh-c", True, "wsgi:app"),
+    ("sh-activate", False, "app:create_app()"),
+])
+def test_every_launcher_resolves_the_same_venv(start_app: Callable[..., Running], launcher: str,
+                                               chdir: bool, app_spec: str) -> None:
+    run = start_app(launcher=launcher, chdir=chdir, app_spec=app_spec,
+                    working_directory=not chdir)
+    report = run.context()
+    assert findings(report) == [], report["findings"]
+    assert report["venv"] == str(run.venv)
+    assert report["app"] == app_spec
+    assert {p["venv"] for p in report["processes"]} == {str(run.venv)}
+    if chdir:
+        assert report["chdir"] == str(run.app.root)

@@ -109,3 +109,13 @@ def test_env_file_systemd_refuses_as_a_whole() -> None:
     optional = props(environment_files=(("/etc/app.env", True),))
     found = unit_findings(optional, build_context(optional, bad), [], FACTS)
     assert [(f.check, f.severity) for f in found] == [("env_file_invalid", "warning")]
+
+
+def test_a_shell_wrappers_own_variables_are_not_stale() -> None:
+    wrapped = props(exec_start=(ExecCommand("/bin/sh", (
+        "/bin/sh", "-c", f". {VENV}/bin/activate && exec gunicorn wsgi:app")),))
+    env = {"FLASK_APP": "wsgi.py", "DATABASE_URL": "postgresql://a@b/c", "PWD": "/srv/app",
+           "SHLVL": "1", "VIRTUAL_ENV": VENV, "PS1": "(venv) "}
+    assert checks_of(wrapped, [proc(10, "master", environ=env)]) == []
+    # Without a shell wrapper the same names are really left over from an older unit.
+    assert checks_of(props(), [proc(10, "master", environ=env)]) == ["environment_stale"]
