@@ -119,6 +119,12 @@ def test_live_exposition_passes_promtool(deployment: Deployment) -> None:
     text = deployment.metrics_text()
     assert 'driftwatch_pending_revisions{unit="gunicorn.service"} 1.0' in text
     assert deployment.db.password not in text and "postgresql" not in text
+    # Under the unit's hardening every check still manages to look (journal, /proc, sockets).
+    checks = {s.labels["check"]: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "driftwatch_check_success"}
+    assert set(checks) >= {"unit", "app_load", "database", "migrations", "schema", "privileges",
+                           "connections", "integrity", "journal"}, checks
+    assert all(v == 1.0 for v in checks.values()), checks
     proc = subprocess.run([str(PROMTOOL), "check", "metrics"], input=text, text=True,
                           capture_output=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", \
