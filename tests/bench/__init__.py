@@ -1,0 +1,1 @@
+"""Benchmarks, not tests: run by hand (`python -m tests.bench.bench_scrape`), never by pytest."""
