@@ -860,20 +860,28 @@ def app_env(app: AppDir, venv: Path, database_url: str | None,
     return env
 
 
-def flask_db(app: AppDir, venv: Path, database_url: str | None, *args: str,
-             env: Mapping[str, str] | None = None, user: str | None = None,
-             check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``<venv>/bin/flask db ARGS`` in the app root (as user via setpriv if given)."""
-    argv = [str(venv / "bin" / "flask"), "db", *args]
+def run_in_app(app: AppDir, venv: Path, database_url: str | None, argv: Sequence[str],
+               what: str, env: Mapping[str, str] | None = None, user: str | None = None,
+               check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run argv in the app root with the app's environment (as user via setpriv if given)."""
+    argv = list(argv)
     if user is not None:
         argv = as_user_argv(user, argv)
     proc = subprocess.run(argv, cwd=app.root, env=app_env(app, venv, database_url, env),
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
-        raise HarnessError(f"flask db {' '.join(args)} exited {proc.returncode} in "
-                           f"{app.root}:\n{proc.stdout}{proc.stderr}")
+        raise HarnessError(f"{what} exited {proc.returncode} in {app.root}:\n"
+                           f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc
+
+
+def flask_db(app: AppDir, venv: Path, database_url: str | None, *args: str,
+             env: Mapping[str, str] | None = None, user: str | None = None,
+             check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``<venv>/bin/flask db ARGS`` in the app root (as user via setpriv if given)."""
+    return run_in_app(app, venv, database_url, [str(venv / "bin" / "flask"), "db", *args],
+                      f"flask db {' '.join(args)}", env, user, check, timeout)
 
 
 def db_upgrade(app: AppDir, venv: Path, database_url: str, revision: str = "head",
@@ -1032,16 +1040,8 @@ def import_app(app: AppDir, venv: Path, database_url: str | None,
                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``<venv>/bin/python -c 'import wsgi'`` in the app root: runs create_app() and its hooks
     (as user via setpriv if given). With check=False, inspect returncode/stderr."""
-    argv = [str(venv / "bin" / "python"), "-c", "import wsgi"]
-    if user is not None:
-        argv = as_user_argv(user, argv)
-    proc = subprocess.run(argv, cwd=app.root, env=app_env(app, venv, database_url, env),
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise HarnessError(f"import wsgi exited {proc.returncode} in {app.root}:\n"
-                           f"{proc.stderr[-3000:]}")
-    return proc
+    return run_in_app(app, venv, database_url, [str(venv / "bin" / "python"), "-c", "import wsgi"],
+                      "import wsgi", env, user, check, timeout)
 
 
 # -- talking to a running app --------------------------------------------------------------
