@@ -33,7 +33,7 @@ class TLSConfig:
 class Config:
     """Everything the agent reads from agent.toml (flags may override some of it)."""
 
-    units: tuple[str, ...] = ("gunicorn.service",)
+    units: tuple[str, ...] = ()   # empty: gunicorn.service if it exists, plus discovery
     unit_patterns: tuple[str, ...] = ()
     discover_gunicorn: bool = True
     listen_address: str = ":9410"

@@ -135,8 +135,8 @@ def candidate_predicate(config: Config) -> Callable[[str], bool]:
 
 def configured_units(config: Config) -> list[str]:
     """The configured unit names as systemd spells them (gunicorn -> gunicorn.service)."""
-    from agent.sources.systemd import normalize_unit_name
-    return [normalize_unit_name(n) for n in config.units]
+    from agent.sources.systemd import DEFAULT_UNIT, normalize_unit_name
+    return [normalize_unit_name(n) for n in config.units] or [DEFAULT_UNIT]
 
 
 # -- the daemon ---------------------------------------------------------------------------

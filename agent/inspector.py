@@ -33,7 +33,7 @@ RESTART_FINDINGS = {"environment_stale", "venv_mismatch", "cwd_stale", "code_new
 class InspectorSettings:
     """What the inspector needs from the configuration."""
 
-    units: tuple[str, ...] = ("gunicorn.service",)
+    units: tuple[str, ...] = ()
     unit_patterns: tuple[str, ...] = ()
     discover_gunicorn: bool = True
     probe_timeout_seconds: float = 20.0

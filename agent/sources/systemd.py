@@ -20,7 +20,8 @@ SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
 PROPERTIES_IFACE = b"org.freedesktop.DBus.Properties"
 PRIVATE_SOCKET = "/run/systemd/private"
 
-DEFAULT_UNITS = ("gunicorn.service",)
+# Watched whenever it exists, unless units are named explicitly.
+DEFAULT_UNIT = "gunicorn.service"
 
 
 def _text(value: Any) -> str:
@@ -182,9 +183,14 @@ class SystemdSource:
                           [[], [b"*.service"]])
         return [(_text(r[0]), r[6]) for r in rows if _text(r[2]) == "loaded"]
 
-    def discover(self, names: Iterable[str] = DEFAULT_UNITS, patterns: Iterable[str] = (),
+    def discover(self, names: Iterable[str] = (), patterns: Iterable[str] = (),
                  discover_gunicorn: bool = True) -> list[str]:
-        """Units to watch: the named ones plus loaded services running gunicorn or matching."""
+        """Units to watch: the named ones plus loaded services running gunicorn or matching.
+
+        Without explicit names, gunicorn.service is watched whenever systemd knows it, running
+        or not (a stopped or failed one is what an admin wants to hear about); when nothing at
+        all is found it is still returned, so the answer is "not found" rather than silence.
+        """
         loaded = []
         for name, path in self.list_services():
             exec_start = self._call(path, PROPERTIES_IFACE, b"Get", b"ss",
@@ -192,8 +198,19 @@ class SystemdSource:
             commands = [ExecCommand(_text(e[0]), tuple(_text(a) for a in e[1]))
                         for e in exec_start]
             loaded.append((name, runs_gunicorn(commands)))
-        return select_units(loaded, [normalize_unit_name(n) for n in names], patterns,
-                            discover_gunicorn)
+        names = [normalize_unit_name(n) for n in names]
+        chosen = select_units(loaded, names, patterns, discover_gunicorn)
+        if not names:
+            if DEFAULT_UNIT in chosen or self.unit_exists(DEFAULT_UNIT) or not chosen:
+                chosen = [DEFAULT_UNIT, *(u for u in chosen if u != DEFAULT_UNIT)]
+        return chosen
+
+    def unit_exists(self, name: str) -> bool:
+        """True when systemd has a unit file (or a loaded unit) of that name."""
+        path = self._call(MANAGER_PATH, MANAGER_IFACE, b"LoadUnit", b"s",
+                          [normalize_unit_name(name).encode()])
+        state = self._call(path, PROPERTIES_IFACE, b"Get", b"ss", [UNIT_IFACE, b"LoadState"])
+        return _text(state) not in ("not-found", "masked")
 
     def restart_unit(self, name: str, mode: str = "replace") -> str:
         """Ask systemd to restart a unit; returns the job path."""

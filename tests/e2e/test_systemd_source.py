@@ -77,17 +77,35 @@ def test_need_daemon_reload_after_editing_the_unit_file(sb: Sandbox) -> None:
     assert agent_python(sb, READ.format(name="gunicorn.service"))["need_daemon_reload"] is False
 
 
+DISCOVER = ("import json\nfrom agent.sources.systemd import SystemdSource\n"
+            "print(json.dumps(SystemdSource().discover({args})))")
+
+
 def test_discovery_finds_every_gunicorn_service(sb: Sandbox) -> None:
-    found = agent_python(sb, "import json\nfrom agent.sources.systemd import SystemdSource\n"
-                             "print(json.dumps(SystemdSource().discover()))")
+    found = agent_python(sb, DISCOVER.format(args=""))
     assert found[0] == "gunicorn.service"
     assert set(found) == {"gunicorn.service", "gunicorn@shop.service", "gunicorn@blog.service",
                           "wrapped.service"}
-    patterned = agent_python(
-        sb, "import json\nfrom agent.sources.systemd import SystemdSource\n"
-            "print(json.dumps(SystemdSource().discover(names=[], patterns=['other*'], "
-            "discover_gunicorn=False)))")
-    assert patterned == ["other.service"]
+    patterned = agent_python(sb, DISCOVER.format(
+        args="names=['other'], patterns=['gunicorn@s*'], discover_gunicorn=False"))
+    assert patterned == ["other.service", "gunicorn@shop.service"]
+
+
+def test_a_stopped_gunicorn_service_is_still_watched(sb: Sandbox) -> None:
+    sb.systemctl("stop", "gunicorn.service")
+    found = agent_python(sb, DISCOVER.format(args=""))
+    assert found[0] == "gunicorn.service"  # exactly what the admin needs to hear about
+
+
+def test_discovery_without_gunicorn_service(make_sandbox: Callable[[], Sandbox]) -> None:
+    sandbox = make_sandbox()
+    sandbox.add_file("/opt/app/venv/bin/gunicorn", FAKE_GUNICORN, mode=0o755)
+    sandbox.add_unit("shop.service", "[Service]\nExecStart=/opt/app/venv/bin/gunicorn shop:app\n")
+    sandbox.boot()
+    # Nothing runs gunicorn yet: "gunicorn.service not found" beats an empty answer.
+    assert agent_python(sandbox, DISCOVER.format(args="")) == ["gunicorn.service"]
+    sandbox.systemctl("start", "shop.service")
+    assert agent_python(sandbox, DISCOVER.format(args="")) == ["shop.service"]
 
 
 def test_unknown_unit_is_one_clear_line(sb: Sandbox) -> None:

@@ -13,7 +13,7 @@ from agent.errors import ConfigError
 
 def test_defaults() -> None:
     config = parse_config("")
-    assert config.units == ("gunicorn.service",)
+    assert config.units == ()
     assert config.unit_patterns == ()
     assert config.discover_gunicorn is True
     assert config.listen_address == ":9410"
