@@ -3,6 +3,7 @@ Prometheus whose alert rules are the shipped ones."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -129,6 +130,21 @@ def test_live_exposition_passes_promtool(deployment: Deployment) -> None:
                           capture_output=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "" and proc.stderr.strip() == "", \
         proc.stdout + proc.stderr
+
+
+def test_no_secret_in_status_metrics_or_the_agents_journal(deployment: Deployment) -> None:
+    metrics = deployment.metrics_text()
+    with urllib.request.urlopen(f"http://127.0.0.1:{deployment.agent_port}/status",
+                                timeout=30) as resp:
+        status = resp.read().decode()
+    journal = deployment.sb.run(["journalctl", "-u", AGENT_UNIT, "--no-pager", "-o", "cat"],
+                                check=False).stdout
+    text = agentctl(deployment.sb, "status").stdout
+    unit = json.loads(status)["units"][0]
+    assert unit["migrations"]["pending"] == ["r3"]  # the status really carries the state
+    for where, body in (("metrics", metrics), ("/status", status), ("journal", journal),
+                        ("agentctl status", text)):
+        assert deployment.db.password not in body, where
 
 
 def test_fifty_concurrent_scrapes_cause_one_inspection(deployment: Deployment) -> None:
