@@ -39,6 +39,9 @@ class LaunchSpec:
     chdir: str = ""                    # gunicorn --chdir, or a "cd DIR &&" in a shell wrapper
     config_file: str = ""              # gunicorn -c FILE
     gunicorn_env: tuple[str, ...] = () # gunicorn -e/--env KEY=VALUE, given to the app
+    gunicorn_args: tuple[str, ...] = ()  # everything after gunicorn itself, verbatim
+    start_dir: str = ""                # where gunicorn starts: a shell wrapper's cd, else
+                                       # WorkingDirectory= (before any --chdir)
     shell_wrapped: bool = False
     notes: tuple[str, ...] = field(default=())
 
@@ -218,6 +221,8 @@ def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str =
         chdir=_absolute(chdir, cwd) if chdir else (cwd if cwd != working_directory else ""),
         config_file=_absolute(str(parsed["config_file"]), cwd) if parsed["config_file"] else "",
         gunicorn_env=tuple(parsed["env"]),  # type: ignore[arg-type]
+        gunicorn_args=tuple(gargs or ()),
+        start_dir=cwd,
         shell_wrapped=shell_wrapped,
     )
 

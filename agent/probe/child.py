@@ -1,7 +1,9 @@
 """The probe child: runs INSIDE the app's own interpreter, loads the app, reports JSON on a pipe.
 
-Stdlib only at module level: this file is run as ``python -B -c SOURCE FD REQUEST_JSON`` with
-the app's venv python, whose SQLAlchemy (1.4/2.0/2.1), Alembic and Flask are the app's own.
+Stdlib only at module level: this file is run as ``python -B -c SOURCE FD`` with the request
+JSON in the environment variable REQUEST_ENV (popped at once; argv is world-readable, and the
+request holds the gunicorn arguments), with the app's venv python, whose SQLAlchemy
+(1.4/2.0/2.1), Alembic, Flask and gunicorn are the app's own.
 Nothing from driftwatch or the agent's venv may be imported here. The app's packages are
 imported lazily, inside functions, after the runner has already dropped privileges.
 
@@ -18,6 +20,8 @@ import time
 import traceback
 
 PROTOCOL = 1
+# The environment variable the runner passes the request in (removed before the app runs).
+REQUEST_ENV = "DRIFTWATCH_PROBE_REQUEST"
 # How much of one error message goes into the report (one line, already short).
 MAX_MESSAGE = 500
 # Bound on migration files read, so a huge versions/ directory cannot stall the probe.
@@ -64,7 +68,7 @@ def versions():
         return out
     for key, dist in (("sqlalchemy", "SQLAlchemy"), ("alembic", "alembic"),
                       ("flask", "Flask"), ("flask_sqlalchemy", "Flask-SQLAlchemy"),
-                      ("flask_migrate", "Flask-Migrate")):
+                      ("flask_migrate", "Flask-Migrate"), ("gunicorn", "gunicorn")):
         try:
             out[key] = metadata.version(dist)
         except Exception:
@@ -167,19 +171,187 @@ def unwrap_flask(obj):
     return obj
 
 
-def load_app(request):
-    """(flask app, how it was found) from the gunicorn spec, else FLASK_APP, else wsgi/app."""
-    spec = request.get("app_spec") or ""
+def load_app(request, gunicorn_app=None):
+    """(flask app, how it was found, app URI) the way the unit's gunicorn finds it.
+
+    With gunicorn's own resolved configuration (gunicorn_app), its app URI (positional
+    argument or wsgi_app) is loaded by gunicorn itself; else the ExecStart spec; else
+    FLASK_APP; else flask's wsgi.py / app fallbacks.
+    """
+    if gunicorn_app is not None and gunicorn_app.app_uri:
+        uri = gunicorn_app.app_uri
+        return unwrap_flask(gunicorn_app.wsgi()), "gunicorn " + uri, uri
+    spec = "" if gunicorn_app is not None else request.get("app_spec") or ""
     if spec:
-        return unwrap_flask(load_gunicorn(spec)), "gunicorn " + spec
+        return unwrap_flask(load_gunicorn(spec)), "gunicorn " + spec, spec
     flask_app = os.environ.get("FLASK_APP", "")
     if flask_app:
-        return unwrap_flask(load_flask_app_env(flask_app)), "FLASK_APP=" + flask_app
+        return unwrap_flask(load_flask_app_env(flask_app)), "FLASK_APP=" + flask_app, \
+            flask_app
     for candidate in ("wsgi", "app"):  # flask's own fallbacks
         if os.path.exists(candidate + ".py") or os.path.isdir(candidate):
-            return unwrap_flask(load_flask_app_env(candidate)), "default " + candidate
+            return unwrap_flask(load_flask_app_env(candidate)), "default " + candidate, \
+                candidate
     raise LookupError("no gunicorn app spec, no FLASK_APP, and no wsgi.py or app/ in %s"
                       % os.getcwd())
+
+
+# -- gunicorn's own configuration ------------------------------------------------------------
+
+class ProbeError(Exception):
+    """A failure with its error kind, reported as is."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+
+
+class _Tee(object):
+    """A stderr that also keeps what was written (gunicorn prints its errors, then exits)."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def gunicorn_importable():
+    """True when the app's interpreter can import gunicorn's WSGI application."""
+    try:
+        import gunicorn.app.wsgiapp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def gunicorn_configure(args, report):
+    """gunicorn's own WSGIApplication for args, configured like the real one, not run.
+
+    gunicorn's order (gunicorn/app/base.py Application.load_config): defaults, chdir, the
+    config file (-c, else -c in GUNICORN_CMD_ARGS, else ./gunicorn.conf.py), then
+    GUNICORN_CMD_ARGS, then the command line, chdir again (os.chdir + sys.path). Then, as
+    Application.run and Arbiter.setup do before any app is loaded: pythonpath into sys.path,
+    raw_env into os.environ. No Arbiter is made and no socket is bound.
+    """
+    from gunicorn.app.base import Application
+    from gunicorn.app.wsgiapp import WSGIApplication
+    state = {"config": "", "config_done": False}
+
+    class ProbeApplication(WSGIApplication):
+        def load_config_from_module_name_or_filename(self, location):
+            state["config"] = location[len("file:"):] if location.startswith("file:") \
+                else location
+            result = WSGIApplication.load_config_from_module_name_or_filename(self, location)
+            state["config_done"] = True
+            return result
+
+        def load_config(self):
+            # WSGIApplication.load_config without its "No application module specified"
+            # exit: such a unit cannot serve, but FLASK_APP may still name the app.
+            Application.load_config(self)
+            if self.app_uri is None and "wsgi_app" in self.cfg.settings:
+                self.app_uri = self.cfg.settings["wsgi_app"].get()
+
+    saved_argv, saved_stderr = sys.argv, sys.stderr
+    tee = _Tee(sys.stderr)
+    sys.argv, sys.stderr = ["gunicorn"] + list(args), tee
+    try:
+        app = ProbeApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn")
+    except BaseException as exc:  # gunicorn prints its error and calls sys.exit
+        raise ProbeError("app_load", gunicorn_failure(exc, state, "".join(tee.parts)))
+    finally:
+        sys.argv, sys.stderr = saved_argv, saved_stderr
+    report["gunicorn_config"] = os.path.abspath(state["config"]) if state["config"] and \
+        not state["config"].startswith("python:") else state["config"]
+    cfg = app.cfg
+    try:
+        # Application.run: pythonpath entries, relative to the final chdir, first on sys.path.
+        pythonpath = cfg.pythonpath if "pythonpath" in cfg.settings else None
+        paths = [os.path.abspath(p) for p in pythonpath.split(",")] if pythonpath else []
+        for path in paths:
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        env = cfg.env  # Arbiter.setup: raw_env into os.environ, before workers load the app
+    except Exception as exc:
+        raise ProbeError("app_load", "gunicorn's configuration failed: " + one_line(exc))
+    os.environ.update(env)
+    try:
+        from gunicorn import SERVER_SOFTWARE
+        os.environ["SERVER_SOFTWARE"] = SERVER_SOFTWARE  # Arbiter.__init__ sets it too
+    except ImportError:
+        pass
+    report["config_source"] = "gunicorn config"
+    report["chdir"] = cfg.chdir
+    report["app_uri"] = app.app_uri or ""
+    report["pythonpath"] = paths
+    report["raw_env_names"] = sorted(env)
+    # Values go to the agent only so it can mask them in messages; it never reports them.
+    report["raw_env"] = dict(env)
+    return app
+
+
+def gunicorn_failure(exc, state, stderr):
+    """One line for a failed gunicorn configuration: the config file and its exception."""
+    cause = exc
+    if isinstance(exc, SystemExit) and exc.__context__ is not None:
+        cause = exc.__context__  # sys.exit(1) inside "except Exception:" keeps the error
+    if state["config"] and not state["config_done"]:
+        what = "gunicorn config %s failed: " % state["config"]
+        roots = [os.path.dirname(os.path.abspath(state["config"]))]
+    else:
+        what = "gunicorn's configuration failed: "
+        roots = [os.getcwd()]
+    if isinstance(cause, SystemExit):  # argparse: "gunicorn: error: unrecognized ..."
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        return what + (lines[-1][:MAX_MESSAGE] if lines else "exit status %s" % cause.code)
+    return what + one_line(cause) + where(cause, roots)
+
+
+def start_in(directory, report):
+    """chdir like systemd's WorkingDirectory= does for the unit's user, or a clear error."""
+    try:
+        os.chdir(directory)
+    except OSError as exc:
+        report["error_kind"] = "privileges"
+        report["error"] = "uid %d cannot enter the working directory %s: %s" % (
+            os.getuid(), directory, exc.strerror)
+        raise
+
+
+def prepare(request, report):
+    """Enter the unit's context; gunicorn's own WSGIApplication when it can be used, else None.
+
+    Without gunicorn (FLASK_APP-only units, a system gunicorn the app's python cannot
+    import), the ExecStart analysis stands: its --chdir and -e values.
+    """
+    start = request.get("start_dir") or request.get("cwd")
+    if start:  # again after the drop: fails like systemd's 200/CHDIR
+        start_in(start, report)
+    args = request.get("gunicorn_args")
+    if sys.path and sys.path[0] in ("", "."):
+        del sys.path[0]  # "python -c" put the cwd first; gunicorn puts its chdir there
+    if args is not None and gunicorn_importable():
+        return gunicorn_configure(args, report)
+    report["config_source"] = "ExecStart"
+    if request.get("cwd") and request["cwd"] != start:
+        start_in(request["cwd"], report)
+    # gunicorn puts its --chdir (default: cwd) first on sys.path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for assignment in request.get("gunicorn_env") or ():  # gunicorn -e, applied like raw_env
+        name, sep, value = assignment.partition("=")
+        if name and sep:
+            os.environ[name] = value
+    report["chdir"] = os.getcwd()
+    return None
 
 
 # -- what the app knows -----------------------------------------------------------------------
@@ -381,14 +553,15 @@ def compare_bind(engine, metadata, include_object, configure_args):
 
 # -- main --------------------------------------------------------------------------------------
 
-def probe(request, report):
+def probe(request, report, gunicorn_app=None):
     """Fill report step by step; every failure is recorded, later steps still run if they can."""
     report["versions"] = versions()
     cwd = os.getcwd()
-    roots = [cwd]
+    roots = [cwd] + list(report.get("pythonpath") or [])
     try:
-        app, source = load_app(request)
+        app, source, uri = load_app(request, gunicorn_app)
         report["app_source"] = source
+        report["app_uri"] = uri
     except BaseException as exc:  # SystemExit at import too: the app never loaded
         report["error_kind"] = "app_load"
         report["error"] = "the app could not be loaded: " + one_line(exc) + where(exc, roots)
@@ -437,7 +610,7 @@ def probe(request, report):
 
 
 def main(argv):
-    """Entry point: argv = [FD, REQUEST_JSON]; writes one JSON report to FD and _exits."""
+    """Entry point: argv = [FD] (or [FD, REQUEST_JSON]); one JSON report to FD, then _exit."""
     started = time.monotonic()
     fd = int(argv[0])
     os.set_inheritable(fd, False)  # nothing the app spawns may hold or write our pipe
@@ -445,27 +618,21 @@ def main(argv):
               "app_uid": os.getuid(), "app_gid": os.getgid(),
               "groups": sorted(os.getgroups()), "urls": {}, "migrations_dir": "",
               "script_location": "", "revisions": [], "heads": [], "revisions_error": "",
-              "schema_diff": None, "schema_diff_error": "", "versions": {}}
+              "schema_diff": None, "schema_diff_error": "", "versions": {},
+              "config_source": "", "gunicorn_config": "", "chdir": "", "app_uri": "",
+              "pythonpath": [], "raw_env_names": [], "raw_env": {}}
     try:
-        request = json.loads(argv[1])
+        # The request comes in the environment (only the unit's user and root can read it,
+        # unlike argv): it holds the gunicorn arguments, -e values included.
+        raw = os.environ.pop(REQUEST_ENV, None)
+        request = json.loads(argv[1] if len(argv) > 1 else raw or "{}")
         if os.getuid() == 0 or os.geteuid() == 0:
             if not request.get("allow_root"):
                 raise PermissionError("refusing to load app code as root")
-        # Again after the drop: fails like systemd's 200/CHDIR if the user cannot enter it.
-        if request.get("cwd"):
-            try:
-                os.chdir(request["cwd"])
-            except OSError as exc:
-                report["error_kind"] = "privileges"
-                report["error"] = "uid %d cannot enter the working directory %s: %s" % (
-                    os.getuid(), request["cwd"], exc.strerror)
-                raise
-        # gunicorn puts its --chdir (default: cwd) first on sys.path; "python -c" gave ''.
-        if sys.path and sys.path[0] in ("", "."):
-            sys.path[0] = os.getcwd()
-        elif os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        probe(request, report)
+        gunicorn_app = prepare(request, report)
+        probe(request, report, gunicorn_app)
+    except ProbeError as exc:
+        report["error_kind"], report["error"] = exc.kind, str(exc)
     except BaseException as exc:
         report["error_kind"] = report.get("error_kind") or "internal"
         report["error"] = report.get("error") or "the probe failed: " + one_line(exc)

@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.context import AppContext
+from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
 from agent.secrets import MASK, is_secret_name, mask_url
 
@@ -30,6 +32,10 @@ SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 TAIL_BYTES = 4096
 # A report larger than this is not a probe report (thousands of revisions fit easily).
 MAX_REPORT_BYTES = 32 * 1024 * 1024
+# The child's environment variable for its request (argv is world-readable in /proc).
+REQUEST_ENV = "DRIFTWATCH_PROBE_REQUEST"
+# How the child learnt the gunicorn settings: gunicorn's own Config, or our ExecStart parse.
+CONFIG_SOURCES = ("gunicorn config", "ExecStart")
 ERROR_KINDS = ("app_load", "migrations", "database", "timeout", "privileges", "internal")
 
 
@@ -94,6 +100,14 @@ class ProbeResult:
     schema_diff_error: str = ""
     app_uid: int | None = None
     app_source: str = ""
+    # "gunicorn config" (gunicorn's own Config: defaults, config file, GUNICORN_CMD_ARGS,
+    # command line) or "ExecStart" (our parse of the command line, gunicorn not importable).
+    config_source: str = ""
+    gunicorn_config: str = ""              # the config file gunicorn loaded, "" for none
+    app_chdir: str = ""                    # the directory the app was loaded in
+    app_uri: str = ""                      # what was loaded: "wsgi:app", a FLASK_APP value
+    pythonpath: tuple[str, ...] = ()       # gunicorn pythonpath entries put on sys.path
+    raw_env_names: tuple[str, ...] = ()    # gunicorn raw_env / -e names (never the values)
     versions: dict[str, str | None] = field(default_factory=dict)
     duration: float = 0.0
     returncode: int | None = None
@@ -110,7 +124,10 @@ class ProbeResult:
             "schema_diff": None if self.schema_diff is None else [dict(d) for d in
                                                                   self.schema_diff],
             "schema_diff_error": self.schema_diff_error, "app_uid": self.app_uid,
-            "app_source": self.app_source, "versions": dict(self.versions),
+            "app_source": self.app_source, "config_source": self.config_source,
+            "gunicorn_config": self.gunicorn_config, "app_chdir": self.app_chdir,
+            "app_uri": self.app_uri, "pythonpath": list(self.pythonpath),
+            "raw_env_names": list(self.raw_env_names), "versions": dict(self.versions),
             "duration": self.duration, "returncode": self.returncode,
             "output_tail": self.output_tail,
         }
@@ -198,15 +215,21 @@ def pgoptions(existing: str, request: ProbeRequest) -> str:
     return f"{existing.strip()} {ours}" if existing.strip() else ours
 
 
-def build_unit_env(ctx: AppContext, identity: Identity) -> dict[str, str]:
-    """The environment a new process of the unit gets, with the venv first on PATH."""
+def build_unit_env(ctx: AppContext, identity: Identity, gunicorn_env: bool = True,
+                   ) -> dict[str, str]:
+    """The environment a new process of the unit gets, with the venv first on PATH.
+
+    gunicorn_env adds the ExecStart's gunicorn -e values, as the app sees them (for commands
+    run beside the app); the probe leaves them to the child, which applies gunicorn's own
+    raw_env the way gunicorn does (after its config file ran).
+    """
     env = {"PATH": SYSTEMD_DEFAULT_PATH}
     if ctx.user:  # systemd sets these for User=; Environment= may still override them
         env.update(HOME=identity.home, USER=identity.name, LOGNAME=identity.name,
                    SHELL=identity.shell)
     env.update(ctx.environment)
-    for assignment in ctx.launch.gunicorn_env:  # gunicorn -e puts these in os.environ
-        name, sep, value = assignment.partition("=")
+    for assignment in ctx.launch.gunicorn_env if gunicorn_env else ():
+        name, sep, value = assignment.partition("=")  # gunicorn -e puts these in os.environ
         if name and sep:
             env[name] = value
     if ctx.venv:
@@ -219,7 +242,7 @@ def build_unit_env(ctx: AppContext, identity: Identity) -> dict[str, str]:
 def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
                     ) -> dict[str, str]:
     """The unit's environment plus the probe's safety settings (read-only, timeouts)."""
-    env = build_unit_env(ctx, identity)
+    env = build_unit_env(ctx, identity, gunicorn_env=False)
     env["PGOPTIONS"] = pgoptions(env.get("PGOPTIONS", ""), request)
     env.setdefault("PGAPPNAME", "driftwatch-probe")  # visible in pg_stat_activity
     # A blackholed database host then gives a "database" error, not a probe timeout.
@@ -228,11 +251,47 @@ def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
 
 
 def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
-    """The JSON the child gets in argv."""
-    return {"protocol": PROTOCOL, "app_spec": ctx.launch.app_spec, "cwd": ctx.app_directory,
+    """The JSON the child gets in its environment (REQUEST_ENV).
+
+    gunicorn_args (None when ExecStart does not run gunicorn) let the child resolve the
+    configuration with gunicorn's own machinery, starting in start_dir; app_spec, cwd and
+    gunicorn_env are the ExecStart analysis, used only when gunicorn is not importable.
+    """
+    launch = ctx.launch
+    return {"protocol": PROTOCOL, "app_spec": launch.app_spec, "cwd": ctx.app_directory,
+            "start_dir": launch.start_dir or ctx.working_directory,
+            "gunicorn_args": list(launch.gunicorn_args) if launch.runs_gunicorn else None,
+            "gunicorn_env": list(launch.gunicorn_env),
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
             "allow_root": request.allow_root}
+
+
+def probe_start_dir(ctx: AppContext) -> str:
+    """Where the child starts: where the unit's gunicorn starts, else the app directory."""
+    if ctx.launch.runs_gunicorn:
+        return ctx.launch.start_dir or ctx.working_directory or ctx.app_directory
+    return ctx.app_directory
+
+
+def gunicorn_config_files(ctx: AppContext) -> list[str]:
+    """Config files gunicorn may read for the unit (-c, GUNICORN_CMD_ARGS -c, the default
+    ./gunicorn.conf.py), for the fingerprint; relative paths against where gunicorn starts."""
+    if not ctx.launch.runs_gunicorn:
+        return []
+    start = ctx.launch.start_dir or ctx.working_directory or "/"
+    files = []
+    try:
+        from_env = shlex.split(ctx.environment.get("GUNICORN_CMD_ARGS", ""))
+    except ValueError:
+        from_env = []
+    for args in (ctx.launch.gunicorn_args, from_env):
+        path = str(parse_gunicorn_args(list(args))["config_file"])
+        if path and not path.startswith("python:"):
+            path = path[len("file:"):] if path.startswith("file:") else path
+            files.append(os.path.normpath(os.path.join(start, path)))
+    files.append(os.path.join(start, "gunicorn.conf.py"))
+    return list(dict.fromkeys(files))
 
 
 def interpreter(ctx: AppContext, env: Mapping[str, str]) -> str:
@@ -309,8 +368,12 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
                            error=f"the probe spoke protocol {doc.get('protocol')!r}, "
                                  f"expected {PROTOCOL}", **base)
     urls = {str(k): str(v) for k, v in (doc.get("urls") or {}).items()}
-    secrets = sorted(set(secrets) | set(secret_values({}, urls.values())), key=len,
+    # gunicorn raw_env values: used here for masking only, never kept in the result.
+    raw_env = doc.get("raw_env") if isinstance(doc.get("raw_env"), dict) else {}
+    raw_env = {str(k): str(v) for k, v in raw_env.items()}
+    secrets = sorted(set(secrets) | set(secret_values(raw_env, urls.values())), key=len,
                      reverse=True)
+    config_source = str(doc.get("config_source") or "")
     error = scrub(str(doc.get("error") or ""), secrets)
     kind = str(doc.get("error_kind") or "")
     diff = doc.get("schema_diff")
@@ -327,6 +390,12 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
         schema_diff_error=scrub(str(doc.get("schema_diff_error") or ""), secrets),
         app_uid=doc.get("app_uid") if isinstance(doc.get("app_uid"), int) else None,
         app_source=str(doc.get("app_source") or ""),
+        config_source=config_source if config_source in CONFIG_SOURCES else "",
+        gunicorn_config=str(doc.get("gunicorn_config") or ""),
+        app_chdir=str(doc.get("chdir") or ""), app_uri=str(doc.get("app_uri") or ""),
+        pythonpath=tuple(str(p) for p in doc.get("pythonpath") or ()),
+        raw_env_names=tuple(sorted(set(raw_env) | {str(n) for n in
+                                                   doc.get("raw_env_names") or ()})),
         versions={str(k): (None if v is None else str(v))
                   for k, v in (doc.get("versions") or {}).items()},
         **base)
@@ -409,20 +478,21 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
         source = CHILD_SOURCE_PATH.read_text()
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
+    env[REQUEST_ENV] = json.dumps(child_request(ctx, request))
+    cwd = probe_start_dir(ctx)
     read_fd, write_fd = os.pipe()
-    argv = [python, "-B", "-c", source, str(write_fd),
-            json.dumps(child_request(ctx, request))]
+    argv = [python, "-B", "-c", source, str(write_fd)]
     try:
         try:
             proc = subprocess.Popen(
-                argv, cwd=ctx.app_directory, env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,),
                 start_new_session=True, **drop)
         except OSError as exc:
             who = f" as {identity.name}" if drop else ""
             return ProbeResult(ok=False, error_kind="privileges" if isinstance(
                 exc, PermissionError) else "app_load",
-                error=scrub(f"cannot start {python}{who} in {ctx.app_directory}: "
+                error=scrub(f"cannot start {python}{who} in {cwd}: "
                             f"{exc.strerror or exc}", secrets),
                 duration=round(time.monotonic() - started, 3))
         os.close(write_fd)
@@ -479,8 +549,15 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
         "venv": ctx.venv, "python": ctx.python, "user": ctx.user, "group": ctx.group,
         "groups": list(ctx.supplementary_groups), "app": ctx.launch.app_spec,
         "gunicorn_env": list(ctx.launch.gunicorn_env),
+        "gunicorn_args": list(ctx.launch.gunicorn_args),
     }, sort_keys=True).encode())
     lines: list[str] = []
+    for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
+        try:
+            st = os.stat(path)
+            lines.append(f"{path} {st.st_mtime_ns} {st.st_size}")
+        except OSError:
+            lines.append(f"{path} missing")
     if migrations_dir:
         lines += _stat_files(migrations_dir, lambda n: not n.endswith((".pyc", ".pyo")),
                              max_files)

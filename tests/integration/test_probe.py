@@ -350,3 +350,145 @@ def test_binds_are_reported_and_compared_each_against_its_own_database(
         assert audit.password not in json.dumps(result.as_dict())
     finally:
         pg.drop(audit)  # type: ignore[attr-defined]
+
+
+# -- gunicorn's own configuration: config files, GUNICORN_CMD_ARGS, no gunicorn at all --------
+
+def gunicorn_ctx(venv: Path, args: list[str], env: dict[str, str], working_directory: str = "/",
+                 program: str = "") -> AppContext:
+    """A gunicorn.service whose ExecStart is PROGRAM ARGS (default: the venv's gunicorn)."""
+    argv = [program] if program else [f"{venv}/bin/gunicorn"]
+    if program.endswith(("python", "python3")):
+        argv += ["-m", "gunicorn"]
+    argv += ["--workers", "2", "--bind", "127.0.0.1:8000", *args]
+    props = UnitProperties(
+        name="gunicorn.service", load_state="loaded", active_state="active",
+        sub_state="running", working_directory=working_directory,
+        environment=tuple(f"{k}={v}" for k, v in env.items()),
+        exec_start=(ExecCommand(argv[0], tuple(argv)),), user=APP_USER, group=APP_USER)
+    return build_context(props, ContextInputs(venvs={str(venv): True}))
+
+
+def write_file(path: Path, text: str) -> Path:
+    """A root-owned file www-data can read (0755 parents), like /etc/app/gunicorn.conf.py."""
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def test_gunicorn_config_file_gives_app_chdir_env_and_pythonpath(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
+        pg_database: PgDatabase) -> None:
+    # The app imports a module that only the config file's pythonpath makes importable.
+    write_file(app_workspace / "lib" / "sitelib.py", "VALUE = 1\n")
+    app = make_app(AppSpec(on_import="import sitelib\n"))
+    db_upgrade(app, flask_venv, pg_database.url, env={"PYTHONPATH": str(app_workspace / "lib")})
+    conf = write_file(app_workspace / "etc" / "gunicorn.conf.py", (
+        f"wsgi_app = 'wsgi:app'\n"
+        f"chdir = {str(app.root)!r}\n"
+        f"pythonpath = {str(app_workspace / 'lib')!r}\n"
+        f"raw_env = ['DATABASE_URL={pg_database.url}', 'SECRET_KEY=never-shown-1234']\n"
+        f"workers = 3\n"))
+    ctx = gunicorn_ctx(flask_venv, ["-c", str(conf)], {})  # WorkingDirectory=/, no env
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    assert result.ok, result.error
+    assert result.urls == {"default": pg_database.url}
+    assert result.schema_diff == () and result.heads == ("r3",)
+    assert (result.config_source, result.gunicorn_config, result.app_chdir, result.app_uri) == (
+        "gunicorn config", str(conf), str(app.root), "wsgi:app")
+    assert result.pythonpath == (str(app_workspace / "lib"),)
+    assert result.raw_env_names == ("DATABASE_URL", "SECRET_KEY")
+    assert result.migrations_dir == str(app.migrations)
+    shown = json.dumps(result.as_dict())
+    assert "never-shown-1234" not in shown and pg_database.password not in shown
+    assert result.versions["gunicorn"] == "23.0.0"
+
+
+def test_default_gunicorn_conf_py_in_the_working_directory_and_command_line_wins(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    app = make_app(AppSpec(models_at=4))
+    db_upgrade(app, flask_venv, pg_database.url)
+    # gunicorn reads ./gunicorn.conf.py by itself; its wsgi_app loses to the positional app.
+    app.write("gunicorn.conf.py", f"wsgi_app = 'nosuchmodule:app'\n"
+                                  f"raw_env = ['DATABASE_URL={pg_database.url}']\n")
+    ctx = gunicorn_ctx(flask_venv, ["app:create_app()"], {}, working_directory=str(app.root))
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    assert result.ok, result.error
+    assert result.gunicorn_config == str(app.root / "gunicorn.conf.py")
+    assert result.app_uri == "app:create_app()" and result.app_chdir == str(app.root)
+    assert result.urls == {"default": pg_database.url}
+    assert [(d["kind"], d["table"], d["name"]) for d in result.schema_diff or ()] == [
+        ("add_column", "posts", "created_at")]
+
+
+def test_gunicorn_cmd_args_in_the_environment(make_app: Callable[..., AppDir],
+                                              flask_venv: Path,
+                                              pg_database: PgDatabase) -> None:
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url)
+    env = {"GUNICORN_CMD_ARGS": f"--chdir {app.root} --env DATABASE_URL={pg_database.url}"}
+    ctx = gunicorn_ctx(flask_venv, ["wsgi:app"], env)
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    assert result.ok, result.error
+    assert (result.config_source, result.gunicorn_config, result.app_chdir) == (
+        "gunicorn config", "", str(app.root))
+    assert result.raw_env_names == ("DATABASE_URL",)
+    assert result.urls == {"default": pg_database.url} and result.schema_diff == ()
+
+
+def test_broken_gunicorn_config_is_an_app_load_error_naming_file_and_exception(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path) -> None:
+    app = make_app()
+    conf = write_file(app_workspace / "etc" / "gunicorn.conf.py",
+                      f"chdir = {str(app.root)!r}\nworkers = undefined_name * 2\n")
+    ctx = gunicorn_ctx(flask_venv, ["-c", str(conf), "wsgi:app"], {})
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    assert result.error_kind == "app_load"
+    assert result.error == (f"gunicorn config {conf} failed: NameError: name 'undefined_name' "
+                            f"is not defined (at {conf} line 2)")
+    assert result.finding() is not None and result.finding().check == "app_load_failed"
+    # An unknown option: gunicorn's own argparse message.
+    bad = run_probe(gunicorn_ctx(flask_venv, ["--no-such-option", "wsgi:app"], {}),
+                    ProbeRequest(), TIMEOUT)
+    assert bad.error_kind == "app_load"
+    assert bad.error.startswith("gunicorn's configuration failed: ") and \
+        "--no-such-option" in bad.error
+
+
+def venv_without_gunicorn(flask_venv: Path, where: Path) -> Path:
+    """A real venv with the default app packages but no gunicorn (app_venv's import check
+    insists on gunicorn): a fresh venv whose site-packages links to flask_venv's entries."""
+    import subprocess
+
+    venv = where / "venv-nogunicorn"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    source = next(flask_venv.glob("lib/python3*/site-packages"))
+    for entry in source.iterdir():
+        if not entry.name.lower().startswith(("gunicorn", "_distutils_hack", "pip")):
+            (site / entry.name).symlink_to(entry)
+    for path in [venv, *venv.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
+    return venv
+
+
+def test_without_gunicorn_the_execstart_parse_still_works(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
+        pg_database: PgDatabase) -> None:
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url)
+    venv = venv_without_gunicorn(flask_venv, app_workspace)
+    # e.g. a system gunicorn run as "python -m gunicorn" by an interpreter without it.
+    ctx = gunicorn_ctx(venv, ["--chdir", str(app.root), "-e",
+                              f"DATABASE_URL={pg_database.url}", "wsgi:app"], {},
+                       program=f"{venv}/bin/python3")
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    assert result.ok, result.error
+    assert (result.config_source, result.gunicorn_config, result.app_chdir, result.app_uri) == (
+        "ExecStart", "", str(app.root), "wsgi:app")
+    assert result.versions["gunicorn"] is None
+    assert result.urls == {"default": pg_database.url} and result.schema_diff == ()

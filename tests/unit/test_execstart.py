@@ -42,6 +42,19 @@ def test_shell_wrapper_with_cd_and_activate() -> None:
     assert spec.app_spec == "wsgi:application"
 
 
+def test_gunicorn_args_and_start_dir_for_the_child() -> None:
+    spec = analyse_exec_start([cmd("/srv/v/bin/gunicorn", "-c", "/etc/app/g.py")],
+                              working_directory="/srv/app")
+    assert spec.gunicorn_args == ("-c", "/etc/app/g.py") and spec.start_dir == "/srv/app"
+    assert spec.config_file == "/etc/app/g.py" and spec.app_spec == ""
+    wrapped = analyse_exec_start(
+        [cmd("/bin/sh", "-c", "cd /srv/app && exec venv/bin/gunicorn --chdir src wsgi:app")],
+        working_directory="/")
+    assert wrapped.start_dir == "/srv/app" and wrapped.chdir == "/srv/app/src"
+    assert wrapped.gunicorn_args == ("--chdir", "src", "wsgi:app")
+    assert analyse_exec_start([cmd("/usr/bin/uwsgi", "x.ini")]).gunicorn_args == ()
+
+
 def test_relative_program_resolved_against_working_directory() -> None:
     spec = analyse_exec_start([cmd("/bin/bash", "-c", "venv/bin/gunicorn wsgi:app")],
                               working_directory="/srv/app")

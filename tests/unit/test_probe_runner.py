@@ -18,7 +18,9 @@ from agent.probe.runner import (
     ProbeRequest,
     ProbeSetupError,
     build_probe_env,
+    build_unit_env,
     child_request,
+    gunicorn_config_files,
     parse_report,
     pgoptions,
     privilege_plan,
@@ -132,8 +134,10 @@ def test_probe_env_layers_like_systemd_then_gunicorn() -> None:
     assert env["HOME"] == "/srv/home"  # Environment= wins over systemd's User= defaults
     assert (env["USER"], env["LOGNAME"], env["SHELL"]) == ("www-data", "www-data",
                                                            "/usr/sbin/nologin")
-    assert env["MODE"] == "gunicorn"
-    assert "BAD" not in env
+    # gunicorn -e is the child's business (gunicorn applies raw_env after its config file).
+    assert env["MODE"] == "unit"
+    beside = build_unit_env(ctx, ident)  # commands run beside the app do get -e values
+    assert beside["MODE"] == "gunicorn" and "BAD" not in beside
     assert env["PATH"].split(":")[:2] == ["/srv/venv/bin", "/usr/local/sbin"]
     assert env["PGOPTIONS"].startswith("-c search_path=app -c default_transaction_read_only=on")
     assert env["PGAPPNAME"] == "driftwatch-probe"
@@ -154,6 +158,31 @@ def test_child_request_carries_app_spec_and_cwd() -> None:
     req = child_request(ctx, ProbeRequest(compare_schema=False))
     assert (req["app_spec"], req["cwd"], req["compare_schema"]) == (
         "app:create_app()", "/srv/code", False)
+
+
+def test_child_request_carries_gunicorn_args_and_where_gunicorn_starts() -> None:
+    args = ("-c", "conf/gunicorn.conf.py", "--chdir", "src", "-e", "A=1")
+    ctx = make_ctx(launch=LaunchSpec(argv=("/v/bin/gunicorn", *args), runs_gunicorn=True,
+                                     chdir="/srv/app/src", gunicorn_args=args,
+                                     gunicorn_env=("A=1",), start_dir="/srv/app"))
+    req = child_request(ctx, ProbeRequest())
+    assert req["gunicorn_args"] == list(args)
+    assert (req["start_dir"], req["cwd"], req["gunicorn_env"]) == ("/srv/app", "/srv/app/src",
+                                                                   ["A=1"])
+    flask_only = make_ctx(launch=LaunchSpec(argv=("/v/bin/flask", "run"), runs_gunicorn=False))
+    req = child_request(flask_only, ProbeRequest())
+    assert req["gunicorn_args"] is None and req["start_dir"] == "/srv/app"
+
+
+def test_gunicorn_config_files_for_the_fingerprint() -> None:
+    launch = LaunchSpec(argv=(), runs_gunicorn=True, start_dir="/srv/app",
+                        gunicorn_args=("-c", "etc/g.py", "wsgi:app"))
+    ctx = make_ctx(launch=launch, environment={"GUNICORN_CMD_ARGS": "--config=file:/etc/x.py"})
+    assert gunicorn_config_files(ctx) == ["/srv/app/etc/g.py", "/etc/x.py",
+                                          "/srv/app/gunicorn.conf.py"]
+    plain = make_ctx(launch=LaunchSpec(argv=(), runs_gunicorn=True))  # no start_dir: workdir
+    assert gunicorn_config_files(plain) == ["/srv/app/gunicorn.conf.py"]
+    assert gunicorn_config_files(make_ctx(launch=LaunchSpec(argv=(), runs_gunicorn=False))) == []
 
 
 # -- secrets ----------------------------------------------------------------------------------
@@ -209,6 +238,48 @@ def test_parse_error_report_scrubs_password_from_messages() -> None:
     finding = result.finding()  # type: ignore[attr-defined]
     assert finding.check == "probe_database_error" and finding.severity == "critical"
     assert finding.message == result.error  # type: ignore[attr-defined]
+
+
+def test_parse_gunicorn_fields_keep_raw_env_names_and_mask_its_values() -> None:
+    raw = report(ok=False, error_kind="app_load",
+                 error="the app could not be loaded: ValueError: bad key tops3cret-key",
+                 config_source="gunicorn config", gunicorn_config="/etc/app/gunicorn.conf.py",
+                 chdir="/srv/app/src", app_uri="wsgi:app", pythonpath=["/srv/lib"],
+                 raw_env_names=["SECRET_KEY", "DATABASE_URL"],
+                 raw_env={"SECRET_KEY": "tops3cret-key",
+                          "DATABASE_URL": "postgresql://u:rawpw-123@db/app"})
+    result = parse(raw, tail="printed tops3cret-key and rawpw-123\n")
+    assert (result.config_source, result.gunicorn_config, result.app_chdir,  # type: ignore[attr-defined]
+            result.app_uri, result.pythonpath) == (  # type: ignore[attr-defined]
+        "gunicorn config", "/etc/app/gunicorn.conf.py", "/srv/app/src", "wsgi:app",
+        ("/srv/lib",))
+    assert result.raw_env_names == ("DATABASE_URL", "SECRET_KEY")  # type: ignore[attr-defined]
+    shown = json.dumps(result.as_dict())  # type: ignore[attr-defined]
+    assert "tops3cret-key" not in shown and "rawpw-123" not in shown
+    assert "tops3cret-key" not in repr(result) and "raw_env\"" not in shown
+    assert result.error == "the app could not be loaded: ValueError: bad key ****"  # type: ignore[attr-defined]
+    assert parse(report(config_source="bogus")).config_source == ""  # type: ignore[attr-defined]
+
+
+def test_child_gunicorn_failure_names_the_config_file_and_the_cause() -> None:
+    def failing() -> SystemExit:
+        try:
+            try:
+                undefined_name  # type: ignore[name-defined]  # noqa: F821
+            except Exception:
+                raise SystemExit(1)  # what gunicorn's get_config_from_filename does
+        except SystemExit as exc:
+            return exc
+        raise AssertionError
+
+    state = {"config": "/etc/app/gunicorn.conf.py", "config_done": False}
+    assert child.gunicorn_failure(failing(), state, "") == (
+        "gunicorn config /etc/app/gunicorn.conf.py failed: NameError: name 'undefined_name' "
+        "is not defined")
+    state["config_done"] = True
+    usage = "usage: gunicorn [OPTIONS]\ngunicorn: error: unrecognized arguments: --nope\n"
+    assert child.gunicorn_failure(SystemExit(2), state, usage) == (
+        "gunicorn's configuration failed: gunicorn: error: unrecognized arguments: --nope")
 
 
 def test_parse_unknown_error_kind_becomes_internal() -> None:

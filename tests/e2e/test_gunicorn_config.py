@@ -1,0 +1,75 @@
+"""A real gunicorn.service whose app, chdir and DATABASE_URL live only in a gunicorn.conf.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness.agent import agent_python, agentctl
+from tests.harness.apps import (
+    AppDir,
+    db_upgrade,
+    gunicorn_pids,
+    gunicorn_unit,
+    http_get,
+    unit_diagnostics,
+)
+from tests.harness.postgres import PgDatabase, free_port
+from tests.harness.sandbox import Sandbox
+
+pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
+
+UNIT = "gunicorn.service"
+CONF = "/etc/site/gunicorn.conf.py"
+
+PROBE = """
+import json
+from agent.inspection import inspect_unit
+from agent.probe import ProbeRequest, run_probe
+from agent.sources.systemd import SystemdSource
+ctx = inspect_unit(SystemdSource(), "gunicorn.service").context
+print(json.dumps(run_probe(ctx, ProbeRequest(), 30).as_dict()))
+"""
+
+
+def test_app_and_database_only_in_a_gunicorn_config_file(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        flask_venv: Path, pg_database: PgDatabase) -> None:
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url, "r2")  # r3 is pending
+    port = free_port()
+    sb = make_sandbox()
+    sb.add_file(CONF, (f"wsgi_app = 'wsgi:app'\n"
+                       f"chdir = {str(app.root)!r}\n"
+                       f"raw_env = ['DATABASE_URL={pg_database.url}']\n"))
+    # No WorkingDirectory=, no Environment=, no EnvironmentFile=, no app on the command
+    # line: ExecStart=<venv>/bin/gunicorn --workers 2 --bind ... -c /etc/site/gunicorn.conf.py
+    sb.add_unit(UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=port,
+                                    working_directory=False, environment={},
+                                    extra_args=["-c"], app_spec=CONF))
+    sb.boot()
+    sb.systemctl("start", UNIT)
+    # The real gunicorn starts with that config: the file is valid and complete.
+    assert http_get(f"http://127.0.0.1:{port}/healthz",
+                    describe=lambda: unit_diagnostics(sb, UNIT))[0] == 200
+    gunicorn_pids(sb, UNIT)
+    assert "DATABASE_URL" not in sb.systemctl("show", UNIT, "-p", "Environment").stdout
+
+    proc = agentctl(sb, "check", "gunicorn", "--json", "--probe-timeout", "30")
+    assert proc.returncode == 1, proc.stderr
+    unit = json.loads(proc.stdout)["units"][0]
+    assert unit["database"] == f"127.0.0.1:{pg_database.cluster.port}/{pg_database.name}"
+    assert unit["migrations"]["current"] == ["r2"]
+    assert unit["migrations"]["pending"] == ["r3"]
+    findings = {f["check"] for f in unit["findings"]}
+    assert "pending_migrations" in findings and "app_load_failed" not in findings
+    assert pg_database.password not in proc.stdout
+
+    result = agent_python(sb, PROBE)
+    assert (result["config_source"], result["gunicorn_config"], result["app_chdir"],
+            result["app_uri"], result["raw_env_names"]) == (
+        "gunicorn config", CONF, str(app.root), "wsgi:app", ["DATABASE_URL"])
+    assert pg_database.password not in json.dumps(result)
