@@ -12,12 +12,13 @@ from typing import Any
 
 from agent.checks import migrations as migration_checks
 from agent.checks.schema import drift_findings, drift_items
+from agent.checks.unit import UnitFacts, check_working_directory
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.sources import connections, database
+from agent.sources import connections, database, files
 from agent.sources.journal import JournalReader
 from agent.sources.systemd import SystemdSource
 from agent.state import StateStore
@@ -170,6 +171,10 @@ class Inspector:
         fields["stale_environment_variables"] = len(report.stale_variables)
 
         probe = self._run_probe(report, timer)
+        if probe.app_chdir and probe.app_chdir != report.context.app_directory:
+            # gunicorn's own config (a chdir in gunicorn.conf.py) knows better than ExecStart.
+            findings = [f for f in findings if f.check != "cwd_stale"]
+            findings += recheck_working_directory(report, probe.app_chdir)
         url = probe.urls.get("default") or next(iter(probe.urls.values()), "")
         inspection = None
         if url:
@@ -368,6 +373,14 @@ class Inspector:
                 log.warning("state store %s unavailable: %s", self.settings.state_path, exc)
                 return None
         return self._state
+
+
+def recheck_working_directory(report: UnitReport, app_directory: str) -> list[Finding]:
+    """The cwd check again, against the directory gunicorn's own configuration chose."""
+    ctx = replace(report.context, launch=replace(report.context.launch, chdir=app_directory))
+    paths = {app_directory, *(p.cwd for p in report.processes if p.cwd)}
+    facts = UnitFacts(realpaths={p: files.realpath(p) for p in paths})
+    return check_working_directory(ctx, report.processes, facts)
 
 
 def _env_database_ports(report: UnitReport) -> set[int]:

@@ -66,6 +66,8 @@ def test_app_and_database_only_in_a_gunicorn_config_file(
     assert unit["migrations"]["pending"] == ["r3"]
     findings = {f["check"] for f in unit["findings"]}
     assert "pending_migrations" in findings and "app_load_failed" not in findings
+    # The workers run in the config file's chdir, which is where gunicorn was told to go.
+    assert "cwd_stale" not in findings, unit["findings"]
     assert pg_database.password not in proc.stdout
 
     result = agent_python(sb, PROBE)
