@@ -15,8 +15,10 @@ from agent.context import AppContext
 from agent.errors import AccessDenied, DriftwatchError
 from agent.probe.runner import (
     ProbeSetupError,
+    ResolvedConfig,
     build_unit_env,
     privilege_plan,
+    resolve_gunicorn_config,
     resolve_identity,
     scrub,
     secret_values,
@@ -24,12 +26,21 @@ from agent.probe.runner import (
 
 # Conventions of env(1), chroot(1) and docker run: the command's own codes stay free.
 EXIT_EXEC_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
+# How long gunicorn's configuration may take to resolve (the probe's default timeout).
+RESOLVE_TIMEOUT = 20.0
+
+# (ctx, allow_root) -> gunicorn's resolved settings, or None when there are none to apply.
+Resolver = Callable[[AppContext, bool], "ResolvedConfig | None"]
 
 
 class ExecError(DriftwatchError):
     """The command could not be started in the unit's context."""
 
     exit_code = EXIT_EXEC_FAILED
+
+
+class GunicornConfigError(ExecError):
+    """The unit's gunicorn configuration (config file, GUNICORN_CMD_ARGS) failed to resolve."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,10 @@ class ExecPlan:
     # Popen-style keyword arguments (user, group, extra_groups); {} = stay who we are.
     drop: dict[str, Any] = field(default_factory=dict)
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The app as gunicorn resolves it (positional app or wsgi_app), else ExecStart's spec.
+    app_uri: str = ""
+    # Where chdir/pythonpath/raw_env came from: "gunicorn config" or "ExecStart".
+    config_source: str = "ExecStart"
 
     def scrub(self, text: str) -> str:
         """text with URL passwords and the unit's secret values masked."""
@@ -56,9 +71,42 @@ def unit_environment(ctx: AppContext, identity: Any) -> dict[str, str]:
     return build_unit_env(ctx, identity)
 
 
+def default_resolver(timeout: float = RESOLVE_TIMEOUT) -> Resolver:
+    """gunicorn's own resolution, in a resolve-only probe child as the unit's user."""
+    def resolve(ctx: AppContext, allow_root: bool) -> ResolvedConfig | None:
+        return resolve_gunicorn_config(ctx, timeout, allow_root=allow_root)
+    return resolve
+
+
+def prepend_path(value: str, entries: Sequence[str]) -> str:
+    """entries first on a colon-separated path, then value's own entries not among them."""
+    rest = [p for p in value.split(":") if p and p not in entries]
+    return ":".join([*dict.fromkeys(entries), *rest])
+
+
+def apply_gunicorn_config(env: Mapping[str, str], cwd: str, resolved: ResolvedConfig | None,
+                          ) -> tuple[dict[str, str], str]:
+    """Pure: the unit's environment and directory with gunicorn's resolved settings applied
+    as gunicorn applies them: raw_env over the process environment, pythonpath entries first
+    (here: first on PYTHONPATH), the final chdir as the directory. Without gunicorn's own
+    resolution (None, or the ExecStart fallback), env and cwd stand as they are."""
+    merged = dict(env)
+    if resolved is None or not resolved.from_gunicorn:
+        return merged, cwd
+    merged.update(resolved.raw_env)
+    if resolved.pythonpath:
+        merged["PYTHONPATH"] = prepend_path(merged.get("PYTHONPATH", ""), resolved.pythonpath)
+    return merged, resolved.chdir or cwd
+
+
 def plan_exec(ctx: AppContext, argv: Sequence[str], euid: int,
-              extra_env: Mapping[str, str] | None = None) -> ExecPlan:
-    """Who, where and with what environment argv runs for this unit (raises ExecError)."""
+              extra_env: Mapping[str, str] | None = None,
+              resolve: Resolver | None = None) -> ExecPlan:
+    """Who, where and with what environment argv runs for this unit (raises ExecError).
+
+    resolve (default: gunicorn's own resolution in a probe child) gives the config file's
+    chdir, pythonpath and raw_env; a broken configuration raises GunicornConfigError.
+    """
     if not argv:
         raise ExecError("no command given: agentctl exec UNIT -- CMD [ARGS...]")
     secrets = tuple(secret_values(ctx.environment))
@@ -75,11 +123,22 @@ def plan_exec(ctx: AppContext, argv: Sequence[str], euid: int,
         drop = privilege_plan(identity, euid, allow_root=True)
     except ProbeSetupError as exc:
         raise AccessDenied(str(exc)) from None
-    env = unit_environment(ctx, identity)
+    # gunicorn's config file runs as whoever the unit runs as (root only for a root unit).
+    resolved = (resolve or default_resolver())(ctx, identity.uid == 0)
+    if resolved is not None and resolved.error:
+        raise GunicornConfigError(scrub(f"{ctx.unit}: {resolved.error}", secrets))
+    env, cwd = apply_gunicorn_config(unit_environment(ctx, identity),
+                                     ctx.app_directory or "/", resolved)
     env.update(extra_env or {})
-    cwd = ctx.app_directory or "/"
+    if resolved is not None and resolved.raw_env:  # a config file's passwords, masked too
+        secrets = tuple(sorted(set(secrets) | set(secret_values(resolved.raw_env)),
+                               key=len, reverse=True))
+    gunicorn = resolved is not None and resolved.from_gunicorn
     return ExecPlan(unit=ctx.unit, argv=tuple(argv), cwd=cwd, env=env, user=identity.name,
-                    uid=identity.uid, drop=drop, secrets=secrets)
+                    uid=identity.uid, drop=drop, secrets=secrets,
+                    app_uri=(resolved.app_uri if gunicorn and resolved is not None
+                             else ctx.launch.app_spec),
+                    config_source="gunicorn config" if gunicorn else "ExecStart")
 
 
 def resolve_command(name: str, path: str) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from agent.context import AppContext
@@ -12,7 +12,13 @@ from agent.errors import DriftwatchError
 from agent.inspection import inspect_unit
 from agent.snapshot import UnitSnapshot
 from agent.sources.systemd import SystemdSource
-from agent.unitexec import describe_returncode, plan_exec, run_captured
+from agent.unitexec import (
+    GunicornConfigError,
+    Resolver,
+    describe_returncode,
+    plan_exec,
+    run_captured,
+)
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 # Checks without which nobody can say what an upgrade would do.
@@ -88,15 +94,23 @@ def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flask_app_value(ctx: AppContext) -> str:
-    """FLASK_APP as the unit sets it, else the gunicorn app spec (Flask reads the same syntax)."""
+def flask_app_value(ctx: AppContext, env: Mapping[str, str] | None = None,
+                    app_uri: str | None = None) -> str:
+    """FLASK_APP as the command's environment has it (the unit's, ExecStart -e and gunicorn's
+    raw_env, in gunicorn's order), else the app gunicorn loads (Flask reads the same syntax).
+
+    env and app_uri come from the exec plan; without them, the unit's environment, ExecStart's
+    -e values and ExecStart's app spec.
+    """
+    if env is not None and env.get("FLASK_APP"):
+        return env["FLASK_APP"]
     for assignment in ctx.launch.gunicorn_env:
         name, _, value = assignment.partition("=")
         if name == "FLASK_APP":
             return value
     if ctx.environment.get("FLASK_APP"):
         return ctx.environment["FLASK_APP"]
-    spec = ctx.launch.app_spec
+    spec = app_uri if app_uri is not None else ctx.launch.app_spec
     if not spec:
         raise UpgradeError(f"{ctx.unit}: FLASK_APP is unset and the gunicorn app spec is "
                            "unknown; set FLASK_APP in the unit's environment")
@@ -122,9 +136,11 @@ class Upgrader:
     """The sequence; every step that fails stops it with a one-line reason."""
 
     def __init__(self, options: UpgradeOptions, systemd: SystemdSource, inspect: Inspect,
-                 confirm: Confirm | None, out: TextIO, euid: int) -> None:
+                 confirm: Confirm | None, out: TextIO, euid: int,
+                 resolve: Resolver | None = None) -> None:
         self.options, self.systemd, self.inspect = options, systemd, inspect
         self.confirm, self.out, self.euid = confirm, out, euid
+        self.resolve = resolve  # gunicorn's config resolution (None: the real one)
 
     def run(self) -> int:
         """check -> plan -> confirm -> flask db upgrade -> verify -> restart."""
@@ -165,8 +181,13 @@ class Upgrader:
 
     def _flask_upgrade(self, unit: UnitSnapshot) -> None:
         ctx = inspect_unit(self.systemd, self.options.unit).context
-        plan = plan_exec(ctx, ("flask", "db", "upgrade"), self.euid,
-                         extra_env={"FLASK_APP": flask_app_value(ctx)})
+        try:
+            plan = plan_exec(ctx, ("flask", "db", "upgrade"), self.euid, resolve=self.resolve)
+        except GunicornConfigError as exc:
+            raise UpgradeError(f"{exc}; nothing changed", EXIT_ERROR) from None
+        # FLASK_APP after gunicorn's raw_env is applied: a config file may set it, or wsgi_app.
+        plan = replace(plan, env={**plan.env, "FLASK_APP": flask_app_value(
+            ctx, plan.env, plan.app_uri if plan.config_source == "gunicorn config" else None)})
         self.out.write(f"Running flask db upgrade as {plan.user} in {plan.cwd}:\n")
         self.out.flush()
         result = run_captured(plan, on_line=lambda line: self.out.write(f"  | {line}\n"))

@@ -9,6 +9,10 @@ imported lazily, inside functions, after the runner has already dropped privileg
 
 Protocol: exactly one JSON object written to the inherited file descriptor FD, then
 ``os._exit``. Whatever the app prints goes to stdout/stderr, never to FD.
+
+With ``"resolve_only": true`` in the request, the child only resolves gunicorn's configuration
+(config file, GUNICORN_CMD_ARGS, command line) and reports chdir, pythonpath and raw_env
+(values included, for the agent's memory only); it never imports the app.
 """
 
 import ast
@@ -630,7 +634,10 @@ def main(argv):
             if not request.get("allow_root"):
                 raise PermissionError("refusing to load app code as root")
         gunicorn_app = prepare(request, report)
-        probe(request, report, gunicorn_app)
+        # resolve_only (agentctl exec/upgrade): gunicorn's settings are all that is wanted;
+        # the app is not imported and nothing else runs.
+        if not request.get("resolve_only"):
+            probe(request, report, gunicorn_app)
     except ProbeError as exc:
         report["error_kind"], report["error"] = exc.kind, str(exc)
     except BaseException as exc:

@@ -149,6 +149,33 @@ class ProbeResult:
         return Finding(check, "critical", self.error, remedy)
 
 
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """gunicorn's effective settings for a unit, as its own Config resolves them (resolve-only
+    child run); raw_env values are secrets and are kept out of repr and every surfaced form."""
+
+    config_source: str = ""                # "gunicorn config", or "ExecStart" (not importable)
+    gunicorn_config: str = ""              # the config file gunicorn loaded, "" for none
+    chdir: str = ""                        # gunicorn's final chdir (its default: start dir)
+    pythonpath: tuple[str, ...] = ()       # absolute, in gunicorn's order
+    app_uri: str = ""                      # positional app or wsgi_app
+    raw_env: dict[str, str] = field(default_factory=dict, repr=False)
+    error: str = ""                        # scrubbed one line; "" when resolved
+    duration: float = 0.0
+
+    @property
+    def from_gunicorn(self) -> bool:
+        """True when gunicorn's own Config resolved it (else: nothing to apply)."""
+        return not self.error and self.config_source == "gunicorn config"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: raw_env names only, never the values."""
+        return {"config_source": self.config_source, "gunicorn_config": self.gunicorn_config,
+                "chdir": self.chdir, "pythonpath": list(self.pythonpath),
+                "app_uri": self.app_uri, "raw_env_names": sorted(self.raw_env),
+                "error": self.error, "duration": self.duration}
+
+
 # -- identity ---------------------------------------------------------------------------------
 
 def resolve_identity(user: str, group: str, supplementary: Iterable[str], *,
@@ -264,7 +291,7 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "gunicorn_env": list(launch.gunicorn_env),
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
-            "allow_root": request.allow_root}
+            "allow_root": request.allow_root, "resolve_only": False}
 
 
 def probe_start_dir(ctx: AppContext) -> str:
@@ -466,10 +493,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeResult:
-    """Load the app in the unit's exact context in a child process and report what it found."""
+def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,
+               secrets: list[str]) -> tuple[bytes, int | None, str, bool] | ProbeResult:
+    """Start child.py as the unit's user with doc as its request, in its own process group,
+    and collect (report bytes, returncode, output tail, timed out); a setup failure comes
+    back as a failed ProbeResult. The whole group is killed at the end, whatever happens."""
     started = time.monotonic()
-    secrets = secret_values(ctx.environment)
     try:
         identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
@@ -478,7 +507,7 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
         source = CHILD_SOURCE_PATH.read_text()
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
-    env[REQUEST_ENV] = json.dumps(child_request(ctx, request))
+    env[REQUEST_ENV] = json.dumps(doc)
     cwd = probe_start_dir(ctx)
     read_fd, write_fd = os.pipe()
     argv = [python, "-B", "-c", source, str(write_fd)]
@@ -508,9 +537,90 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
-    return parse_report(raw, proc.returncode, tail.decode("utf-8", "replace"),
-                        timed_out=timed_out, timeout=timeout,
+    return raw, proc.returncode, tail.decode("utf-8", "replace"), timed_out
+
+
+def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeResult:
+    """Load the app in the unit's exact context in a child process and report what it found."""
+    started = time.monotonic()
+    secrets = secret_values(ctx.environment)
+    ran = _run_child(ctx, request, child_request(ctx, request), timeout, secrets)
+    if isinstance(ran, ProbeResult):
+        return ran
+    raw, returncode, tail, timed_out = ran
+    return parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
                         duration=time.monotonic() - started, secrets=secrets)
+
+
+# -- gunicorn's configuration alone (agentctl exec / upgrade) ---------------------------------
+
+def resolve_request(ctx: AppContext, allow_root: bool = False) -> dict[str, Any]:
+    """The child request for a resolve-only run: gunicorn's settings, no app import."""
+    request = ProbeRequest(compare_schema=False, include_revisions=False,
+                           allow_root=allow_root)
+    return {**child_request(ctx, request), "resolve_only": True}
+
+
+def parse_resolved(raw: bytes, returncode: int | None, tail: str, *, timed_out: bool,
+                   timeout: float, duration: float, secrets: Iterable[str] = (),
+                   ) -> ResolvedConfig:
+    """A resolve-only child's report -> ResolvedConfig; every message scrubbed, with the
+    raw_env values themselves among the secrets masked."""
+    doc: dict[str, Any] = {}
+    if raw and not timed_out:
+        try:
+            loaded = json.loads(raw)
+            doc = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            doc = {}
+    raw_env = doc.get("raw_env") if isinstance(doc.get("raw_env"), dict) else {}
+    raw_env = {str(k): str(v) for k, v in raw_env.items()}
+    # Every raw_env value is masked in messages, secret-named or not (it never leaves).
+    secrets = sorted(set(secrets) | set(secret_values(raw_env)) |
+                     {v for v in raw_env.values() if len(v) >= 4}, key=len, reverse=True)
+    duration = round(duration, 3)
+    if not doc or doc.get("protocol") != PROTOCOL:
+        result = parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
+                              duration=duration, secrets=secrets)
+        error = result.error if result.error else "the probe's report is not usable"
+        if timed_out:
+            error = f"resolving gunicorn's configuration timed out after {timeout:g} s"
+        return ResolvedConfig(error=scrub(error, secrets), duration=duration)
+    if doc.get("error"):
+        return ResolvedConfig(error=scrub(str(doc["error"]), secrets), duration=duration)
+    source = str(doc.get("config_source") or "")
+    return ResolvedConfig(
+        config_source=source if source in CONFIG_SOURCES else "",
+        gunicorn_config=str(doc.get("gunicorn_config") or ""),
+        chdir=str(doc.get("chdir") or ""),
+        pythonpath=tuple(str(p) for p in doc.get("pythonpath") or ()),
+        app_uri=str(doc.get("app_uri") or ""),
+        raw_env=raw_env if source == "gunicorn config" else {}, duration=duration)
+
+
+def resolve_gunicorn_config(ctx: AppContext, timeout: float, allow_root: bool = False,
+                            ) -> ResolvedConfig | None:
+    """gunicorn's effective chdir, pythonpath, raw_env and app for the unit, resolved by
+    gunicorn's own machinery in the app's interpreter as the unit's user (the probe child in
+    resolve-only mode: the config file runs, the app is never imported).
+
+    None when there is nothing to resolve: the unit does not run gunicorn, or its interpreter
+    is unknown. A result with config_source "ExecStart" means the interpreter cannot import
+    gunicorn (the ExecStart analysis stands); a result with error means the configuration
+    itself failed (a broken config file, a timeout), the message scrubbed.
+    """
+    if not ctx.launch.runs_gunicorn or not (ctx.python or ctx.venv):
+        return None
+    started = time.monotonic()
+    secrets = secret_values(ctx.environment)
+    request = ProbeRequest(compare_schema=False, include_revisions=False,
+                           allow_root=allow_root)
+    ran = _run_child(ctx, request, resolve_request(ctx, allow_root), timeout, secrets)
+    if isinstance(ran, ProbeResult):
+        return ResolvedConfig(error=ran.error, duration=ran.duration)
+    raw, returncode, tail, timed_out = ran
+    return parse_resolved(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
+                          duration=time.monotonic() - started, secrets=secrets)
 
 
 # -- memoisation ------------------------------------------------------------------------------

@@ -75,3 +75,29 @@ def test_app_and_database_only_in_a_gunicorn_config_file(
             result["app_uri"], result["raw_env_names"]) == (
         "gunicorn config", CONF, str(app.root), "wsgi:app", ["DATABASE_URL"])
     assert pg_database.password not in json.dumps(result)
+
+    # agentctl exec applies the config file too: its chdir, its raw_env.
+    proc = agentctl(sb, "exec", "gunicorn", "--", "sh", "-c",
+                    'pwd; test -n "$DATABASE_URL" && echo has-url')
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{app.root}\nhas-url\n", "")
+
+    # agentctl upgrade runs flask db upgrade there, against the config file's database.
+    old_pid = sb.main_pid(UNIT)
+    proc = agentctl(sb, "upgrade", "gunicorn", "--yes", "--restart", "--probe-timeout", "30")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert pg_database.alembic_versions() == ["r3"]
+    assert f"Running flask db upgrade as www-data in {app.root}:" in proc.stdout
+    assert "Running upgrade r2 -> r3" in proc.stdout
+    new_pid = sb.main_pid(UNIT)
+    assert new_pid not in (0, old_pid)
+    assert f"restarted, active with MainPID {new_pid} (was {old_pid})" in proc.stdout
+    assert pg_database.password not in proc.stdout + proc.stderr
+    sb.wait_active(UNIT)
+
+    # A config file that no longer loads: a one-line error, exit 125, nothing run.
+    sb.run(["sh", "-c", f"printf 'workers = undefined_name\\n' >> {CONF}"])
+    proc = agentctl(sb, "exec", "gunicorn", "--", "sh", "-c", "echo ran")
+    assert (proc.returncode, proc.stdout) == (125, "")
+    assert proc.stderr.strip() == (
+        f"agentctl: gunicorn.service: gunicorn config {CONF} failed: NameError: name "
+        f"'undefined_name' is not defined (at {CONF} line 4)")

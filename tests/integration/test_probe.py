@@ -492,3 +492,88 @@ def test_without_gunicorn_the_execstart_parse_still_works(
         "ExecStart", "", str(app.root), "wsgi:app")
     assert result.versions["gunicorn"] is None
     assert result.urls == {"default": pg_database.url} and result.schema_diff == ()
+
+
+# -- resolve-only: gunicorn's settings for agentctl exec / upgrade ---------------------------
+
+def test_resolve_only_gives_chdir_pythonpath_and_raw_env_without_importing_the_app(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
+        pg_database: PgDatabase, capfd: pytest.CaptureFixture[str]) -> None:
+    from agent.probe.runner import resolve_gunicorn_config
+    from agent.unitexec import plan_exec, run_captured
+
+    # Importing the app would fail: resolve-only must never do it.
+    app = make_app(AppSpec(on_import="raise RuntimeError('the app was imported')\n"))
+    lib = app_workspace / "lib"
+    write_file(lib / "sitelib.py", "VALUE = 1\n")
+    conf = write_file(app_workspace / "etc" / "gunicorn.conf.py", (
+        f"wsgi_app = 'wsgi:app'\n"
+        f"chdir = {str(app.root)!r}\n"
+        f"pythonpath = {str(lib)!r}\n"
+        f"raw_env = ['DATABASE_URL={pg_database.url}', 'SECRET_KEY=never-shown-1234']\n"
+        f"print('config loaded')\n"))
+    ctx = gunicorn_ctx(flask_venv, ["-c", str(conf)], {"PYTHONPATH": "/opt/unit"})
+    started = time.monotonic()
+    resolved = resolve_gunicorn_config(ctx, TIMEOUT)
+    took = time.monotonic() - started
+    assert resolved is not None and resolved.error == "", resolved
+    assert (resolved.config_source, resolved.gunicorn_config, resolved.chdir,
+            resolved.pythonpath, resolved.app_uri) == (
+        "gunicorn config", str(conf), str(app.root), (str(lib),), "wsgi:app")
+    assert resolved.raw_env == {"DATABASE_URL": pg_database.url,
+                                "SECRET_KEY": "never-shown-1234"}
+    shown = repr(resolved) + json.dumps(resolved.as_dict())
+    assert "never-shown-1234" not in shown and pg_database.password not in shown
+    assert took < 10, took
+
+    # The command runs where gunicorn would, with raw_env over the unit's environment.
+    plan = plan_exec(ctx, ["sh", "-c", 'pwd; id -un; echo "PYTHONPATH=$PYTHONPATH"; '
+                           'test "$DATABASE_URL" = "$EXPECTED" && echo has-url; '
+                           'echo "$SECRET_KEY"'], euid=0,
+                     extra_env={"EXPECTED": pg_database.url})
+    assert "never-shown-1234" not in repr(plan) and pg_database.password not in repr(plan)
+    run = run_captured(plan)
+    assert run.returncode == 0, run.tail
+    assert run.tail == (str(app.root), APP_USER, f"PYTHONPATH={lib}:/opt/unit", "has-url",
+                        "****")
+    out, err = capfd.readouterr()
+    assert "never-shown-1234" not in out + err and pg_database.password not in out + err
+
+
+def test_resolve_only_broken_config_is_a_scrubbed_one_line_error(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
+        pg_database: PgDatabase) -> None:
+    from agent.probe.runner import resolve_gunicorn_config
+    from agent.unitexec import GunicornConfigError, plan_exec
+
+    app = make_app()
+    conf = write_file(app_workspace / "etc" / "gunicorn.conf.py", (
+        f"chdir = {str(app.root)!r}\n"
+        f"raw_env = ['DATABASE_URL={pg_database.url}']\n"
+        f"raise ValueError({pg_database.url!r})\n"))
+    ctx = gunicorn_ctx(flask_venv, ["-c", str(conf), "wsgi:app"], {})
+    resolved = resolve_gunicorn_config(ctx, TIMEOUT)
+    assert resolved is not None and resolved.raw_env == {}
+    assert resolved.error.startswith(f"gunicorn config {conf} failed: ValueError: ")
+    assert resolved.error.endswith(f"(at {conf} line 3)") and "\n" not in resolved.error
+    assert pg_database.password not in resolved.error
+    with pytest.raises(GunicornConfigError) as err:
+        plan_exec(ctx, ["true"], euid=0)
+    assert err.value.exit_code == 125 and pg_database.password not in str(err.value)
+
+
+def test_resolve_only_without_gunicorn_falls_back_to_execstart(
+        make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path) -> None:
+    from agent.probe.runner import resolve_gunicorn_config
+    from agent.unitexec import plan_exec
+
+    app = make_app()
+    venv = venv_without_gunicorn(flask_venv, app_workspace)
+    ctx = gunicorn_ctx(venv, ["--chdir", str(app.root), "-e", "MODE=blue", "wsgi:app"], {},
+                       program=f"{venv}/bin/python3")
+    resolved = resolve_gunicorn_config(ctx, TIMEOUT)
+    assert resolved is not None and resolved.error == ""
+    assert resolved.config_source == "ExecStart" and not resolved.from_gunicorn
+    plan = plan_exec(ctx, ["true"], euid=0)
+    assert (plan.cwd, plan.env["MODE"], plan.config_source) == (str(app.root), "blue",
+                                                               "ExecStart")

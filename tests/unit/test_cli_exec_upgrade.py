@@ -14,8 +14,15 @@ from agent.errors import AccessDenied
 from agent.execstart import LaunchSpec
 from agent.model import UnitProperties
 from agent.snapshot import CheckRun, MigrationState, UnitSnapshot
-from agent.unitexec import ExecError, plan_exec, unit_environment
-from agent.probe.runner import Identity
+from agent.unitexec import (
+    ExecError,
+    GunicornConfigError,
+    apply_gunicorn_config,
+    plan_exec,
+    prepend_path,
+    unit_environment,
+)
+from agent.probe.runner import Identity, ResolvedConfig
 from agent.upgrade import (
     Decision,
     Upgrader,
@@ -52,6 +59,11 @@ def snap(migrations: MigrationState | None, **kw: Any) -> UnitSnapshot:
                                   checks=OK_CHECKS, main_pid=100)
     fields.update(kw)
     return UnitSnapshot(**fields)
+
+
+def no_config(ctx: AppContext, allow_root: bool) -> None:
+    """A resolver for units without gunicorn's own configuration (today's behaviour)."""
+    return None
 
 
 AT_R2 = MigrationState(True, current=("r2",), heads=("r3",), pending=("r3",))
@@ -94,10 +106,11 @@ def test_exec_env_keeps_the_units_own_pgoptions() -> None:
 
 
 def test_exec_plan_uses_gunicorn_chdir_and_drops_to_the_unit_user() -> None:
-    plan = plan_exec(make_ctx(chdir="/srv/app/src"), ["id"], euid=0)
+    plan = plan_exec(make_ctx(chdir="/srv/app/src"), ["id"], euid=0, resolve=no_config)
     assert plan.cwd == "/srv/app/src"
     assert plan.drop["user"] == 33 and plan.drop["group"] == 33
-    assert plan_exec(make_ctx(), ["id"], euid=33).drop == {}  # already the unit's user
+    # already the unit's user
+    assert plan_exec(make_ctx(), ["id"], euid=33, resolve=no_config).drop == {}
 
 
 def test_exec_as_another_user_is_refused_clearly() -> None:
@@ -115,9 +128,96 @@ def test_exec_without_command_and_with_missing_user() -> None:
 
 def test_exec_plan_scrubs_secrets() -> None:
     plan = plan_exec(make_ctx({"SECRET_KEY": "sekrit-value",
-                               "DATABASE_URL": "postgresql://a:hunter22@db/app"}), ["x"], 0)
+                               "DATABASE_URL": "postgresql://a:hunter22@db/app"}), ["x"], 0,
+                     resolve=no_config)
     text = plan.scrub("boom postgresql://a:hunter22@db/app sekrit-value hunter22")
     assert "hunter22" not in text and "sekrit-value" not in text
+
+
+# -- gunicorn's own configuration (config file raw_env, chdir, pythonpath) -------------------
+
+def test_raw_env_goes_over_the_unit_env_and_execstart_e() -> None:
+    base = {"PATH": "/srv/venv/bin:/usr/bin", "DATABASE_URL": "postgresql://old@db/a",
+            "KEEP": "1"}
+    resolved = ResolvedConfig(config_source="gunicorn config", chdir="/srv/app/src",
+                              raw_env={"DATABASE_URL": "postgresql://u:pw12@db/b", "NEW": "2"})
+    env, cwd = apply_gunicorn_config(base, "/srv/app", resolved)
+    assert env == {"PATH": "/srv/venv/bin:/usr/bin", "DATABASE_URL": "postgresql://u:pw12@db/b",
+                   "KEEP": "1", "NEW": "2"}
+    assert cwd == "/srv/app/src"
+    assert base["DATABASE_URL"] == "postgresql://old@db/a"  # the input is not changed
+
+
+def test_pythonpath_entries_go_first_on_pythonpath_in_gunicorns_order() -> None:
+    resolved = ResolvedConfig(config_source="gunicorn config", chdir="/srv/app",
+                              pythonpath=("/srv/lib", "/srv/app/src"))
+    env, _ = apply_gunicorn_config({"PYTHONPATH": "/opt/x:/srv/lib"}, "/", resolved)
+    assert env["PYTHONPATH"] == "/srv/lib:/srv/app/src:/opt/x"
+    env, _ = apply_gunicorn_config({}, "/", resolved)
+    assert env["PYTHONPATH"] == "/srv/lib:/srv/app/src"
+    assert prepend_path("", ()) == "" and prepend_path("/a::/b", ("/b",)) == "/b:/a"
+
+
+@pytest.mark.parametrize("resolved", [
+    None,  # not gunicorn, or no interpreter known
+    ResolvedConfig(config_source="ExecStart", chdir="/elsewhere"),  # gunicorn not importable
+])
+def test_without_gunicorns_own_resolution_env_and_cwd_stand(
+        resolved: ResolvedConfig | None) -> None:
+    env, cwd = apply_gunicorn_config({"A": "1"}, "/srv/app", resolved)
+    assert (env, cwd) == ({"A": "1"}, "/srv/app")
+    plan = plan_exec(make_ctx({"A": "1"}, chdir="/srv/app/src"), ["id"], 0,
+                     resolve=lambda ctx, root: resolved)
+    assert (plan.cwd, plan.env["A"], plan.config_source, plan.app_uri) == (
+        "/srv/app/src", "1", "ExecStart", "wsgi:app")
+    assert "PYTHONPATH" not in plan.env
+
+
+def test_exec_plan_applies_the_config_file_and_masks_its_secrets() -> None:
+    asked: list[bool] = []
+    resolved = ResolvedConfig(config_source="gunicorn config", chdir="/srv/site",
+                              pythonpath=("/srv/lib",), app_uri="site:app",
+                              raw_env={"DATABASE_URL": "postgresql://u:hunter22@db/app",
+                                       "API_TOKEN": "tok-123456"})
+    plan = plan_exec(make_ctx({"DATABASE_URL": "postgresql://unit@db/old"}), ["x"], 0,
+                     resolve=lambda ctx, root: asked.append(root) or resolved)
+    assert asked == [False]  # www-data: the config file runs as www-data, not root
+    assert (plan.cwd, plan.app_uri, plan.config_source) == ("/srv/site", "site:app",
+                                                            "gunicorn config")
+    assert plan.env["DATABASE_URL"] == "postgresql://u:hunter22@db/app"
+    assert plan.env["PYTHONPATH"] == "/srv/lib" and plan.env["PATH"].startswith("/srv/venv/bin")
+    text = plan.scrub("hunter22 tok-123456")
+    assert "hunter22" not in text and "tok-123456" not in text
+    assert "hunter22" not in repr(plan) and "hunter22" not in repr(resolved)
+    assert "tok-123456" not in str(resolved.as_dict())
+    assert resolved.as_dict()["raw_env_names"] == ["API_TOKEN", "DATABASE_URL"]
+    root = plan_exec(make_ctx(user=""), ["x"], 0,
+                     resolve=lambda ctx, allow_root: asked.append(allow_root) or None)
+    assert asked[-1] is True and root.user == "root"  # a root unit's config runs as root
+
+
+def test_broken_config_is_one_line_exec_error_125() -> None:
+    broken = ResolvedConfig(error="gunicorn config /etc/g.py failed: NameError: name 'x' is "
+                                  "not defined (at /etc/g.py line 2)")
+    with pytest.raises(GunicornConfigError) as err:
+        plan_exec(make_ctx(), ["x"], 0, resolve=lambda ctx, root: broken)
+    assert err.value.exit_code == 125 and "\n" not in str(err.value)
+    assert str(err.value) == f"gunicorn.service: {broken.error}"
+
+
+def test_broken_config_stops_upgrade_with_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.upgrade as upgrade_mod
+
+    monkeypatch.setattr(upgrade_mod, "inspect_unit",
+                        lambda systemd, name: type("I", (), {"context": make_ctx()})())
+    up, systemd, _ = upgrader(snap(AT_R2), assume_yes=True, restart=True,
+                              resolve=lambda ctx, root: ResolvedConfig(error="gunicorn config "
+                                                                       "/etc/g.py failed: boom"))
+    with pytest.raises(UpgradeError) as err:
+        up.run()
+    assert err.value.exit_code == 2 and systemd.restarts == []
+    assert str(err.value) == ("gunicorn.service: gunicorn config /etc/g.py failed: boom; "
+                              "nothing changed")
 
 
 # -- FLASK_APP --------------------------------------------------------------------------------
@@ -128,6 +228,15 @@ def test_flask_app_from_unit_env_else_gunicorn_spec() -> None:
     assert flask_app_value(make_ctx(app_spec="app:create_app()")) == "app:create_app()"
     with pytest.raises(UpgradeError, match="FLASK_APP is unset"):
         flask_app_value(make_ctx(app_spec=""))
+
+
+def test_flask_app_from_the_plan_env_then_gunicorns_app() -> None:
+    ctx = make_ctx({"FLASK_APP": "unit.py"}, app_spec="")
+    # raw_env's FLASK_APP is already over the unit's in the plan's environment.
+    assert flask_app_value(ctx, {"FLASK_APP": "conf.py"}, "site:app") == "conf.py"
+    assert flask_app_value(make_ctx(app_spec=""), {}, "site:app") == "site:app"  # wsgi_app
+    with pytest.raises(UpgradeError, match="FLASK_APP is unset"):
+        flask_app_value(make_ctx(), {}, "")  # gunicorn resolved no app at all
 
 
 # -- decision ----------------------------------------------------------------------------------
@@ -198,11 +307,11 @@ class FakeSystemd:
                               main_pid=200 if self.restarts else 100)
 
 
-def upgrader(unit: UnitSnapshot, confirm: Any = None, **opts: Any) -> tuple[Upgrader, FakeSystemd,
-                                                                           io.StringIO]:
+def upgrader(unit: UnitSnapshot, confirm: Any = None, resolve: Any = None,
+             **opts: Any) -> tuple[Upgrader, FakeSystemd, io.StringIO]:
     systemd, out = FakeSystemd(), io.StringIO()
     return Upgrader(UpgradeOptions("gunicorn.service", **opts), systemd,  # type: ignore[arg-type]
-                    lambda name: unit, confirm, out, euid=0), systemd, out
+                    lambda name: unit, confirm, out, euid=0, resolve=resolve), systemd, out
 
 
 def test_without_terminal_and_yes_nothing_runs() -> None:

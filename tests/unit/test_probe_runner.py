@@ -22,9 +22,12 @@ from agent.probe.runner import (
     child_request,
     gunicorn_config_files,
     parse_report,
+    parse_resolved,
     pgoptions,
     privilege_plan,
+    resolve_gunicorn_config,
     resolve_identity,
+    resolve_request,
     scrub,
     secret_values,
 )
@@ -172,6 +175,63 @@ def test_child_request_carries_gunicorn_args_and_where_gunicorn_starts() -> None
     flask_only = make_ctx(launch=LaunchSpec(argv=("/v/bin/flask", "run"), runs_gunicorn=False))
     req = child_request(flask_only, ProbeRequest())
     assert req["gunicorn_args"] is None and req["start_dir"] == "/srv/app"
+
+
+def test_resolve_request_is_resolve_only_and_never_imports_the_app() -> None:
+    ctx = make_ctx()
+    assert child_request(ctx, ProbeRequest())["resolve_only"] is False
+    req = resolve_request(ctx)
+    assert (req["resolve_only"], req["compare_schema"], req["include_revisions"],
+            req["allow_root"]) == (True, False, False, False)
+    assert resolve_request(ctx, allow_root=True)["allow_root"] is True
+
+
+def test_resolve_needs_gunicorn_and_a_known_interpreter() -> None:
+    not_gunicorn = make_ctx(launch=LaunchSpec(argv=("/v/bin/flask",), runs_gunicorn=False))
+    assert resolve_gunicorn_config(not_gunicorn, 5) is None
+    assert resolve_gunicorn_config(make_ctx(venv="", python=""), 5) is None
+
+
+def resolved_report(**kw: object) -> bytes:
+    doc = {"protocol": 1, "ok": True, "error": "", "config_source": "gunicorn config",
+           "gunicorn_config": "/etc/site/g.py", "chdir": "/srv/site",
+           "pythonpath": ["/srv/lib"], "app_uri": "wsgi:app",
+           "raw_env": {"DATABASE_URL": "postgresql://u:hunter22@db/app", "MODE": "prod-blue"}}
+    doc.update(kw)
+    return json.dumps(doc).encode()
+
+
+def test_parse_resolved_keeps_raw_env_values_out_of_every_surfaced_form() -> None:
+    got = parse_resolved(resolved_report(), 0, "", timed_out=False, timeout=5, duration=0.1)
+    assert got.from_gunicorn and got.error == ""
+    assert (got.gunicorn_config, got.chdir, got.pythonpath, got.app_uri) == (
+        "/etc/site/g.py", "/srv/site", ("/srv/lib",), "wsgi:app")
+    assert got.raw_env["DATABASE_URL"] == "postgresql://u:hunter22@db/app"
+    shown = repr(got) + json.dumps(got.as_dict())
+    assert "hunter22" not in shown and "prod-blue" not in shown
+    assert got.as_dict()["raw_env_names"] == ["DATABASE_URL", "MODE"]
+
+
+def test_parse_resolved_execstart_fallback_applies_nothing() -> None:
+    got = parse_resolved(resolved_report(config_source="ExecStart", raw_env={}), 0, "",
+                         timed_out=False, timeout=5, duration=0.1)
+    assert not got.from_gunicorn and got.raw_env == {} and got.error == ""
+
+
+def test_parse_resolved_errors_are_scrubbed_one_liners() -> None:
+    got = parse_resolved(resolved_report(
+        error="gunicorn config /etc/g.py failed: ValueError: postgresql://u:hunter22@db/app "
+              "prod-blue", error_kind="app_load"), 0, "", timed_out=False, timeout=5,
+        duration=0.1)
+    assert got.error.startswith("gunicorn config /etc/g.py failed: ValueError: ")
+    assert "hunter22" not in got.error and "prod-blue" not in got.error
+    assert not got.from_gunicorn
+    late = parse_resolved(b"", None, "", timed_out=True, timeout=7, duration=7)
+    assert late.error == "resolving gunicorn's configuration timed out after 7 s"
+    died = parse_resolved(b"", 1, "Traceback\nKeyError: 'x'\n", timed_out=False, timeout=5,
+                          duration=0.1, secrets=["topsecret"])
+    assert died.error == ("the app's interpreter exited with status 1 before reporting: "
+                          "KeyError: 'x'")
 
 
 def test_gunicorn_config_files_for_the_fingerprint() -> None:
