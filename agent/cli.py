@@ -271,6 +271,7 @@ def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> i
 
 def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl upgrade UNIT [--restart] [--yes]."""
+    from agent.unitexec import default_resolver
     from agent.upgrade import Upgrader, UpgradeOptions, unit_snapshot
 
     inspector = make_inspector(args, systemd)
@@ -283,7 +284,8 @@ def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
                              restart_timeout=args.restart_timeout)
     confirm = ask_on_terminal if sys.stdin.isatty() else None
     try:
-        return Upgrader(options, systemd, inspect, confirm, out, os.geteuid()).run()
+        return Upgrader(options, systemd, inspect, confirm, out, os.geteuid(),
+                        resolve=default_resolver(args.probe_timeout)).run()
     finally:
         inspector.close()
 
