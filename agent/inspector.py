@@ -16,6 +16,7 @@ from agent.checks.unit import UnitFacts, check_working_directory
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
+from agent.probe.alembic_env import AlembicEnv
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -26,6 +27,8 @@ from agent.state import StateStore
 log = logging.getLogger("driftwatch.inspector")
 
 # Unit findings that mean "the running processes are not what a restart would give".
+# Revision-state findings a running migration explains (it is applying them right now).
+IN_PROGRESS_EXPLAINS = {"pending_migrations", "version_table_missing", "version_table_empty"}
 RESTART_FINDINGS = {"environment_stale", "venv_mismatch", "cwd_stale", "code_newer_than_process",
                     "needs_daemon_reload"}
 
@@ -180,7 +183,8 @@ class Inspector:
         if url:
             fields["database"] = database.db_label(url)
             self._connections_check(unit, url, report, timer, fields, findings)
-            inspection = self._database_check(unit, url, timer, fields, findings)
+            inspection = self._database_check(unit, url, timer, fields, findings,
+                                              probe.alembic_env)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
                     and inspection.schema_fingerprint
@@ -195,8 +199,11 @@ class Inspector:
         probe_finding = probe.finding()
         if inspection is not None:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
-        # The agent's own database check already says "unreachable" more precisely.
-        if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
+        # The agent's own database check already says "unreachable" more precisely; and while
+        # a migration runs, a comparison that gave up on its locks is expected.
+        migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
+        if probe_finding and not (probe.error_kind == "database" and
+                                  (fields.get("db_up") is False or migrating)):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
@@ -231,11 +238,15 @@ class Inspector:
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
 
     def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
-                        findings: list[Finding]) -> database.DatabaseInspection | None:
+                        findings: list[Finding], env: AlembicEnv | None = None,
+                        ) -> database.DatabaseInspection | None:
         """One short read-only session: version table, activity, privileges, schema hash."""
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+        env = env or AlembicEnv()
         with timer.check("database") as res:
-            inspection = database.inspect(url, timeouts=timeouts)
+            # The version table env.py names (version_table / version_table_schema).
+            inspection = database.inspect(url, env.version_table,
+                                          env.version_table_schema or None, timeouts=timeouts)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
@@ -251,45 +262,54 @@ class Inspector:
                           findings: list[Finding]) -> None:
         """Revision state, migration activity, drift, privileges and integrity."""
         activity = inspection.activity
+        version = inspection.version
         in_progress = activity.in_progress
+        # A lock is never a state: the current revision is unknown now, not empty or missing.
+        readable = not version.locked
+        table = probe.alembic_env.qualified_version_table
         with timer.check("migrations") as res:
             if probe.revisions_error:
                 res["error"] = probe.revisions_error
             graph = migration_checks.revisions_from_dicts(probe.revisions)
-            version = inspection.version
             current = version.revisions if version.exists else None
-            if version.locked and not version.revisions:
-                current = None if version.exists is False else current
-            state = migration_checks.evaluate(unit, current, graph) if graph or current else None
-            if state is not None:
+            state = migration_checks.evaluate(unit, current, graph, table) \
+                if (graph or current) and readable else None
+            if not readable:
+                heads = migration_checks.heads_of(graph)
+                fields["migrations"] = MigrationState(
+                    version_table_present=True, heads=heads, multiple_heads=len(heads) > 1,
+                    in_progress=True, current_readable=False, version_table=table)
+            elif state is not None:
                 fields["migrations"] = MigrationState(
                     version_table_present=state.version_table_exists, current=state.current,
                     heads=state.heads, pending=state.pending or (),
                     multiple_heads=len(state.heads) > 1, unknown=state.unknown,
-                    in_progress=in_progress)
+                    in_progress=in_progress, version_table=table)
                 for finding in state.findings:
                     # A running upgrade explains pending revisions: say so, do not page.
-                    if in_progress and finding.check in ("pending_migrations",
-                                                         "version_table_missing"):
+                    if in_progress and finding.check in IN_PROGRESS_EXPLAINS:
                         continue
                     findings.append(finding)
         if in_progress:
             findings += migration_checks.activity_findings(
                 unit, [(s.pid, s.duration_s, s.reason, s.query) for s in activity.sessions],
-                locked=inspection.version.locked)
+                locked=version.locked, table=table)
             if fields.get("migrations") is None:
                 fields["migrations"] = MigrationState(version_table_present=bool(
-                    inspection.version.exists), in_progress=True)
+                    version.exists), in_progress=True, version_table=table)
         with timer.check("schema") as res:
-            if probe.schema_diff is None:
+            if in_progress:
+                # Held back: a half-applied migration is not drift (and a comparison that
+                # gave up on its locks is not a failure).
+                fields["schema_drift"] = None
+            elif probe.schema_diff is None:
                 res["error"] = probe.schema_diff_error or "schema not compared"
             else:
                 items = drift_items(probe.schema_diff)
                 fields["schema_drift"] = tuple(DriftItem(**i) for i in items)
-                if not in_progress:
-                    pending = len(fields["migrations"].pending) if fields.get("migrations") \
-                        else 0
-                    findings += drift_findings(unit, items, pending)
+                pending = len(fields["migrations"].pending) if fields.get("migrations") \
+                    else 0
+                findings += drift_findings(unit, items, pending)
         with timer.check("privileges") as res:
             priv = inspection.privileges
             if priv.error:

@@ -151,10 +151,11 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     m = u.migrations
     if m is not None:
         yield VERSION_TABLE_PRESENT, (n,), _b(m.version_table_present)
-        for current in m.current or ("",):
-            for head in m.heads or ("",):
-                yield REVISION_INFO, (n, current, head), 1.0
-        yield PENDING_REVISIONS, (n,), float(len(m.pending))
+        if m.current_readable:  # a locked version table is not "no revision, all pending"
+            for current in m.current or ("",):
+                for head in m.heads or ("",):
+                    yield REVISION_INFO, (n, current, head), 1.0
+            yield PENDING_REVISIONS, (n,), float(len(m.pending))
         yield MIGRATION_HEADS, (n,), float(len(m.heads))
         yield DB_REVISION_UNKNOWN, (n,), _b(bool(m.unknown))
         yield MIGRATION_IN_PROGRESS, (n,), _b(m.in_progress)

@@ -90,7 +90,8 @@ def check_json(u: UnitSnapshot) -> dict[str, object]:
         "migrations": None if m is None else {
             "current": list(m.current), "heads": list(m.heads), "pending": list(m.pending),
             "multiple_heads": m.multiple_heads, "unknown": list(m.unknown),
-            "version_table": m.version_table_present, "in_progress": m.in_progress},
+            "version_table": m.version_table_present, "in_progress": m.in_progress,
+            "current_readable": m.current_readable},
         "schema_drift": None if u.schema_drift is None else {
             "count": len(u.schema_drift),
             "items": [{"kind": d.kind, "table": d.table, "name": d.name}
@@ -112,6 +113,7 @@ def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
         m = u.migrations
         rows.append((
             u.unit, u.database or "-",
+            "(locked)" if m and not m.current_readable else
             ",".join(m.current) or "(none)" if m else "?",
             ",".join(m.heads) or "-" if m else "?",
             str(len(m.pending)) if m and not m.unknown else ("?" if m is None else "unknown"),
@@ -175,7 +177,8 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
     if m is None:
         rows.append(("revision", "unknown"))
     else:
-        current = ", ".join(m["current"]) or "(none)"
+        current = ", ".join(m["current"]) or "(none)" if m.get("current_readable", True) \
+            else "not readable now (a migration holds the version table)"
         heads = ", ".join(m["heads"]) or "(none)"
         if m.get("in_progress"):
             pend = "a migration is running now"
@@ -186,7 +189,8 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
         else:
             pend = "up to date"
         extra = " [multiple heads]" if m.get("multiple_heads") else ""
-        table = "" if m.get("version_table_present", True) else " [no alembic_version table]"
+        table = "" if m.get("version_table_present", True) else \
+            f" [no {m.get('version_table') or 'alembic_version'} table]"
         rows.append(("revision", f"{current}, head {heads}: {pend}{extra}{table}"))
     drift = unit.get("schema_drift")
     if drift is None:

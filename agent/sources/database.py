@@ -208,10 +208,24 @@ def query_version_table(conn: Connection, table: str = "alembic_version",
     try:
         rows = conn.execute(text(f"SELECT version_num FROM {name}")).scalars().all()
     except DBAPIError as exc:
-        if "lock timeout" in str(exc.orig).lower():
+        if is_lock_wait(exc):
             return True, (), True
         raise
     return True, tuple(sorted(str(r) for r in rows)), False
+
+
+# lock_not_available (our lock_timeout) and query_canceled (statement_timeout): reading a
+# one-row table only runs out of time when somebody holds it.
+LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014"})
+
+
+def is_lock_wait(exc: BaseException) -> bool:
+    """True when a statement gave up waiting (lock or statement timeout), not failed."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "pgcode", None) or ""
+    text_ = str(orig).lower()
+    return code in LOCK_WAIT_SQLSTATES or "lock timeout" in text_ or \
+        "statement timeout" in text_
 
 
 def read_version_table(url: str | URL, table: str = "alembic_version",
@@ -263,6 +277,21 @@ WHERE l.locktype = 'relation' AND l.relation = to_regclass(:n)
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
 """
+# DDL takes ACCESS EXCLUSIVE locks and keeps them until commit: a migration that is
+# between statements (or sleeping in a data step) still holds them. Temporary tables
+# (CREATE TEMP TABLE takes the same lock) are not a migration.
+EXCLUSIVE_SQL = """
+SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)),
+       coalesce(a.query, ''), coalesce(c.relname, l.relation::text)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+LEFT JOIN pg_class c ON c.oid = l.relation
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND coalesce(c.relpersistence, 'p') <> 't'
+  AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+LIMIT 500
+"""
 ACTIVE_SQL = """
 SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
        extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)), coalesce(a.query, '')
@@ -294,6 +323,12 @@ def query_migration_activity(conn: Connection, table: str = "alembic_version",
         found.setdefault(pid, ActiveSession(pid, user, state, round(float(secs or 0), 1),
                                             short_query(query),
                                             f"{verb} {mode} on {table}"))
+    for pid, user, state, secs, query, relation in conn.execute(text(EXCLUSIVE_SQL)):
+        hidden = hidden or query == "<insufficient privilege>"
+        found.setdefault(pid, ActiveSession(pid, user, state, round(float(secs or 0), 1),
+                                            short_query(query),
+                                            f"holds AccessExclusiveLock on {relation} "
+                                            "(DDL in an open transaction)"))
     for pid, user, state, secs, query in conn.execute(text(ACTIVE_SQL)):
         hidden = hidden or query == "<insufficient privilege>"
         if pid not in found and DDL.match(query):
