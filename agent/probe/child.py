@@ -666,8 +666,9 @@ def compare_with_env_py(config, found, request, report):
         check_like_alembic(config, tuple(report.get("heads") or ()), runs)
     except BaseException as exc:  # SystemExit from env.py too
         kind = "database" if _is_db_error(exc) else "migrations"
-        report["schema_diff_error"] = "the migration environment %s failed: %s" % (
-            env_py, env_error(exc, [location]))
+        report["schema_diff_error"] = (
+            "the live schema could not be compared: %s" if kind == "database" else
+            "the migration environment " + env_py + " failed: %s") % env_error(exc, [location])
         report["schema_diff_error_kind"] = kind
     finally:
         _describe_runs(runs, found, info)
