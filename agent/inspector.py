@@ -17,6 +17,7 @@ from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
 from agent.probe.alembic_env import AlembicEnv
+from agent.secrets import mask_url
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -124,7 +125,7 @@ class Inspector:
                 except DriftwatchError as exc:
                     errors.append(str(exc))
                     units = list(self.settings.units)
-            snaps = tuple(self.inspect_unit(name) for name in units)
+            snaps = tuple(self._isolated(name) for name in units)
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
                         errors=tuple(errors))
@@ -143,6 +144,29 @@ class Inspector:
             self._state.close()
 
     # -- one unit ------------------------------------------------------------------------
+    def _isolated(self, name: str) -> UnitSnapshot:
+        """inspect_unit, with anything it raises confined to this unit's snapshot.
+
+        Units are independent: whatever one unit's app controls (URL, environment,
+        ExecStart, migration files, output) fails that unit's checks, never another's.
+        """
+        started = time.monotonic()
+        try:
+            return self.inspect_unit(name)
+        except Exception as exc:
+            log.exception("inspecting %s failed", name)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            reason = mask_url(reason)
+            return UnitSnapshot(
+                unit=name, timestamp=time.time(), unit_up=False,
+                checks=(CheckRun("inspection", False, round(time.monotonic() - started, 4),
+                                 f"internal error: {reason}"),),
+                findings=(Finding(
+                    "inspection_failed", "critical",
+                    f"{name} could not be inspected: internal error: {reason}",
+                    "this is a driftwatch bug: report it with the agent's log; other units "
+                    "are inspected as usual"),))
+
     def inspect_unit(self, name: str) -> UnitSnapshot:
         """Every check for one unit; never raises."""
         timer = _Timer()

@@ -54,12 +54,23 @@ def agent_url(url: str | URL) -> URL:
     """The app's URL with the psycopg2 driver, whatever driver it named (ValueError if not PG)."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except ArgumentError as exc:
-        raise ValueError(f"not a database URL: {mask_url(str(exc))}") from None
+    except (ArgumentError, ValueError, TypeError) as exc:
+        # e.g. SQLAlchemy's int() of a port "5432x": the app's user wrote this URL.
+        raise ValueError(f"not a valid database URL ({_url_problem(exc)})") from None
     backend = parsed.drivername.split("+", 1)[0]
     if backend not in ("postgresql", "postgres", "pgsql"):
         raise ValueError(f"only PostgreSQL databases are inspected, not {backend}")
     return parsed.set(drivername=DRIVER)
+
+
+def _url_problem(exc: BaseException) -> str:
+    """What is wrong with a URL, without quoting it (it may hold a password)."""
+    text = str(exc)
+    if "invalid literal for int()" in text:
+        return "the port is not a number"
+    if isinstance(exc, ArgumentError):
+        return "SQLAlchemy cannot parse it"
+    return type(exc).__name__
 
 
 def _parse(url: str | URL) -> URL | None:
@@ -68,7 +79,7 @@ def _parse(url: str | URL) -> URL | None:
     except ValueError:
         try:
             return make_url(url) if isinstance(url, str) else url
-        except ArgumentError:
+        except (ArgumentError, ValueError, TypeError):
             return None
 
 
