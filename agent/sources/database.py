@@ -288,19 +288,22 @@ WHERE l.locktype = 'relation' AND l.relation = to_regclass(:n)
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
 """
-# DDL takes ACCESS EXCLUSIVE locks and keeps them until commit: a migration that is
-# between statements (or sleeping in a data step) still holds them. Temporary tables
-# (CREATE TEMP TABLE takes the same lock) are not a migration.
+# DDL takes ACCESS EXCLUSIVE locks on the tables it alters and keeps them until commit: a
+# migration between statements (or sleeping in a data step) still holds them. Only tables
+# we can see count: a relation created in another open transaction is invisible to us and
+# may as well be a temporary table (CREATE TEMP TABLE takes the same lock).
 EXCLUSIVE_SQL = """
 SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
        extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)),
-       coalesce(a.query, ''), coalesce(c.relname, l.relation::text)
+       coalesce(a.query, ''), c.relname
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-LEFT JOIN pg_class c ON c.oid = l.relation
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND coalesce(c.relpersistence, 'p') <> 't'
+  AND c.relpersistence <> 't' AND n.nspname <> 'pg_toast'
   AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+ORDER BY a.pid, c.relname
 LIMIT 500
 """
 ACTIVE_SQL = """
