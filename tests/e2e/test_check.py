@@ -198,12 +198,43 @@ def test_upgrade_in_progress(site: Callable[..., Site]) -> None:
         code, unit = s.check()
         assert time.monotonic() - started < 30
         assert unit["migrations"]["in_progress"] is True
-        assert "migration_in_progress" in checks(unit)
-        assert "pending_migrations" not in checks(unit)
-        assert "schema_drift" not in checks(unit)
+        # A lock is never a state: not "holds no revision", not "every revision pending".
+        assert unit["migrations"]["current_readable"] is False
+        assert checks(unit) == ["migration_in_progress"], unit["findings"]
+        assert "current revision not readable now" in unit["findings"][0]["message"]
+        assert unit["schema_drift"] is None  # held back while the migration runs
     finally:
         conn.rollback()
         conn.close()
+
+
+SLOW_R3 = Revision(
+    "r3", "r2", message="create posts slowly",
+    upgrade=standard_revisions(3)[2].upgrade + "\nop.execute('SELECT pg_sleep(8)')",
+    downgrade="op.drop_table('posts')")
+
+
+def test_real_upgrade_in_progress_holds_drift_and_pending_back(
+        site: Callable[..., Site]) -> None:
+    """flask db upgrade really running (its r3 creates posts, then works for 8 s)."""
+    s = site(AppSpec(revisions=(*standard_revisions(2), SLOW_R3)), upgrade_to="r2")
+    upgrade = threading.Thread(target=db_upgrade, args=(s.app, s.venv, s.db.url, "head"))
+    upgrade.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not s.db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                               "'SELECT pg_sleep(8)%'")[0][0]:
+            assert time.monotonic() < deadline, "the upgrade never reached its slow step"
+            time.sleep(0.1)
+        code, unit = s.check()
+        assert unit["migrations"]["in_progress"] is True
+        assert checks(unit) == ["migration_in_progress"], unit["findings"]
+        assert unit["schema_drift"] is None
+    finally:
+        upgrade.join(60)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["migrations"]["current"] == ["r3"] and unit["migrations"]["in_progress"] is False
 
 
 def test_applied_migration_edited_afterwards(site: Callable[..., Site]) -> None:
