@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from typing import Any
 from agent.checks import migrations as migration_checks
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_working_directory
+from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
@@ -206,7 +208,7 @@ class Inspector:
         inspection = None
         if url:
             fields["database"] = database.db_label(url)
-            self._connections_check(unit, url, report, timer, fields, findings)
+            verdict = self._connections_check(unit, url, report, timer, fields, findings)
             inspection = self._database_check(unit, url, timer, fields, findings,
                                               probe.alembic_env)
             memo = self._probe_memo.get(unit)
@@ -223,6 +225,8 @@ class Inspector:
         probe_finding = probe.finding()
         if inspection is not None:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
+            self._workers_database_check(unit, url, report, probe, verdict, inspection,
+                                         timer, fields, findings)
         # The agent's own database check already says "unreachable" more precisely; and while
         # a migration runs, a comparison that gave up on its locks is expected.
         migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
@@ -347,8 +351,10 @@ class Inspector:
             self._integrity(unit, probe, fields, findings, res)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
-                           fields: dict[str, Any], findings: list[Finding]) -> None:
+                           fields: dict[str, Any], findings: list[Finding],
+                           ) -> connections.ConnectionVerdict | None:
         """Which server the running workers are really connected to (no database access)."""
+        verdict = None
         with timer.check("connections") as res:
             host, port = database.url_host_port(url)
             pids = [p.pid for p in report.processes]
@@ -365,6 +371,80 @@ class Inspector:
                     f"{fields['database']} that the unit's environment names",
                     f"systemctl restart {unit} (the environment changed since start), then "
                     "check which database was migrated"))
+        return verdict
+
+    def _workers_database_check(self, unit: str, url: str, report: UnitReport,
+                                probe: ProbeResult,
+                                verdict: connections.ConnectionVerdict | None,
+                                inspection: database.DatabaseInspection, timer: _Timer,
+                                fields: dict[str, Any], findings: list[Finding]) -> None:
+        """On the right server: the database (and role) the workers use, by name, as the
+        server sees them; when it is not the one the environment names, both states."""
+        if verdict is None or verdict.status != "connected" or not inspection.identity.database:
+            return
+        with timer.check("workers_database") as res:
+            conns = list(verdict.matching)
+            named = connections.name_connections(conns, inspection.sessions,
+                                                 connections.backend_pids(conns))
+            if not named:
+                return
+            configured = inspection.identity.database
+            counts = Counter(n.database for n in named)
+            users = {n.database: n.user for n in named}
+            described = ", ".join(f"{db} as {users[db] or '?'} ({n})"
+                                  for db, n in counts.most_common())
+            fields["database_connections"] = (fields.get("database_connections", "")
+                                              + f"; by name: {described}").lstrip("; ")
+            others = [db for db in counts if db != configured]
+            if not others:
+                return
+            now_db = max(others, key=lambda db: counts[db])
+            env = probe.alembic_env
+            graph = migration_checks.revisions_from_dicts(probe.revisions)
+            now = self._database_side(unit, now_db, users[now_db], url, report, env, graph)
+            version = inspection.version
+            restart = DatabaseSide(configured, inspection.privileges.user, error=version.error
+                                   or ("the version table is locked" if version.locked
+                                       else ""),
+                                   state=None if version.locked or version.error else
+                                   migration_checks.evaluate(
+                                       unit, version.revisions if version.exists else None,
+                                       graph))
+            if now.error and now.state is None:
+                res["error"] = now.error
+            fields["database_mismatch"] = True
+            server = inspection.label.rsplit("/", 1)[0]
+            findings[:] = [f for f in findings if f.check != "database_mismatch"]
+            findings += mismatch_findings(
+                unit, server, now, restart, counts[now_db], env.qualified_version_table,
+                [db for db in counts if db not in (now_db, configured)])
+
+    def _database_side(self, unit: str, name: str, user: str, url: str, report: UnitReport,
+                       env: AlembicEnv, graph: list[migration_checks.Revision],
+                       ) -> DatabaseSide:
+        """The revision state of database `name` on the unit's server: through the URL the
+        running processes were started with when it names that database, else the unit's
+        URL with the database name replaced (same role and credentials)."""
+        candidates = [v for p in report.processes for v in (p.environ or {}).values()
+                      if "://" in v and v.split("://", 1)[0].startswith("postgres")
+                      and database.db_label(v).rsplit("/", 1)[-1] == name]
+        try:
+            candidates.append(database.with_database(url, name))
+        except Exception:  # the URL was already judged elsewhere; nothing to add here
+            pass
+        timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+        error = "no URL to reach it"
+        for candidate in dict.fromkeys(candidates):
+            version = database.read_version_table(candidate, env.version_table,
+                                                  env.version_table_schema or None, timeouts)
+            if version.error:
+                error = version.error
+                continue
+            if version.locked:
+                return DatabaseSide(name, user, error="the version table is locked")
+            return DatabaseSide(name, user, migration_checks.evaluate(
+                unit, version.revisions if version.exists else None, graph))
+        return DatabaseSide(name, user, error=error)
 
     def _integrity(self, unit: str, probe: ProbeResult, fields: dict[str, Any],
                    findings: list[Finding], res: dict[str, Any]) -> None:

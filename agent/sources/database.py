@@ -523,6 +523,12 @@ def server_identity(url: str | URL, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Se
     return ServerIdentity(**{**ident.__dict__, "label": label})
 
 
+def with_database(url: str, name: str) -> str:
+    """The same URL naming another database on the same server (password kept)."""
+    parsed = make_url(url)
+    return parsed.set(database=name).render_as_string(hide_password=False)
+
+
 def same_server(a: ServerIdentity, b: ServerIdentity) -> bool | None:
     """Pure: True/False when two identities are the same cluster, None when undecidable."""
     if a.error or b.error:
@@ -543,28 +549,35 @@ def same_database(a: ServerIdentity, b: ServerIdentity) -> bool | None:
 # -- sessions of the app's role --------------------------------------------------------------
 @dataclass(frozen=True)
 class RoleSession:
-    """A session of the URL's own role (its client address/port are visible to that role)."""
+    """A client session of the cluster as pg_stat_activity shows it to our role.
+
+    database, user and pid are visible for every session; the client address/port only
+    for our own role's sessions (or with pg_read_all_stats), else "" / -1."""
 
     pid: int
     database: str
     client_addr: str
-    client_port: int  # -1 over a unix socket
+    client_port: int  # -1 over a unix socket (or hidden)
     application_name: str
     state: str
+    user: str = ""
 
 
 SESSIONS_SQL = """
 SELECT pid, coalesce(datname, ''), coalesce(host(client_addr), ''), coalesce(client_port, -1),
-       coalesce(application_name, ''), coalesce(state, '')
+       coalesce(application_name, ''), coalesce(state, ''), coalesce(usename, '')
 FROM pg_stat_activity
-WHERE usename = current_user AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+WHERE pid <> pg_backend_pid() AND datname IS NOT NULL
+  -- other roles' rows hide backend_type too; only client backends hold a client's socket
+  AND coalesce(backend_type, 'client backend') = 'client backend'
+ORDER BY (usename = current_user) DESC, pid
 LIMIT 2000
 """
 
 
 def query_role_sessions(conn: Connection) -> tuple[RoleSession, ...]:
-    """Other sessions of current_user on the whole cluster (any database)."""
-    return tuple(RoleSession(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5])
+    """Other client sessions on the whole cluster (any database, any role)."""
+    return tuple(RoleSession(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], r[6])
                  for r in conn.execute(text(SESSIONS_SQL)))
 
 

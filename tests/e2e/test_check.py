@@ -101,6 +101,39 @@ def test_workers_connected_to_another_database_than_the_unit_says(
         other.stop()
 
 
+def test_workers_on_one_database_while_the_env_file_names_another_on_the_same_server(
+        site: Callable[..., Site], pg: PostgresCluster) -> None:
+    """The seed's first cause: workers serve 500s from `app` (r3 pending) while the env file
+    now names `app_staging` (never migrated) on the same server: both states, by name."""
+    s = site(upgrade_to="r2")
+    staging = f"{s.db.name}_staging"
+    pg.create_database(staging, owner=s.db.owner)
+    try:
+        for _ in range(4):  # every worker serves /db (a 500: posts is missing) and keeps
+            assert http_get(f"http://127.0.0.1:{s.port}/db")[0] == 500  # its connection
+        s.set_database_url(s.db.url.rsplit("/", 1)[0] + "/" + staging)
+        code, unit = s.check()
+        assert code == 1
+        assert unit["database_mismatch"] is True
+        assert unit["database"].endswith(f"/{staging}")
+        found = next(f for f in unit["findings"] if f["check"] == "database_mismatch")
+        message = found["message"]
+        assert f"connected to database {s.db.name} as role {s.db.owner} on 127.0.0.1:" \
+            in message
+        assert f"not to {staging} that the unit's environment names" in message
+        assert f"Running now: {s.db.name} at r2, 1 pending (r3); the schema errors in the " \
+            "journal come from there" in message
+        assert f"After a restart: {staging} never migrated (no alembic_version table): a " \
+            "restart would make it worse" in message
+        assert f"now: bring {s.db.name} to head" in found["remedy"]
+        assert f"before any restart: if {staging} is meant, migrate it first" \
+            in found["remedy"]
+        assert s.db.password not in json.dumps(unit)
+        assert f"by name: {s.db.name} as {s.db.owner}" in unit["database_connections"]
+    finally:
+        pg.drop_database(staging)
+
+
 def test_migration_files_not_deployed(site: Callable[..., Site], make_app: Callable[..., AppDir],
                                       flask_venv: Path, pg_database: PgDatabase) -> None:
     newer = make_app(AppSpec(models_at=4, revisions=AppSpec(models_at=4).revisions + (

@@ -342,3 +342,27 @@ def test_malformed_port_is_a_clear_error_not_an_exception() -> None:
     result = database.inspect(url)
     assert result.error == ("database invalid-url: not a valid database URL (the port is "
                             "not a number)")
+
+
+def test_worker_connections_are_named_by_the_server(pg: PostgresCluster,
+                                                    pg_database: PgDatabase,
+                                                    client_process: int) -> None:
+    """TCP by the client address/port pg_stat_activity shows; a unix socket (no address)
+    by the backend holding the other end; another role's sessions by backend pid."""
+    observed, _ = connections.observe([client_process])
+    pg_conns = [c for c in observed if c.looks_like_postgres({pg.port})]
+    backends = connections.backend_pids(pg_conns)
+    assert {c.kind for c in backends} == {"tcp", "unix"}
+    inspection = database.inspect(pg_database.url)
+    named = connections.name_connections(pg_conns, inspection.sessions, backends)
+    assert sorted((n.connection.kind, n.database, n.user, n.how) for n in named) == [
+        ("tcp", pg_database.name, pg_database.owner, "client address"),
+        ("unix", pg_database.name, "postgres", "backend pid")]
+    stranger = pg.new_database()
+    try:
+        seen_by_other_role = database.inspect(stranger.url).sessions
+        named = connections.name_connections(pg_conns, seen_by_other_role, backends)
+        assert sorted((n.connection.kind, n.database, n.how) for n in named) == [
+            ("tcp", pg_database.name, "backend pid"), ("unix", pg_database.name, "backend pid")]
+    finally:
+        pg.drop(stranger)
