@@ -70,7 +70,7 @@ def mismatch_findings(unit: str, server: str, now: DatabaseSide, restart: Databa
                       other: Sequence[str] = ()) -> list[Finding]:
     """database_mismatch: workers on `now`, the environment names `restart`, both states."""
     role = f" as role {now.user}" if now.user else ""
-    also = f" (and to {', '.join(other)})" if other else ""
+    also = f"; also to {', '.join(other)}" if other else ""
     now_text = describe_state(now, table)
     restart_text = describe_state(restart, table)
     message = (
