@@ -17,6 +17,8 @@ from tests.harness.apps import (
     AppSpec,
     Revision,
     broken_revision,
+    custom_env_py,
+    render_models,
     db_upgrade,
     db_write_hook,
     http_get,
@@ -29,6 +31,12 @@ from tests.harness.apps import (
 from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
 from tests.harness.sandbox import Sandbox
 from tests.harness.site import UNIT, Site, SiteFactory, site_factory
+from tests.integration.test_flask_db_check import (
+    BILLING_REVISION,
+    INCLUDE_OBJECT,
+    INCLUDE_SCHEMAS,
+    INVOICE_MODEL,
+)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
 
@@ -54,6 +62,7 @@ def test_healthy(site: Callable[..., Site]) -> None:
     assert s.db.password not in json.dumps(unit)
     assert all(c["success"] for c in unit["checks"]), unit["checks"]
     assert s.check_text().returncode == 0
+    s.assert_flask_db_check_agrees(unit)
 
 
 @pytest.mark.parametrize("at,pending", [("r2", ["r3"]), ("r1", ["r2", "r3"])])
@@ -68,6 +77,7 @@ def test_upgrade_skipped(site: Callable[..., Site], at: str, pending: list[str])
     assert "pending migration" in drift["message"]
     text = s.check_text().stdout
     assert "pending_migrations" in text and "flask db upgrade" in text
+    s.assert_flask_db_check_agrees(unit)
 
 
 def test_unit_points_at_a_database_that_was_never_migrated(
@@ -165,6 +175,52 @@ def test_manual_schema_change_at_head(site: Callable[..., Site]) -> None:
         unit["schema_drift"]["items"]
     drift = next(f for f in unit["findings"] if f["check"] == "schema_drift")
     assert "users.nickname" in drift["message"] and "at head" in drift["message"]
+    s.assert_flask_db_check_agrees(unit)
+
+
+# -- the app's own env.py: what `flask db check` compares, where the version is ---------------
+
+def test_env_py_include_object_filters_like_flask_db_check(site: Callable[..., Site]) -> None:
+    """Before: extra_table drift and exit 1 while `flask db check` was clean."""
+    s = site(AppSpec(env_py=custom_env_py("include_object=include_object,", INCLUDE_OBJECT)))
+    s.db.execute("CREATE TABLE legacy_reports (id int)", as_owner=True)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["schema_drift"] == {"count": 0, "items": []}
+    s.assert_flask_db_check_agrees(unit)
+
+
+def test_env_py_custom_version_table_is_where_the_revision_is_read(
+        site: Callable[..., Site]) -> None:
+    """Before: "never migrated" (critical), every revision pending, at head in truth."""
+    s = site(AppSpec(env_py=custom_env_py("version_table='alembic_version_billing',")),
+             upgrade_to="r2")
+    code, unit = s.check()
+    assert unit["migrations"]["current"] == ["r2"] and unit["migrations"]["pending"] == ["r3"]
+    assert checks(unit) == ["pending_migrations", "schema_drift"], unit["findings"]
+    s.assert_flask_db_check_agrees(unit)
+    db_upgrade(s.app, s.venv, s.db.url)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["migrations"]["current"] == ["r3"]
+    s.assert_flask_db_check_agrees(unit)
+
+
+def test_env_py_include_schemas_with_two_schemas(site: Callable[..., Site]) -> None:
+    spec = AppSpec(models_source=render_models(3) + INVOICE_MODEL,
+                   revisions=(*standard_revisions(3), BILLING_REVISION),
+                   env_py=custom_env_py("include_schemas=True,\ninclude_name=include_name,",
+                                        INCLUDE_SCHEMAS))
+    s = site(spec)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    s.assert_flask_db_check_agrees(unit)
+    s.db.execute("ALTER TABLE billing.invoices ADD COLUMN note text")
+    code, unit = s.check()
+    assert code == 1
+    assert {"kind": "extra_column", "table": "billing.invoices", "name": "note"} in \
+        unit["schema_drift"]["items"]
+    s.assert_flask_db_check_agrees(unit)
 
 
 def test_insufficient_privileges(site: Callable[..., Site], pg: PostgresCluster) -> None:
