@@ -23,6 +23,8 @@ from agent.probe import ProbeRequest, ProbeResult, run_probe
 from agent.sources import database
 from tests.harness.apps import (
     APP_USER,
+    SQLALCHEMY_14_REQUIREMENTS,
+    SQLALCHEMY_21_REQUIREMENTS,
     AppDir,
     AppSpec,
     Revision,
@@ -156,11 +158,24 @@ def probe(app: AppDir, venv: Path, url: str) -> ProbeResult:
     return run_probe(ctx, ProbeRequest(), 60.0)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_driftwatch_and_flask_db_check_agree(name: str, make_app: Callable[..., AppDir],
-                                             flask_venv: Path,
+# The same comparison on the other supported stacks (Alembic 1.13 / SQLAlchemy 1.4 and
+# Alembic 1.18 / SQLAlchemy 2.1), for the cases whose env.py options matter most.
+OTHER_STACKS = ["models-ahead", "include_object", "version_table",
+                "include_schemas-two-schemas", "compare_type-callable", "pending"]
+
+
+@pytest.mark.parametrize("name, requirements", [
+    *[(n, None) for n in sorted(CASES)],
+    *[(n, SQLALCHEMY_14_REQUIREMENTS) for n in OTHER_STACKS],
+    *[(n, SQLALCHEMY_21_REQUIREMENTS) for n in OTHER_STACKS]],
+    ids=[*sorted(CASES), *[f"{n}-sqlalchemy-1.4" for n in OTHER_STACKS],
+         *[f"{n}-sqlalchemy-2.1" for n in OTHER_STACKS]])
+def test_driftwatch_and_flask_db_check_agree(name: str, requirements: tuple[str, ...] | None,
+                                             make_app: Callable[..., AppDir],
+                                             make_venv: Callable[..., Path],
                                              pg_database: PgDatabase) -> None:
     case = CASES[name]
+    flask_venv = make_venv(requirements) if requirements else make_venv()
     app = make_app(case.spec)
     for sql in case.before:
         pg_database.execute(sql.format(owner=pg_database.owner))
