@@ -116,7 +116,8 @@ def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
             "(locked)" if m and not m.current_readable else
             ",".join(m.current) or "(none)" if m else "?",
             ",".join(m.heads) or "-" if m else "?",
-            str(len(m.pending)) if m and not m.unknown else ("?" if m is None else "unknown"),
+            "?" if m is None or not m.current_readable else
+            str(len(m.pending)) if not m.unknown else "unknown",
             "?" if u.schema_drift is None else str(len(u.schema_drift)),
             "yes" if u.needs_restart else "no",
             "cannot inspect" if not_inspectable(u) else
@@ -193,7 +194,9 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
             f" [no {m.get('version_table') or 'alembic_version'} table]"
         rows.append(("revision", f"{current}, head {heads}: {pend}{extra}{table}"))
     drift = unit.get("schema_drift")
-    if drift is None:
+    if drift is None and m is not None and m.get("in_progress"):
+        rows.append(("drift", "held back while a migration runs"))
+    elif drift is None:
         rows.append(("drift", "not compared"))
     elif not drift:
         rows.append(("drift", "none (schema matches the models)"))
