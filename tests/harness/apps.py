@@ -932,9 +932,10 @@ _CHECK_OP = re.compile(
 
 
 def flask_db_check(app: AppDir, venv: Path, database_url: str,
-                   user: str | None = APP_USER) -> DbCheck:
+                   user: str | None = APP_USER, env: Mapping[str, str] | None = None,
+                   ) -> DbCheck:
     """Run ``flask db check`` (Alembic's own check, through env.py) as user; parse its verdict."""
-    proc = flask_db(app, venv, database_url, "check", user=user, check=False)
+    proc = flask_db(app, venv, database_url, "check", user=user, check=False, env=env)
     out = proc.stdout + proc.stderr
     ops = []
     for m in _CHECK_OP.finditer(out):

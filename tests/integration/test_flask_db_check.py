@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,8 @@ from tests.harness.apps import (
     standard_revisions,
 )
 from tests.harness.postgres import PgDatabase
+from tests.integration.test_probe import BIND_APP
+from tests.integration.test_probe import probe as probe_app
 
 pytestmark = pytest.mark.postgres
 
@@ -237,3 +240,26 @@ def test_env_py_error_names_env_py_and_line(make_app: Callable[..., AppDir],
     assert "RuntimeError: boom" in result.schema_diff_error
     assert f"(at {app.migrations}/env.py line" in result.schema_diff_error
     assert result.heads == ("r3",)  # the revision graph is still read
+
+
+def test_multi_database_env_py_compares_each_bind_like_flask_db_check(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg: Any,
+        pg_database: PgDatabase) -> None:
+    """Flask-Migrate's own multi-database env.py (`flask db init --multidb`): one
+    context.configure per engine, each compared against its own database."""
+    template = next(flask_venv.glob("lib/python3*/site-packages/flask_migrate/templates/"
+                                    "flask-multidb/env.py")).read_text()
+    audit = pg.new_database()
+    try:
+        app = make_app(AppSpec(revisions=(), env_py=template,
+                               extra_files={"bindapp.py": BIND_APP}))
+        env = {"DATABASE_URL": pg_database.url, "AUDIT_DATABASE_URL": audit.url}
+        result = probe_app(app, flask_venv, env, app_spec="bindapp:app")
+        assert result.ok, result.error
+        assert sorted((d["bind"], d["kind"], d["table"]) for d in result.schema_diff or ()) \
+            == [("audit", "add_table", "audit_log"), ("default", "add_table", "accounts")]
+        check = flask_db_check(app, flask_venv, pg_database.url,
+                               env={**env, "FLASK_APP": "bindapp.py"})
+        assert check_ops(result.schema_diff or ()) == check.ops, check.output
+    finally:
+        pg.drop(audit)
