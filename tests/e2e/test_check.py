@@ -18,6 +18,8 @@ from tests.harness.apps import (
     Revision,
     broken_revision,
     custom_env_py,
+    env_file_text,
+    gunicorn_unit,
     render_models,
     db_upgrade,
     db_write_hook,
@@ -142,6 +144,38 @@ def test_workers_on_one_database_while_the_env_file_names_another_on_the_same_se
         assert f"by name: {s.db.name} as {s.db.owner}" in unit["database_connections"]
     finally:
         pg.drop_database(staging)
+
+
+def test_malformed_url_beside_a_healthy_unit(
+        site: Callable[..., Site], make_app: Callable[..., AppDir],
+        make_venv: Callable[..., Path]) -> None:
+    """`...:5432x/db` in one unit's env file: that unit says why, the other is untouched,
+    no traceback. Flask-SQLAlchemy 2.5 creates engines lazily, so the app loads and the
+    malformed URL reaches the agent (3.x already fails at import: app_load_failed)."""
+    from tests.integration.test_probe import FLASK_SQLALCHEMY_25_REQUIREMENTS
+
+    s = site(start_unit=False)
+    lazy_venv = make_venv(FLASK_SQLALCHEMY_25_REQUIREMENTS)
+    bad_app = make_app(name="bad")
+    bad_url = s.db.url.rsplit(":", 1)[0] + ":5432x/" + s.db.name
+    s.sb.write_file("/etc/bad/env", env_file_text({"DATABASE_URL": bad_url}))
+    s.sb.write_file("/etc/systemd/system/bad.service", gunicorn_unit(
+        venv=lazy_venv, app_dir=bad_app, port=free_port(), environment={},
+        environment_files=["/etc/bad/env"]))
+    s.sb.systemctl("daemon-reload")
+    s.sb.systemctl("start", UNIT, "bad.service")
+    proc = s.agentctl("check", UNIT, "bad.service", "--json", "--probe-timeout", "30")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    healthy, bad = json.loads(proc.stdout)["units"]
+    assert healthy["findings"] == [] and all(c["success"] for c in healthy["checks"])
+    assert healthy["migrations"]["current"] == ["r3"]
+    assert bad["database"] == "invalid-url" and bad["db_up"] is False
+    down = next(f for f in bad["findings"] if f["check"] == "database_unreachable")
+    assert "not a valid database URL (the port is not a number)" in down["message"]
+    assert s.db.password not in proc.stdout + proc.stderr
+    text = s.agentctl("check", UNIT, "bad.service")
+    assert text.returncode == 2 and "Traceback" not in text.stdout + text.stderr
 
 
 def test_migration_files_not_deployed(site: Callable[..., Site], make_app: Callable[..., AppDir],
