@@ -328,8 +328,10 @@ class Inspector:
         with timer.check("schema") as res:
             if in_progress:
                 # Held back: a half-applied migration is not drift (and a comparison that
-                # gave up on its locks is not a failure).
+                # gave up on its locks is not a failure). Nor is the memoised comparison
+                # reused afterwards: the next inspection loads the app and compares again.
                 fields["schema_drift"] = None
+                self._probe_memo.pop(unit, None)
             elif probe.schema_diff is None:
                 res["error"] = probe.schema_diff_error or "schema not compared"
             else:
@@ -384,8 +386,11 @@ class Inspector:
             return
         with timer.check("workers_database") as res:
             conns = list(verdict.matching)
-            named = connections.name_connections(conns, inspection.sessions,
-                                                 connections.backend_pids(conns))
+            named = connections.name_connections(conns, inspection.sessions, {})
+            rest = [c for c in conns if c not in {n.connection for n in named}]
+            if rest:  # hidden client addresses, unix sockets: ask who holds the other end
+                named += connections.name_connections(rest, inspection.sessions,
+                                                      connections.backend_pids(rest))
             if not named:
                 return
             configured = inspection.identity.database

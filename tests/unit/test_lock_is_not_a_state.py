@@ -114,3 +114,31 @@ def test_custom_version_table_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "has no meta.alembic_version_billing table" in finding.message
     assert unit.migrations is not None
     assert unit.migrations.version_table == "meta.alembic_version_billing"
+
+
+def test_a_comparison_made_during_a_migration_is_not_reused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"locked": True}
+
+    def inspect(url: str, table: str = "alembic_version", schema: str | None = None,
+                timeouts: Any = None) -> database.DatabaseInspection:
+        label = database.db_label(url)
+        version = database.VersionTable(label, table, exists=True, locked=state["locked"],
+                                        revisions=() if state["locked"] else ("r3",))
+        return database.DatabaseInspection(
+            label, version, database.MigrationActivity(label, state["locked"]),
+            database.Privileges(label, user="app", schema="public", can_create=True,
+                                can_use=True), database.ServerIdentity(label))
+
+    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
+        monkeypatch.setattr(database, "inspect", inspect)
+        inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
+                              systemd=FakeSystemd({HEALTHY: props(HEALTHY)}),  # type: ignore
+                              probe=fake_probe({HEALTHY: json.dumps(DRIFTING).encode()}))
+        assert inspector.inspect([HEALTHY]).units[0].schema_drift is None
+        state["locked"] = False
+        after = inspector.inspect([HEALTHY]).units[0]
+        assert inspector.probe_runs == 2  # compared again once the migration was over
+        assert after.schema_drift is not None and len(after.schema_drift) == 1
+        inspector.inspect([HEALTHY])
+        assert inspector.probe_runs == 2  # and memoised again while nothing changes
