@@ -598,7 +598,7 @@ def _bind_of(context, found):
 
 
 def check_like_alembic(config, heads, runs):
-    """Run env.py as `alembic check` does and return one entry per context.configure call.
+    """Run env.py as `alembic check` does; append one entry per context.configure to runs.
 
     Like alembic.command.check: ScriptDirectory.run_env() inside an EnvironmentContext, so
     every option env.py passes to context.configure applies (include_object, include_name,
@@ -653,7 +653,7 @@ def env_error(exc, roots):
     return one_line(exc) + where(exc, roots)
 
 
-def compare_with_env_py(config, found, request, report):
+def compare_with_env_py(config, found, report):
     """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error."""
     location = os.path.abspath(config.get_main_option("script_location") or
                                report.get("migrations_dir") or ".")
@@ -763,7 +763,7 @@ def probe(request, report, gunicorn_app=None):
         if not request.get("compare_schema", True):
             return
         if config is not None and request.get("run_env_py", True):
-            compare_with_env_py(config, found, request, report)
+            compare_with_env_py(config, found, report)
             kind = report.pop("schema_diff_error_kind", "")
             if report.get("schema_diff_error") and not report.get("error"):
                 report["error_kind"], report["error"] = kind, report["schema_diff_error"]
