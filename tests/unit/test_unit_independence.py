@@ -225,7 +225,7 @@ reports = st.one_of(
 version_rows = st.one_of(st.none(), st.lists(ids, max_size=3).map(tuple))
 
 
-# 60 examples take ~25 s; DRIFTWATCH_HYPOTHESIS_EXAMPLES=2000 for a long run.
+# 60 examples take ~25 s; DRIFTWATCH_HYPOTHESIS_EXAMPLES=500 for a long run (~3.5 min).
 @settings(max_examples=int(os.environ.get("DRIFTWATCH_HYPOTHESIS_EXAMPLES", "60")),
           deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
