@@ -73,12 +73,18 @@ class _Timer:
     """Collects CheckRun records for one unit."""
 
     runs: list[CheckRun] = field(default_factory=list)
+    unit: str = ""
+    # Told (unit, check, start) when a check starts and None when it ends, so that a scrape
+    # served while the inspection still runs can name the check it is stuck in.
+    on_check: Callable[[tuple[str, str, float] | None], None] | None = None
 
     @contextmanager
     def check(self, name: str) -> Iterator[dict[str, Any]]:
         """Time a check; the body sets result['error'] to mark it failed."""
         result: dict[str, Any] = {"error": ""}
         started = time.monotonic()
+        if self.on_check is not None:
+            self.on_check((self.unit, name, started))
         try:
             yield result
         except Exception as exc:  # a check never raises to the caller
@@ -86,6 +92,8 @@ class _Timer:
             result["error"] = f"internal error: {type(exc).__name__}: {exc}"
         self.runs.append(CheckRun(name, not result["error"], round(time.monotonic() - started, 4),
                                   result["error"]))
+        if self.on_check is not None:
+            self.on_check(None)
 
 
 class Inspector:
@@ -103,6 +111,7 @@ class Inspector:
         self._journal_totals: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
+        self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
 
     # -- public ------------------------------------------------------------------------
     def __call__(self, units: Sequence[str] | None = None) -> Snapshot:
@@ -133,6 +142,9 @@ class Inspector:
         else:
             self._probe_memo.pop(unit, None)
 
+    def _set_current(self, running: tuple[str, str, float] | None) -> None:
+        self.current = running
+
     def close(self) -> None:
         """Release the D-Bus connection and the state store."""
         self.systemd.close()
@@ -142,7 +154,7 @@ class Inspector:
     # -- one unit ------------------------------------------------------------------------
     def inspect_unit(self, name: str) -> UnitSnapshot:
         """Every check for one unit; never raises."""
-        timer = _Timer()
+        timer = _Timer(unit=name, on_check=self._set_current)
         findings: list[Finding] = []
         report: UnitReport | None = None
         with timer.check("unit") as res:

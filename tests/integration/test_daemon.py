@@ -96,6 +96,8 @@ def spawn(args: list[str], tmp_path: Path, env_extra: dict[str, str] | None = No
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra or {})
     stderr = tmp_path / "stderr.log"
+    if not any(a.startswith("--web.unix-socket") for a in args):
+        args = [*args, f"--web.unix-socket={tmp_path / 'agent.sock'}"]   # never the host's /run
     proc = subprocess.Popen([AGENT, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
     return proc, stderr
