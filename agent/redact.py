@@ -33,18 +33,20 @@ def _unit(u: dict[str, Any]) -> dict[str, Any]:
         if key in _UNIT_TEXT and isinstance(value, str):
             out[key] = value
         elif key == "migrations" and isinstance(value, dict):
-            out[key] = {k: (v if k in _MIGRATION_TEXT else _numbers(v)) for k, v in value.items()
-                        if k in _MIGRATION_TEXT or _numbers(v) is not _DROP}
-        elif key == "schema_drift" and isinstance(value, list):
+            out[key] = {k: ([str(r) for r in v] if k in _MIGRATION_TEXT else _numbers(v))
+                        for k, v in value.items()
+                        if (k in _MIGRATION_TEXT and isinstance(v, (list, tuple)))
+                        or (k not in _MIGRATION_TEXT and _numbers(v) is not _DROP)}
+        elif key == "schema_drift" and isinstance(value, (list, tuple)):
             out[key] = [{"kind": str(i.get("kind", "")), "table": "", "name": "", "detail": ""}
                         for i in value if isinstance(i, dict)]
         elif key == "journal_schema_errors" and isinstance(value, dict):
             out[key] = {str(k): v for k, v in value.items() if isinstance(v, (int, float))}
-        elif key == "checks" and isinstance(value, list):
+        elif key == "checks" and isinstance(value, (list, tuple)):
             out[key] = [{"name": str(c.get("name", "")), "success": bool(c.get("success")),
                          "duration_seconds": c.get("duration_seconds", 0.0),
                          "error": REDACTED if c.get("error") else ""} for c in value]
-        elif key == "findings" and isinstance(value, list):
+        elif key == "findings" and isinstance(value, (list, tuple)):
             out[key] = [{"check": str(f.get("check", "")), "severity": str(f.get("severity", "")),
                          "message": f"{f.get('check', '')}: {REDACTED}", "remedy": ""}
                         for f in value]
@@ -59,9 +61,9 @@ def redact_status(data: dict[str, Any]) -> dict[str, Any]:
     """The anonymous view of a /status body: same shape, free text replaced or dropped."""
     out: dict[str, Any] = {"redacted": True}
     for key, value in data.items():
-        if key == "units" and isinstance(value, list):
+        if key == "units" and isinstance(value, (list, tuple)):
             out[key] = [_unit(u) for u in value if isinstance(u, dict)]
-        elif key == "errors" and isinstance(value, list):
+        elif key == "errors" and isinstance(value, (list, tuple)):
             out[key] = [REDACTED for _ in value]
         elif key == "error" and isinstance(value, str):
             # The few fixed reasons the daemon gives ("not watched", "no inspection yet").
