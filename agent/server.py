@@ -239,8 +239,9 @@ class ConnectionLimiter:
     a request and each request bounded by request_timeout_seconds in total.
 
     When full, a new connection evicts the one that has waited longest for its request (slow
-    or idle clients make room for a scrape); when every connection is busy serving, it is
-    refused.
+    or idle clients make room for a scrape); when every connection is busy serving, the
+    accept loop waits for one to finish (the rest queue in the kernel's backlog) and refuses
+    only after a whole request timeout.
     """
 
     def __init__(self, max_connections: int, request_timeout_seconds: float,
@@ -248,21 +249,29 @@ class ConnectionLimiter:
         self.max_connections = max_connections
         self.request_timeout_seconds = request_timeout_seconds
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._conns: dict[socket.socket, _Conn] = {}
         self.refused = self.evicted = self.expired = self.peak = 0
 
-    def admit(self, sock: socket.socket) -> bool:
-        """Register SOCK, evicting the longest-waiting connection when full; False: refuse."""
-        now = self._clock()
+    def admit(self, sock: socket.socket, wait: float = 0.0) -> bool:
+        """Register SOCK, evicting the longest-waiting connection when full, else waiting up
+        to WAIT seconds for a busy one to finish; False: refuse."""
         victim = None
         with self._lock:
-            live = [(c.since, s) for s, c in self._conns.items() if c.deadline > -1]
-            if len(live) >= self.max_connections:
-                waiting = [(since, s) for since, s in live if self._conns[s].waiting]
-                if not waiting:
+            end = time.monotonic() + wait
+            while True:
+                now = self._clock()
+                live = [(c.since, s) for s, c in self._conns.items() if c.deadline > -1]
+                if len(live) < self.max_connections or any(self._conns[s].waiting
+                                                           for _, s in live):
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
                     self.refused += 1
                     return False
+                self._lock.wait(min(left, 0.25))
+            if len(live) >= self.max_connections:
+                waiting = [(since, s) for since, s in live if self._conns[s].waiting]
                 victim = min(waiting, key=lambda item: item[0])[1]
                 self._conns[victim].deadline = -1      # counted out; its thread is ending
                 self.evicted += 1
@@ -287,6 +296,7 @@ class ConnectionLimiter:
         """SOCK is closed."""
         with self._lock:
             self._conns.pop(sock, None)
+            self._lock.notify()
 
     def expire(self) -> int:
         """Shut down every connection past its deadline; returns how many."""
@@ -343,7 +353,7 @@ class _ServerBase(socketserver.ThreadingMixIn):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """A thread per admitted connection; refused ones are closed at once."""
-        if not self.limiter.admit(request):
+        if not self.limiter.admit(request, wait=self.request_timeout_seconds):
             log.debug("refusing a connection: %d connections busy", self.limiter.max_connections)
             self._refuse(request)
             return
