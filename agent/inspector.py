@@ -122,6 +122,7 @@ class Inspector:
         """One full inspection run."""
         started = time.monotonic()
         errors: list[str] = []
+        discovered = units is None
         with self._lock:
             if units is None:
                 try:
@@ -131,6 +132,8 @@ class Inspector:
                     errors.append(str(exc))
                     units = list(self.settings.units)
             snaps = tuple(self.inspect_unit(name) for name in units)
+            if discovered:
+                self._prune({u.unit for u in snaps} | set(units))
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
                         errors=tuple(errors))
@@ -141,6 +144,12 @@ class Inspector:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+
+    def _prune(self, alive: set[str]) -> None:
+        """Forget what was kept per unit for units no longer watched (removed, renamed)."""
+        for cache in (self._probe_memo, self._journals, self._journal_totals):
+            for unit in [u for u in cache if u not in alive]:
+                del cache[unit]
 
     def _set_current(self, running: tuple[str, str, float] | None) -> None:
         self.current = running
