@@ -66,22 +66,69 @@ def test_with_an_agent_shows_its_snapshot(site: SiteFactory) -> None:
     s = site(upgrade_to="r2")
     port = free_port()
     start_agent(s, port)
+    # Root asks the root-only unix socket first: full detail.
     proc = s.agentctl("status", "--web.listen-address", f"127.0.0.1:{port}")
     assert proc.returncode == 1, proc.stderr
     out = proc.stdout
-    assert out.startswith(f"from the driftwatch agent 0.1.0 on 127.0.0.1:{port}, snapshot taken")
+    assert out.startswith("from the driftwatch agent 0.1.0 on /run/driftwatch/agent.sock, "
+                          "snapshot taken"), out
     assert "revision: r2, head r3: 1 pending (r3)" in out
-    assert "checked locally" not in out
+    assert "checked locally" not in out and "pending, in order: r3" in out
+    # Without the socket: TCP, and it says so; anonymous over TCP means no detail.
+    proc = s.agentctl("status", "--web.listen-address", f"127.0.0.1:{port}", "--socket",
+                      "/run/nothing.sock")
+    assert proc.stdout.startswith(f"from the driftwatch agent 0.1.0 on 127.0.0.1:{port} over "
+                                  "TCP (no unix socket /run/nothing.sock; detail redacted: run "
+                                  "as root for it), snapshot taken"), proc.stdout
+    assert "pending, in order" not in proc.stdout and "authenticated clients only" in \
+        proc.stdout
     # The address can come from the agent's config file too; --json filters by unit.
-    proc = s.agentctl("status", "gunicorn", "--json", "--config.file", CONFIG)
+    proc = s.agentctl("status", "gunicorn", "--json", "--config.file", CONFIG, "--socket", "")
     data = json.loads(proc.stdout)
     assert proc.returncode == 1
-    assert data["source"] == {"kind": "agent", "address": f"127.0.0.1:{port}"}
+    assert data["source"] == {"kind": "agent", "address": f"127.0.0.1:{port} over TCP (no "
+                              "unix socket asked; detail redacted: run as root for it)"}
+    assert "config_file" not in data["agent"]          # a path: not for anonymous clients
+    data = json.loads(s.agentctl("status", "gunicorn", "--json").stdout)
+    assert data["source"] == {"kind": "agent", "address": "/run/driftwatch/agent.sock"}
     assert data["agent"]["config_file"] == CONFIG
     assert [u["unit"] for u in data["units"]] == [UNIT]
     assert data["units"][0]["migrations"]["pending"] == ["r3"]
     # A unit the agent does not watch: checked locally, and said why.
     proc = s.agentctl("status", "dw-test", "--web.listen-address", f"127.0.0.1:{port}")
-    assert proc.stdout.startswith(f"the agent on 127.0.0.1:{port} does not watch "
+    assert proc.stdout.startswith("the agent on /run/driftwatch/agent.sock does not watch "
                                   "dw-test.service; checked locally"), proc.stdout
 
+
+
+SQUATTER = """
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"units": [{"unit": "gunicorn.service", "unit_up": True,
+                                      "checks": [], "findings": []}],
+                           "agent": {"version": "0.1.0"}}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_a_local_user_on_the_agents_port_cannot_answer_status(site: SiteFactory) -> None:
+    """While the agent is down, www-data listens on its port and answers 'all ok'."""
+    s = site(upgrade_to="r2")
+    port = free_port()
+    s.sb.write_file("/tmp/squatter.py", SQUATTER)
+    s.sb.run(["systemd-run", "--unit=squatter", "-p", "User=www-data", "--",
+              "/usr/bin/python3", "/tmp/squatter.py", str(port)])
+    assert http_get(f"http://127.0.0.1:{port}/status", timeout=20)[0] == 200
+    for user in (None, "www-data"):
+        proc = s.agentctl("status", "--web.listen-address", f"127.0.0.1:{port}",
+                          **({"user": user} if user else {}))
+        out = proc.stdout
+        assert out.startswith(f"the process listening on 127.0.0.1:{port} runs as uid 33 "
+                              "(www-data), not as root: not the agent, not asked; checked "
+                              "locally"), (user, out, proc.stderr)
+        assert "from the driftwatch agent" not in out
+        if user is None:      # root's local check sees the truth
+            assert proc.returncode == 1 and "1 pending (r3)" in out
