@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.harness.agent import VENV_BIN, agent_config
-from tests.harness.apps import AppDir, http_get
+from tests.harness.apps import AppDir, AppSpec, http_get
 from tests.harness.postgres import PgDatabase, free_port
 from tests.harness.sandbox import Sandbox
 from tests.harness.site import UNIT, Site, SiteFactory, site_factory
@@ -27,9 +28,10 @@ def site(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
     return site_factory(make_sandbox, make_app, flask_venv, pg_database)
 
 
-def start_agent(s: Site, port: int) -> None:
+def start_agent(s: Site, port: int, **settings: object) -> None:
     """driftwatch-agent as a transient unit inside the sandbox, answering on 127.0.0.1:PORT."""
-    s.sb.write_file(CONFIG, agent_config(f"127.0.0.1:{port}", min_interval_seconds=0))
+    s.sb.write_file(CONFIG, agent_config(f"127.0.0.1:{port}",
+                                         **{"min_interval_seconds": 0, **settings}))
     s.sb.run(["systemd-run", "--unit=dw-test", "--",
               str(VENV_BIN / "driftwatch-agent"), "--config.file", CONFIG])
     deadline = time.monotonic() + 60
@@ -132,3 +134,58 @@ def test_a_local_user_on_the_agents_port_cannot_answer_status(site: SiteFactory)
         assert "from the driftwatch agent" not in out
         if user is None:      # root's local check sees the truth
             assert proc.returncode == 1 and "1 pending (r3)" in out
+
+
+HANG_FLAG = "/run/dw-test-hang"
+
+
+def scrape(port: int) -> tuple[float, dict[tuple[str, str], float]]:
+    """(seconds the scrape took, {(metric, check): value} for the check gauges)."""
+    started = time.monotonic()
+    code, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+    took = time.monotonic() - started
+    assert code == 200
+    values = {}
+    for line in body.splitlines():
+        for metric in ("driftwatch_check_success", "driftwatch_check_duration_seconds",
+                       "driftwatch_inspections_total"):
+            if line.startswith(metric + "{") and 'check="app_load"' in line or \
+                    line.startswith(metric + " "):
+                values[(metric, "app_load")] = float(line.rsplit(" ", 1)[1])
+    return took, values
+
+
+def test_a_hung_probe_never_holds_a_scrape(site: SiteFactory) -> None:
+    """The app hangs while it is loaded (probe_timeout 30 s): scrapes are answered after
+    scrape_wait_seconds from the last snapshot with app_load at 0, one inspection runs."""
+    spec = AppSpec(on_create=f"import time\nif os.path.exists({HANG_FLAG!r}):\n"
+                             "    time.sleep(12)")
+    s = site(spec, upgrade_to="r2")
+    port = free_port()
+    start_agent(s, port, scrape_wait_seconds=2, probe_timeout_seconds=30)
+    _, before = scrape(port)
+    assert before[("driftwatch_check_success", "app_load")] == 1.0
+    s.sb.write_file(HANG_FLAG, "")
+    # A code change makes the agent load the app again (the memo's fingerprint changes).
+    s.sb.run(["touch", str(s.app.root / "app" / "__init__.py")])
+    took, during = scrape(port)
+    print(f"\nscrape during a hung probe took {took:.1f}s (scrape_wait_seconds 2, probe "
+          f"timeout 30 s, Prometheus default scrape timeout 10 s)")
+    assert during[("driftwatch_check_success", "app_load")] == 0.0
+    assert during[("driftwatch_check_duration_seconds", "app_load")] >= 1.0
+    assert took < 8
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: scrape(port), range(20)))
+    assert all(r[1][("driftwatch_check_success", "app_load")] == 0.0 for r in results)
+    inspections = {r[1][("driftwatch_inspections_total", "app_load")] for r in results}
+    assert inspections == {before[("driftwatch_inspections_total", "app_load")]}, inspections
+    print(f"20 concurrent scrapes meanwhile: max {max(r[0] for r in results):.1f}s, "
+          "no new inspection")
+    s.sb.run(["rm", "-f", HANG_FLAG])
+    deadline = time.monotonic() + 60
+    while True:        # the inspection finishes in the background and is served next
+        _, after = scrape(port)
+        if after[("driftwatch_check_success", "app_load")] == 1.0:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(1)
