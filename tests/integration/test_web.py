@@ -482,3 +482,33 @@ def test_scrape_storm_200_clients(tmp_path: Path) -> None:
         assert inspect.calls <= seconds + 2
     finally:
         daemon.shutdown()
+
+
+# -- series bounded: a version table full of rows ------------------------------------------------
+@pytest.mark.postgres
+def test_a_version_table_of_90000_rows_is_one_series(pg_database: object) -> None:
+    """The app's role controls alembic_version: 90,000 rows once gave 90,000 series."""
+    from prometheus_client.registry import CollectorRegistry
+
+    from agent.metrics import DriftwatchCollector
+    from agent.snapshot import MigrationState
+    from agent.sources import database
+
+    db = pg_database
+    db.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)",  # type: ignore[attr-defined]
+               as_owner=True)
+    db.execute("INSERT INTO alembic_version SELECT 'rev' || lpad(g::text, 6, '0') "  # type: ignore[attr-defined]
+               "FROM generate_series(1, 90000) g", as_owner=True)
+    version = database.read_version_table(db.url)  # type: ignore[attr-defined]
+    assert version.exists and len(version.revisions) == database.MAX_VERSION_ROWS
+    unit = UnitSnapshot("app.service", time.time(), True, migrations=MigrationState(
+        True, current=version.revisions, heads=("r3",)))
+    registry = CollectorRegistry()
+    registry.register(DriftwatchCollector(lambda: Snapshot(units=(unit,))))
+    series = [s for f in registry.collect() if f.name == "driftwatch_revision_info"
+              for s in f.samples]
+    print(f"\n90000 rows in alembic_version: {len(version.revisions)} read, {len(series)} "
+          f"revision_info series, current label {len(series[0].labels['current'])} chars")
+    assert len(series) == 1
+    assert series[0].labels["current"] == ("rev000001,rev000002,rev000003,rev000004,"
+                                           "rev000005,+95 more")
