@@ -136,6 +136,14 @@ def candidate_predicate(config: Config) -> Callable[[str], bool]:
     return is_candidate
 
 
+def check_web_limits(config: Config) -> None:
+    """A request must be allowed to outlast the longest a scrape waits for an inspection."""
+    if config.request_timeout_seconds <= config.scrape_wait_seconds:
+        raise ConfigError(f"{config.source or 'configuration'}: 'request_timeout_seconds' "
+                          f"({config.request_timeout_seconds:g}) must be larger than "
+                          f"'scrape_wait_seconds' ({config.scrape_wait_seconds:g})")
+
+
 def configured_units(config: Config) -> list[str]:
     """The configured unit names as systemd spells them (gunicorn -> gunicorn.service)."""
     from agent.sources.systemd import DEFAULT_UNIT, normalize_unit_name
@@ -150,6 +158,7 @@ class Daemon:
                  config_path: str | None = None, overrides: dict[str, Any] | None = None,
                  watcher_factory: WatcherFactory | None = UnitWatcher,
                  web_config_path: str | None = None, unix_socket: str = "") -> None:
+        check_web_limits(config)
         self.config = config
         self.config_path = config_path
         self.overrides = overrides or {}
@@ -272,6 +281,7 @@ class Daemon:
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
             new = load_config(self.config_path).with_overrides(**self.overrides)
+            check_web_limits(new)
             # Read again even when unchanged: renewed certificates are picked up here.
             web = load_web_config(self.web_config_path)
             server = None

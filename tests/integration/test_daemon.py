@@ -223,6 +223,19 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], fragmen
     assert len(lines) == 1 and fragment in lines[0], lines
 
 
+def test_request_timeout_shorter_than_scrape_wait_exits_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "a.toml", free_port(),
+                          "scrape_wait_seconds = 5\nrequest_timeout_seconds = 3\n")
+    proc, stderr = spawn(["--config.file", str(config), "--inspector", INSPECTOR], tmp_path)
+    try:
+        assert proc.wait(10) == 2
+    finally:
+        stop(proc)
+    assert stderr.read_text().splitlines() == [
+        f"driftwatch-agent: {config}: 'request_timeout_seconds' (3) must be larger than "
+        "'scrape_wait_seconds' (5)"]
+
+
 def test_port_in_use_exits_2(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -336,7 +336,7 @@ def open_slow_clients(port: int, n: int) -> list[socket.socket]:
 def test_slow_clients_are_capped_and_cut_at_the_deadline(tmp_path: Path) -> None:
     cap, timeout = 32, (10.0 if LONG else 2.0)
     daemon = start(tmp_path, FakeInspect(), max_connections=cap,
-                   request_timeout_seconds=timeout)
+                   request_timeout_seconds=timeout, scrape_wait_seconds=timeout / 2)
     port = daemon.server.port
     threads_before = threading.active_count()
     n = 300
@@ -369,7 +369,8 @@ def test_slow_clients_are_capped_and_cut_at_the_deadline(tmp_path: Path) -> None
 
 
 def test_trickling_client_is_cut_at_the_total_deadline(tmp_path: Path) -> None:
-    daemon = start(tmp_path, FakeInspect(), request_timeout_seconds=1.0)
+    daemon = start(tmp_path, FakeInspect(), request_timeout_seconds=1.0,
+                   scrape_wait_seconds=0.5)
     try:
         s = socket.create_connection(("127.0.0.1", daemon.server.port), timeout=5)
         started = time.monotonic()
