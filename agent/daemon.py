@@ -190,10 +190,10 @@ class Daemon:
                 self.unix_server = AgentUnixServer(
                     self.unix_socket, self.registry, self.status, self.health,
                     request_timeout_seconds=self.config.request_timeout_seconds)
-            except DriftwatchError:
-                self.server.server_close()
-                raise
-            self.unix_server.start()
+                self.unix_server.start()
+            except DriftwatchError as exc:
+                # An extra, not a reason to stop watching: agentctl falls back to TCP.
+                log.error("%s; agentctl status will use TCP", exc)
         self.server.start()
         if self._watcher_factory is not None:
             self.watcher = self._watcher_factory(
