@@ -48,8 +48,10 @@ def _unit(u: dict[str, Any]) -> dict[str, Any]:
                          "error": REDACTED if c.get("error") else ""} for c in value]
         elif key == "findings" and isinstance(value, (list, tuple)):
             out[key] = [{"check": str(f.get("check", "")), "severity": str(f.get("severity", "")),
-                         "message": f"{f.get('check', '')}: {REDACTED}", "remedy": ""}
+                         "message": REDACTED, "remedy": ""}
                         for f in value]
+        elif isinstance(value, str):
+            out[key] = REDACTED if value else ""     # a path or a text: say it is withheld
         else:
             kept = _numbers(value)
             if kept is not _DROP:

@@ -138,7 +138,7 @@ def test_redacted_status_keeps_states_and_counts_drops_free_text() -> None:
     assert unit["checks"][1] == {"name": "schema", "success": False, "duration_seconds": 1.5,
                                  "error": REDACTED}
     assert unit["findings"] == [{"check": "migrations", "severity": "critical",
-                                 "message": f"migrations: {REDACTED}", "remedy": ""}]
+                                 "message": REDACTED, "remedy": ""}]
     assert unit["journal_schema_errors"] == {"UndefinedColumn": 4, "UndefinedTable": 1}
     assert out["agent"] == {"version": "0.1.0", "inspections_total": 3,
                             "last_error": REDACTED}
