@@ -252,6 +252,7 @@ class ConnectionLimiter:
         self._lock = threading.Condition()
         self._conns: dict[socket.socket, _Conn] = {}
         self.refused = self.evicted = self.expired = self.peak = 0
+        self._closing = False
 
     def admit(self, sock: socket.socket, wait: float = 0.0) -> bool:
         """Register SOCK, evicting the longest-waiting connection when full, else waiting up
@@ -266,7 +267,7 @@ class ConnectionLimiter:
                                                            for _, s in live):
                     break
                 left = end - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._closing:
                     self.refused += 1
                     return False
                 self._lock.wait(min(left, 0.25))
@@ -312,6 +313,12 @@ class ConnectionLimiter:
             log.debug("closed %d connection(s) past the %.0fs request deadline", len(late),
                       self.request_timeout_seconds)
         return len(late)
+
+    def close(self) -> None:
+        """Stop waiting for free slots: the server is stopping."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
 
     def open_connections(self) -> int:
         """Connections currently counted against the limit."""
@@ -403,6 +410,7 @@ class _ServerBase(socketserver.ThreadingMixIn):
     def stop(self) -> None:
         """Stop serving and close the socket."""
         self._stopping.set()
+        self.limiter.close()
         if self._thread is not None:
             self.shutdown()  # type: ignore[attr-defined]
             self._thread.join(5)
