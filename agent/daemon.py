@@ -279,12 +279,12 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the config; a bad one is logged and the running one kept."""
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        server: AgentHTTPServer | None = None
         try:
             new = load_config(self.config_path).with_overrides(**self.overrides)
             check_web_limits(new)
             # Read again even when unchanged: renewed certificates are picked up here.
             web = load_web_config(self.web_config_path)
-            server = None
             if (new.listen_address, new.max_connections, new.request_timeout_seconds) != (
                     self.config.listen_address, self.config.max_connections,
                     self.config.request_timeout_seconds):
@@ -293,7 +293,7 @@ class Daemon:
                 self._make_server_web(new, web)        # validate before touching anything
             inspect = self._inspector_factory(new)
         except DriftwatchError as exc:
-            if "server" in locals() and server is not None:
+            if server is not None:
                 server.server_close()
             log.error("reload failed, keeping the running configuration: %s", exc)
             sd_notify("READY=1")

@@ -238,16 +238,21 @@ class ConnectionLimiter:
     """At most max_connections open connections (so at most that many threads), each wait for
     a request and each request bounded by request_timeout_seconds in total.
 
-    When full, a new connection evicts the one that has waited longest for its request (slow
-    or idle clients make room for a scrape); when every connection is busy serving, the
-    accept loop waits for one to finish (the rest queue in the kernel's backlog) and refuses
-    only after a whole request timeout.
+    When full, a new connection evicts the one that has waited longest for its request, if
+    that wait is older than evict_after_seconds (slow or idle clients make room for a scrape;
+    a burst of fresh connections does not evict itself); otherwise the accept loop waits for
+    a slot (the rest queue in the kernel's backlog) and refuses only after a whole request
+    timeout.
     """
 
     def __init__(self, max_connections: int, request_timeout_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 evict_after_seconds: float | None = None) -> None:
         self.max_connections = max_connections
         self.request_timeout_seconds = request_timeout_seconds
+        # A client that has not sent its request after this long is slow (or idle).
+        self.evict_after_seconds = (min(1.0, request_timeout_seconds / 4)
+                                    if evict_after_seconds is None else evict_after_seconds)
         self._clock = clock
         self._lock = threading.Condition()
         self._conns: dict[socket.socket, _Conn] = {}
@@ -263,8 +268,9 @@ class ConnectionLimiter:
             while True:
                 now = self._clock()
                 live = [(c.since, s) for s, c in self._conns.items() if c.deadline > -1]
-                if len(live) < self.max_connections or any(self._conns[s].waiting
-                                                           for _, s in live):
+                stale = [(since, s) for since, s in live if self._conns[s].waiting
+                         and now - since >= self.evict_after_seconds]
+                if len(live) < self.max_connections or stale:
                     break
                 left = end - time.monotonic()
                 if left <= 0 or self._closing:
@@ -272,8 +278,7 @@ class ConnectionLimiter:
                     return False
                 self._lock.wait(min(left, 0.25))
             if len(live) >= self.max_connections:
-                waiting = [(since, s) for since, s in live if self._conns[s].waiting]
-                victim = min(waiting, key=lambda item: item[0])[1]
+                victim = min(stale, key=lambda item: item[0])[1]
                 self._conns[victim].deadline = -1      # counted out; its thread is ending
                 self.evicted += 1
             self._conns[sock] = _Conn(True, now, now + self.request_timeout_seconds)

@@ -45,6 +45,17 @@ def test_cap_evicts_the_longest_waiting_then_refuses_when_all_are_busy() -> None
     assert limiter.admit(d) and limiter.open_connections() == 2 and limiter.peak == 2
 
 
+def test_a_burst_of_fresh_connections_does_not_evict_itself() -> None:
+    clock = Clock()
+    limiter = ConnectionLimiter(2, request_timeout_seconds=10, clock=clock)
+    (a, pa), (b, _pb), (c, _pc) = pair(), pair(), pair()
+    assert limiter.admit(a) and limiter.admit(b)
+    clock.now += 0.5                          # both still within evict_after_seconds (1 s)
+    assert not limiter.admit(c) and not is_shut(pa)
+    clock.now += 0.5                          # now a counts as slow
+    assert limiter.admit(c) and is_shut(pa)
+
+
 def test_deadline_is_total_not_per_read() -> None:
     clock = Clock()
     limiter = ConnectionLimiter(8, request_timeout_seconds=10, clock=clock)
