@@ -232,17 +232,18 @@ class _Conn:
     waiting: bool            # waiting for (the rest of) a request: may be evicted
     since: float             # when the current wait or request began
     deadline: float
+    served: int = 0          # requests answered: >0 and waiting means an idle keep-alive
 
 
 class ConnectionLimiter:
     """At most max_connections open connections (so at most that many threads), each wait for
     a request and each request bounded by request_timeout_seconds in total.
 
-    When full, a new connection evicts the one that has waited longest for its request, if
-    that wait is older than evict_after_seconds (slow or idle clients make room for a scrape;
-    a burst of fresh connections does not evict itself); otherwise the accept loop waits for
-    a slot (the rest queue in the kernel's backlog) and refuses only after a whole request
-    timeout.
+    When full, a new connection closes an idle keep-alive connection (any HTTP client retries
+    a GET on a fresh one), else the connection that has waited longest for its first request
+    if that is longer than evict_after_seconds (a slow client makes room for a scrape, a burst
+    of fresh connections does not evict itself); otherwise the accept loop waits for a slot
+    (the rest queue in the kernel's backlog) and refuses only after a whole request timeout.
     """
 
     def __init__(self, max_connections: int, request_timeout_seconds: float,
@@ -268,8 +269,10 @@ class ConnectionLimiter:
             while True:
                 now = self._clock()
                 live = [(c.since, s) for s, c in self._conns.items() if c.deadline > -1]
-                stale = [(since, s) for since, s in live if self._conns[s].waiting
-                         and now - since >= self.evict_after_seconds]
+                idle = [(since, s) for since, s in live
+                        if self._conns[s].waiting and self._conns[s].served]
+                stale = idle or [(since, s) for since, s in live if self._conns[s].waiting
+                                 and now - since >= self.evict_after_seconds]
                 if len(live) < self.max_connections or stale:
                     break
                 left = end - time.monotonic()
@@ -295,6 +298,8 @@ class ConnectionLimiter:
         with self._lock:
             conn = self._conns.get(sock)
             if conn is not None and conn.deadline > -1:
+                if conn.waiting and not waiting:
+                    conn.served += 1
                 conn.waiting, conn.since = waiting, now
                 conn.deadline = now + self.request_timeout_seconds
 

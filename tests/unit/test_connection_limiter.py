@@ -71,3 +71,15 @@ def test_deadline_is_total_not_per_read() -> None:
     clock.now += 1
     assert limiter.expire() == 1 and is_shut(pb) and limiter.expired == 2
     assert limiter.open_connections() == 0
+
+
+def test_an_idle_keepalive_connection_goes_first_whatever_its_age() -> None:
+    clock = Clock()
+    limiter = ConnectionLimiter(2, request_timeout_seconds=10, clock=clock)
+    (a, pa), (b, pb), (c, _pc) = pair(), pair(), pair()
+    limiter.admit(a)                          # a fresh client, not yet sent its request
+    limiter.admit(b)
+    limiter.mark(b, waiting=False)            # b's request ...
+    limiter.mark(b, waiting=True)             # ... answered: b idles on keep-alive
+    clock.now += 0.1
+    assert limiter.admit(c) and is_shut(pb) and not is_shut(pa)
