@@ -168,6 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
               extra: list[tuple[str, str]] | None = None) -> None:
         """Status line, headers and body in one write (no Nagle/delayed-ACK stall)."""
         self.send_response(code)
+        if self.server.limiter.crowded():
+            # Near the cap, keep-alive ends after each response: clients queue in turn
+            # instead of the connections already in holding every slot.
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (*self.server.web.headers, *(extra or [])):
@@ -323,6 +327,10 @@ class ConnectionLimiter:
             log.debug("closed %d connection(s) past the %.0fs request deadline", len(late),
                       self.request_timeout_seconds)
         return len(late)
+
+    def crowded(self) -> bool:
+        """Three quarters of the slots or more are taken."""
+        return self.open_connections() * 4 >= self.max_connections * 3
 
     def close(self) -> None:
         """Stop waiting for free slots: the server is stopping."""
