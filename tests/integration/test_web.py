@@ -213,6 +213,30 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(tmp_path: Path, pki: P
         daemon.shutdown()
 
 
+def test_real_prometheus_scrapes_with_a_client_certificate(tmp_path: Path, pki: Path) -> None:
+    reason = prometheus_unavailable_reason()
+    if reason:
+        skip_or_fail(reason)
+    web = web_config(tmp_path / "web.yml", users=False,
+                     client_auth="RequireAndVerifyClientCert", sans=["prometheus.test"])
+    daemon = start(tmp_path, FakeInspect(), web)
+    tls = {"ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "client.crt"),
+           "key_file": str(pki / "client.key")}
+    prom = PrometheusServer([f"127.0.0.1:{daemon.server.port}"],
+                            scrape_options={"scheme": "https", "tls_config": tls})
+    try:
+        prom.start()
+        value = prom.wait_for(lambda: prom.api("query", query='driftwatch_pending_revisions'
+                                                              '{unit="app.service"}')["result"],
+                              timeout=60, what="driftwatch_pending_revisions over mutual TLS")
+        assert value[0]["value"][1] == "3"
+        print("\nreal Prometheus with a client certificate (RequireAndVerifyClientCert, "
+              "client_allowed_sans): up")
+    finally:
+        prom.stop()
+        daemon.shutdown()
+
+
 # -- /status: anonymous summary, detail for the root-only unix socket -------------------------
 def test_anonymous_status_is_redacted_unix_socket_has_detail(tmp_path: Path) -> None:
     daemon = start(tmp_path, FakeInspect())
