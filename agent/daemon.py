@@ -241,7 +241,7 @@ class Daemon:
         return 0
 
     def shutdown(self) -> None:
-        """Stop serving and watching, and every probe still running."""
+        """Stop serving and watching."""
         sd_notify("STOPPING=1")
         log.info("stopping")
         if self.server is not None:
@@ -250,7 +250,6 @@ class Daemon:
             self.unix_server.stop()
         if self.watcher is not None:
             self.watcher.stop()
-        stop_children()
 
     def request_stop(self, *_: Any) -> None:
         """Signal-safe: ask the loop to stop."""
@@ -472,4 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DriftwatchError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
-    return daemon.run()
+    code = daemon.run()
+    # Here, in the agent's own process only: every child is a probe (or its helpers) the
+    # agent started; a Daemon embedded elsewhere (tests) must not end its host's children.
+    stop_children()
+    return code
