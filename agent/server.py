@@ -409,7 +409,7 @@ class _ServerBase(socketserver.ThreadingMixIn):
         """Serve in a background thread; a reaper enforces the deadlines."""
         self._thread = threading.Thread(target=self.serve_forever,  # type: ignore[attr-defined]
                                         name=f"driftwatch-{self.kind}",
-                                        kwargs={"poll_interval": 0.5}, daemon=True)
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
         self._reaper = threading.Thread(target=self._reap, name="driftwatch-reaper",
                                         daemon=True)
