@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "config file, else :9410)")
     status.add_argument("--config.file", dest="config_file", metavar="PATH", default=None,
                         help=f"the agent's config file (default {DEFAULT_CONFIG_PATH})")
-    status.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
-                        help="how long to wait for the agent (default 2)")
+    status.add_argument("--socket", dest="socket", metavar="PATH", default=None,
+                        help="the agent's root-only unix socket, asked first (default "
+                             "/run/driftwatch/agent.sock; '' to skip it)")
+    status.add_argument("--timeout", type=float, default=6.0, metavar="SECONDS",
+                        help="how long to wait for the agent (default 6: it answers within "
+                             "its scrape_wait_seconds)")
     status.add_argument("--local", action="store_true",
                         help="do not ask the agent; check locally")
     add_inspection_options(status)
@@ -229,21 +233,54 @@ def status_address(args: argparse.Namespace) -> tuple[str, int]:
         raise ConfigError(str(exc)) from None
 
 
+def agent_reply(args: argparse.Namespace) -> tuple[Any, str]:
+    """(AgentReply or None, why none): the root-only unix socket first; TCP only when the
+    socket cannot be used, said so, and never from a listener that is not root's."""
+    from agent.statusclient import (
+        DEFAULT_SOCKET,
+        display_address,
+        fetch_status,
+        fetch_status_unix,
+        untrusted_listener,
+    )
+
+    path = DEFAULT_SOCKET if args.socket is None else args.socket
+    socket_note = "no unix socket asked"
+    if path:
+        reply, socket_note = fetch_status_unix(path, args.unit, timeout=args.timeout)
+        if reply is not None:
+            return reply, ""
+    host, port = status_address(args)
+    stranger = untrusted_listener(host, port)
+    if stranger:
+        return None, stranger
+    reply = fetch_status(host, port, args.unit, timeout=args.timeout)
+    tcp = f"{display_address(host, port)} over TCP ({socket_note}"
+    tcp += "; detail redacted: run as root for it)" if reply.data.get("redacted") else ")"
+    return AgentReplyView(reply, tcp), ""
+
+
+class AgentReplyView:
+    """An AgentReply with the address shown as it was reached."""
+
+    def __init__(self, reply: Any, address: str) -> None:
+        self.ok, self.data, self.reason = reply.ok, reply.data, reply.reason
+        self.address = address if reply.ok else reply.address
+
+
 def status_data(args: argparse.Namespace, systemd: SystemdSource,
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(snapshot as JSON-ready dict, where it came from)."""
     from agent.server import mask_strings
-    from agent.statusclient import display_address, fetch_status
 
     reason = "--local given"
     address = ""
     if not args.local:
-        host, port = status_address(args)
-        address = display_address(host, port)
-        reply = fetch_status(host, port, args.unit, timeout=args.timeout)
-        if reply.ok:
+        reply, reason = agent_reply(args)
+        if reply is not None and reply.ok:
             return reply.data, {"kind": "agent", "address": reply.address}
-        reason = reply.reason
+        if reply is not None:
+            reason, address = reply.reason, reply.address
     snapshot = local_snapshot(args, systemd, [args.unit] if args.unit else None)
     # The snapshot holds no secrets; masking anyway keeps /status and status alike.
     return mask_strings(snapshot.as_dict()), {"kind": "local", "address": address,

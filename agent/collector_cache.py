@@ -9,11 +9,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from agent.metrics import CollectorStats
-from agent.snapshot import Snapshot
+from agent.snapshot import CheckRun, Snapshot
 
 log = logging.getLogger(__name__)
 
 Inspect = Callable[[Sequence[str] | None], Snapshot]
+# (unit, check, clock() when that check started): what a running inspection is doing now.
+Running = tuple[str, str, float]
+Wait = Callable[[threading.Event, float], bool]
+# Prometheus's default scrape timeout is 10 s: a scrape waits well under it, then is served
+# from the last snapshot while the inspection finishes in the background.
+DEFAULT_MAX_WAIT_SECONDS = 4.0
+
+
+def _event_wait(event: threading.Event, timeout: float) -> bool:
+    return event.wait(timeout)
 
 
 @dataclass
@@ -21,9 +31,11 @@ class _Flight:
     """One inspection run that any number of callers wait on."""
 
     units: list[str] | None
+    inspect: Inspect | None = None
     done: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
     result: Snapshot | None = None
+    warned: bool = False
 
 
 def merge_snapshots(old: Snapshot, new: Snapshot) -> Snapshot:
@@ -35,6 +47,26 @@ def merge_snapshots(old: Snapshot, new: Snapshot) -> Snapshot:
     return replace(old, units=tuple(units), errors=errors)
 
 
+def mark_running(snapshot: Snapshot, running: Running | None, inspection_seconds: float,
+                 now: float) -> Snapshot:
+    """Pure: SNAPSHOT served while an inspection is still running: the running check of its
+    unit gets success 0 and its running time as duration; the snapshot says why."""
+    note = (f"inspection still running after {inspection_seconds:.1f}s: served from the last "
+            "snapshot, the inspection finishes in the background")
+    units = list(snapshot.units)
+    if running is not None:
+        unit, check, since = running
+        seconds = round(max(0.0, now - since), 4)
+        note += f" ({unit}: check {check} running for {seconds:.1f}s)"
+        run = CheckRun(check, False, seconds, f"still running after {seconds:.1f}s; the "
+                       "inspection continues in the background")
+        for i, u in enumerate(units):
+            if u.unit == unit:
+                checks = [c for c in u.checks if c.name != check]
+                units[i] = replace(u, checks=(*checks, run))
+    return replace(snapshot, units=tuple(units), errors=(note, *snapshot.errors))
+
+
 class SnapshotCache:
     """Serves the latest Snapshot; runs at most one inspection at a time, at most every interval.
 
@@ -44,11 +76,15 @@ class SnapshotCache:
 
     def __init__(self, inspect: Inspect, min_interval_seconds: float = 30.0,
                  min_rerun_seconds: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+                 wait: Wait = _event_wait) -> None:
         self._inspect = inspect
         self.min_interval_seconds = min_interval_seconds
         self.min_rerun_seconds = min_rerun_seconds
+        self.max_wait_seconds = max_wait_seconds
         self._clock = clock
+        self._wait = wait
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._taken: float | None = None       # clock() when the served snapshot was started
@@ -60,14 +96,26 @@ class SnapshotCache:
         self.failures_total = 0
         self.last_success: bool | None = None
         self.last_error = ""
+        self.stale_serves = 0     # scrapes served from the last snapshot while one ran
 
     # -- configuration --------------------------------------------------------------------
-    def set_inspect(self, inspect: Inspect, min_interval_seconds: float) -> None:
+    def set_inspect(self, inspect: Inspect, min_interval_seconds: float,
+                    max_wait_seconds: float | None = None) -> None:
         """Swap the inspector (config reload); the cached snapshot is dropped at next get()."""
         with self._lock:
             self._inspect = inspect
             self.min_interval_seconds = min_interval_seconds
+            if max_wait_seconds is not None:
+                self.max_wait_seconds = max_wait_seconds
             self._all_dirty = True
+
+    def running(self) -> tuple[float, Running | None] | None:
+        """(seconds the inspection has run, what it is doing) or None when none runs."""
+        with self._lock:
+            flight = self._flight
+        if flight is None:
+            return None
+        return self._clock() - flight.started, getattr(flight.inspect, "current", None)
 
     # -- reading --------------------------------------------------------------------------
     def peek(self) -> Snapshot | None:
@@ -106,7 +154,11 @@ class SnapshotCache:
         return None if self._all_dirty else sorted(self._dirty)
 
     def get(self) -> Snapshot | None:
-        """The snapshot to serve: cached if young enough, else from the one shared inspection."""
+        """The snapshot to serve: cached if young enough, else from the one shared inspection.
+
+        Nobody waits longer than max_wait_seconds: past it the last snapshot is served with the
+        running check marked failed, and the inspection goes on in its own thread.
+        """
         with self._lock:
             flight = self._flight
             if flight is None:
@@ -114,28 +166,45 @@ class SnapshotCache:
                 wanted = self._wanted_units(now)
                 if wanted is False:
                     return self._snapshot
-                flight = _Flight(units=wanted, started=now)  # type: ignore[arg-type]
+                flight = _Flight(units=wanted, inspect=self._inspect,  # type: ignore[arg-type]
+                                 started=now)
                 self._flight = flight
                 self._last_run = now
                 # Whatever was dirty is looked at now; an invalidate() during the run marks its
                 # unit dirty again, so a result that predates a restart is never trusted long.
                 self._all_dirty = False
                 self._dirty.clear()
-                leader = True
-            else:
-                leader = False
-        if leader:
-            self._run(flight)
-        else:
-            flight.done.wait()
-        return flight.result
+                # Its own thread: a hung probe or a frozen D-Bus never holds a scrape.
+                threading.Thread(target=self._run, args=(flight,), daemon=True,
+                                 name="driftwatch-inspection").start()
+        if self._wait(flight.done, self.max_wait_seconds):
+            return flight.result
+        return self._stale(flight)
+
+    def _stale(self, flight: _Flight) -> Snapshot | None:
+        """The last snapshot, marked: which check is still running and for how long."""
+        with self._lock:
+            if flight.done.is_set():   # finished between the timeout and here
+                return flight.result
+            self.stale_serves += 1
+            snapshot = self._snapshot
+            warn, flight.warned = not flight.warned, True
+        now = self._clock()
+        running = getattr(flight.inspect, "current", None)
+        if warn:   # once per inspection, not once per scrape
+            log.warning("inspection still running after %.1fs (%s); serving the last snapshot",
+                        now - flight.started,
+                        f"{running[0]}: {running[1]}" if running else "no check started yet")
+        if snapshot is None:
+            return None
+        return mark_running(snapshot, running, now - flight.started, now)
 
     def _run(self, flight: _Flight) -> None:
         """Run the inspection outside the lock and publish its result to every waiter."""
         result: Snapshot | None = None
         error = ""
         try:
-            result = self._inspect(flight.units)
+            result = (flight.inspect or self._inspect)(flight.units)
         except Exception as exc:  # the agent must keep serving whatever the inspector does
             error = f"{type(exc).__name__}: {exc}"
             log.error("inspection failed: %s", error)

@@ -43,6 +43,9 @@ class Config:
     journal_window_seconds: float = 3600.0
     state_dir: str = "/var/lib/driftwatch"
     log_level: str = "info"
+    scrape_wait_seconds: float = 4.0      # a scrape waits no longer on an inspection
+    max_connections: int = 64             # open HTTP connections at once
+    request_timeout_seconds: float = 10.0  # a whole HTTP request, headers to last byte
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = ""                      # the file this came from, "" for built-in defaults
 
@@ -66,6 +69,9 @@ _AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "journal_window_seconds": ((int, float), "a number"),
     "state_dir": ((str,), "a string"),
     "log_level": ((str,), "one of " + ", ".join(LOG_LEVELS)),
+    "scrape_wait_seconds": ((int, float), "a number"),
+    "max_connections": ((int,), "an integer"),
+    "request_timeout_seconds": ((int, float), "a number"),
 }
 _TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "cert_file": ((str,), "a string (path)"),
@@ -125,7 +131,8 @@ def _validate(config: Config, where: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     for name in ("min_interval_seconds", "probe_timeout_seconds", "db_timeout_seconds",
-                 "journal_window_seconds"):
+                 "journal_window_seconds", "scrape_wait_seconds", "max_connections",
+                 "request_timeout_seconds"):
         if getattr(config, name) < 0 or (name != "min_interval_seconds"
                                          and getattr(config, name) == 0):
             raise ConfigError(f"{where}: '{name}' must be positive")

@@ -22,14 +22,17 @@ from agent.collector_cache import Inspect, SnapshotCache
 from agent.config import LOG_LEVELS, Config, load_config
 from agent.errors import ConfigError, DriftwatchError
 from agent.metrics import DriftwatchCollector
-from agent.server import AgentHTTPServer, mask_text
+from agent.server import AgentHTTPServer, AgentUnixServer, mask_text
 from agent.snapshot import Snapshot
 from agent.watch import UnitWatcher
+from agent.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("driftwatch")
 
 PROG = "driftwatch-agent"
 DEFAULT_INSPECTOR = "agent.inspector:make_inspector"
+# Root-only: `agentctl status` prefers it (full detail, and no other user can answer on it).
+DEFAULT_UNIX_SOCKET = "/run/driftwatch/agent.sock"
 TICK_SECONDS = 1.0
 InspectorFactory = Callable[[Config], Inspect]
 WatcherFactory = Callable[..., Any]
@@ -133,6 +136,14 @@ def candidate_predicate(config: Config) -> Callable[[str], bool]:
     return is_candidate
 
 
+def check_web_limits(config: Config) -> None:
+    """A request must be allowed to outlast the longest a scrape waits for an inspection."""
+    if config.request_timeout_seconds <= config.scrape_wait_seconds:
+        raise ConfigError(f"{config.source or 'configuration'}: 'request_timeout_seconds' "
+                          f"({config.request_timeout_seconds:g}) must be larger than "
+                          f"'scrape_wait_seconds' ({config.scrape_wait_seconds:g})")
+
+
 def configured_units(config: Config) -> list[str]:
     """The configured unit names as systemd spells them (gunicorn -> gunicorn.service)."""
     from agent.sources.systemd import DEFAULT_UNIT, normalize_unit_name
@@ -145,16 +156,23 @@ class Daemon:
 
     def __init__(self, config: Config, inspector_factory: InspectorFactory,
                  config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                 watcher_factory: WatcherFactory | None = UnitWatcher) -> None:
+                 watcher_factory: WatcherFactory | None = UnitWatcher,
+                 web_config_path: str | None = None, unix_socket: str = "") -> None:
+        check_web_limits(config)
         self.config = config
         self.config_path = config_path
         self.overrides = overrides or {}
+        self.web_config_path = web_config_path
+        self.web = load_web_config(web_config_path)
+        self.unix_socket = unix_socket
         self._inspector_factory = inspector_factory
         self._watcher_factory = watcher_factory
-        self.cache = SnapshotCache(inspector_factory(config), config.min_interval_seconds)
+        self.cache = SnapshotCache(inspector_factory(config), config.min_interval_seconds,
+                                   max_wait_seconds=config.scrape_wait_seconds)
         self.registry = CollectorRegistry()
         self.registry.register(DriftwatchCollector(self.cache.get, self.cache.stats))
         self.server: AgentHTTPServer | None = None
+        self.unix_server: AgentUnixServer | None = None
         self.watcher: Any = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -166,21 +184,34 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and serve, start the watcher, then tell systemd we are ready."""
-        self.server = self._make_server(self.config)
+        self.server = self._make_server(self.config, self.web)
+        if self.unix_socket:
+            try:
+                self.unix_server = AgentUnixServer(
+                    self.unix_socket, self.registry, self.status, self.health,
+                    request_timeout_seconds=self.config.request_timeout_seconds)
+                self.unix_server.start()
+            except DriftwatchError as exc:
+                # An extra, not a reason to stop watching: agentctl falls back to TCP.
+                log.error("%s; agentctl status will use TCP", exc)
         self.server.start()
         if self._watcher_factory is not None:
             self.watcher = self._watcher_factory(
                 self.cache.invalidate, units=configured_units(self.config),
                 is_candidate=candidate_predicate(self.config))
             self.watcher.start()
-        log.info("driftwatch-agent %s serving on %s%s (config: %s)", __version__,
-                 self.config.listen_address, " with TLS" if self.config.tls.enabled else "",
+        log.info("driftwatch-agent %s serving on %s%s%s%s (config: %s)", __version__,
+                 self.config.listen_address, " with TLS" if self.server.web.tls else "",
+                 " and basic auth" if self.server.web.users else "",
+                 f" and {self.unix_socket}" if self.unix_server else "",
                  self.config.source or "built-in defaults")
         self._notify_status(force=True, ready=True)
 
-    def _make_server(self, config: Config) -> AgentHTTPServer:
+    def _make_server(self, config: Config, web: WebConfig) -> AgentHTTPServer:
         return AgentHTTPServer(config.listen_address, self.registry, self.status, self.health,
-                               config.tls)
+                               self._make_server_web(config, web),
+                               max_connections=config.max_connections,
+                               request_timeout_seconds=config.request_timeout_seconds)
 
     def run(self) -> int:
         """Main loop until SIGTERM/SIGINT: reloads, STATUS updates, watchdog pings."""
@@ -215,6 +246,8 @@ class Daemon:
         log.info("stopping")
         if self.server is not None:
             self.server.stop()
+        if self.unix_server is not None:
+            self.unix_server.stop()
         if self.watcher is not None:
             self.watcher.stop()
 
@@ -245,22 +278,34 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the config; a bad one is logged and the running one kept."""
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        server: AgentHTTPServer | None = None
         try:
             new = load_config(self.config_path).with_overrides(**self.overrides)
+            check_web_limits(new)
+            # Read again even when unchanged: renewed certificates are picked up here.
+            web = load_web_config(self.web_config_path)
+            if (new.listen_address, new.max_connections, new.request_timeout_seconds) != (
+                    self.config.listen_address, self.config.max_connections,
+                    self.config.request_timeout_seconds):
+                server = self._make_server(new, web)   # bind first: a failure keeps the old
+            else:
+                self._make_server_web(new, web)        # validate before touching anything
             inspect = self._inspector_factory(new)
-            server = None
-            if (new.listen_address, new.tls) != (self.config.listen_address, self.config.tls):
-                server = self._make_server(new)   # bind first: a failure keeps the old one
         except DriftwatchError as exc:
+            if server is not None:
+                server.server_close()
             log.error("reload failed, keeping the running configuration: %s", exc)
             sd_notify("READY=1")
             return False
+        self.web = web
         if server is not None:
             old, self.server = self.server, server
             server.start()
             if old is not None:
                 old.stop()
-        self.cache.set_inspect(inspect, new.min_interval_seconds)
+        elif self.server is not None:
+            self.server.set_web(self._make_server_web(new, web))
+        self.cache.set_inspect(inspect, new.min_interval_seconds, new.scrape_wait_seconds)
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
         if self.watcher is not None and hasattr(self.watcher, "set_candidate"):
@@ -269,6 +314,21 @@ class Daemon:
         sd_notify("READY=1")
         self._notify_status(force=True)
         return True
+
+    def _make_server_web(self, config: Config, web: WebConfig) -> WebConfig:
+        """The web config the TCP server would use (agent.toml's [tls] folded in), checked:
+        its TLS files are loaded now."""
+        from agent.server import web_from_agent_tls
+        from agent.webconfig import make_ssl_context
+        if web.tls is not None and config.tls.enabled:
+            raise ConfigError(f"TLS is configured twice: in {config.source or 'agent.toml'} "
+                              f"[tls] and in {web.source}; keep one")
+        if web.tls is None and config.tls.enabled:
+            web = WebConfig(web_from_agent_tls(config.tls).tls, web.users, web.headers,
+                            web.source)
+        if web.tls is not None:
+            make_ssl_context(web.tls)
+        return web
 
     # -- health, status -------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -291,7 +351,10 @@ class Daemon:
                  "inspection_failures_total": self.cache.failures_total,
                  "last_error": self.cache.last_error}
         if snapshot is None:
-            return 503, {"error": "no successful inspection yet", "agent": agent}
+            running = self.cache.running()
+            why = (f"no successful inspection yet (the first has run for {running[0]:.0f}s)"
+                   if running else "no successful inspection yet")
+            return 503, {"error": why, "agent": agent}
         data = snapshot.as_dict()
         data["agent"] = agent
         if unit is not None:
@@ -315,6 +378,44 @@ class Daemon:
             sd_notify(*states)
 
 
+def stop_children(grace: float = 2.0) -> int:
+    """SIGTERM, then SIGKILL, every process group the agent started (probes run in their own
+    session, so outside systemd nothing else would end them); returns how many."""
+    import psutil
+
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return 0
+    groups = set()
+    for child in children:
+        try:
+            groups.add(os.getpgid(child.pid))
+        except OSError:
+            continue
+    groups.discard(os.getpgrp())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                pass
+        if sig == signal.SIGTERM:
+            _, alive = psutil.wait_procs(children, timeout=grace)
+            if not alive:
+                break
+    psutil.wait_procs(children, timeout=grace)
+    for child in children:   # children outside a group of their own
+        try:
+            if child.is_running():
+                child.kill()
+        except psutil.Error:
+            pass
+    if groups:
+        log.info("stopped %d probe process group(s)", len(groups))
+    return len(groups)
+
+
 # -- command line -------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2."""
@@ -331,6 +432,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="TOML config (default /etc/driftwatch/agent.toml, optional)")
     parser.add_argument("--web.listen-address", dest="listen_address", metavar="[HOST]:PORT",
                         help="overrides listen_address, e.g. :9410 or 127.0.0.1:9410")
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="PATH",
+                        default=None, help="exporter-toolkit web config (YAML): TLS, "
+                        "basic_auth_users, http_server_config.headers; re-read on SIGHUP")
+    parser.add_argument("--web.unix-socket", dest="unix_socket", metavar="PATH",
+                        default=DEFAULT_UNIX_SOCKET, help="root-only socket agentctl status "
+                        f"prefers (default {DEFAULT_UNIX_SOCKET}; '' to disable)")
     parser.add_argument("--log.level", dest="log_level", choices=LOG_LEVELS,
                         help="overrides log_level")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -356,11 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config_file).with_overrides(**overrides)
         logging.getLogger().setLevel(config.log_level.upper())
-        daemon = Daemon(config, load_factory(args.inspector), args.config_file, overrides)
+        daemon = Daemon(config, load_factory(args.inspector), args.config_file, overrides,
+                        web_config_path=args.web_config_file, unix_socket=args.unix_socket)
         # Before start(): a SIGTERM or SIGHUP right after READY=1 must already be handled.
         daemon.install_signal_handlers()
         daemon.start()
     except DriftwatchError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
-    return daemon.run()
+    code = daemon.run()
+    # Here, in the agent's own process only: every child is a probe (or its helpers) the
+    # agent started; a Daemon embedded elsewhere (tests) must not end its host's children.
+    stop_children()
+    return code

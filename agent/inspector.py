@@ -79,12 +79,18 @@ class _Timer:
     """Collects CheckRun records for one unit."""
 
     runs: list[CheckRun] = field(default_factory=list)
+    unit: str = ""
+    # Told (unit, check, start) when a check starts and None when it ends, so that a scrape
+    # served while the inspection still runs can name the check it is stuck in.
+    on_check: Callable[[tuple[str, str, float] | None], None] | None = None
 
     @contextmanager
     def check(self, name: str) -> Iterator[dict[str, Any]]:
         """Time a check; the body sets result['error'] to mark it failed."""
         result: dict[str, Any] = {"error": ""}
         started = time.monotonic()
+        if self.on_check is not None:
+            self.on_check((self.unit, name, started))
         try:
             yield result
         except Exception as exc:  # a check never raises to the caller
@@ -92,6 +98,8 @@ class _Timer:
             result["error"] = f"internal error: {type(exc).__name__}: {exc}"
         self.runs.append(CheckRun(name, not result["error"], round(time.monotonic() - started, 4),
                                   result["error"]))
+        if self.on_check is not None:
+            self.on_check(None)
 
 
 class Inspector:
@@ -109,6 +117,7 @@ class Inspector:
         self._journal_totals: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
+        self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
 
     # -- public ------------------------------------------------------------------------
     def __call__(self, units: Sequence[str] | None = None) -> Snapshot:
@@ -119,6 +128,7 @@ class Inspector:
         """One full inspection run."""
         started = time.monotonic()
         errors: list[str] = []
+        discovered = units is None
         with self._lock:
             if units is None:
                 try:
@@ -128,6 +138,8 @@ class Inspector:
                     errors.append(str(exc))
                     units = list(self.settings.units)
             snaps = tuple(self._isolated(name) for name in units)
+            if discovered:
+                self._prune({u.unit for u in snaps} | set(units))
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
                         errors=tuple(errors))
@@ -138,6 +150,15 @@ class Inspector:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+
+    def _prune(self, alive: set[str]) -> None:
+        """Forget what was kept per unit for units no longer watched (removed, renamed)."""
+        for cache in (self._probe_memo, self._journals, self._journal_totals):
+            for unit in [u for u in cache if u not in alive]:
+                del cache[unit]
+
+    def _set_current(self, running: tuple[str, str, float] | None) -> None:
+        self.current = running
 
     def close(self) -> None:
         """Release the D-Bus connection and the state store."""
@@ -171,7 +192,7 @@ class Inspector:
 
     def inspect_unit(self, name: str) -> UnitSnapshot:
         """Every check for one unit; never raises."""
-        timer = _Timer()
+        timer = _Timer(unit=name, on_check=self._set_current)
         findings: list[Finding] = []
         report: UnitReport | None = None
         with timer.check("unit") as res:

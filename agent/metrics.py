@@ -80,8 +80,9 @@ DATABASE_INFO = Spec("database_info",
 VERSION_TABLE_PRESENT = Spec("version_table_present",
                              "1 if the database has an alembic_version table.")
 REVISION_INFO = Spec("revision_info",
-                     "Current database revision x code head revision; value is 1, "
-                     "empty label when there is none.", ("unit", "current", "head"))
+                     "Current database revision(s) and code head revision(s), comma-separated "
+                     "(one series per unit); value is 1, empty label when there is none.",
+                     ("unit", "current", "head"))
 PENDING_REVISIONS = Spec("pending_revisions",
                          "Migrations in the deployed code not yet applied to the database.")
 MIGRATION_HEADS = Spec("migration_heads", "Number of head revisions in the deployed code.")
@@ -128,6 +129,19 @@ def safe_database_label(database: str) -> str:
     return text.rsplit("@", 1)[-1]
 
 
+REVISION_LABEL_IDS = 5
+REVISION_LABEL_CHARS = 200
+
+
+def revision_label(revisions: tuple[str, ...]) -> str:
+    """Pure: sorted ids joined by ',', at most REVISION_LABEL_IDS and REVISION_LABEL_CHARS."""
+    ids = sorted(revisions)
+    text = ",".join(ids[:REVISION_LABEL_IDS])
+    if len(ids) > REVISION_LABEL_IDS:
+        text += f",+{len(ids) - REVISION_LABEL_IDS} more"
+    return text if len(text) <= REVISION_LABEL_CHARS else text[:REVISION_LABEL_CHARS - 1] + "…"
+
+
 def _b(value: bool) -> float:
     return 1.0 if value else 0.0
 
@@ -152,9 +166,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     if m is not None:
         yield VERSION_TABLE_PRESENT, (n,), _b(m.version_table_present)
         if m.current_readable:  # a locked version table is not "no revision, all pending"
-            for current in m.current or ("",):
-                for head in m.heads or ("",):
-                    yield REVISION_INFO, (n, current, head), 1.0
+            # One series per unit whatever the version table holds (rows are the app's to write).
+            yield REVISION_INFO, (n, revision_label(m.current), revision_label(m.heads)), 1.0
             yield PENDING_REVISIONS, (n,), float(len(m.pending))
         yield MIGRATION_HEADS, (n,), float(len(m.heads))
         yield DB_REVISION_UNKNOWN, (n,), _b(bool(m.unknown))

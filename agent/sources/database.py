@@ -208,6 +208,9 @@ def _qualified(table: str, schema: str | None) -> str:
     return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
 
 
+MAX_VERSION_ROWS = 100
+
+
 def query_version_table(conn: Connection, table: str = "alembic_version",
                         schema: str | None = None) -> tuple[bool, tuple[str, ...], bool]:
     """(exists, revisions, locked) on an open session; revisions sorted."""
@@ -217,7 +220,9 @@ def query_version_table(conn: Connection, table: str = "alembic_version",
     if oid is None:
         return False, (), False
     try:
-        rows = conn.execute(text(f"SELECT version_num FROM {name}")).scalars().all()
+        # Capped: the table is the app's to fill; 90,000 rows must not become 90,000 anything.
+        rows = conn.execute(text(f"SELECT version_num FROM {name} ORDER BY version_num "
+                                 f"LIMIT {MAX_VERSION_ROWS}")).scalars().all()
     except DBAPIError as exc:
         if is_lock_wait(exc):
             return True, (), True

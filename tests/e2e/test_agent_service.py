@@ -207,6 +207,21 @@ def test_agent_unit_is_hardened_and_talks_to_systemd(deployment: Deployment) -> 
     exposure = float(match.group(1))
     print(f"systemd-analyze security exposure: {exposure} {match.group(2)}")
     assert exposure <= 4.5, proc.stdout
+    unit_text = sb.systemctl("cat", AGENT_UNIT).stdout
+    assert "SecureBits" not in unit_text   # it did nothing for a root service with a bounding set
+    # The root-only socket: RuntimeDirectory 0700, socket 0600, owned by root.
+    listing = sb.run(["stat", "-c", "%a %U %F", "/run/driftwatch",
+                      "/run/driftwatch/agent.sock"]).stdout.split("\n")
+    assert listing[0] == "700 root directory" and listing[1] == "600 root socket", listing
+    as_root = agentctl(sb, "status")
+    assert as_root.stdout.startswith("from the driftwatch agent 0.1.0 on "
+                                     "/run/driftwatch/agent.sock"), as_root.stdout
+    as_app = agentctl(sb, "status", "--config.file", "/etc/driftwatch/agent.toml",
+                      user="www-data")
+    assert as_app.stdout.startswith(
+        f"from the driftwatch agent 0.1.0 on 127.0.0.1:{deployment.agent_port} over TCP "
+        "(unix socket /run/driftwatch/agent.sock: Permission denied; detail redacted"), \
+        as_app.stdout + as_app.stderr
     sb.systemctl("reload", AGENT_UNIT)  # SIGHUP: re-read the config, keep serving
     time.sleep(0.5)
     assert sb.systemctl("is-active", AGENT_UNIT, check=False).stdout.strip() == "active"

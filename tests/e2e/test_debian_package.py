@@ -266,9 +266,12 @@ def test_install_start_scrape_reinstall_remove_purge(
     as_nobody = run("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                     "/usr/bin/driftwatch-agent", "--version")
     assert as_nobody.stdout.strip().endswith(VERSION)
-    status = run("agentctl", "status", check=False)
-    assert status.stdout.startswith(f"from the driftwatch agent {VERSION} on 127.0.0.1:{port}"), \
-        status.stdout + status.stderr
+    status = run("agentctl", "status", check=False)        # root: the packaged unit's socket
+    assert status.stdout.startswith(f"from the driftwatch agent {VERSION} on "
+                                    "/run/driftwatch/agent.sock"), status.stdout + status.stderr
+    status = run("agentctl", "status", "--socket", "", check=False)
+    assert status.stdout.startswith(f"from the driftwatch agent {VERSION} on 127.0.0.1:{port} "
+                                    "over TCP"), status.stdout + status.stderr
     assert run("test", "-d", "/var/lib/driftwatch", check=False).returncode == 0
 
     # Reinstall (an upgrade to the same version): restarted, the admin's config untouched.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -30,7 +31,22 @@ from tests.harness.postgres import PostgresCluster, free_port, postgres_unavaila
 from tests.harness.sandbox import Sandbox, sandbox_unavailable_reason
 
 ENV_FILE = "/etc/demo-site/env"
-LISTEN = "127.0.0.1:9410"
+DEFAULT_PORT = 9410
+
+
+def pick_listen_address(preferred: int = DEFAULT_PORT, host: str = "127.0.0.1"
+                        ) -> tuple[str, str]:
+    """(HOST:PORT for the demo's agent, a one-line note when PREFERRED is taken, else "")."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, preferred))
+            return f"{host}:{preferred}", ""
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+    port = free_port()
+    return (f"{host}:{port}",
+            f"port {preferred} on {host} is taken ({why}); the demo's agent uses {port} instead")
 
 
 def say(text: str) -> None:
@@ -53,12 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     """Build the demo, show what driftwatch sees, clean up."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", action="store_true",
-                        help="keep the demo running until Ctrl-C (metrics on " + LISTEN + ")")
+                        help="keep the demo running until Ctrl-C (metrics on 127.0.0.1:9410, "
+                             "or a free port when 9410 is taken)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"the agent's port (default {DEFAULT_PORT}; a free one if taken)")
     args = parser.parse_args(argv)
     for reason in (sandbox_unavailable_reason(), postgres_unavailable_reason()):
         if reason:
             print(f"demo: cannot run: {reason}", file=sys.stderr)
             return 2
+    listen, note = pick_listen_address(args.port)
+    if note:
+        print(f"demo: {note}", flush=True)
+    try:
+        return run_demo(args, listen)
+    except Exception as exc:  # a demo ends in one line, never a traceback
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"demo: failed: {type(exc).__name__}: {first_line}", file=sys.stderr)
+        return 2
+
+
+def run_demo(args: argparse.Namespace, listen: str) -> int:
+    """The demo itself, its agent on listen."""
     cluster = PostgresCluster()
     workspace = new_workspace()
     sb = Sandbox()
@@ -81,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         sb.add_unit("gunicorn.service", gunicorn_unit(
             venv=venv, app_dir=app, port=port, environment={"FLASK_APP": "wsgi.py"},
             environment_files=[ENV_FILE]))
-        sb.add_file("/etc/driftwatch/agent.toml", agent_config(LISTEN, min_interval_seconds=5))
+        sb.add_file("/etc/driftwatch/agent.toml", agent_config(listen, min_interval_seconds=5))
         sb.add_unit("driftwatch-agent.service", agent_unit_text(), agent_unit_dropins())
         sb.boot()
         sb.systemctl("start", "gunicorn.service")
@@ -97,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         show(sb, [AGENTCTL, "env", "gunicorn"])
         say("Every check once: the deploy gate (exit 0 ok, 1 problems, 2 cannot inspect)")
         show(sb, [AGENTCTL, "check", "gunicorn"])
-        say(f"The agent as a systemd service (systemd/driftwatch-agent.service) on {LISTEN}")
+        say(f"The agent as a systemd service (systemd/driftwatch-agent.service) on {listen}")
         sb.systemctl("start", "driftwatch-agent.service")
         sb.wait_active("driftwatch-agent.service")
-        show_metrics(f"http://{LISTEN}/metrics")
+        show_metrics(f"http://{listen}/metrics")
         show(sb, [AGENTCTL, "status"])
 
         say("The fix, in the runbook's order: upgrade in the unit's exact context, verify, restart")
@@ -108,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         status, _ = http_get(f"http://127.0.0.1:{port}/db")
         print(f"GET http://127.0.0.1:{port}/db -> HTTP {status}")
         show(sb, [AGENTCTL, "status"])
-        show_metrics(f"http://{LISTEN}/metrics")
+        show_metrics(f"http://{listen}/metrics")
         if args.keep:
             say("Running; Ctrl-C to tear everything down")
-            print(f"try: curl -s http://{LISTEN}/metrics | grep ^driftwatch_")
+            print(f"try: curl -s http://{listen}/metrics | grep ^driftwatch_")
             print(f"     nsenter -t {sb.pid} -m -p -u -i -C -r -w -- {AGENTCTL} status")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0

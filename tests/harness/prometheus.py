@@ -39,10 +39,13 @@ def fast_rules(text: str, hold: str = "0s") -> str:
 class PrometheusServer:
     """Prometheus scraping given targets every second and evaluating the driftwatch rules."""
 
-    def __init__(self, targets: list[str], job: str = "driftwatch") -> None:
+    def __init__(self, targets: list[str], job: str = "driftwatch",
+                 scrape_options: dict[str, Any] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="driftwatch-prom-"))
         self.port = free_port()
         self.targets, self.job = targets, job
+        # Extra scrape_config keys, e.g. scheme/tls_config/basic_auth for an HTTPS target.
+        self.scrape_options = scrape_options or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> "PrometheusServer":
@@ -53,7 +56,8 @@ class PrometheusServer:
                        "scrape_timeout": "1s"},
             "rule_files": [str(self.dir / "rules.yml")],
             "scrape_configs": [{"job_name": self.job,
-                                "static_configs": [{"targets": self.targets}]}],
+                                "static_configs": [{"targets": self.targets}],
+                                **self.scrape_options}],
         }))
         log = open(self.dir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(

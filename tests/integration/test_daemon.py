@@ -22,6 +22,18 @@ AGENT = str(Path(sys.executable).parent / "driftwatch-agent")
 INSPECTOR = "tests.integration.test_daemon:make_fake_inspector"
 
 
+def make_probe_inspector(config: Config) -> object:
+    """Hook for --inspector: every run starts a 'probe' in its own session, as the probe
+    runner does, writes its PID to $DW_TEST_PROBE_PIDS and hangs on it."""
+    def inspect(units: Sequence[str] | None) -> Snapshot:
+        probe = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        with open(os.environ["DW_TEST_PROBE_PIDS"], "a") as f:
+            f.write(f"{probe.pid}\n")
+        probe.wait()
+        return Snapshot(units=())
+    return inspect
+
+
 def make_fake_inspector(config: Config) -> object:
     """Hook for --inspector: one unit with a pending migration, no systemd or database."""
     def inspect(units: Sequence[str] | None) -> Snapshot:
@@ -96,6 +108,8 @@ def spawn(args: list[str], tmp_path: Path, env_extra: dict[str, str] | None = No
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra or {})
     stderr = tmp_path / "stderr.log"
+    if not any(a.startswith("--web.unix-socket") for a in args):
+        args = [*args, f"--web.unix-socket={tmp_path / 'agent.sock'}"]   # never the host's /run
     proc = subprocess.Popen([AGENT, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr.open("wb"))
     return proc, stderr
@@ -197,6 +211,7 @@ def test_bad_config_at_start_exits_2_naming_the_key(tmp_path: Path) -> None:
     (["--log.level", "loud"], "invalid choice: 'loud'"),
     (["--web.listen-address", "9410"], "invalid listen address '9410'"),
     (["--config.file", "/nonexistent/agent.toml"], "config file not found"),
+    (["--web.config.file", "/nonexistent/web.yml"], "cannot read web config file"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
     proc, stderr = spawn([*args, "--inspector", INSPECTOR], tmp_path)
@@ -206,6 +221,19 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, args: list[str], fragmen
         stop(proc)
     lines = stderr.read_text().splitlines()
     assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_request_timeout_shorter_than_scrape_wait_exits_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "a.toml", free_port(),
+                          "scrape_wait_seconds = 5\nrequest_timeout_seconds = 3\n")
+    proc, stderr = spawn(["--config.file", str(config), "--inspector", INSPECTOR], tmp_path)
+    try:
+        assert proc.wait(10) == 2
+    finally:
+        stop(proc)
+    assert stderr.read_text().splitlines() == [
+        f"driftwatch-agent: {config}: 'request_timeout_seconds' (3) must be larger than "
+        "'scrape_wait_seconds' (5)"]
 
 
 def test_port_in_use_exits_2(tmp_path: Path) -> None:
@@ -221,3 +249,111 @@ def test_port_in_use_exits_2(tmp_path: Path) -> None:
         finally:
             stop(proc)
     assert "address already in use" in stderr.read_text()
+
+
+def test_sigterm_outside_systemd_stops_the_probes_it_started(tmp_path: Path) -> None:
+    port = free_port()
+    pids_file = tmp_path / "probe.pids"
+    proc, stderr = spawn(["--config.file", str(write_config(tmp_path / "a.toml", port)),
+                          "--inspector", "tests.integration.test_daemon:make_probe_inspector"],
+                         tmp_path, {"DW_TEST_PROBE_PIDS": str(pids_file)})
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if http_get(port, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        http_get(port, "/metrics")      # starts an inspection: the probe starts and hangs
+        while not pids_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int(pids_file.read_text().split()[0])
+        assert Path(f"/proc/{pid}").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        gone = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < gone:
+            time.sleep(0.05)
+        alive = Path(f"/proc/{pid}").exists() and "Z" not in Path(
+            f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+        assert not alive, f"probe {pid} survived the agent's SIGTERM"
+    finally:
+        stop(proc)
+        for line in (pids_file.read_text().split() if pids_file.exists() else []):
+            try:
+                os.kill(int(line), signal.SIGKILL)   # only ever our own test probe
+            except ProcessLookupError:
+                pass
+    assert "stopped 1 probe process group(s)" in stderr.read_text()
+
+
+def https_get(port: int, path: str, ca: Path, user: str, password: str
+              ) -> tuple[int, str]:
+    """(status, the server certificate's CN) over TLS with basic auth."""
+    import base64
+    import ssl
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Basic {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        cert = conn.sock.getpeercert()
+        cn = dict(x[0] for x in cert["subject"])["commonName"]
+        return resp.status, cn
+    finally:
+        conn.close()
+
+
+def test_sighup_rereads_tls_and_users_and_keeps_them_on_a_bad_web_config(
+        tmp_path: Path, notify: Notify) -> None:
+    import shutil
+    if shutil.which("openssl") is None:
+        from tests.conftest import skip_or_fail
+        skip_or_fail("openssl CLI not installed")
+    from tests.integration.test_web import bcrypt_hash, make_pki
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki, serial_cn="server-1")
+    web = tmp_path / "web.yml"
+
+    def write_web(password: str) -> None:
+        web.write_text("tls_server_config:\n  cert_file: pki/server.crt\n"
+                       "  key_file: pki/server.key\n"
+                       f"basic_auth_users:\n  prometheus: '{bcrypt_hash(password)}'\n")
+
+    write_web("first")
+    port = free_port()
+    proc, stderr = spawn(["--config.file", str(write_config(tmp_path / "a.toml", port)),
+                          "--web.config.file", str(web), "--inspector", INSPECTOR], tmp_path,
+                         {"NOTIFY_SOCKET": notify.path})
+    ca = pki / "ca.crt"
+    try:
+        notify.wait_for("READY=1")
+        assert https_get(port, "/metrics", ca, "prometheus", "first") == (200, "server-1")
+        assert https_get(port, "/metrics", ca, "prometheus", "second")[0] == 401
+
+        web.write_text("tls_server_config:\n  cert_file: [\n")        # broken YAML
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert https_get(port, "/metrics", ca, "prometheus", "first") == (200, "server-1")
+        write_web("second")
+        (pki / "server.key").write_text("not a key\n")                  # half-renewed
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert https_get(port, "/metrics", ca, "prometheus", "first") == (200, "server-1")
+
+        make_pki(pki, serial_cn="server-2")      # renewed in place, same paths
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert https_get(port, "/metrics", ca, "prometheus", "second") == (200, "server-2")
+        assert https_get(port, "/metrics", ca, "prometheus", "first")[0] == 401
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+    log = stderr.read_text()
+    assert log.count("reload failed, keeping the running configuration") == 2, log
+    assert "not valid YAML" in log and "TLS setup failed" in log
+    assert "Traceback" not in log

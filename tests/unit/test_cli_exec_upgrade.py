@@ -84,7 +84,7 @@ def test_upgrade_and_status_flags() -> None:
     assert (args.restart, args.yes, args.restart_timeout) == (True, True, 60.0)
     args = build_parser().parse_args(["status", "--web.listen-address", ":9999", "--json"])
     assert (args.unit, args.listen_address, args.json, args.timeout) == (None, ":9999", True,
-                                                                          2.0)
+                                                                          6.0)
 
 
 # -- exec environment and privileges ------------------------------------------------------

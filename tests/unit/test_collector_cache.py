@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from agent.collector_cache import SnapshotCache, merge_snapshots
-from agent.snapshot import Snapshot, UnitSnapshot
+from agent.collector_cache import SnapshotCache, mark_running, merge_snapshots
+from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
 
 
 class FakeInspector:
@@ -174,3 +174,113 @@ def test_cached_scrape_is_cheap(threads: int) -> None:
     for _ in range(threads):
         cache.get()
     assert (time.perf_counter() - start) / threads < 0.001
+
+
+# -- a scrape never waits past max_wait_seconds (issue #8 point 3) ---------------------------
+class HangingInspector:
+    """First run returns at once; later runs hang in (a.service, app_load) until released."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.calls = 0
+        self.hang = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.current: tuple[str, str, float] | None = None
+
+    def __call__(self, units: Sequence[str] | None) -> Snapshot:
+        self.calls += 1
+        run = self.calls
+        if self.hang:
+            self.current = ("a.service", "app_load", self.clock.now)
+            self.entered.set()
+            assert self.release.wait(30), "test never released the inspection"
+            self.current = None
+        return Snapshot(units=(UnitSnapshot(
+            unit="a.service", timestamp=run, unit_up=True,
+            checks=(CheckRun("unit", True, 0.01), CheckRun("app_load", True, 0.5))),),
+            taken_at=run)
+
+
+def clock_wait(clock: Clock, inspector: HangingInspector):  # noqa: ANN201 - test helper
+    """A wait() that, for a hanging run, lets the clock (not the test) sit out the timeout."""
+    def wait(event: threading.Event, timeout: float) -> bool:
+        if not inspector.hang:
+            return event.wait(30)
+        assert inspector.entered.wait(30)
+        clock.now += timeout
+        return event.is_set()
+    return wait
+
+
+def test_scrape_past_the_bound_gets_last_snapshot_with_the_running_check_marked() -> None:
+    clock = Clock()
+    inspector = HangingInspector(clock)
+    cache = SnapshotCache(inspector, min_interval_seconds=300, clock=clock, max_wait_seconds=4,
+                          wait=clock_wait(clock, inspector))
+    first = cache.get()
+    assert first is not None and inspector.calls == 1
+    clock.now += 301
+    inspector.hang = True
+    served = cache.get()
+    assert served is not None and served.taken_at == first.taken_at
+    checks = {c.name: c for c in served.units[0].checks}
+    assert checks["app_load"].success is False
+    assert checks["app_load"].duration_seconds == 4.0        # how long it has been running
+    assert "still running after 4.0s" in checks["app_load"].error
+    assert checks["unit"].success is True                    # the other checks as they were
+    assert served.errors[0].startswith("inspection still running after 4.0s")
+    assert "a.service: check app_load running for 4.0s" in served.errors[0]
+    # Single-flight still holds: twenty more scrapes while it hangs start nothing new.
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get())) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 20 and all(r is not None and not r.units[0].checks[-1].success
+                                      for r in results)
+    assert inspector.calls == 2 and cache.stale_serves == 21
+    running = cache.running()
+    assert running is not None and running[1] == ("a.service", "app_load", 1301.0)
+    # The inspection finishes in the background; the next scrape gets its result.
+    inspector.hang = False
+    inspector.release.set()
+    for _ in range(3000):
+        if cache.running() is None:
+            break
+        time.sleep(0.01)
+    fresh = cache.get()
+    assert fresh is not None and fresh.taken_at == 2 and fresh.errors == ()
+    assert all(c.success for c in fresh.units[0].checks)
+    assert inspector.calls == 2 and cache.inspections_total == 2
+
+
+def test_first_scrape_past_the_bound_serves_nothing_yet() -> None:
+    clock = Clock()
+    inspector = HangingInspector(clock)
+    inspector.hang = True
+    cache = SnapshotCache(inspector, clock=clock, max_wait_seconds=3,
+                          wait=clock_wait(clock, inspector))
+    assert cache.get() is None
+    assert cache.get() is None and inspector.calls == 1
+    inspector.hang = False
+    inspector.release.set()
+    for _ in range(3000):
+        if cache.running() is None:
+            break
+        time.sleep(0.01)
+    assert cache.get() is not None and inspector.calls == 1
+
+
+def test_mark_running_is_pure() -> None:
+    snap = Snapshot(units=(UnitSnapshot("a", 1, True, checks=(CheckRun("db", True, 0.1),)),
+                           UnitSnapshot("b", 1, True)), errors=("old",))
+    marked = mark_running(snap, ("b", "database", 100.0), 7.5, now=102.25)
+    assert marked.units[0] == snap.units[0]
+    assert marked.units[1].checks == (CheckRun("database", False, 2.25,
+                                               "still running after 2.2s; the inspection "
+                                               "continues in the background"),)
+    assert marked.errors[1:] == ("old",) and "after 7.5s" in marked.errors[0]
+    assert snap.units[1].checks == ()                                # the input is untouched
+    assert mark_running(snap, None, 1.0, 0.0).units == snap.units

@@ -69,8 +69,8 @@ def test_unit_values() -> None:
     assert get("driftwatch_db_up", u) == 1
     assert get("driftwatch_database_info", {**u, "database": "db.internal:5432/app"}) == 1
     assert get("driftwatch_version_table_present", u) == 1
-    assert get("driftwatch_revision_info", {**u, "current": "aaa", "head": "bbb"}) == 1
-    assert get("driftwatch_revision_info", {**u, "current": "aaa", "head": "ccc"}) == 1
+    # One series per unit (not current x head): heads joined with ','.
+    assert get("driftwatch_revision_info", {**u, "current": "aaa", "head": "bbb,ccc"}) == 1
     assert get("driftwatch_pending_revisions", u) == 3
     assert get("driftwatch_migration_heads", u) == 2
     assert get("driftwatch_db_revision_unknown", u) == 0
