@@ -252,21 +252,25 @@ def status_data(args: argparse.Namespace, systemd: SystemdSource,
 # -- exec and upgrade -------------------------------------------------------------------
 
 def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
-    """agentctl exec UNIT -- CMD...: replaces agentctl by CMD in the unit's context."""
-    from agent.unitexec import EXIT_EXEC_FAILED, ExecError, exec_replace, plan_exec
+    """agentctl exec UNIT -- CMD...: CMD in the unit's context, in its own session, scope and
+    (when interactive) pseudo-terminal relayed by agentctl; exits with CMD's exit code."""
+    from agent.unitexec import EXIT_EXEC_FAILED, ExecError, plan_exec, run_exec
 
     try:
         ctx = inspect_unit(systemd, args.unit).context
         plan = plan_exec(ctx, args.cmd, os.geteuid())
-        systemd.close()  # nothing of agentctl's may leak into the command
         out.flush()
         sys.stderr.flush()
-        exec_replace(plan)
+        done = run_exec(plan, systemd)
     except DriftwatchError as exc:
         # Our own failures use 125-127 so they cannot be mistaken for CMD's exit codes.
         if not isinstance(exc, ExecError):
             exc.exit_code = EXIT_EXEC_FAILED
         raise
+    if done.leftovers:
+        print(f"agentctl: stopped {done.leftovers} process(es) the command left behind",
+              file=sys.stderr)
+    return done.returncode
 
 
 def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
