@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -95,14 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 refused by the migration state, 2 could not inspect, not "
                         "confirmed or failed)")
     upgrade.add_argument("unit")
+    upgrade.add_argument("rev", nargs="?", default="", metavar="REV",
+                         help="the revision to upgrade to, as shown and confirmed (default: "
+                              "the one head shown); refused if it is not pending")
     upgrade.add_argument("--restart", action="store_true",
                          help="restart the unit afterwards (only once the head is verified)")
     upgrade.add_argument("--yes", "-y", action="store_true",
                          help="do not ask for confirmation (needed without a terminal)")
     upgrade.add_argument("--restart-timeout", type=float, default=60.0, metavar="SECONDS",
                          help="how long the restarted unit may take to be active (default 60)")
+    upgrade.add_argument("--lock-timeout", type=positive_seconds, default=5.0,
+                         metavar="SECONDS", help="lock_timeout of the migration's database "
+                                                 "sessions (default 5)")
+    upgrade.add_argument("--lock-retries", type=int, choices=range(0, 101), default=3,
+                         metavar="N", help="attempts after one gave up waiting for a lock "
+                                           "(default 3, at most 100)")
+    upgrade.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="SECONDS",
+                         help="stop flask db upgrade after this long (default 600)")
     add_inspection_options(upgrade)
     return parser
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0: {text}")
+    return value
 
 
 def add_inspection_options(parser: argparse.ArgumentParser) -> None:
@@ -285,7 +308,9 @@ def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
         return unit_snapshot(inspector.inspect([name]).units, name)
 
     options = UpgradeOptions(unit=args.unit, restart=args.restart, assume_yes=args.yes,
-                             restart_timeout=args.restart_timeout)
+                             restart_timeout=args.restart_timeout, target=args.rev,
+                             lock_timeout=args.lock_timeout, lock_retries=args.lock_retries,
+                             timeout=args.timeout)
     confirm = ask_on_terminal if sys.stdin.isatty() else None
     try:
         return Upgrader(options, systemd, inspect, confirm, out, os.geteuid(),

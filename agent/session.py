@@ -74,6 +74,7 @@ class Finished:
     returncode: int
     leftovers: int
     scope: str  # "" when no scope could be made (the session was killed instead)
+    timed_out: bool = False  # stopped by agentctl at the overall deadline
 
 
 # -- scope (systemd) ------------------------------------------------------------------------
@@ -246,13 +247,36 @@ class Session:
             with contextlib.suppress(BrokenPipeError):
                 pipe.write(launch.as_json(controlling_tty))
 
+        self.timed_out = False
+
     def finish(self) -> Finished:
         """Wait for the command, then stop whatever it left behind."""
         code = self.proc.wait()
         leftovers = self.scope.stop() if self.scope is not None else 0
         leftovers += kill_session(self.proc.pid)  # the fallback, and setsid-less stragglers
         return Finished(code if code >= 0 else 128 - code, leftovers,
-                        self.scope.name if self.scope else "")
+                        self.scope.name if self.scope else "", self.timed_out)
+
+    def stop_at(self, deadline: float | None) -> Callable[[], None]:
+        """A check for the relay loop: past deadline, SIGTERM the command's process group,
+        and SIGKILL it LEFTOVER_GRACE_SECONDS later."""
+        state = {"termed": 0.0}
+
+        def check() -> None:
+            now = time.monotonic()
+            if deadline is None or now < deadline or self.proc.poll() is not None:
+                return
+            sig = signal.SIGTERM
+            if state["termed"]:
+                if now - state["termed"] < LEFTOVER_GRACE_SECONDS:
+                    return
+                sig = signal.SIGKILL
+            else:
+                state["termed"] = now
+            self.timed_out = True
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, sig)
+        return check
 
 
 def std_ttys() -> tuple[bool, bool, bool]:
@@ -292,7 +316,7 @@ def run_interactive(launch: Launch, systemd: Any) -> Finished:
 
 
 def run_output(launch: Launch, systemd: Any, on_output: Callable[[bytes], None],
-               use_pty: bool) -> Finished:
+               use_pty: bool, timeout: float | None = None) -> Finished:
     """upgrade: stdin from /dev/null, stdout and stderr merged to on_output, through a fresh
     pty when use_pty (agentctl talks to a terminal) else a pipe; never agentctl's terminal."""
     if use_pty:
@@ -304,21 +328,23 @@ def run_output(launch: Launch, systemd: Any, on_output: Callable[[bytes], None],
                           controlling_tty=False)
     finally:
         os.close(writer)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         with _forward_signals(lambda: session.proc.pid):
-            _relay(reader, None, on_output, session.proc)
+            _relay(reader, None, on_output, session.proc, session.stop_at(deadline))
         return session.finish()
     finally:
         os.close(reader)
 
 
 def _relay(source: int, keys: int | None, sink: Callable[[bytes], None],
-           proc: subprocess.Popen[bytes]) -> None:
+           proc: subprocess.Popen[bytes], tick: Callable[[], None] = lambda: None) -> None:
     """Copy source -> sink (and keys -> source) until the command has exited and its
     output is drained; leftovers holding the pty open do not keep agentctl waiting."""
     watch = [source] + ([keys] if keys is not None else [])
     exited_at = 0.0
     while True:
+        tick()
         exited = proc.poll() is not None
         if exited and not exited_at:
             exited_at = time.monotonic()

@@ -190,6 +190,7 @@ class CapturedRun:
     returncode: int
     tail: tuple[str, ...]
     leftovers: int = 0  # processes it left behind, stopped after it ended
+    timed_out: bool = False  # stopped at the overall deadline
 
 
 class _Lines:
@@ -221,7 +222,7 @@ class _Lines:
 
 def run_captured(plan: ExecPlan, on_line: Callable[[str], None] | None = None,
                  tail_lines: int = 20, systemd: Any = None,
-                 use_pty: bool | None = None) -> CapturedRun:
+                 use_pty: bool | None = None, timeout: float | None = None) -> CapturedRun:
     """Run the command to the end, stdout and stderr merged, each line masked before it is
     shown; in its own session and scope, through a fresh pty when agentctl's stdin is a
     terminal (use_pty None), never on agentctl's terminal."""
@@ -230,11 +231,12 @@ def run_captured(plan: ExecPlan, on_line: Callable[[str], None] | None = None,
     launch = launch_of(plan, "upgrade")
     try:
         done = run_output(launch, systemd, lines.feed,
-                          use_pty=os.isatty(0) if use_pty is None else use_pty)
+                          use_pty=os.isatty(0) if use_pty is None else use_pty,
+                          timeout=timeout)
     except SessionError as exc:
         raise ExecError(plan.scrub(f"{exc} (as {plan.user} in {plan.cwd})")) from None
     lines.close()
-    return CapturedRun(done.returncode, tuple(tail), done.leftovers)
+    return CapturedRun(done.returncode, tuple(tail), done.leftovers, done.timed_out)
 
 
 def describe_returncode(code: int) -> str:
