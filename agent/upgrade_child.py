@@ -8,7 +8,8 @@ never needs to read the checkout). It loads the app the way `flask` does (FLASK_
   engine, held until the process ends; if another session holds it, says who (pid,
   application_name, since) and exits LOCKED_EXIT without migrating anything;
 - sets lock_timeout on every new connection of every engine (also given in PGOPTIONS, but
-  an `options=` in the app's URL replaces PGOPTIONS entirely, so it is SET and checked);
+  an `options=` in the app's URL replaces PGOPTIONS entirely, so it is SET and checked),
+  and client_connection_check_interval, so a stopped upgrade's statement ends with it;
 then calls Flask-Migrate's own upgrade(TARGET), retrying a bounded number of times when a
 migration gave up waiting for a lock (SQLSTATE 55P03); each attempt is one transaction on
 PostgreSQL, rolled back whole when it gives up.
@@ -64,6 +65,12 @@ def bound_lock_waits(lock_timeout_ms):
             cur.execute(f"SET lock_timeout = {int(lock_timeout_ms)}")
             cur.execute("SELECT current_setting('lock_timeout')")
             shown = cur.fetchone()[0]
+            try:
+                # When agentctl stops us at its overall timeout, the server notices within a
+                # second and rolls back, instead of finishing a long statement for nobody.
+                cur.execute("SET client_connection_check_interval = 1000")
+            except Exception:  # PostgreSQL before 14 has no such setting
+                pass
             cur.close()
         finally:
             dbapi_conn.autocommit = saved
