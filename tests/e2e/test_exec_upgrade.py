@@ -85,8 +85,10 @@ def test_upgrade_one_pending_with_restart(site: SiteFactory) -> None:
     s = site(upgrade_to="r2")
     old_pid = s.sb.main_pid(UNIT)
     proc = s.agentctl("upgrade", "gunicorn", "--yes", "--restart")
+    print(f"\n$ agentctl upgrade gunicorn --yes --restart\n{proc.stdout}{proc.stderr}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert s.db.alembic_versions() == ["r3"]
+    assert "holding the upgrade lock pg_advisory_lock(7239384051653697892)" in proc.stdout
     new_pid = s.sb.main_pid(UNIT)
     assert new_pid not in (0, old_pid)
     s.sb.wait_active(UNIT)

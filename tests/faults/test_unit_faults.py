@@ -30,14 +30,17 @@ def test_unit_removed_then_failing(site: SiteFactory) -> None:
     unit_file = s.sb.run(["systemctl", "show", "-P", "FragmentPath", UNIT]).stdout.strip()
     figures = []
 
-    # Failing: the env file names a variable the app needs no more; gunicorn dies at start.
-    s.sb.write_file("/etc/site/env", "DATABASE_URL=\n")
-    s.sb.systemctl("restart", UNIT, check=False)
+    # Failing: the main process killed (no Restart=): the unit ends up failed.
+    s.sb.systemctl("kill", "-s", "KILL", UNIT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and s.sb.systemctl(
+            "is-failed", UNIT, check=False).stdout.strip() != "failed":
+        time.sleep(0.1)
     started = time.monotonic()
     proc = s.agentctl("check", UNIT, "--json", "--probe-timeout", "30")
     figures.append(f"failing: exit {proc.returncode} in {time.monotonic() - started:.1f} s")
     unit = json.loads(proc.stdout)["units"][0]
-    assert proc.returncode in (1, 2) and unit["unit_up"] is False, unit
+    assert proc.returncode in (1, 2) and unit["active_state"] == "failed", unit
     assert "Traceback" not in proc.stderr
 
     # Removed: unit file gone and systemd reloaded.
