@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import sys
+import time
 
 import pytest
 
@@ -54,3 +57,34 @@ def test_injection_from_the_command_reaches_nothing(as_root: None, runner: str) 
     assert "injector 65534" in transcript  # the command did run, as nobody
     assert "COMMAND-DONE:0" in transcript
     assert first == "clean", transcript
+
+
+def test_interactive_command_gets_its_keys_and_exit_code(as_root: None) -> None:
+    # The relay in both directions: a prompt out, typed keys in, the exit code back.
+    script = "printf 'name? '; read x; echo \"got:$x tty:$(tty)\"; exit 3"
+    pid, master = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(sys.executable, [sys.executable, "-c", RUN_EXEC, "sh", "-c", script],
+                  {"PATH": "/usr/bin:/bin", "TERM": "dumb", "PYTHONPATH": REPO})
+    out = b""
+    typed = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        if not typed and b"name? " in out:
+            os.write(master, b"hello\r")
+            typed = True
+    os.close(master)
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    print(f"\ninteractive: {text!r}, exit {os.waitstatus_to_exitcode(status)}")
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert "got:hello tty:/dev/pts/" in text
