@@ -105,14 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="do not ask for confirmation (needed without a terminal)")
     upgrade.add_argument("--restart-timeout", type=float, default=60.0, metavar="SECONDS",
                          help="how long the restarted unit may take to be active (default 60)")
-    upgrade.add_argument("--lock-timeout", type=positive_seconds, default=5.0,
+    upgrade.add_argument("--lock-timeout", type=positive_seconds, default=None,
                          metavar="SECONDS", help="lock_timeout of the migration's database "
-                                                 "sessions (default 5)")
-    upgrade.add_argument("--lock-retries", type=int, choices=range(0, 101), default=3,
+                                                 "sessions (default: upgrade_lock_timeout_"
+                                                 "seconds of the config file, else 5)")
+    upgrade.add_argument("--lock-retries", type=int, choices=range(0, 101), default=None,
                          metavar="N", help="attempts after one gave up waiting for a lock "
-                                           "(default 3, at most 100)")
-    upgrade.add_argument("--timeout", type=positive_seconds, default=600.0, metavar="SECONDS",
-                         help="stop flask db upgrade after this long (default 600)")
+                                           "(default: upgrade_lock_retries, else 3; at most "
+                                           "100)")
+    upgrade.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                         help="stop flask db upgrade after this long (default: "
+                              "upgrade_timeout_seconds, else 600)")
+    upgrade.add_argument("--config.file", dest="config_file", metavar="PATH", default=None,
+                         help=f"the agent's config file (default {DEFAULT_CONFIG_PATH})")
     add_inspection_options(upgrade)
     return parser
 
@@ -298,25 +303,34 @@ def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> i
 
 def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl upgrade UNIT [--restart] [--yes]."""
+    from agent.config import load_config
     from agent.unitexec import default_resolver
     from agent.upgrade import Upgrader, UpgradeOptions, unit_snapshot
 
+    config = load_config(args.config_file)  # the upgrade_* keys; flags win over them
     inspector = make_inspector(args, systemd)
 
     def inspect(name: str) -> UnitSnapshot:
         inspector.invalidate(name)  # after an upgrade the memoised schema diff is stale
         return unit_snapshot(inspector.inspect([name]).units, name)
 
-    options = UpgradeOptions(unit=args.unit, restart=args.restart, assume_yes=args.yes,
-                             restart_timeout=args.restart_timeout, target=args.rev,
-                             lock_timeout=args.lock_timeout, lock_retries=args.lock_retries,
-                             timeout=args.timeout)
+    options = UpgradeOptions(
+        unit=args.unit, restart=args.restart, assume_yes=args.yes,
+        restart_timeout=args.restart_timeout, target=args.rev,
+        lock_timeout=pick(args.lock_timeout, config.upgrade_lock_timeout_seconds),
+        lock_retries=pick(args.lock_retries, config.upgrade_lock_retries),
+        timeout=pick(args.timeout, config.upgrade_timeout_seconds))
     confirm = ask_on_terminal if sys.stdin.isatty() else None
     try:
         return Upgrader(options, systemd, inspect, confirm, out, os.geteuid(),
                         resolve=default_resolver(args.probe_timeout)).run()
     finally:
         inspector.close()
+
+
+def pick(flag: Any, configured: Any) -> Any:
+    """The command-line value when given, else the config file's."""
+    return configured if flag is None else flag
 
 
 def ask_on_terminal(prompt: str) -> bool:

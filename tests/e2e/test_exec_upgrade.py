@@ -278,12 +278,16 @@ def test_lock_timeout_reaches_the_migration_despite_options_in_the_url(
     try:
         blocker.cursor().execute("LOCK TABLE posts IN ACCESS SHARE MODE")
         started = time.monotonic()
+        # The bounds from agent.toml this time (the flags override them; unit-tested).
+        s.sb.write_file("/etc/dw-test/agent.toml", "[agent]\nupgrade_lock_timeout_seconds = "
+                                                   "0.5\nupgrade_lock_retries = 2\n")
         proc = s.agentctl("upgrade", "gunicorn", "--yes", "--probe-timeout", "30",
-                          "--lock-timeout", "0.5", "--lock-retries", "2")
+                          "--config.file", "/etc/dw-test/agent.toml")
         took = time.monotonic() - started
     finally:
         blocker.rollback()
         blocker.close()
+    print(proc.stdout)
     print(f"\nlock_timeout 0.5 s x 3 attempts behind a held lock: exit {proc.returncode} "
           f"after {took:.1f} s")
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -382,7 +382,9 @@ def test_upgrade_cli_options() -> None:
     args = build_parser().parse_args(["upgrade", "gunicorn", "r3", "--lock-timeout", "0.5",
                                       "--lock-retries", "2", "--timeout", "30"])
     assert (args.rev, args.lock_timeout, args.lock_retries, args.timeout) == ("r3", 0.5, 2, 30)
-    assert build_parser().parse_args(["upgrade", "gunicorn"]).rev == ""
+    defaults = build_parser().parse_args(["upgrade", "gunicorn"])
+    assert defaults.rev == "" and (defaults.lock_timeout, defaults.lock_retries,
+                                   defaults.timeout) == (None, None, None)  # -> agent.toml
     for bad in (["--lock-timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"],
                 ["--lock-retries", "1000"]):
         with pytest.raises(SystemExit):
@@ -417,3 +419,24 @@ def test_child_helpers_are_pure() -> None:
     wrapped.__cause__ = PgError()
     assert child.sqlstate(wrapped) == "55P03"
     assert child.sqlstate(ValueError("x")) == ""
+
+
+def test_upgrade_bounds_from_agent_toml() -> None:
+    from agent.cli import pick
+    from agent.config import Config, parse_config
+    from agent.errors import ConfigError
+
+    config = parse_config("[agent]\nupgrade_lock_timeout_seconds = 0.25\n"
+                          "upgrade_lock_retries = 0\nupgrade_timeout_seconds = 90\n")
+    assert (config.upgrade_lock_timeout_seconds, config.upgrade_lock_retries,
+            config.upgrade_timeout_seconds) == (0.25, 0, 90)
+    assert (Config().upgrade_lock_timeout_seconds, Config().upgrade_lock_retries,
+            Config().upgrade_timeout_seconds) == (5.0, 3, 600.0)
+    assert pick(None, 0.25) == 0.25 and pick(2.0, 0.25) == 2.0
+    for bad, words in (("upgrade_lock_timeout_seconds = nan", "finite number above 0"),
+                       ("upgrade_timeout_seconds = inf", "finite number above 0"),
+                       ("upgrade_timeout_seconds = 0", "finite number above 0"),
+                       ("upgrade_lock_retries = 101", "between 0 and 100"),
+                       ("upgrade_lock_retries = 1.5", "must be a whole number")):
+        with pytest.raises(ConfigError, match=words):
+            parse_config(f"[agent]\n{bad}\n", "agent.toml")
