@@ -78,6 +78,7 @@ def bound_lock_waits(lock_timeout_ms):
             raise RuntimeError(f"lock_timeout is {shown} after SET, not {lock_timeout_ms}ms")
 
     event.listen(Pool, "connect", on_connect)
+    return on_connect
 
 
 def to_ms(shown):
