@@ -366,7 +366,10 @@ def _relay(source: int, keys: int | None, sink: Callable[[bytes], None],
             sink(data)
             continue
         if keys is not None and keys in ready:
-            data = os.read(keys, 65536)
+            try:
+                data = os.read(keys, 65536)
+            except OSError:  # our terminal hung up: the command reads no more from it
+                data = b""
             if data:
                 _write_all(source, data)
             else:
