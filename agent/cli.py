@@ -7,7 +7,9 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -355,6 +357,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if getattr(args, "units", None):
         args.units = [normalize_unit_name(u) for u in args.units]
     systemd = systemd or SystemdSource(timeout_seconds=args.bus_timeout)
+    saved = _unwind_on_termination()
     try:
         return COMMANDS[args.command](args, systemd, out)
     except DriftwatchError as exc:
@@ -364,6 +367,22 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return EXIT_OK
     finally:
         systemd.close()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _unwind_on_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP unwind agentctl like an exception (exit 128+N), so the finally
+    blocks run: the probe's process group is killed, not left running. Returns the handlers
+    it replaced (none outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return {signum: signal.signal(signum, unwind) for signum in (signal.SIGTERM,
+                                                                 signal.SIGHUP)}
 
 
 if __name__ == "__main__":  # pragma: no cover
