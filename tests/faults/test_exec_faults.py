@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.agent import AGENTCTL
-from tests.harness.apps import AppDir, AppSpec, Revision
+from tests.harness.apps import AppDir, AppSpec, Revision, broken_revision, db_upgrade
 from tests.harness.postgres import PgDatabase
 from tests.harness.sandbox import Sandbox
 from tests.harness.site import SiteFactory, site_factory
@@ -83,3 +83,27 @@ def test_upgrade_migration_forking_a_daemon_is_stopped(site: SiteFactory) -> Non
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert left == []
     assert s.db.alembic_versions() == ["r4"]
+
+
+def test_upgrade_with_a_broken_migration_file_changes_nothing(
+        site: SiteFactory, make_app: Callable[..., AppDir], flask_venv: Path,
+        pg_database: PgDatabase) -> None:
+    # r4 deployed with a syntax error after r3 was applied: nobody can say what the
+    # upgrade would do.
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url, "head")
+    broken = broken_revision("r4", "r3")
+    app.write(f"migrations/versions/{broken.file_name}", broken.render())
+    s = site(upgrade_to=None, app=app)
+    started = time.monotonic()
+    proc = s.agentctl("upgrade", "gunicorn", "--yes", "--restart", "--probe-timeout", "30")
+    took = time.monotonic() - started
+    print(f"\nupgrade with a broken migration file: exit {proc.returncode} in {took:.1f} s: "
+          f"{proc.stderr.strip()}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("agentctl: refusing to upgrade gunicorn.service: cannot "
+                                  "inspect gunicorn.service")
+    assert "r4" in proc.stderr and "SyntaxError" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Running flask db upgrade" not in proc.stdout
+    assert s.db.alembic_versions() == ["r3"]
