@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -100,14 +103,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 refused by the migration state, 2 could not inspect, not "
                         "confirmed or failed)")
     upgrade.add_argument("unit")
+    upgrade.add_argument("rev", nargs="?", default="", metavar="REV",
+                         help="the revision to upgrade to, as shown and confirmed (default: "
+                              "the one head shown); refused if it is not pending")
     upgrade.add_argument("--restart", action="store_true",
                          help="restart the unit afterwards (only once the head is verified)")
     upgrade.add_argument("--yes", "-y", action="store_true",
                          help="do not ask for confirmation (needed without a terminal)")
     upgrade.add_argument("--restart-timeout", type=float, default=60.0, metavar="SECONDS",
                          help="how long the restarted unit may take to be active (default 60)")
+    upgrade.add_argument("--lock-timeout", type=positive_seconds, default=None,
+                         metavar="SECONDS", help="lock_timeout of the migration's database "
+                                                 "sessions (default: upgrade_lock_timeout_"
+                                                 "seconds of the config file, else 5)")
+    upgrade.add_argument("--lock-retries", type=int, choices=range(0, 101), default=None,
+                         metavar="N", help="attempts after one gave up waiting for a lock "
+                                           "(default: upgrade_lock_retries, else 3; at most "
+                                           "100)")
+    upgrade.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                         help="stop flask db upgrade after this long (default: "
+                              "upgrade_timeout_seconds, else 600)")
+    upgrade.add_argument("--config.file", dest="config_file", metavar="PATH", default=None,
+                         help=f"the agent's config file (default {DEFAULT_CONFIG_PATH})")
     add_inspection_options(upgrade)
     return parser
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0: {text}")
+    return value
 
 
 def add_inspection_options(parser: argparse.ArgumentParser) -> None:
@@ -290,42 +320,57 @@ def status_data(args: argparse.Namespace, systemd: SystemdSource,
 # -- exec and upgrade -------------------------------------------------------------------
 
 def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
-    """agentctl exec UNIT -- CMD...: replaces agentctl by CMD in the unit's context."""
-    from agent.unitexec import EXIT_EXEC_FAILED, ExecError, exec_replace, plan_exec
+    """agentctl exec UNIT -- CMD...: CMD in the unit's context, in its own session, scope and
+    (when interactive) pseudo-terminal relayed by agentctl; exits with CMD's exit code."""
+    from agent.unitexec import EXIT_EXEC_FAILED, ExecError, plan_exec, run_exec
 
     try:
         ctx = inspect_unit(systemd, args.unit).context
         plan = plan_exec(ctx, args.cmd, os.geteuid())
-        systemd.close()  # nothing of agentctl's may leak into the command
         out.flush()
         sys.stderr.flush()
-        exec_replace(plan)
+        done = run_exec(plan, systemd)
     except DriftwatchError as exc:
         # Our own failures use 125-127 so they cannot be mistaken for CMD's exit codes.
         if not isinstance(exc, ExecError):
             exc.exit_code = EXIT_EXEC_FAILED
         raise
+    if done.leftovers:
+        print(f"agentctl: stopped {done.leftovers} process(es) the command left behind",
+              file=sys.stderr)
+    return done.returncode
 
 
 def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl upgrade UNIT [--restart] [--yes]."""
+    from agent.config import load_config
     from agent.unitexec import default_resolver
     from agent.upgrade import Upgrader, UpgradeOptions, unit_snapshot
 
+    config = load_config(args.config_file)  # the upgrade_* keys; flags win over them
     inspector = make_inspector(args, systemd)
 
     def inspect(name: str) -> UnitSnapshot:
         inspector.invalidate(name)  # after an upgrade the memoised schema diff is stale
         return unit_snapshot(inspector.inspect([name]).units, name)
 
-    options = UpgradeOptions(unit=args.unit, restart=args.restart, assume_yes=args.yes,
-                             restart_timeout=args.restart_timeout)
+    options = UpgradeOptions(
+        unit=args.unit, restart=args.restart, assume_yes=args.yes,
+        restart_timeout=args.restart_timeout, target=args.rev,
+        lock_timeout=pick(args.lock_timeout, config.upgrade_lock_timeout_seconds),
+        lock_retries=pick(args.lock_retries, config.upgrade_lock_retries),
+        timeout=pick(args.timeout, config.upgrade_timeout_seconds))
     confirm = ask_on_terminal if sys.stdin.isatty() else None
     try:
         return Upgrader(options, systemd, inspect, confirm, out, os.geteuid(),
                         resolve=default_resolver(args.probe_timeout)).run()
     finally:
         inspector.close()
+
+
+def pick(flag: Any, configured: Any) -> Any:
+    """The command-line value when given, else the config file's."""
+    return configured if flag is None else flag
 
 
 def ask_on_terminal(prompt: str) -> bool:
@@ -350,6 +395,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     if getattr(args, "units", None):
         args.units = [normalize_unit_name(u) for u in args.units]
     systemd = systemd or SystemdSource(timeout_seconds=args.bus_timeout)
+    saved = _unwind_on_termination()
     try:
         return COMMANDS[args.command](args, systemd, out)
     except DriftwatchError as exc:
@@ -363,6 +409,22 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return EXIT_ERROR
     finally:
         systemd.close()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _unwind_on_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP unwind agentctl like an exception (exit 128+N), so the finally
+    blocks run: the probe's process group is killed, not left running. Returns the handlers
+    it replaced (none outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return {signum: signal.signal(signum, unwind) for signum in (signal.SIGTERM,
+                                                                 signal.SIGHUP)}
 
 
 if __name__ == "__main__":  # pragma: no cover

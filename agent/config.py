@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -48,6 +49,11 @@ class Config:
     request_timeout_seconds: float = 10.0  # a whole HTTP request, headers to last byte
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = ""                      # the file this came from, "" for built-in defaults
+    # agentctl upgrade (its flags override these): lock_timeout of the migration's sessions,
+    # attempts after one gave up waiting for a lock, and the whole run's bound.
+    upgrade_lock_timeout_seconds: float = 5.0
+    upgrade_lock_retries: int = 3
+    upgrade_timeout_seconds: float = 600.0
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with command-line overrides applied and validated."""
@@ -72,6 +78,9 @@ _AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "scrape_wait_seconds": ((int, float), "a number"),
     "max_connections": ((int,), "an integer"),
     "request_timeout_seconds": ((int, float), "a number"),
+    "upgrade_lock_timeout_seconds": ((int, float), "a number"),
+    "upgrade_lock_retries": ((int,), "a whole number"),
+    "upgrade_timeout_seconds": ((int, float), "a number"),
 }
 _TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "cert_file": ((str,), "a string (path)"),
@@ -139,11 +148,24 @@ def _validate(config: Config, where: str) -> None:
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where}: 'log_level' must be one of {', '.join(LOG_LEVELS)}, "
                           f"not {config.log_level!r}")
+    _validate_upgrade(config, where)
     tls = config.tls
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError(f"{where}: [tls] needs both 'cert_file' and 'key_file'")
     if tls.client_ca_file and not tls.cert_file:
         raise ConfigError(f"{where}: [tls] 'client_ca_file' needs 'cert_file' and 'key_file'")
+
+
+def _validate_upgrade(config: Config, where: str) -> None:
+    """agentctl upgrade's bounds: finite and positive seconds, 0..100 retries."""
+    for name in ("upgrade_lock_timeout_seconds", "upgrade_timeout_seconds"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}: '{name}' must be a finite number above 0, "
+                              f"not {value!r}")
+    if not 0 <= config.upgrade_lock_retries <= 100:
+        raise ConfigError(f"{where}: 'upgrade_lock_retries' must be between 0 and 100, "
+                          f"not {config.upgrade_lock_retries!r}")
 
 
 def parse_config(text: str, where: str = "<config>") -> Config:

@@ -25,7 +25,8 @@ from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSn
 from agent.sources import connections, database, files
 from agent.sources.journal import JournalReader
 from agent.sources.systemd import SystemdSource
-from agent.state import StateStore
+from agent.state import OK as STATE_OK
+from agent.state import StateStore, store_finding
 
 log = logging.getLogger("driftwatch.inspector")
 
@@ -142,7 +143,8 @@ class Inspector:
                 self._prune({u.unit for u in snaps} | set(units))
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
-                        errors=tuple(errors))
+                        errors=tuple(errors),
+                        state_store=self._state.condition if self._state is not None else "")
 
     def invalidate(self, unit: str | None = None) -> None:
         """Forget memoised probe results (of one unit, or all): a restart was seen."""
@@ -490,6 +492,9 @@ class Inspector:
         store.record_applied(unit, hashes, applied)
         fields["applied_migrations_modified"] = len(found)
         findings += found
+        if store.condition != STATE_OK:  # read-only or full: said, never "corruption"
+            res["error"] = store.detail
+            findings.append(store_finding(store.condition, store.detail, store.path.parent))
 
     def _journal_check(self, unit: str, timer: _Timer, fields: dict[str, Any],
                        findings: list[Finding]) -> None:

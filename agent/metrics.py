@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.snapshot import Snapshot, UnitSnapshot
+from agent.state import CONDITIONS as STATE_STORE_CONDITIONS
 
 PREFIX = "driftwatch_"
 
@@ -59,6 +60,10 @@ INSPECTION_ERRORS = Spec("inspection_errors",
                          "Agent-wide problems in the served snapshot (e.g. systemd unreachable).",
                          ())
 UNITS_WATCHED = Spec("units_watched", "Number of units in the served snapshot.", ())
+STATE_STORE = Spec("state_store_condition",
+                   "1 for the agent's state store condition (ok, read_only, full, error), "
+                   "0 for the others; read_only/full: migration-file hashes are not recorded.",
+                   ("condition",))
 
 # -- per unit -------------------------------------------------------------------------------
 UNIT_UP = Spec("unit_up", "1 if systemd reports the unit active, 0 otherwise.")
@@ -206,6 +211,9 @@ def snapshot_families(snapshot: Snapshot | None) -> list[Metric]:
         add(SNAPSHOT_TIMESTAMP, (), snapshot.taken_at)
         add(INSPECTION_ERRORS, (), float(len(snapshot.errors)))
         add(UNITS_WATCHED, (), float(len(snapshot.units)))
+        if snapshot.state_store:  # "" until an inspection used the store
+            for condition in STATE_STORE_CONDITIONS:
+                add(STATE_STORE, (condition,), float(condition == snapshot.state_store))
         for unit in snapshot.units:
             for spec, labels, value in _unit_samples(unit):
                 add(spec, labels, value)

@@ -96,8 +96,10 @@ class Snapshot:
     taken_at: float = field(default_factory=time.time)
     duration_seconds: float = 0.0
     errors: tuple[str, ...] = ()         # e.g. systemd unreachable, discovery failed
+    state_store: str = ""                # ok, read_only, full, error ("" = not used yet)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, the body of /status."""
         return {"taken_at": self.taken_at, "duration_seconds": self.duration_seconds,
-                "errors": list(self.errors), "units": [u.as_dict() for u in self.units]}
+                "errors": list(self.errors), "state_store": self.state_store,
+                "units": [u.as_dict() for u in self.units]}

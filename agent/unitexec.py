@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from agent.context import AppContext
 from agent.errors import AccessDenied, DriftwatchError
@@ -23,11 +22,14 @@ from agent.probe.runner import (
     scrub,
     secret_values,
 )
+from agent.session import Finished, Launch, SessionError, run_interactive, run_output
 
 # Conventions of env(1), chroot(1) and docker run: the command's own codes stay free.
 EXIT_EXEC_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
 # How long gunicorn's configuration may take to resolve (the probe's default timeout).
 RESOLVE_TIMEOUT = 20.0
+# Output without a newline is shown in pieces of this size.
+MAX_LINE_BYTES = 65536
 
 # (ctx, allow_root) -> gunicorn's resolved settings, or None when there are none to apply.
 Resolver = Callable[[AppContext, bool], "ResolvedConfig | None"]
@@ -158,31 +160,27 @@ def _exit_error(message: str, code: int) -> ExecError:
     return error
 
 
-def _drop_privileges(drop: Mapping[str, Any]) -> None:
-    """Become the unit's user: groups first, then gid, then uid (the only order that works)."""
-    if not drop:
-        return
-    os.setgroups(list(drop["extra_groups"]))
-    os.setresgid(drop["group"], drop["group"], drop["group"])
-    os.setresuid(drop["user"], drop["user"], drop["user"])
-
-
-def exec_replace(plan: ExecPlan) -> NoReturn:
-    """Replace this process by the command, so stdio, signals and exit code are the command's own."""
-    try:
-        _drop_privileges(plan.drop)
-        # After the drop, so a directory the unit's user cannot enter fails as it would for it.
-        os.chdir(plan.cwd)
-    except OSError as exc:
-        raise ExecError(plan.scrub(f"cannot enter {plan.cwd} as {plan.user}: "
-                                   f"{exc.strerror or exc}")) from None
+def launch_of(plan: ExecPlan, verb: str = "exec") -> Launch:
+    """What the launcher needs to run the plan (messages masked here, in the parent)."""
     program = resolve_command(plan.argv[0], plan.env.get("PATH", ""))
+    return Launch(program=program, argv=plan.argv, env=dict(plan.env), cwd=plan.cwd,
+                  drop=dict(plan.drop),
+                  cwd_message=plan.scrub(f"cannot enter {plan.cwd} as {plan.user}"),
+                  exec_message=plan.scrub(f"cannot run {program} as {plan.user}"),
+                  # Seen by anyone in systemctl's list: the unit, never the argv.
+                  label=f"agentctl {verb} {plan.unit}")
+
+
+def run_exec(plan: ExecPlan, systemd: Any = None) -> Finished:
+    """Run the command to its end in its own session, scope and (when interactive) pty.
+
+    agentctl stays as the relay: the command never shares its terminal (TIOCSTI).
+    """
+    launch = launch_of(plan)
     try:
-        os.execve(program, list(plan.argv), plan.env)
-    except OSError as exc:
-        code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
-        raise _exit_error(plan.scrub(f"cannot run {program} as {plan.user}: "
-                                     f"{exc.strerror or exc}"), code) from None
+        return run_interactive(launch, systemd)
+    except SessionError as exc:
+        raise ExecError(plan.scrub(str(exc))) from None
 
 
 @dataclass(frozen=True)
@@ -191,29 +189,54 @@ class CapturedRun:
 
     returncode: int
     tail: tuple[str, ...]
+    leftovers: int = 0  # processes it left behind, stopped after it ended
+    timed_out: bool = False  # stopped at the overall deadline
+
+
+class _Lines:
+    """Bytes in, masked lines out (a pty ends lines with CR LF, a pipe with LF)."""
+
+    def __init__(self, plan: ExecPlan, on_line: Callable[[str], None] | None,
+                 tail: deque[str]) -> None:
+        self.plan, self.on_line, self.tail, self.pending = plan, on_line, tail, b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for raw in lines:
+            self.emit(raw)
+        if len(self.pending) > MAX_LINE_BYTES:  # megabytes without a newline: cut, not hoard
+            self.emit(self.pending)
+            self.pending = b""
+
+    def emit(self, raw: bytes) -> None:
+        line = self.plan.scrub(raw.decode("utf-8", "replace").rstrip("\r"))
+        self.tail.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def close(self) -> None:
+        if self.pending:
+            self.emit(self.pending)
+            self.pending = b""
 
 
 def run_captured(plan: ExecPlan, on_line: Callable[[str], None] | None = None,
-                 tail_lines: int = 20) -> CapturedRun:
-    """Run the command to the end, stdout and stderr merged, each line masked before it is shown."""
-    program = resolve_command(plan.argv[0], plan.env.get("PATH", ""))
+                 tail_lines: int = 20, systemd: Any = None,
+                 use_pty: bool | None = None, timeout: float | None = None) -> CapturedRun:
+    """Run the command to the end, stdout and stderr merged, each line masked before it is
+    shown; in its own session and scope, through a fresh pty when agentctl's stdin is a
+    terminal (use_pty None), never on agentctl's terminal."""
     tail: deque[str] = deque(maxlen=tail_lines)
+    lines = _Lines(plan, on_line, tail)
+    launch = launch_of(plan, "upgrade")
     try:
-        proc = subprocess.Popen([program, *plan.argv[1:]], cwd=plan.cwd, env=plan.env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, **plan.drop)
-    except OSError as exc:
-        raise ExecError(plan.scrub(f"cannot start {program} as {plan.user} in {plan.cwd}: "
-                                   f"{exc.strerror or exc}")) from None
-    assert proc.stdout is not None
-    with proc.stdout:
-        for raw in proc.stdout:
-            line = plan.scrub(raw.decode("utf-8", "replace").rstrip("\n"))
-            tail.append(line)
-            if on_line is not None:
-                on_line(line)
-    code = proc.wait()
-    return CapturedRun(code if code >= 0 else 128 - code, tuple(tail))
+        done = run_output(launch, systemd, lines.feed,
+                          use_pty=os.isatty(0) if use_pty is None else use_pty,
+                          timeout=timeout)
+    except SessionError as exc:
+        raise ExecError(plan.scrub(f"{exc} (as {plan.user} in {plan.cwd})")) from None
+    lines.close()
+    return CapturedRun(done.returncode, tuple(tail), done.leftovers, done.timed_out)
 
 
 def describe_returncode(code: int) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from agent.context import AppContext
 from agent.errors import DriftwatchError
 from agent.inspection import inspect_unit
-from agent.snapshot import UnitSnapshot
+from agent.snapshot import MigrationState, UnitSnapshot
 from agent.sources.systemd import SystemdSource
 from agent.unitexec import (
     GunicornConfigError,
@@ -21,6 +23,14 @@ from agent.unitexec import (
 )
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+# The session-level advisory lock every agentctl upgrade holds while it migrates:
+# pg_advisory_lock(7239384051653697892), the bigint of b"dwupgrad". An app's env.py (or any
+# deploy script) that takes the same lock is serialised with agentctl upgrade.
+UPGRADE_LOCK_KEY = int.from_bytes(b"dwupgrad", "big")
+# The upgrade child's exit code when another session holds the lock (EX_TEMPFAIL).
+LOCKED_EXIT = 75
+CHILD_MARK = "driftwatch-upgrade:"
+CHILD_SOURCE = Path(__file__).with_name("upgrade_child.py")
 # Checks without which nobody can say what an upgrade would do.
 ESSENTIAL_CHECKS = ("unit", "app_load", "database", "migrations")
 
@@ -42,10 +52,12 @@ class Decision:
     exit_code: int = EXIT_OK
     pending: tuple[str, ...] = ()  # in upgrade order
     warnings: tuple[str, ...] = ()
+    target: str = ""               # what flask db upgrade is given: never "head(s)"
 
 
-def decide(unit: UnitSnapshot) -> Decision:
-    """Pure: refuse, do nothing, or upgrade through these revisions."""
+def decide(unit: UnitSnapshot, target: str = "") -> Decision:
+    """Pure: refuse, do nothing, or upgrade through these revisions up to target (default:
+    the one head shown)."""
     for check in unit.checks:
         if check.name in ESSENTIAL_CHECKS and not check.success:
             return Decision("refuse", f"cannot inspect {unit.unit} ({check.name}): "
@@ -70,13 +82,22 @@ def decide(unit: UnitSnapshot) -> Decision:
     if not m.heads:
         return Decision("refuse", f"the code of {unit.unit} has no migration revisions",
                         EXIT_PROBLEMS)
+    if target and target not in m.pending:
+        if target in m.current:
+            return Decision("nothing", f"{where} is already at {target}; nothing to upgrade")
+        return Decision("refuse", f"{target} is not a pending revision of {unit.unit} "
+                                  f"(pending: {', '.join(m.pending) or 'none'}; head "
+                                  f"{', '.join(m.heads)})", EXIT_PROBLEMS)
     if not m.pending:
         return Decision("nothing", f"{where} is at head {', '.join(m.heads)}; nothing to "
                                    "upgrade")
     warnings = () if m.version_table_present else (
         f"{where} has no alembic_version table: every revision will be applied, as for a "
         "new database; make sure this is the database you mean",)
-    return Decision("upgrade", pending=tuple(m.pending), warnings=warnings)
+    target = target or m.heads[0]
+    pending = tuple(m.pending[:m.pending.index(target) + 1]) if target in m.pending \
+        else tuple(m.pending)
+    return Decision("upgrade", pending=pending, warnings=warnings, target=target)
 
 
 def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
@@ -89,6 +110,9 @@ def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
              f"  head:      {', '.join(m.heads) if m else '?'}",
              f"  pending:   {len(decision.pending)} revision(s), applied in this order:"]
     lines += [f"    {n}. {rev}" for n, rev in enumerate(decision.pending, 1)]
+    if decision.target:
+        lines.append(f"  target:    {decision.target} (pinned: flask db upgrade "
+                     f"{decision.target}; refused if the revisions change before it runs)")
     lines.append(f"  then:      {'restart ' + unit.unit if restart else 'no restart (--restart not given)'}")
     lines += [f"  warning:   {w}" for w in decision.warnings]
     return "\n".join(lines) + "\n"
@@ -126,6 +150,11 @@ class UpgradeOptions:
     restart: bool = False
     assume_yes: bool = False
     restart_timeout: float = 60.0
+    target: str = ""                 # the revision confirmed; "" = the one head shown
+    lock_timeout: float = 5.0        # lock_timeout of the migration's sessions (seconds)
+    lock_retries: int = 3            # upgrade attempts after one gave up waiting for a lock
+    retry_delay: float = 1.0         # first pause between attempts, doubled each time
+    timeout: float = 600.0           # the whole flask db upgrade, then it is stopped
 
 
 Inspect = Callable[[str], UnitSnapshot]
@@ -143,9 +172,10 @@ class Upgrader:
         self.resolve = resolve  # gunicorn's config resolution (None: the real one)
 
     def run(self) -> int:
-        """check -> plan -> confirm -> flask db upgrade -> verify -> restart."""
+        """check -> plan -> confirm -> still as shown? -> flask db upgrade TARGET -> verify
+        -> restart."""
         unit = self.inspect(self.options.unit)
-        decision = decide(unit)
+        decision = decide(unit, self.options.target)
         if decision.action == "refuse":
             raise UpgradeError(f"refusing to upgrade {unit.unit}: {decision.reason}",
                                decision.exit_code)
@@ -157,15 +187,17 @@ class Upgrader:
             return EXIT_OK
         self.out.write(render_plan(unit, decision, self.options.restart))
         self._confirm(unit.unit)
-        self._flask_upgrade(unit)
+        self._still_as_shown(unit)
+        self._flask_upgrade(unit, decision.target)
         after = self.inspect(self.options.unit)
         m = after.migrations
-        if m is None or m.pending or m.unknown or set(m.current) != set(m.heads):
+        if m is None or m.unknown or tuple(m.current) != (decision.target,):
             now = ", ".join(m.current) if m else "unknown"
             raise UpgradeError(f"flask db upgrade finished but {after.database or 'the database'}"
-                               f" is at {now or '(empty)'}, not at head "
-                               f"{', '.join(m.heads) if m else '?'}; not restarting")
-        self.out.write(f"{after.unit}: {after.database} is now at head {', '.join(m.heads)}.\n")
+                               f" is at {now or '(empty)'}, not at {decision.target}; "
+                               "not restarting")
+        where = "head " if decision.target in m.heads else ""
+        self.out.write(f"{after.unit}: {after.database} is now at {where}{decision.target}.\n")
         if self.options.restart:
             self._restart(after.main_pid or unit.main_pid)
         return EXIT_OK
@@ -179,23 +211,79 @@ class Upgrader:
         if not self.confirm(f"Apply these migrations to the database of {name}? [y/N] "):
             raise UpgradeError("not confirmed; nothing changed", EXIT_ERROR)
 
-    def _flask_upgrade(self, unit: UnitSnapshot) -> None:
-        ctx = inspect_unit(self.systemd, self.options.unit).context
+    def _still_as_shown(self, shown: UnitSnapshot) -> None:
+        """Refuse when the revisions changed between the plan shown and now (a deploy, or
+        another upgrade, while the admin read it)."""
+        now = self.inspect(self.options.unit)
+        before, after = shown.migrations, now.migrations
+        if before is None or after is None or after.in_progress or (
+                before.heads, before.current, before.pending) != (
+                after.heads, after.current, after.pending):
+            def state(m: MigrationState | None) -> str:
+                if m is None:
+                    return "unknown"
+                running = ", a migration running" if m.in_progress else ""
+                return (f"heads {', '.join(m.heads) or '-'}, current "
+                        f"{', '.join(m.current) or '(empty)'}{running}")
+            raise UpgradeError(f"refusing to upgrade {shown.unit}: its migrations changed "
+                               f"since the plan was shown (then {state(before)}; now "
+                               f"{state(after)}); nothing changed: run agentctl upgrade again",
+                               EXIT_PROBLEMS)
+
+    def _flask_upgrade(self, unit: UnitSnapshot, target: str) -> None:
+        o = self.options
+        ctx = inspect_unit(self.systemd, o.unit).context
+        lock_ms = max(1, int(o.lock_timeout * 1000))
+        # The child is sent as -c text: the unit's user never reads this checkout.
+        argv = ("python", "-c", CHILD_SOURCE.read_text(), target, str(lock_ms),
+                str(o.lock_retries), str(o.retry_delay), str(UPGRADE_LOCK_KEY),
+                f"driftwatch upgrade {o.unit}")
         try:
-            plan = plan_exec(ctx, ("flask", "db", "upgrade"), self.euid, resolve=self.resolve)
+            plan = plan_exec(ctx, argv, self.euid, resolve=self.resolve)
         except GunicornConfigError as exc:
             raise UpgradeError(f"{exc}; nothing changed", EXIT_ERROR) from None
         # FLASK_APP after gunicorn's raw_env is applied: a config file may set it, or wsgi_app.
-        plan = replace(plan, env={**plan.env, "FLASK_APP": flask_app_value(
-            ctx, plan.env, plan.app_uri if plan.config_source == "gunicorn config" else None)})
-        self.out.write(f"Running flask db upgrade as {plan.user} in {plan.cwd}:\n")
+        env = {**plan.env, "FLASK_APP": flask_app_value(
+            ctx, plan.env, plan.app_uri if plan.config_source == "gunicorn config" else None)}
+        # Also SET and checked on each connection by the child: options= in a URL
+        # replaces PGOPTIONS entirely.
+        env["PGOPTIONS"] = with_lock_timeout(env.get("PGOPTIONS", ""), lock_ms)
+        plan = replace(plan, env=env)
+        self.out.write(f"Running flask db upgrade {target} as {plan.user} in {plan.cwd} "
+                       f"(lock_timeout {o.lock_timeout:g} s, {o.lock_retries} retries, "
+                       f"stopped after {o.timeout:g} s):\n")
         self.out.flush()
-        result = run_captured(plan, on_line=lambda line: self.out.write(f"  | {line}\n"))
+        events: list[dict[str, Any]] = []
+
+        def on_line(line: str) -> None:
+            event = child_event(line)
+            if event is None:
+                self.out.write(f"  | {line}\n")
+                return
+            events.append(event)
+            note = describe_event(event)
+            if note:
+                self.out.write(f"  driftwatch: {note}\n")
+
+        result = run_captured(plan, on_line=on_line, systemd=self.systemd, timeout=o.timeout)
+        tail = "\n".join(f"  | {line}" for line in result.tail[-10:]
+                         if child_event(line) is None)
+        last = f". Last output:\n{tail}" if tail else ""
+        if result.timed_out:
+            raise UpgradeError(f"flask db upgrade did not finish within {o.timeout:g} s and "
+                               f"was stopped (PostgreSQL rolls back its open transaction); "
+                               f"{unit.database} was not verified and {unit.unit} was not "
+                               f"restarted{last}")
+        locked = [e for e in events if e.get("kind") == "locked"]
+        if result.returncode == LOCKED_EXIT and locked:
+            raise UpgradeError(f"refusing to upgrade {unit.unit}: another upgrade holds the "
+                               f"upgrade lock on {unit.database} "
+                               f"({describe_holders(locked[-1].get('holders') or [])}); "
+                               "nothing changed", EXIT_PROBLEMS)
         if result.returncode != 0:
-            tail = "\n".join(f"  | {line}" for line in result.tail[-10:])
             raise UpgradeError(f"flask db upgrade {describe_returncode(result.returncode)}; "
                                f"{unit.database} was not verified and {unit.unit} was not "
-                               f"restarted" + (f". Last output:\n{tail}" if tail else ""))
+                               f"restarted{last}")
 
     def _restart(self, old_pid: int) -> None:
         name = self.options.unit
@@ -216,6 +304,47 @@ class Upgrader:
         raise UpgradeError(f"{name} did not come back after the restart: {props.active_state} "
                            f"({props.sub_state}), MainPID {props.main_pid or '-'}; see "
                            f"journalctl -u {name}")
+
+
+def with_lock_timeout(pgoptions: str, lock_ms: int) -> str:
+    """PGOPTIONS with lock_timeout appended (a later -c wins in PostgreSQL)."""
+    ours = f"-c lock_timeout={lock_ms}"
+    return f"{pgoptions.strip()} {ours}" if pgoptions.strip() else ours
+
+
+def child_event(line: str) -> dict[str, Any] | None:
+    """The upgrade child's own report in a line of output, else None."""
+    if not line.startswith(CHILD_MARK):
+        return None
+    try:
+        event = json.loads(line[len(CHILD_MARK):])
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def describe_holders(holders: Sequence[Mapping[str, Any]]) -> str:
+    """'held by pid 4242 (application_name 'x', user app, since 2026-...)' for each holder."""
+    if not holders:
+        return "held by a session that has since ended"
+    return "; ".join(f"held by pid {h.get('pid')} (application_name "
+                     f"{str(h.get('application_name') or '')!r}, user {h.get('user') or '?'}, "
+                     f"since {h.get('since') or '?'})" for h in holders)
+
+
+def describe_event(event: Mapping[str, Any]) -> str:
+    """One line for the admin about what the child did, '' for nothing worth saying."""
+    kind = event.get("kind")
+    if kind == "locked_by_us":
+        return (f"holding the upgrade lock pg_advisory_lock({event.get('key')}) in backend "
+                f"pid {event.get('pid')}")
+    if kind == "lock_timeout":
+        return (f"a migration waited longer than lock_timeout ({event.get('wait_ms')} ms); "
+                f"attempt {event.get('attempt')} of {event.get('of')} rolled back, retrying "
+                f"in {event.get('retry_in')} s")
+    if kind == "no_lock":
+        return f"no upgrade lock taken: {event.get('reason')}"
+    return ""
 
 
 def unit_snapshot(snapshots: Sequence[UnitSnapshot], name: str) -> UnitSnapshot:

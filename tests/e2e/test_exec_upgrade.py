@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.upgrade import UPGRADE_LOCK_KEY
+from tests.faults.terminal import INJECTOR, first_line_after
 from tests.harness.agent import AGENTCTL
 from tests.harness.apps import AppDir, AppSpec, Revision, db_upgrade, two_heads_spec
 from tests.harness.postgres import PgDatabase
@@ -80,8 +85,10 @@ def test_upgrade_one_pending_with_restart(site: SiteFactory) -> None:
     s = site(upgrade_to="r2")
     old_pid = s.sb.main_pid(UNIT)
     proc = s.agentctl("upgrade", "gunicorn", "--yes", "--restart")
+    print(f"\n$ agentctl upgrade gunicorn --yes --restart\n{proc.stdout}{proc.stderr}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert s.db.alembic_versions() == ["r3"]
+    assert "holding the upgrade lock pg_advisory_lock(7239384051653697892)" in proc.stdout
     new_pid = s.sb.main_pid(UNIT)
     assert new_pid not in (0, old_pid)
     s.sb.wait_active(UNIT)
@@ -173,3 +180,141 @@ def test_upgrade_derives_flask_app_from_the_app_spec(site: SiteFactory) -> None:
     assert s.db.alembic_versions() == ["r3"]
     assert json.loads(s.agentctl("check", UNIT, "--json").stdout)["units"][0][
         "migrations"]["pending"] == []
+
+
+# -- never root's terminal (TIOCSTI), under a real pty -------------------------------------
+
+def test_exec_under_a_terminal_injection_reaches_nothing(site: SiteFactory) -> None:
+    s = site()
+    # The shell on a real pty runs agentctl exec; the command (as www-data) pushes keys.
+    first, transcript = first_line_after(s.sb.nsenter_argv(
+        [AGENTCTL, "exec", "gunicorn", "--", "python", "-c", INJECTOR]))
+    print(f"\nagentctl exec under a pty: the shell's next line was {first!r}\n{transcript}")
+    assert "injector 33 " in transcript, transcript  # it ran, as www-data, in a new session
+    assert "COMMAND-DONE:0" in transcript
+    assert first == "clean", transcript
+
+
+def test_upgrade_migration_injection_reaches_nothing(site: SiteFactory) -> None:
+    s = site(AppSpec().with_revisions(Revision("r4", "r3", upgrade=INJECTOR)), upgrade_to="r3")
+    first, transcript = first_line_after(s.sb.nsenter_argv(
+        [AGENTCTL, "upgrade", "gunicorn", "--yes", "--probe-timeout", "30"]))
+    print(f"\nagentctl upgrade under a pty: the shell's next line was {first!r}\n{transcript}")
+    assert "injector 33 " in transcript and "COMMAND-DONE:0" in transcript, transcript
+    assert first == "clean", transcript
+    assert s.db.alembic_versions() == ["r4"]
+
+
+# -- upgrades that cannot race ---------------------------------------------------------------
+
+def test_upgrade_to_the_revision_given_only(site: SiteFactory) -> None:
+    s = site(upgrade_to="r1")
+    proc = s.agentctl("upgrade", "gunicorn", "r2", "--yes")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "target:    r2 (pinned: flask db upgrade r2" in proc.stdout
+    assert s.db.alembic_versions() == ["r2"]  # not r3, the head
+    proc = s.agentctl("upgrade", "gunicorn", "r9", "--yes")
+    assert proc.returncode == 1
+    assert "r9 is not a pending revision of gunicorn.service (pending: r3; head r3)" \
+        in proc.stderr
+
+
+def test_upgrade_refused_while_another_holds_the_lock(site: SiteFactory) -> None:
+    s = site(upgrade_to="r2")
+    other = s.db.cluster.connect(s.db.name, s.db.owner, s.db.password)
+    try:
+        cur = other.cursor()
+        cur.execute("SET application_name = 'deploy-script'")
+        cur.execute("SELECT pg_advisory_lock(%s), pg_backend_pid()", (UPGRADE_LOCK_KEY,))
+        pid = cur.fetchone()[1]
+        proc = s.agentctl("upgrade", "gunicorn", "--yes", "--probe-timeout", "30")
+        print(f"\nsecond upgrade: exit {proc.returncode}: {proc.stderr.strip()}")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert ("refusing to upgrade gunicorn.service: another upgrade holds the upgrade "
+                f"lock on 127.0.0.1:{s.db.cluster.port}/{s.db.name} (held by pid {pid} "
+                f"(application_name 'deploy-script', user {s.db.owner}, since ") in proc.stderr
+        assert s.db.alembic_versions() == ["r2"]
+    finally:
+        other.close()
+
+
+def test_two_upgrades_at_once_one_is_refused(site: SiteFactory) -> None:
+    slow = Revision("r4", "r3", upgrade="op.execute('SELECT pg_sleep(6)')")
+    s = site(AppSpec().with_revisions(slow), upgrade_to="r3")
+    argv = s.sb.nsenter_argv([AGENTCTL, "upgrade", "gunicorn", "--yes", "--probe-timeout", "30"])
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        deadline = time.monotonic() + 60
+        holder: list[tuple[Any, ...]] = []
+        while time.monotonic() < deadline and not holder:
+            holder = s.db.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND "
+                                  "granted AND objsubid = 1 AND objid::bigint = %s",
+                                  (UPGRADE_LOCK_KEY & 0xFFFFFFFF,))
+            time.sleep(0.1)
+        assert holder, "the first upgrade never took the lock"
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        out, err = first.communicate(timeout=120)
+    print(f"\nfirst: exit {first.returncode}; second: exit {second.returncode}: "
+          f"{second.stderr.strip()}")
+    assert first.returncode == 0, out + err
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "refusing to upgrade gunicorn.service" in second.stderr
+    assert "Running upgrade r3 -> r4" not in second.stdout
+    assert s.db.alembic_versions() == ["r4"]
+
+
+def test_lock_timeout_reaches_the_migration_despite_options_in_the_url(
+        site: SiteFactory, pg_database: PgDatabase) -> None:
+    # The app's URL carries options=, which replaces PGOPTIONS entirely in libpq.
+    url = f"{pg_database.url}?options=-c%20search_path%3Dpublic"
+    waits = Revision("r4", "r3", upgrade=(
+        "print('lock_timeout=' + op.get_bind().exec_driver_sql('SHOW lock_timeout').scalar())"
+        "\nop.execute('LOCK TABLE posts IN ACCESS EXCLUSIVE MODE')"))
+    s = site(AppSpec().with_revisions(waits), upgrade_to="r3", url=url)
+    blocker = s.db.cluster.connect(s.db.name, s.db.owner, s.db.password, autocommit=False)
+    try:
+        blocker.cursor().execute("LOCK TABLE posts IN ACCESS SHARE MODE")
+        started = time.monotonic()
+        # The bounds from agent.toml this time (the flags override them; unit-tested).
+        s.sb.write_file("/etc/dw-test/agent.toml", "[agent]\nupgrade_lock_timeout_seconds = "
+                                                   "0.5\nupgrade_lock_retries = 2\n")
+        proc = s.agentctl("upgrade", "gunicorn", "--yes", "--probe-timeout", "30",
+                          "--config.file", "/etc/dw-test/agent.toml")
+        took = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    print(proc.stdout)
+    print(f"\nlock_timeout 0.5 s x 3 attempts behind a held lock: exit {proc.returncode} "
+          f"after {took:.1f} s")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.count("  | lock_timeout=500ms") == 3, proc.stdout
+    assert "attempt 1 of 3 rolled back, retrying in 1.0 s" in proc.stdout
+    assert "attempt 2 of 3 rolled back, retrying in 2.0 s" in proc.stdout
+    assert "flask db upgrade exited with status 1" in proc.stderr
+    assert s.db.alembic_versions() == ["r3"]
+
+
+def test_upgrade_stopped_at_the_overall_timeout(site: SiteFactory) -> None:
+    hangs = Revision("r4", "r3", upgrade="op.execute('SELECT pg_sleep(120)')")
+    s = site(AppSpec().with_revisions(hangs), upgrade_to="r3")
+    started = time.monotonic()
+    proc = s.agentctl("upgrade", "gunicorn", "--yes", "--restart", "--probe-timeout", "30",
+                      "--timeout", "4")
+    took = time.monotonic() - started
+    print(f"\n--timeout 4 on a 120 s migration: exit {proc.returncode} after {took:.1f} s")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "did not finish within 4 s and was stopped" in proc.stderr
+    assert took < 60
+    assert s.db.alembic_versions() == ["r3"]
+    # The migration's backend is gone with it (PostgreSQL rolled it back).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and s.db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(120)%' "
+            "AND pid <> pg_backend_pid()")[0][0]:
+        time.sleep(0.2)
+    assert s.db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                        "'%pg_sleep(120)%' AND pid <> pg_backend_pid()")[0][0] == 0

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +42,74 @@ def agent_config(listen: str, **settings: object) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Where agentctl is installed for other users: the checkout may be in a directory only root
+# can enter (root's home is 0700), so nothing run as another user may read it.
+READABLE_ROOT = Path("/var/cache/driftwatch-tests/agentctl")
+
+
+def _source_digest() -> str:
+    """What the readable install is made of: the agent's files and the venv's packages."""
+    h = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "agent").rglob("*.py")):
+        h.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    site = Path(sysconfig.get_paths()["purelib"])
+    h.update("\n".join(sorted(p.name for p in site.iterdir())).encode())
+    return h.hexdigest()[:16]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same filesystem: instant, and the files stay as they are
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@cache
+def readable_agentctl() -> str:
+    """agentctl installed outside the checkout, world-readable, for runs as other users.
+
+    A venv of /usr/bin/python3 under /var/cache (made once per content of agent/ and of the
+    test venv's packages) holding a copy of the venv's packages and of agent/ itself, not
+    the editable install that points back into the checkout.
+    """
+    target = READABLE_ROOT / _source_digest()
+    script = target / "bin" / "agentctl"
+    if script.exists():
+        return str(script)
+    READABLE_ROOT.mkdir(parents=True, exist_ok=True)
+    for old in READABLE_ROOT.iterdir():  # versions of the code nobody used for a day
+        if time.time() - old.stat().st_mtime > 86400:
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = READABLE_ROOT / f".{target.name}.{os.getpid()}"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tmp)], check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    dest = tmp / site.relative_to(sys.prefix)
+    shutil.rmtree(dest)
+    shutil.copytree(site, dest, copy_function=_link_or_copy, symlinks=True,
+                    ignore=shutil.ignore_patterns("__editable__*", "__pycache__", "pip",
+                                                  "pip-*", "ruff", "ruff-*"))
+    shutil.copytree(REPO_ROOT / "agent", dest / "agent", copy_function=shutil.copy2,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp / "bin" / "agentctl").write_text(
+        f"#!{target}/bin/python\nimport sys\nfrom agent.cli import main\nsys.exit(main())\n")
+    (tmp / "bin" / "agentctl").chmod(0o755)
+    for path in (READABLE_ROOT.parent, READABLE_ROOT, tmp):
+        path.chmod(0o755)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another test session made the same one meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(script)
+
+
 def agentctl(sb: Sandbox, *args: str, user: str | None = None, group: str | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run agentctl inside the sandbox (as root, or as USER through setpriv)."""
+    """Run agentctl inside the sandbox (as root, or as USER through setpriv, from a copy
+    other users can read: never from the checkout)."""
     argv = [AGENTCTL, *args]
     if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={group or user}", "--clear-groups", *argv]
+        argv = ["setpriv", f"--reuid={user}", f"--regid={group or user}", "--clear-groups",
+                readable_agentctl(), *args]
     return sb.run(argv, check=False, env=env)
 
 

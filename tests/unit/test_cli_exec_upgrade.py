@@ -242,7 +242,7 @@ def test_flask_app_from_the_plan_env_then_gunicorns_app() -> None:
 # -- decision ----------------------------------------------------------------------------------
 
 def test_one_pending_is_an_upgrade() -> None:
-    assert decide(snap(AT_R2)) == Decision("upgrade", pending=("r3",))
+    assert decide(snap(AT_R2)) == Decision("upgrade", pending=("r3",), target="r3")
 
 
 def test_at_head_is_nothing_to_do() -> None:
@@ -287,6 +287,8 @@ def test_plan_lists_revisions_in_order() -> None:
                     "  pending:   2 revision(s), applied in this order:\n"
                     "    1. r2\n"
                     "    2. r3\n"
+                    "  target:    r3 (pinned: flask db upgrade r3; refused if the revisions "
+                    "change before it runs)\n"
                     "  then:      restart gunicorn.service\n")
 
 
@@ -343,3 +345,98 @@ def test_nothing_pending_restarts_only_when_needed() -> None:
     up, systemd, out = upgrader(snap(AT_HEAD, needs_restart=True), restart=True)
     assert up.run() == 0 and systemd.restarts == ["gunicorn.service"]
     assert "restarted, active with MainPID 200 (was 100)" in out.getvalue()
+
+
+# -- pinned target, re-check, lock and timeouts ---------------------------------------------
+
+AT_R1 = MigrationState(True, current=("r1",), heads=("r3",), pending=("r2", "r3"))
+
+
+def test_target_is_the_head_shown_or_a_pending_revision() -> None:
+    assert decide(snap(AT_R1)).target == "r3"  # never "head" or "heads"
+    d = decide(snap(AT_R1), "r2")
+    assert (d.action, d.pending, d.target) == ("upgrade", ("r2",), "r2")
+    assert decide(snap(AT_R1), "r1").action == "nothing"  # already there
+    d = decide(snap(AT_R1), "r9")
+    assert (d.action, d.exit_code) == ("refuse", 1)
+    assert d.reason == "r9 is not a pending revision of gunicorn.service (pending: r2, r3; head r3)"
+
+
+def test_revisions_changed_after_the_plan_was_shown_refuses() -> None:
+    # A deploy added r4 while the admin read the plan: r3 was confirmed, not r4.
+    shown, later = snap(AT_R2), snap(replace(AT_R2, heads=("r4",), pending=("r3", "r4")))
+    seen = iter([shown, later])
+    systemd, out = FakeSystemd(), io.StringIO()
+    up = Upgrader(UpgradeOptions("gunicorn.service", assume_yes=True, restart=True),
+                  systemd, lambda name: next(seen), None, out, euid=0)  # type: ignore[arg-type]
+    with pytest.raises(UpgradeError) as err:
+        up.run()
+    assert err.value.exit_code == 1 and systemd.restarts == []
+    assert str(err.value) == (
+        "refusing to upgrade gunicorn.service: its migrations changed since the plan was "
+        "shown (then heads r3, current r2; now heads r4, current r2); nothing changed: run "
+        "agentctl upgrade again")
+
+
+def test_upgrade_cli_options() -> None:
+    args = build_parser().parse_args(["upgrade", "gunicorn", "r3", "--lock-timeout", "0.5",
+                                      "--lock-retries", "2", "--timeout", "30"])
+    assert (args.rev, args.lock_timeout, args.lock_retries, args.timeout) == ("r3", 0.5, 2, 30)
+    defaults = build_parser().parse_args(["upgrade", "gunicorn"])
+    assert defaults.rev == "" and (defaults.lock_timeout, defaults.lock_retries,
+                                   defaults.timeout) == (None, None, None)  # -> agent.toml
+    for bad in (["--lock-timeout", "nan"], ["--timeout", "inf"], ["--timeout", "0"],
+                ["--lock-retries", "1000"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["upgrade", "gunicorn", *bad])
+
+
+def test_child_reports_and_pgoptions() -> None:
+    from agent.upgrade import child_event, describe_holders, with_lock_timeout
+
+    assert with_lock_timeout("", 5000) == "-c lock_timeout=5000"
+    assert with_lock_timeout("-c search_path=app ", 250) == \
+        "-c search_path=app -c lock_timeout=250"
+    assert child_event('driftwatch-upgrade:{"kind": "locked", "holders": []}') == {
+        "kind": "locked", "holders": []}
+    assert child_event("driftwatch-upgrade:not json") is None
+    assert child_event("INFO  [alembic] Running upgrade r2 -> r3") is None
+    assert describe_holders([{"pid": 42, "application_name": "deploy", "user": "app",
+                              "since": "2026-11-29T20:00:00+00:00"}]) == (
+        "held by pid 42 (application_name 'deploy', user app, since 2026-11-29T20:00:00+00:00)")
+
+
+def test_child_helpers_are_pure() -> None:
+    from agent import upgrade_child as child
+
+    assert [child.to_ms(v) for v in ("5s", "250ms", "1min", "0", "2h")] == [
+        5000, 250, 60000, 0, 7200000]
+
+    class PgError(Exception):
+        pgcode = "55P03"
+
+    wrapped = RuntimeError("sqlalchemy said")
+    wrapped.__cause__ = PgError()
+    assert child.sqlstate(wrapped) == "55P03"
+    assert child.sqlstate(ValueError("x")) == ""
+
+
+def test_upgrade_bounds_from_agent_toml() -> None:
+    from agent.cli import pick
+    from agent.config import Config, parse_config
+    from agent.errors import ConfigError
+
+    config = parse_config("[agent]\nupgrade_lock_timeout_seconds = 0.25\n"
+                          "upgrade_lock_retries = 0\nupgrade_timeout_seconds = 90\n")
+    assert (config.upgrade_lock_timeout_seconds, config.upgrade_lock_retries,
+            config.upgrade_timeout_seconds) == (0.25, 0, 90)
+    assert (Config().upgrade_lock_timeout_seconds, Config().upgrade_lock_retries,
+            Config().upgrade_timeout_seconds) == (5.0, 3, 600.0)
+    assert pick(None, 0.25) == 0.25 and pick(2.0, 0.25) == 2.0
+    for bad, words in (("upgrade_lock_timeout_seconds = nan", "finite number above 0"),
+                       ("upgrade_timeout_seconds = inf", "finite number above 0"),
+                       ("upgrade_timeout_seconds = 0", "finite number above 0"),
+                       ("upgrade_lock_retries = 101", "between 0 and 100"),
+                       ("upgrade_lock_retries = 1.5", "must be a whole number")):
+        with pytest.raises(ConfigError, match=words):
+            parse_config(f"[agent]\n{bad}\n", "agent.toml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 from agent.state import StateStore
@@ -73,3 +74,69 @@ def test_corruption_found_later_is_survived(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with StateStore(path) as store:
         assert store.warnings and store.recorded(UNIT) == {}
+
+
+def test_store_is_safe_under_concurrent_threads(tmp_path: Path) -> None:
+    # Made in one thread, used by many at once: the daemon's scrape threads do exactly this.
+    path = tmp_path / "state.db"
+    store = StateStore(path)
+    errors: list[str] = []
+    added: list[int] = []
+
+    def inspect(n: int) -> None:
+        try:
+            for i in range(20):
+                hashes = {f"t{n}-{i}": f"{n:02d}{i:02d}".ljust(64, "0")}
+                added.append(store.record_applied(f"unit{n}.service", hashes, list(hashes)))
+                store.integrity_findings(f"unit{n}.service", hashes)
+        except Exception as exc:  # the failure this test is about
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=inspect, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    assert errors == []
+    assert sum(added) == 160
+    assert not list(tmp_path.glob("*corrupt*"))
+    with StateStore(path) as again:
+        assert len(again.recorded("unit7.service")) == 20
+
+
+def test_only_sqlite_verdicts_mean_corruption(tmp_path: Path) -> None:
+    import errno
+    import sqlite3
+
+    from agent.state import CORRUPT, ERROR, FULL, READ_ONLY, Corrupt, classify
+
+    def sqlite_error(code: int) -> sqlite3.Error:
+        exc = sqlite3.OperationalError("x")
+        exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+        return exc
+
+    assert classify(Corrupt("quick_check: bad"), tmp_path) == CORRUPT
+    assert classify(sqlite_error(26), tmp_path) == CORRUPT           # NOTADB
+    assert classify(sqlite_error(11 | 256), tmp_path) == CORRUPT     # CORRUPT_VTAB
+    assert classify(sqlite_error(13), tmp_path) == FULL
+    assert classify(sqlite_error(8), tmp_path) == READ_ONLY
+    assert classify(OSError(errno.EROFS, "ro"), tmp_path) == READ_ONLY
+    assert classify(OSError(errno.ENOSPC, "full"), tmp_path) == FULL
+    # "unable to open" on a writable, roomy directory: an error, never corruption.
+    assert classify(sqlite_error(14), tmp_path) == ERROR
+    assert classify(sqlite_error(5), tmp_path) == ERROR  # BUSY
+
+
+def test_condition_is_exported_as_a_gauge() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.metrics import DriftwatchCollector
+    from agent.snapshot import Snapshot
+
+    registry = CollectorRegistry()
+    registry.register(DriftwatchCollector(lambda: Snapshot((), state_store="full")))
+    values = {c: registry.get_sample_value("driftwatch_state_store_condition",
+                                           {"condition": c})
+              for c in ("ok", "read_only", "full", "error")}
+    assert values == {"ok": 0.0, "read_only": 0.0, "full": 1.0, "error": 0.0}
