@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ class OfflineResult:
     revisions: tuple[OfflineRevision, ...] = ()
     model_tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     duration: float = 0.0
+    urls: dict[str, str] = field(default_factory=dict)  # the app's URLs: never shown
+
+    @property
+    def url(self) -> str:
+        """The default bind's URL (else the first one), '' when none."""
+        return self.urls.get("default") or next(iter(self.urls.values()), "")
 
 
 def probe_source() -> str:
@@ -76,6 +82,11 @@ def parse_offline(raw: bytes, secrets: list[str]) -> OfflineResult | None:
         return None
     if not isinstance(doc, dict) or doc.get("protocol") != PROTOCOL:
         return None
+    urls = doc.get("urls") if isinstance(doc.get("urls"), dict) else {}
+    urls = {str(k): str(v) for k, v in urls.items()}
+    # Passwords inside the app's URLs are masked in everything, SQL and errors included.
+    secrets = sorted(set(secrets) | set(secret_values({}, urls.values())), key=len,
+                     reverse=True)
     revisions = []
     for entry in doc.get("offline") or ():
         if not isinstance(entry, dict) or not entry.get("revision"):
@@ -92,7 +103,7 @@ def parse_offline(raw: bytes, secrets: list[str]) -> OfflineResult | None:
                     if isinstance(v, list)}
     error = scrub(str(doc.get("error") or ""), secrets)
     return OfflineResult(ok=not error, error=error, revisions=tuple(revisions),
-                         model_tables=model_tables)
+                         model_tables=model_tables, urls=urls)
 
 
 def run_offline(ctx: AppContext, current: list[str], heads: list[str], timeout: float,
@@ -114,5 +125,4 @@ def run_offline(ctx: AppContext, current: list[str], heads: list[str], timeout: 
                               duration=duration, secrets=secrets)
         return OfflineResult(ok=False, error=failed.error or "the probe's report is not usable",
                              duration=duration)
-    return OfflineResult(parsed.ok, parsed.error, parsed.revisions, parsed.model_tables,
-                         duration)
+    return replace(parsed, duration=duration)

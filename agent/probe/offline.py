@@ -94,6 +94,13 @@ def offline_report(request, report, gunicorn_app, ns):
     steps_out = []
     report["offline"] = steps_out
     with app.app_context():
+        try:  # the database the plan weighs the SQL against: the app's own URL
+            found, _ = ns["engines"](app)
+            report["urls"] = {("default" if k is None else str(k)): ns["render_url"](e.url)
+                              for k, e in found.items()}
+        except Exception:
+            uri = app.config.get("SQLALCHEMY_DATABASE_URI")
+            report["urls"] = {"default": str(uri)} if uri else {}
         report["model_tables"] = offline_model_tables(app, ns)
         config, _ = ns["migrations_config"](app, report)
         if config is None:

@@ -1,0 +1,169 @@
+"""The preflight plan of one unit: offline SQL + rules + live database -> risk per revision."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from agent.context import AppContext
+from agent.preflight.live import LiveState, Session, TableSize, read_live
+from agent.preflight.locks import sql_name
+from agent.preflight.probe import OfflineResult, run_offline
+from agent.preflight.risk import LEVELS, RevisionRisk, assess, describe_size, worst
+from agent.preflight.rules import analyze
+from agent.snapshot import UnitSnapshot
+from agent.sources.database import db_label
+
+POSTGRES_ONLY = ("the migration preflight is PostgreSQL-only: a {backend} database gets no "
+                 "lock analysis (metadata locks and ALGORITHM=INPLACE/INSTANT are not "
+                 "modelled)")
+LiveReader = Callable[[str, Iterable[str]], LiveState]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What upgrading one unit now would do to its database, revision by revision."""
+
+    unit: str
+    database: str = ""
+    current: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    revisions: tuple[RevisionRisk, ...] = ()
+    tables: tuple[TableSize, ...] = ()
+    sessions: tuple[Session, ...] = ()   # lockers on affected tables, then old transactions
+    error: str = ""                      # no plan could be made (probe failed, not PG, ...)
+    duration: float = 0.0
+
+    @property
+    def level(self) -> str:
+        """The worst revision's risk ('low' with nothing pending)."""
+        return worst([r.level for r in self.revisions])
+
+    def counts(self) -> dict[str, int]:
+        """Pending revisions per risk level (every level present)."""
+        return {level: sum(1 for r in self.revisions if r.level == level) for level in LEVELS}
+
+    @property
+    def critical(self) -> tuple[RevisionRisk, ...]:
+        return tuple(r for r in self.revisions if r.level == "critical")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit, "database": self.database, "current": list(self.current),
+            "heads": list(self.heads), "risk": self.level if self.revisions else "",
+            "counts": self.counts(), "error": self.error,
+            "revisions": [r.as_dict() for r in self.revisions],
+            "tables": [{"table": t.name, "exists": t.exists, "rows": t.rows,
+                        "total_bytes": t.total_bytes} for t in self.tables],
+            "sessions": [{"pid": s.pid, "kind": s.kind, "table": s.table,
+                          "mode": s.mode, "granted": s.granted, "state": s.state,
+                          "transaction_seconds": s.transaction_seconds,
+                          "application": s.application} for s in self.sessions],
+            "duration_seconds": self.duration,
+        }
+
+
+def backend_of(url: str) -> str:
+    """'postgresql', 'mysql', ... ('' when the URL cannot be read)."""
+    try:
+        return make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):
+        return ""
+
+
+def affected_tables(analyses: Iterable[Any]) -> list[str]:
+    """Every existing table a statement locks or a rule names."""
+    names: set[str] = set()
+    for analysis in analyses:
+        for stmt in analysis.statements:
+            names.update(lk.table for lk in stmt.locks if lk.table)
+        names.update(h.table for h in analysis.hazards if h.table and
+                     h.rule != "require-concurrent-index-deletion")  # that one names an index
+    return sorted(names)
+
+
+def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
+             offline: OfflineResult, reader: LiveReader = read_live) -> Plan:
+    """Rules on each revision's SQL, the live database read once, risk per revision."""
+    database = db_label(offline.url) if offline.url else ""
+    base = Plan(unit, database, current, heads, duration=offline.duration)
+    if not offline.ok:
+        return Plan(**{**base.__dict__, "error": offline.error or "the offline probe failed"})
+    backend = backend_of(offline.url)
+    if backend and backend != "postgresql":
+        return Plan(**{**base.__dict__, "error": POSTGRES_ONLY.format(backend=backend)})
+    analyses = [analyze(r.sql) for r in offline.revisions]
+    live = reader(offline.url, affected_tables(analyses)) if offline.url else \
+        LiveState(error="the app has no database URL")
+    risks = tuple(assess(r.revision, a, live, offline.model_tables, doc=r.doc,
+                         sql_error=r.error, ops=r.ops)
+                  for r, a in zip(offline.revisions, analyses))
+    lockers = {s.pid for s in live.lockers}
+    sessions = live.lockers + tuple(s for s in live.old_transactions if s.pid not in lockers)
+    return Plan(unit, database, current, heads, risks, live.tables, sessions, "",
+                offline.duration)
+
+
+def make_plan(snapshot: UnitSnapshot, ctx: AppContext, timeout: float,
+              reader: LiveReader = read_live, allow_root: bool = False) -> Plan:
+    """The plan for a unit whose inspection found pending revisions (else an empty plan)."""
+    started = time.monotonic()
+    m = snapshot.migrations
+    if m is None:
+        return Plan(snapshot.unit, snapshot.database or "",
+                    error="the migration state is unknown (see agentctl check)")
+    if not m.pending:
+        return Plan(snapshot.unit, snapshot.database or "", tuple(m.current), tuple(m.heads))
+    offline = run_offline(ctx, list(m.current), list(m.heads), timeout, allow_root)
+    plan = assemble(snapshot.unit, tuple(m.current), tuple(m.heads), offline, reader)
+    return Plan(**{**plan.__dict__, "duration": round(time.monotonic() - started, 3)})
+
+
+def render_revision(n: int, r: RevisionRisk, verbose: bool = True) -> list[str]:
+    """The lines of one revision in the text plan."""
+    title = f"  {n}. {r.revision}  [{r.level}]" + (f"  {r.doc}" if r.doc and r.doc !=
+                                                     r.revision else "")
+    lines = [title, f"       why:    {r.reason}"]
+    if r.rules:
+        lines.append(f"       rules:  {', '.join(r.rules)}")
+    if r.safer:
+        lines.append(f"       safer:  {r.safer}")
+    if not r.sql_available:
+        lines.append("       sql:    not available offline (the SQL before the failure is "
+                     "analysed)")
+    if verbose:
+        for stmt in r.statements:
+            locks = ", ".join(f"{sql_name(lk.mode)} on {lk.table}" +
+                              (f" ({lk.effect})" if lk.effect != "brief" else "")
+                              for lk in stmt.locks) or "no lock on an existing table"
+            lines.append(f"       lock:   {locks}  <- {stmt.sql}")
+    return lines
+
+
+def render(plan: Plan, verbose: bool = True) -> str:
+    """The text plan agentctl plan and agentctl upgrade show."""
+    where = f" ({plan.database})" if plan.database else ""
+    if plan.error:
+        return f"Migration preflight for {plan.unit}{where}: {plan.error}\n"
+    if not plan.revisions:
+        return f"Migration preflight for {plan.unit}{where}: nothing pending.\n"
+    current = ", ".join(plan.current) or "(empty)"
+    lines = [f"Migration preflight for {plan.unit}{where}: at {current}, head "
+             f"{', '.join(plan.heads)}, {len(plan.revisions)} pending, each rendered offline "
+             "and weighed against the live database:"]
+    for n, r in enumerate(plan.revisions, 1):
+        lines += render_revision(n, r, verbose)
+    touched = [t for t in plan.tables if t.exists]
+    if touched:
+        lines.append("  tables: " + "; ".join(f"{t.name} {describe_size(t)}" for t in touched))
+    for s in plan.sessions[:10]:
+        on = f" on {s.table}" if s.table else ""
+        lines.append(f"  session: {s.describe()}{on}")
+    counts = plan.counts()
+    lines.append(f"  risk: {plan.level} ({', '.join(f'{counts[k]} {k}' for k in reversed(LEVELS))})")
+    return "\n".join(lines) + "\n"
