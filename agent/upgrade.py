@@ -10,6 +10,9 @@ from typing import TextIO
 from agent.context import AppContext
 from agent.errors import DriftwatchError
 from agent.inspection import inspect_unit
+from agent.preflight.command import Preflight
+from agent.preflight.command import refusal as preflight_refusal
+from agent.preflight.plan import render as render_preflight
 from agent.snapshot import UnitSnapshot
 from agent.sources.systemd import SystemdSource
 from agent.unitexec import (
@@ -126,6 +129,7 @@ class UpgradeOptions:
     restart: bool = False
     assume_yes: bool = False
     restart_timeout: float = 60.0
+    accept_risk: bool = False  # go on even when the preflight rates a revision critical
 
 
 Inspect = Callable[[str], UnitSnapshot]
@@ -137,10 +141,11 @@ class Upgrader:
 
     def __init__(self, options: UpgradeOptions, systemd: SystemdSource, inspect: Inspect,
                  confirm: Confirm | None, out: TextIO, euid: int,
-                 resolve: Resolver | None = None) -> None:
+                 resolve: Resolver | None = None, preflight: Preflight | None = None) -> None:
         self.options, self.systemd, self.inspect = options, systemd, inspect
         self.confirm, self.out, self.euid = confirm, out, euid
         self.resolve = resolve  # gunicorn's config resolution (None: the real one)
+        self.preflight = preflight  # agentctl plan's preflight (None: not shown)
 
     def run(self) -> int:
         """check -> plan -> confirm -> flask db upgrade -> verify -> restart."""
@@ -156,6 +161,7 @@ class Upgrader:
                 self._restart(unit.main_pid)
             return EXIT_OK
         self.out.write(render_plan(unit, decision, self.options.restart))
+        self._preflight(unit)
         self._confirm(unit.unit)
         self._flask_upgrade(unit)
         after = self.inspect(self.options.unit)
@@ -169,6 +175,16 @@ class Upgrader:
         if self.options.restart:
             self._restart(after.main_pid or unit.main_pid)
         return EXIT_OK
+
+    def _preflight(self, unit: UnitSnapshot) -> None:
+        """Show what each pending revision locks; refuse a critical one unless accepted."""
+        if self.preflight is None:
+            return
+        plan = self.preflight(unit)
+        self.out.write(render_preflight(plan, verbose=False))
+        reason = preflight_refusal(plan, self.options.accept_risk)
+        if reason:
+            raise UpgradeError(reason, EXIT_PROBLEMS)
 
     def _confirm(self, name: str) -> None:
         if self.options.assume_yes:

@@ -10,8 +10,11 @@ all, one revision at a time. :func:`fill_items` puts N rows into ``items`` in se
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from tests.harness.apps import AppSpec, Revision
+from agent.context import AppContext, ContextInputs, build_context
+from agent.model import ExecCommand, UnitProperties
+from tests.harness.apps import APP_USER, AppDir, AppSpec, Revision
 from tests.harness.postgres import PgDatabase
 
 MODELS = '''"""Models of the preflight test app."""
@@ -136,3 +139,17 @@ def fill_items(db: PgDatabase, rows: int) -> None:
                "SELECT g, NULL, 'user' || g || '@example.org', 'name ' || g, 'note' "
                f"FROM generate_series(1, {int(rows)}) AS g")
     db.execute("ANALYZE items")
+
+
+def unit_context(app: AppDir, venv: Path, env: dict[str, str], user: str = APP_USER,
+                 app_spec: str = "wsgi:app") -> AppContext:
+    """The context of a gunicorn.service running app from venv as user (no systemd)."""
+    gunicorn = f"{venv}/bin/gunicorn"
+    props = UnitProperties(
+        name="gunicorn.service", load_state="loaded", active_state="active",
+        sub_state="running", working_directory=str(app.root),
+        environment=tuple(f"{k}={v}" for k, v in env.items()),
+        exec_start=(ExecCommand(gunicorn, (gunicorn, "--workers", "2", "--bind",
+                                           "127.0.0.1:8000", app_spec)),),
+        user=user, group=user)
+    return build_context(props, ContextInputs(venvs={str(venv): True}))
