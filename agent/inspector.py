@@ -16,6 +16,7 @@ from agent.checks.unit import UnitFacts, check_working_directory
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
+from agent.preflight.watch import PreflightWatch
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -103,6 +104,10 @@ class Inspector:
         self._journal_totals: dict[str, dict[str, int]] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
+        # The migration preflight (agentctl plan) while revisions are pending; not with a
+        # stand-in probe (unit tests), whose contexts cannot run the offline probe.
+        self.preflight = PreflightWatch(settings.probe_timeout_seconds) \
+            if probe is run_probe else None
 
     # -- public ------------------------------------------------------------------------
     def __call__(self, units: Sequence[str] | None = None) -> Snapshot:
@@ -132,6 +137,8 @@ class Inspector:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+        if self.preflight is not None:
+            self.preflight.invalidate(unit)
 
     def close(self) -> None:
         """Release the D-Bus connection and the state store."""
@@ -195,6 +202,7 @@ class Inspector:
         probe_finding = probe.finding()
         if inspection is not None:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
+            self._preflight_check(unit, report, timer, fields, findings)
         # The agent's own database check already says "unreachable" more precisely.
         if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
             findings.append(probe_finding)
@@ -229,6 +237,21 @@ class Inspector:
                 res["error"] = result.error
             return result
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
+
+    def _preflight_check(self, unit: str, report: UnitReport, timer: _Timer,
+                         fields: dict[str, Any], findings: list[Finding]) -> None:
+        """What the pending revisions would lock (agent/preflight/watch.py); its problems
+        show in the summary's error, never as a failed check."""
+        if self.preflight is None:
+            return
+        with timer.check("preflight"):
+            memo = self._probe_memo.get(unit)
+            summary, finding = self.preflight.check(
+                unit, report.context, fields.get("migrations"),
+                memo.code_fingerprint if memo else "")
+            fields["preflight"] = summary
+            if finding is not None:
+                findings.append(finding)
 
     def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
                         findings: list[Finding]) -> database.DatabaseInspection | None:
