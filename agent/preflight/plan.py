@@ -82,8 +82,7 @@ def affected_tables(analyses: Iterable[Any]) -> list[str]:
     for analysis in analyses:
         for stmt in analysis.statements:
             names.update(lk.table for lk in stmt.locks if lk.table)
-        names.update(h.table for h in analysis.hazards if h.table and
-                     h.rule != "require-concurrent-index-deletion")  # that one names an index
+        names.update(h.table for h in analysis.hazards if h.table)
     return sorted(names)
 
 

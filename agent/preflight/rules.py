@@ -138,7 +138,7 @@ MESSAGES = {
     "ban-concurrent-index-creation-in-transaction":
         "CREATE INDEX CONCURRENTLY inside a transaction block fails (PostgreSQL refuses it)",
     "require-concurrent-index-deletion":
-        "DROP INDEX without CONCURRENTLY takes ACCESS EXCLUSIVE on the table of {t}",
+        "DROP INDEX {t} without CONCURRENTLY takes ACCESS EXCLUSIVE on its table",
     "adding-foreign-key-constraint":
         "a foreign key without NOT VALID holds SHARE ROW EXCLUSIVE on {t} and the table it "
         "references (blocks writes) while every row of {t} is checked",
@@ -396,9 +396,14 @@ class _Reader:
             if stmt.removeType == OT.OBJECT_TABLE:
                 self.hazard("ban-drop-table", index, name, breaks_old_code=True)
                 locks.append(Lock(name, ACCESS_EXCLUSIVE))
-            elif stmt.removeType == OT.OBJECT_INDEX and not stmt.concurrent:
-                # The lock is on the index's table, whose name the SQL does not say.
-                self.hazard("require-concurrent-index-deletion", index, name)
+            elif stmt.removeType == OT.OBJECT_INDEX:
+                # The table's name is not in the SQL; every query on the table also locks its
+                # indexes (the planner opens them), so the index's own locks show who waits.
+                if stmt.concurrent:
+                    locks.append(Lock(name, SHARE_UPDATE_EXCLUSIVE))
+                else:
+                    self.hazard("require-concurrent-index-deletion", index, name)
+                    locks.append(Lock(name, ACCESS_EXCLUSIVE))
         return locks
 
 

@@ -126,9 +126,11 @@ def test_risk_rises_with_a_blocker_present(
     # A nullable ADD COLUMN takes ACCESS EXCLUSIVE only for a moment; a CONCURRENTLY
     # index build only SHARE UPDATE EXCLUSIVE. Both low on a small table with nobody around.
     add_column = ("s_add_col", "op.add_column('items', sa.Column('remark', sa.Text()))")
+    drop_index = next((rev, body) for rev, _, body in UNSAFE if rev == "u_drop_index")
     cic = next((rev, body) for rev, _, body in SAFE if rev == "s_index")
-    offline = offline_for(make_app, flask_venv, pg_database, [add_column, cic])
+    offline = offline_for(make_app, flask_venv, pg_database, [add_column, drop_index, cic])
     fill_items(pg_database, 1000)
+    pg_database.execute("CREATE INDEX ix_items_email ON items (email)")
     quiet = by_revision(plan_of(offline, "s_index"))
     assert quiet["s_add_col"].level == "low" and quiet["s_index"].level == "low"  # type: ignore
     with blocker(pg_database) as pid:
@@ -138,6 +140,9 @@ def test_risk_rises_with_a_blocker_present(
         assert add.level == "critical", add.reason  # type: ignore[attr-defined]
         assert f"queue behind pid {pid} (idle in transaction" in add.reason  # type: ignore
         assert "reads and writes of items queue behind it" in add.reason  # type: ignore
+        # The reader's query locked the index too (the planner opens every index).
+        drop = busy["u_drop_index"]
+        assert drop.level == "critical" and f"pid {pid}" in drop.reason  # type: ignore
         # SHARE UPDATE EXCLUSIVE does not conflict with the reader's ACCESS SHARE.
         assert busy["s_index"].level == "low", busy["s_index"].reason  # type: ignore
         assert any(s.pid == pid and s.table == "items" and s.mode == "AccessShareLock"
