@@ -52,11 +52,9 @@ def refusal(plan: Plan, accept_risk: bool) -> str:
     critical = plan.critical
     if not critical or accept_risk:
         return ""
-    first = critical[0]
-    return (f"refusing to upgrade {plan.unit}: {len(critical)} pending revision(s) are "
-            f"critical ({', '.join(r.revision for r in critical)}); {first.revision}: "
-            f"{first.reason}. Fix the migration (safer: {first.safer or 'see agentctl plan'}),"
-            f" or pass --accept-risk")
+    return (f"refusing to upgrade {plan.unit}: {len(critical)} pending revision(s) rated "
+            f"critical by the preflight ({', '.join(r.revision for r in critical)}), see "
+            "above; fix them (or what they would queue behind), or pass --accept-risk")
 
 
 Preflight = Callable[[UnitSnapshot], Plan]

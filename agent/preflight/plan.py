@@ -133,9 +133,11 @@ def render_revision(n: int, r: RevisionRisk, verbose: bool = True) -> list[str]:
     if r.safer:
         lines.append(f"       safer:  {r.safer}")
     if not r.sql_available:
-        lines.append("       sql:    not available offline (the SQL before the failure is "
-                     "analysed)")
+        lines.append(f"       sql:    not available offline: {r.sql_error} (the SQL before "
+                     "the failure is analysed)")
     if verbose:
+        lines += [f"       also:   [{i.level}] {i.reason}" for i in r.items[1:]
+                  if i.level != "low"]
         for stmt in r.statements:
             locks = ", ".join(f"{sql_name(lk.mode)} on {lk.table}" +
                               (f" ({lk.effect})" if lk.effect != "brief" else "")

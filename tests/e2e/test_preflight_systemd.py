@@ -57,8 +57,8 @@ def test_plan_status_and_upgrade_refusal(site: SiteFactory) -> None:
     refused = s.agentctl("upgrade", "gunicorn", "--yes")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "2. u_drop_col  [critical]" in refused.stdout  # the preflight, before confirming
-    assert "refusing to upgrade gunicorn.service: 1 pending revision(s) are critical " \
-           "(u_drop_col)" in refused.stderr
+    assert "refusing to upgrade gunicorn.service: 1 pending revision(s) rated critical by " \
+           "the preflight (u_drop_col)" in refused.stderr
     assert "--accept-risk" in refused.stderr
     assert s.db.alembic_versions() == ["p1"]  # nothing ran
 

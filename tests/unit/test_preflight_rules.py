@@ -195,8 +195,9 @@ def test_refusal_and_exit_codes() -> None:
     plan = assemble("gunicorn.service", ("r1",), ("r2",), offline(sql), reader_for(ITEMS_BIG))
     assert plan.level == "critical" and plan_exit_code(plan) == 1
     reason = refusal(plan, accept_risk=False)
-    assert reason.startswith("refusing to upgrade gunicorn.service: 1 pending revision(s) are "
-                             "critical (r2); r2: CREATE INDEX without CONCURRENTLY")
+    assert reason == ("refusing to upgrade gunicorn.service: 1 pending revision(s) rated "
+                      "critical by the preflight (r2), see above; fix them (or what they "
+                      "would queue behind), or pass --accept-risk")
     assert "--accept-risk" in reason and refusal(plan, accept_risk=True) == ""
     text = render(plan)
     assert "1. r2  [critical]  doc" in text and "risk: critical (1 critical, 0 high, 0 low)" in text

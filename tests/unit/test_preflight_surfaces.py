@@ -61,8 +61,8 @@ def test_upgrade_shows_the_preflight_and_refuses_a_critical_revision() -> None:
     out, upgraded = run_upgrade(CRITICAL)
     text = out.getvalue()
     assert text.index("Upgrade plan for gunicorn.service") < text.index("2. r3  [critical]")
-    assert "ERROR 1: refusing to upgrade gunicorn.service: 1 pending revision(s) are " \
-           "critical (r3)" in text and "--accept-risk" in text
+    assert "ERROR 1: refusing to upgrade gunicorn.service: 1 pending revision(s) rated " \
+           "critical by the preflight (r3)" in text and "--accept-risk" in text
     assert upgraded == []
 
 
