@@ -136,8 +136,9 @@ def render_revision(n: int, r: RevisionRisk, verbose: bool = True) -> list[str]:
         lines.append(f"       sql:    not available offline: {r.sql_error} (the SQL before "
                      "the failure is analysed)")
     if verbose:
+        # The offline error is on the sql: line already.
         lines += [f"       also:   [{i.level}] {i.reason}" for i in r.items[1:]
-                  if i.level != "low"]
+                  if i.level != "low" and not i.reason.startswith("no offline SQL")]
         for stmt in r.statements:
             locks = ", ".join(f"{sql_name(lk.mode)} on {lk.table}" +
                               (f" ({lk.effect})" if lk.effect != "brief" else "")
