@@ -134,8 +134,8 @@ def _queue_items(stmt: Statement, live: LiveState) -> list[Item]:
                 "critical", f"{stmt.kind} needs {sql_name(lock.mode)} on {lock.table} and would "
                 f"queue behind {first.describe()}{more}; while it waits, {blocks(lock.mode)} "
                 f"of {lock.table} queue behind it",
-                "end or wait out that session first, and run the upgrade with lock_timeout "
-                "(agentctl upgrade does) so a queued lock gives up instead of blocking",
+                "end or wait out that session first, and run the upgrade with a lock_timeout "
+                "so a queued lock gives up instead of blocking",
                 table=lock.table))
         else:
             items.append(Item(
