@@ -14,7 +14,14 @@ from agent.context import AppContext
 from agent.preflight.live import LiveState, Session, TableSize, read_live
 from agent.preflight.locks import sql_name
 from agent.preflight.probe import OfflineResult, run_offline
-from agent.preflight.risk import LEVELS, RevisionRisk, assess, describe_size, worst
+from agent.preflight.risk import (
+    LEVELS,
+    RevisionRisk,
+    across_revisions,
+    assess,
+    describe_size,
+    worst,
+)
 from agent.preflight.rules import analyze
 from agent.snapshot import UnitSnapshot
 from agent.sources.database import db_label
@@ -38,6 +45,7 @@ class Plan:
     sessions: tuple[Session, ...] = ()   # lockers on affected tables, then old transactions
     error: str = ""                      # no plan could be made (probe failed, not PG, ...)
     duration: float = 0.0
+    transaction_per_migration: bool = False  # else one transaction for the whole upgrade
 
     @property
     def level(self) -> str:
@@ -56,6 +64,7 @@ class Plan:
         return {
             "unit": self.unit, "database": self.database, "current": list(self.current),
             "heads": list(self.heads), "risk": self.level if self.revisions else "",
+            "transaction_per_migration": self.transaction_per_migration,
             "counts": self.counts(), "error": self.error,
             "revisions": [r.as_dict() for r in self.revisions],
             "tables": [{"table": t.name, "exists": t.exists, "rows": t.rows,
@@ -99,13 +108,16 @@ def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
     analyses = [analyze(r.sql) for r in offline.revisions]
     live = reader(offline.url, affected_tables(analyses)) if offline.url else \
         LiveState(error="the app has no database URL")
+    names = [r.revision for r in offline.revisions]
+    inherited = [[] for _ in analyses] if offline.transaction_per_migration else \
+        across_revisions(analyses, names, live)
     risks = tuple(assess(r.revision, a, live, offline.model_tables, doc=r.doc,
-                         sql_error=r.error, ops=r.ops)
-                  for r, a in zip(offline.revisions, analyses))
+                         sql_error=r.error, ops=r.ops, inherited=tuple(extra))
+                  for r, a, extra in zip(offline.revisions, analyses, inherited))
     lockers = {s.pid for s in live.lockers}
     sessions = live.lockers + tuple(s for s in live.old_transactions if s.pid not in lockers)
     return Plan(unit, database, current, heads, risks, live.tables, sessions, "",
-                offline.duration)
+                offline.duration, offline.transaction_per_migration)
 
 
 def make_plan(snapshot: UnitSnapshot, ctx: AppContext, timeout: float,
@@ -155,9 +167,11 @@ def render(plan: Plan, verbose: bool = True) -> str:
     if not plan.revisions:
         return f"Migration preflight for {plan.unit}{where}: nothing pending.\n"
     current = ", ".join(plan.current) or "(empty)"
+    scope = "a transaction per revision" if plan.transaction_per_migration else \
+        "one transaction for all of them: no transaction_per_migration"
     lines = [f"Migration preflight for {plan.unit}{where}: at {current}, head "
              f"{', '.join(plan.heads)}, {len(plan.revisions)} pending, each rendered offline "
-             "and weighed against the live database:"]
+             f"and weighed against the live database ({scope}):"]
     for n, r in enumerate(plan.revisions, 1):
         lines += render_revision(n, r, verbose)
     touched = [t for t in plan.tables if t.exists]

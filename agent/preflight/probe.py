@@ -53,6 +53,9 @@ class OfflineResult:
     model_tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     duration: float = 0.0
     urls: dict[str, str] = field(default_factory=dict)  # the app's URLs: never shown
+    # False (Alembic's default): `upgrade` runs every pending revision in ONE transaction,
+    # so a lock taken by one revision lasts through all later ones.
+    transaction_per_migration: bool = False
 
     @property
     def url(self) -> str:
@@ -103,7 +106,8 @@ def parse_offline(raw: bytes, secrets: list[str]) -> OfflineResult | None:
                     if isinstance(v, list)}
     error = scrub(str(doc.get("error") or ""), secrets)
     return OfflineResult(ok=not error, error=error, revisions=tuple(revisions),
-                         model_tables=model_tables, urls=urls)
+                         model_tables=model_tables, urls=urls,
+                         transaction_per_migration=doc.get("transaction_per_migration") is True)
 
 
 def run_offline(ctx: AppContext, current: list[str], heads: list[str], timeout: float,

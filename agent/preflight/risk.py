@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.preflight.live import LiveState, Session, TableSize
-from agent.preflight.locks import blocks, blocks_traffic, conflicts, sql_name
+from agent.preflight.locks import blocks, blocks_traffic, conflicts, sql_name, stronger
 from agent.preflight.rules import BRIEF, DATA, Analysis, Hazard, Statement
 
 LEVELS = ("low", "high", "critical")
@@ -163,6 +163,56 @@ def _lock_items(stmt: Statement, live: LiveState) -> list[Item]:
     return items
 
 
+def held_through(earlier: Statement, later: Statement, live: LiveState,
+                 where: str = "earlier in the same transaction",
+                 safer: str = "split the revision: the long statement in a revision (or "
+                              "autocommit_block) of its own") -> list[Item]:
+    """A lock taken by earlier is held until COMMIT: through later's scan, rewrite or index
+    build, whatever table that one works on (unless later's own lock already says as much)."""
+    items = []
+    for long in (lk for lk in later.locks if lk.effect not in (BRIEF, DATA)):
+        for lock in earlier.locks:
+            if not blocks_traffic(lock.mode) or (
+                    lock.table == long.table and stronger(lock.mode, long.mode) == long.mode):
+                continue
+            size = live.table(long.table)
+            items.append(Item(
+                size_level(size), f"{sql_name(lock.mode)} on {lock.table}, taken by "
+                f"{earlier.kind} {where}, is held until COMMIT, through the {long.effect} of "
+                f"{long.table} ({describe_size(size)}): {blocks(lock.mode)} of {lock.table} "
+                "wait as long", safer, table=lock.table))
+    return items
+
+
+def _held_items(statements: tuple[Statement, ...], live: LiveState) -> list[Item]:
+    """held_through for every pair of statements of one transaction of a revision."""
+    items = []
+    for n, stmt in enumerate(statements):
+        if stmt.transaction:
+            for later in statements[n + 1:]:
+                if later.transaction == stmt.transaction:
+                    items += held_through(stmt, later, live)
+    return items
+
+
+def across_revisions(analyses: list[Analysis], names: list[str],
+                     live: LiveState) -> list[list[Item]]:
+    """Without transaction_per_migration `upgrade` runs every pending revision in one
+    transaction: a lock from an earlier revision lasts through a later one's long statement.
+    Items per revision (attributed to the later one)."""
+    out: list[list[Item]] = [[] for _ in analyses]
+    for j, later_analysis in enumerate(analyses):
+        for later in (s for s in later_analysis.statements if s.in_transaction):
+            for i in range(j):
+                for earlier in (s for s in analyses[i].statements if s.in_transaction):
+                    out[j] += held_through(
+                        earlier, later, live, where=f"in revision {names[i]}",
+                        safer="transaction_per_migration=True (Migrate(app, db, "
+                              "transaction_per_migration=True) or in env.py), so each "
+                              "revision commits before the next starts")
+    return out
+
+
 def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
                  model_tables: dict[str, tuple[str, ...]]) -> Item:
     """The level of one fired rule: from its lock and the table, or from what it breaks."""
@@ -193,7 +243,8 @@ def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
 
 def assess(revision: str, analysis: Analysis, live: LiveState,
            model_tables: dict[str, tuple[str, ...]], *, doc: str = "",
-           sql_error: str = "", ops: tuple[str, ...] = ()) -> RevisionRisk:
+           sql_error: str = "", ops: tuple[str, ...] = (),
+           inherited: tuple[Item, ...] = ()) -> RevisionRisk:
     """One revision's risk: every item, the worst level, its reason and safer form."""
     items: list[Item] = []
     by_index = {s.index: s for s in analysis.statements}
@@ -205,6 +256,8 @@ def assess(revision: str, analysis: Analysis, live: LiveState,
                    if h.statement == stmt.index}
         items += [i for i in _lock_items(stmt, live)
                   if i.table.rsplit(".", 1)[-1] not in covered]
+    items += _held_items(analysis.statements, live)
+    items += inherited
     if sql_error:
         known = f"known: op.{', op.'.join(ops)}" if ops else "nothing else is known"
         items.append(Item("high", f"no offline SQL: {sql_error}; a data migration that "

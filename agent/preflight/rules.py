@@ -74,6 +74,7 @@ class Statement:
     kind: str
     locks: tuple[Lock, ...] = ()
     in_transaction: bool = False
+    transaction: int = 0    # which BEGIN..COMMIT block (0 = none): locks last until its end
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class _Reader:
     def __init__(self, version_tables: frozenset[str]) -> None:
         self.version_tables = version_tables
         self.in_tx = False
+        self.tx = 0
         self.created: list[str] = []
         self.statements: list[Statement] = []
         self.hazards: list[Hazard] = []
@@ -233,6 +235,7 @@ class _Reader:
         if isinstance(stmt, ast.TransactionStmt):
             if stmt.kind in (TK.TRANS_STMT_BEGIN, TK.TRANS_STMT_START):
                 self.in_tx = True
+                self.tx += 1
             elif stmt.kind in (TK.TRANS_STMT_COMMIT, TK.TRANS_STMT_ROLLBACK,
                                TK.TRANS_STMT_PREPARE):
                 self.in_tx = False
@@ -274,7 +277,8 @@ class _Reader:
                for lk in locks):
             return
         locks = [lk for lk in locks if lk.table and not self.new(lk.table)]
-        self.statements.append(Statement(index, _short(sql), kind, tuple(locks), self.in_tx))
+        self.statements.append(Statement(index, _short(sql), kind, tuple(locks), self.in_tx,
+                                         self.tx if self.in_tx else 0))
 
     def index(self, index: int, stmt: Any) -> list[Lock]:
         table = relname(stmt.relation)

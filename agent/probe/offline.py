@@ -73,17 +73,31 @@ def offline_model_tables(app, ns):
     return out
 
 
-def offline_sql_for(config, down, revision):
-    """(sql text, error text) for one revision rendered offline by Alembic's own command."""
+def offline_sql_for(config, down, revision, seen):
+    """(sql text, error) for one revision rendered offline by Alembic's own command; the
+    options env.py configured go into seen (transaction_per_migration decides how long a
+    lock lasts: to the revision's COMMIT, or to the end of the whole upgrade)."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
     buffer = io.StringIO()
     config.output_buffer = buffer
     target = "%s:%s" % (down, revision) if down else revision
     error = ""
+    original = MigrationContext.__dict__["configure"]
+
+    def configure(cls, *args, **kwargs):
+        context = original.__func__(cls, *args, **kwargs)
+        opts = getattr(context, "opts", {}) or {}
+        seen["transaction_per_migration"] = bool(opts.get("transaction_per_migration")) or \
+            seen.get("transaction_per_migration", False)
+        return context
+    MigrationContext.configure = classmethod(configure)
     try:
         command.upgrade(config, target, sql=True)
     except BaseException as exc:  # noqa: B036 - SystemExit from env.py is a failure too
         error = exc
+    finally:
+        MigrationContext.configure = original
     return buffer.getvalue()[:OFFLINE_MAX_SQL], error
 
 
@@ -102,7 +116,7 @@ def offline_report(request, report, gunicorn_app, ns):
             uri = app.config.get("SQLALCHEMY_DATABASE_URI")
             report["urls"] = {"default": str(uri)} if uri else {}
         report["model_tables"] = offline_model_tables(app, ns)
-        config, _ = ns["migrations_config"](app, report)
+        config, configure_args = ns["migrations_config"](app, report)
         if config is None:
             raise ns["ProbeError"]("migrations", "no migrations directory or alembic.ini found")
         from alembic.script import ScriptDirectory
@@ -110,11 +124,16 @@ def offline_report(request, report, gunicorn_app, ns):
         steps = offline_pending_steps(script_dir, request.get("current") or [],
                                       request.get("heads") or [])
         roots = [os.path.dirname(path) for _, _, _, path in steps]
+        # Flask-Migrate passes Migrate(..., transaction_per_migration=...) to the online
+        # configure only; env.py's offline branch may set it itself.
+        seen = {"transaction_per_migration":
+                bool((configure_args or {}).get("transaction_per_migration"))}
         for down, revision, doc, path in steps:
-            sql, error = offline_sql_for(config, down, revision)
+            sql, error = offline_sql_for(config, down, revision, seen)
             entry = {"revision": revision, "down_revision": down or "", "doc": doc,
                      "sql": sql, "error": "", "ops": []}
             if error:
                 entry["error"] = ns["one_line"](error) + ns["where"](error, roots)
                 entry["ops"] = offline_ops(path)
             steps_out.append(entry)
+        report["transaction_per_migration"] = seen["transaction_per_migration"]

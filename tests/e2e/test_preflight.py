@@ -34,9 +34,9 @@ MILLION = 1_000_000
 
 
 def offline_for(make_app: Callable[..., AppDir], venv: Path, db: PgDatabase,
-                steps: list[tuple[str, str]]) -> OfflineResult:
+                steps: list[tuple[str, str]], per_migration: bool = False) -> OfflineResult:
     """Write the app, upgrade the database to p1, render every pending revision offline."""
-    app = make_app(preflight_spec(steps))
+    app = make_app(preflight_spec(steps, per_migration))
     db_upgrade(app, venv, db.url, "p1")
     ctx = unit_context(app, venv, {"DATABASE_URL": db.url})
     result = run_offline(ctx, ["p1"], [steps[-1][0]], TIMEOUT)
@@ -96,7 +96,8 @@ def test_each_rule_fires_on_the_migration_that_breaks_it(
 def test_safe_forms_stay_quiet_on_a_million_rows(
         make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
     offline = offline_for(make_app, flask_venv, pg_database,
-                          [(rev, body) for rev, _, body in SAFE])
+                          [(rev, body) for rev, _, body in SAFE], per_migration=True)
+    assert offline.transaction_per_migration
     fill_items(pg_database, MILLION)
     plan = plan_of(offline, SAFE[-1][0])
     for risk in plan.revisions:
@@ -107,6 +108,20 @@ def test_safe_forms_stay_quiet_on_a_million_rows(
     cic = by_revision(plan)["s_index"]
     assert [(s.kind, s.in_transaction) for s in cic.statements] == [  # type: ignore
         ("CREATE INDEX CONCURRENTLY", False)]
+
+
+def test_not_valid_then_validate_in_one_upgrade_transaction_is_named(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    pair = [(rev, body) for rev, _, body in SAFE if rev in ("s_fk", "s_fk_validate")]
+    offline = offline_for(make_app, flask_venv, pg_database, pair)
+    assert not offline.transaction_per_migration  # Flask-Migrate's default
+    fill_items(pg_database, MILLION)
+    risks = by_revision(plan_of(offline, "s_fk_validate"))
+    validate = risks["s_fk_validate"]
+    assert validate.rules == () and validate.level == "critical"  # type: ignore[attr-defined]
+    assert "SHARE ROW EXCLUSIVE on items, taken by ALTER TABLE in revision s_fk, is held " \
+           "until COMMIT, through the scan of items (1,000,000 rows" in validate.reason  # type: ignore
+    assert "transaction_per_migration=True" in validate.safer  # type: ignore[attr-defined]
 
 
 def test_risk_rises_with_the_table_size(

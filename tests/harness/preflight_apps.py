@@ -75,7 +75,8 @@ UNSAFE: tuple[tuple[str, str, str], ...] = (
     ("u_rename_table", "renaming-table", "op.rename_table('orgs', 'organisations')"),
 )
 
-#: (revision id, the rule whose safe form it is, upgrade body): no rule may fire
+#: (revision id, the rule whose safe form it is, upgrade body): no rule may fire. NOT VALID
+#: and its VALIDATE are apart only with transaction_per_migration (preflight_spec's flag).
 SAFE: tuple[tuple[str, str, str], ...] = (
     ("s_index", "require-concurrent-index-creation",
      AUTOCOMMIT + "op.create_index('ix_items_email', 'items', ['email'], "
@@ -92,7 +93,9 @@ SAFE: tuple[tuple[str, str, str], ...] = (
      "op.add_column('items', sa.Column('name_text', sa.Text()))"),
     ("s_notnull", "adding-not-nullable-field",
      "op.execute('ALTER TABLE items ADD CONSTRAINT ck_note_nn CHECK (note IS NOT NULL) "
-     "NOT VALID')\nop.execute('ALTER TABLE items VALIDATE CONSTRAINT ck_note_nn')"),
+     "NOT VALID')"),
+    ("s_notnull_validate", "adding-not-nullable-field",
+     "op.execute('ALTER TABLE items VALIDATE CONSTRAINT ck_note_nn')"),
     ("s_default", "adding-field-with-default",
      "op.add_column('items', sa.Column('token', sa.String(36), server_default='none'))"),
     ("s_required", "adding-required-field",
@@ -128,9 +131,15 @@ def chain(steps: Sequence[tuple[str, str]], base: Revision = BASE) -> tuple[Revi
     return tuple(revisions)
 
 
-def preflight_spec(steps: Sequence[tuple[str, str]]) -> AppSpec:
-    """An app whose models map orgs and items, with base p1 and the given revisions."""
-    return AppSpec(models_at=0, models_source=MODELS, revisions=chain(steps))
+# Migrate(app, db, transaction_per_migration=True), set after init_app (create_app's hook).
+PER_MIGRATION = "app.extensions['migrate'].configure_args['transaction_per_migration'] = True"
+
+
+def preflight_spec(steps: Sequence[tuple[str, str]], per_migration: bool = False) -> AppSpec:
+    """An app whose models map orgs and items, with base p1 and the given revisions; with
+    per_migration, `flask db upgrade` commits after each revision."""
+    return AppSpec(models_at=0, models_source=MODELS, revisions=chain(steps),
+                   on_create=PER_MIGRATION if per_migration else "")
 
 
 def fill_items(db: PgDatabase, rows: int) -> None:

@@ -162,6 +162,37 @@ def test_blocker_holding_a_conflicting_lock_makes_a_brief_lock_critical() -> Non
         plan.revisions[0].reason
 
 
+def test_a_brief_lock_is_held_through_a_later_long_statement_of_its_transaction() -> None:
+    sql = WRAP.format("ALTER TABLE users ADD COLUMN x INT;\nCREATE INDEX ix ON items (email);")
+    live = LiveState(tables=(*ITEMS_BIG.tables, TableSize("users", True, 10, 8192)))
+    reasons = [i.reason for i in assemble("u", ("r1",), ("r2",), offline(sql),
+                                          reader_for(live)).revisions[0].items]
+    assert "ACCESS EXCLUSIVE on users, taken by ALTER TABLE earlier in the same transaction, " \
+           "is held until COMMIT, through the index build of items (2,000,000 rows, " \
+           "300.0 MiB): reads and writes of users wait as long" in reasons
+    # In separate transactions (transaction_per_migration, autocommit_block) it is not.
+    apart = "BEGIN; ALTER TABLE users ADD COLUMN x INT; COMMIT; " \
+            "BEGIN; CREATE INDEX ix ON items (email); COMMIT;"
+    items = assemble("u", ("r1",), ("r2",), offline(apart), reader_for(live)).revisions[0].items
+    assert not any("held until COMMIT" in i.reason for i in items)
+
+
+def test_without_transaction_per_migration_a_lock_lasts_into_later_revisions() -> None:
+    first = OfflineRevision("r2", "r1", sql=WRAP.format(
+        "ALTER TABLE items ADD CONSTRAINT ck CHECK (length(name) > 0) NOT VALID;"))
+    second = OfflineRevision("r3", "r2", sql=WRAP.format(
+        "ALTER TABLE items VALIDATE CONSTRAINT ck;"))
+    both = OfflineResult(True, revisions=(first, second), urls={"default": "postgresql://h/d"})
+    plan = assemble("u", ("r1",), ("r3",), both, reader_for(ITEMS_BIG))
+    assert [r.level for r in plan.revisions] == ["low", "critical"]
+    assert plan.revisions[1].reason.startswith(
+        "ACCESS EXCLUSIVE on items, taken by ALTER TABLE in revision r2, is held until COMMIT, "
+        "through the scan of items")
+    apart = OfflineResult(True, revisions=(first, second), urls={"default": "postgresql://h/d"},
+                          transaction_per_migration=True)
+    assert assemble("u", ("r1",), ("r3",), apart, reader_for(ITEMS_BIG)).level == "low"
+
+
 def test_drop_of_a_mapped_column_is_named_and_the_json_has_no_password() -> None:
     sql = WRAP.format("ALTER TABLE items DROP COLUMN email;")
     plan = assemble("u", ("r1",), ("r2",), offline(sql, models={"items": ("email", "id")}),
