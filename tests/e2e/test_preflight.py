@@ -51,9 +51,12 @@ def plan_of(offline: OfflineResult, heads: str) -> Plan:
 
 @contextmanager
 def blocker(db: PgDatabase, sql: str = "SELECT count(*) FROM items WHERE id < 10",
-            application_name: str = "report") -> Iterator[int]:
-    """A session of the app's role left idle in transaction after sql; yields its pid."""
-    conn = psycopg2.connect(db.dsn("postgresql"), application_name=application_name)
+            application_name: str = "report", superuser: bool = False) -> Iterator[int]:
+    """A session of the app's role (or the superuser) left idle in transaction after sql;
+    yields its pid."""
+    dsn = db.cluster.superuser_dsn(db.name, driver="postgresql") if superuser else \
+        db.dsn("postgresql")
+    conn = psycopg2.connect(dsn, application_name=application_name)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_backend_pid()")
@@ -165,6 +168,12 @@ def test_risk_rises_with_a_blocker_present(
     with blocker(pg_database, application_name="pg_dump") as pid:
         reason = by_revision(plan_of(offline, "s_index"))["s_add_col"].reason  # type: ignore
         assert f"pid {pid} (pg_dump" in reason
+    # Another role's session: the app's role cannot see its state, but sees its lock.
+    with blocker(pg_database, superuser=True) as pid:
+        add = by_revision(plan_of(offline, "s_index"))["s_add_col"]
+        assert add.level == "critical"  # type: ignore[attr-defined]
+        assert f"pid {pid} (session of another role, holds AccessShareLock)" in \
+            add.reason  # type: ignore[attr-defined]
 
 
 def test_a_data_migration_without_offline_sql_is_reported(
