@@ -17,6 +17,7 @@ import pytest
 
 from agent.preflight.plan import Plan, assemble, render
 from agent.preflight.probe import OfflineResult, run_offline
+from agent.preflight.risk import RevisionRisk
 from tests.harness.apps import AppDir, db_upgrade
 from tests.harness.postgres import PgDatabase
 from tests.harness.preflight_apps import (
@@ -68,7 +69,7 @@ def blocker(db: PgDatabase, sql: str = "SELECT count(*) FROM items WHERE id < 10
         conn.close()
 
 
-def by_revision(plan: Plan) -> dict[str, object]:
+def by_revision(plan: Plan) -> dict[str, RevisionRisk]:
     return {r.revision: r for r in plan.revisions}
 
 
@@ -80,19 +81,19 @@ def test_each_rule_fires_on_the_migration_that_breaks_it(
     plan = plan_of(offline, UNSAFE[-1][0])
     risks = by_revision(plan)
     for rev, rule, _ in UNSAFE:
-        assert risks[rev].rules == (rule,), (rev, risks[rev].rules)  # type: ignore[attr-defined]
+        assert risks[rev].rules == (rule,), (rev, risks[rev].rules)
     # On a million rows, every lock held for a scan, rewrite or index build is critical.
     for rev in ("u_index", "u_fk", "u_check", "u_type", "u_notnull", "u_default", "u_unique"):
-        assert risks[rev].level == "critical", (rev, risks[rev].reason)  # type: ignore
-        assert "1,000,000 rows" in risks[rev].reason  # type: ignore[attr-defined]
-        assert risks[rev].safer  # type: ignore[attr-defined]
-    assert risks["u_required"].reason.startswith("will fail")  # type: ignore[attr-defined]
-    assert risks["u_cic_tx"].level == "critical"  # type: ignore[attr-defined]
+        assert risks[rev].level == "critical", (rev, risks[rev].reason)
+        assert "1,000,000 rows" in risks[rev].reason
+        assert risks[rev].safer
+    assert risks["u_required"].reason.startswith("will fail")
+    assert risks["u_cic_tx"].level == "critical"
     # The lock level and the table, from PostgreSQL's parser.
-    locks = [(lk.table, lk.mode, lk.effect) for s in risks["u_index"].statements  # type: ignore
+    locks = [(lk.table, lk.mode, lk.effect) for s in risks["u_index"].statements
              for lk in s.locks]
     assert locks == [("items", "ShareLock", "index build")]
-    fk = [(lk.table, lk.mode) for s in risks["u_fk"].statements for lk in s.locks]  # type: ignore
+    fk = [(lk.table, lk.mode) for s in risks["u_fk"].statements for lk in s.locks]
     assert fk == [("items", "ShareRowExclusiveLock"), ("orgs", "ShareRowExclusiveLock")]
 
 
@@ -109,7 +110,7 @@ def test_safe_forms_stay_quiet_on_a_million_rows(
     assert plan.level == "low"
     # The CONCURRENTLY build really runs outside Alembic's transaction.
     cic = by_revision(plan)["s_index"]
-    assert [(s.kind, s.in_transaction) for s in cic.statements] == [  # type: ignore
+    assert [(s.kind, s.in_transaction) for s in cic.statements] == [
         ("CREATE INDEX CONCURRENTLY", False)]
 
 
@@ -121,10 +122,10 @@ def test_not_valid_then_validate_in_one_upgrade_transaction_is_named(
     fill_items(pg_database, MILLION)
     risks = by_revision(plan_of(offline, "s_fk_validate"))
     validate = risks["s_fk_validate"]
-    assert validate.rules == () and validate.level == "critical"  # type: ignore[attr-defined]
+    assert validate.rules == () and validate.level == "critical"
     assert "SHARE ROW EXCLUSIVE on items, taken by ALTER TABLE in revision s_fk, is held " \
-           "until COMMIT, through the scan of items (1,000,000 rows" in validate.reason  # type: ignore
-    assert "transaction_per_migration=True" in validate.safer  # type: ignore[attr-defined]
+           "until COMMIT, through the scan of items (1,000,000 rows" in validate.reason
+    assert "transaction_per_migration=True" in validate.safer
 
 
 def test_risk_rises_with_the_table_size(
@@ -150,30 +151,30 @@ def test_risk_rises_with_a_blocker_present(
     fill_items(pg_database, 1000)
     pg_database.execute("CREATE INDEX ix_items_email ON items (email)")
     quiet = by_revision(plan_of(offline, "s_index"))
-    assert quiet["s_add_col"].level == "low" and quiet["s_index"].level == "low"  # type: ignore
+    assert quiet["s_add_col"].level == "low" and quiet["s_index"].level == "low"
     with blocker(pg_database) as pid:
         plan = plan_of(offline, "s_index")
         busy = by_revision(plan)
         add = busy["s_add_col"]
-        assert add.level == "critical", add.reason  # type: ignore[attr-defined]
-        assert f"queue behind pid {pid} (idle in transaction" in add.reason  # type: ignore
-        assert "reads and writes of items queue behind it" in add.reason  # type: ignore
+        assert add.level == "critical", add.reason
+        assert f"queue behind pid {pid} (idle in transaction" in add.reason
+        assert "reads and writes of items queue behind it" in add.reason
         # The reader's query locked the index too (the planner opens every index).
         drop = busy["u_drop_index"]
-        assert drop.level == "critical" and f"pid {pid}" in drop.reason  # type: ignore
+        assert drop.level == "critical" and f"pid {pid}" in drop.reason
         # SHARE UPDATE EXCLUSIVE does not conflict with the reader's ACCESS SHARE.
-        assert busy["s_index"].level == "low", busy["s_index"].reason  # type: ignore
+        assert busy["s_index"].level == "low", busy["s_index"].reason
         assert any(s.pid == pid and s.table == "items" and s.mode == "AccessShareLock"
                    for s in plan.sessions)
     with blocker(pg_database, application_name="pg_dump") as pid:
-        reason = by_revision(plan_of(offline, "s_index"))["s_add_col"].reason  # type: ignore
+        reason = by_revision(plan_of(offline, "s_index"))["s_add_col"].reason
         assert f"pid {pid} (pg_dump" in reason
     # Another role's session: the app's role cannot see its state, but sees its lock.
     with blocker(pg_database, superuser=True) as pid:
         add = by_revision(plan_of(offline, "s_index"))["s_add_col"]
-        assert add.level == "critical"  # type: ignore[attr-defined]
+        assert add.level == "critical"
         assert f"pid {pid} (session of another role, holds AccessShareLock)" in \
-            add.reason  # type: ignore[attr-defined]
+            add.reason
 
 
 def test_a_data_migration_without_offline_sql_is_reported(
@@ -198,11 +199,11 @@ def test_a_drop_of_a_column_the_running_code_uses_is_named(
     assert offline.model_tables["items"] == ("email", "id", "name", "note", "org_id")
     risks = by_revision(plan_of(offline, "u_drop_table"))
     drop = risks["u_drop_col"]
-    assert drop.level == "critical"  # type: ignore[attr-defined]
-    assert "the code's models still map items.email" in drop.reason  # type: ignore
+    assert drop.level == "critical"
+    assert "the code's models still map items.email" in drop.reason
     # legacy is not mapped by the models: a warning to check, not a named breakage.
-    assert risks["u_drop_table"].level == "high"  # type: ignore[attr-defined]
-    assert "models still map" not in risks["u_drop_table"].reason  # type: ignore
+    assert risks["u_drop_table"].level == "high"
+    assert "models still map" not in risks["u_drop_table"].reason
 
 
 def test_the_plan_never_shows_the_password(

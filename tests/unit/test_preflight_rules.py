@@ -243,6 +243,9 @@ def test_offline_report_is_scrubbed_and_bounded() -> None:
     result = parse_offline(raw, [])
     assert result is not None and [r.revision for r in result.revisions] == ["r2"]
     assert "s3cret" not in result.revisions[0].sql
+    assert result.transaction_per_migration is False
+    per = json.dumps({"protocol": 1, "offline": [], "transaction_per_migration": True})
+    assert parse_offline(per.encode(), []).transaction_per_migration is True  # type: ignore
     assert parse_offline(b"not json", []) is None
 
 
