@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -66,6 +66,8 @@ class LiveState:
     lockers: tuple[Session, ...] = ()        # hold or await a lock on an affected table
     old_transactions: tuple[Session, ...] = ()
     error: str = ""
+    # (table, column) -> (type name as regtype says it, atttypmod): for type changes
+    columns: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
 
     def table(self, name: str) -> TableSize | None:
         """The size row of name ('items' and 'public.items' both match 'items')."""
@@ -106,6 +108,14 @@ FROM unnest(CAST(:names AS text[]), CAST(:quoted AS text[])) AS n(name, quoted)
 LEFT JOIN pg_class c ON c.oid = to_regclass(n.quoted)
 """)
 
+_COLUMNS = text("""
+SELECT n.t, n.c, a.atttypid::regtype::text, a.atttypmod
+FROM unnest(CAST(:tables AS text[]), CAST(:quoted AS text[]), CAST(:columns AS text[]))
+     AS n(t, q, c)
+JOIN pg_attribute a ON a.attrelid = to_regclass(n.q) AND a.attname = n.c
+  AND NOT a.attisdropped
+""")
+
 _LOCKERS = text("""
 SELECT l.relation::bigint, l.pid, l.mode, l.granted, a.state, a.backend_type,
        a.application_name, EXTRACT(EPOCH FROM clock_timestamp() - a.xact_start)::float8,
@@ -130,8 +140,9 @@ LIMIT :limit
 """)
 
 
-def query_live(conn: Connection, tables: Iterable[str]) -> LiveState:
-    """The three catalog reads on an open read-only connection."""
+def query_live(conn: Connection, tables: Iterable[str],
+               columns: Iterable[tuple[str, str]] = ()) -> LiveState:
+    """The catalog reads on an open read-only connection."""
     names = sorted(set(t for t in tables if t))
     sizes, oids = [], {}
     if names:
@@ -156,7 +167,14 @@ def query_live(conn: Connection, tables: Iterable[str]) -> LiveState:
         old.append(Session(int(pid), session_kind(state, btype, app, query, xact),
                            state=state or "", transaction_seconds=xact,
                            application=app or "", query=query or ""))
-    return LiveState(tuple(sizes), tuple(lockers), tuple(old))
+    types = {}
+    pairs = sorted(set(columns))
+    if pairs:
+        for table, column, typname, typmod in conn.execute(_COLUMNS, {
+                "tables": [t for t, _ in pairs], "quoted": [quote_name(t) for t, _ in pairs],
+                "columns": [c for _, c in pairs]}):
+            types[(table, column)] = (str(typname), int(typmod))
+    return LiveState(tuple(sizes), tuple(lockers), tuple(old), columns=types)
 
 
 Opener = Callable[[str], AbstractContextManager[Connection]]
@@ -168,10 +186,12 @@ def open_session(url: str) -> AbstractContextManager[Connection]:
     return database.session(url)
 
 
-def read_live(url: str, tables: Iterable[str], opener: Opener | None = None) -> LiveState:
-    """Sizes and would-be blockers of tables; a database problem comes back as error."""
+def read_live(url: str, tables: Iterable[str], opener: Opener | None = None,
+              columns: Iterable[tuple[str, str]] = ()) -> LiveState:
+    """Sizes and would-be blockers of tables (and the types of columns about to change);
+    a database problem comes back as error."""
     try:
         with (opener or open_session)(url) as conn:
-            return query_live(conn, tables)
+            return query_live(conn, tables, columns)
     except database.DatabaseProblem as exc:
         return LiveState(error=str(exc))

@@ -20,6 +20,7 @@ from agent.preflight.risk import (
     across_revisions,
     assess,
     describe_size,
+    no_rewrite,
     worst,
 )
 from agent.preflight.rules import analyze
@@ -29,7 +30,7 @@ from agent.sources.database import db_label
 POSTGRES_ONLY = ("the migration preflight is PostgreSQL-only: a {backend} database gets no "
                  "lock analysis (metadata locks and ALGORITHM=INPLACE/INSTANT are not "
                  "modelled)")
-LiveReader = Callable[[str, Iterable[str]], LiveState]
+LiveReader = Callable[..., LiveState]  # (url, tables, columns=...) -> LiveState
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,11 @@ def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
     if backend and backend != "postgresql":
         return Plan(**{**base.__dict__, "error": POSTGRES_ONLY.format(backend=backend)})
     analyses = [analyze(r.sql) for r in offline.revisions]
-    live = reader(offline.url, affected_tables(analyses)) if offline.url else \
-        LiveState(error="the app has no database URL")
+    columns = [(h.table, h.column) for a in analyses for h in a.hazards
+               if h.rule == "changing-column-type" and h.column]
+    live = reader(offline.url, affected_tables(analyses), columns=columns) if offline.url \
+        else LiveState(error="the app has no database URL")
+    analyses = [no_rewrite(a, live) for a in analyses]
     names = [r.revision for r in offline.revisions]
     inherited = [[] for _ in analyses] if offline.transaction_per_migration else \
         across_revisions(analyses, names, live)

@@ -10,12 +10,12 @@ a statement that will fail, or a drop/rename of what the code's models still map
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.preflight.live import LiveState, Session, TableSize
 from agent.preflight.locks import blocks, blocks_traffic, conflicts, sql_name, stronger
-from agent.preflight.rules import BRIEF, DATA, Analysis, Hazard, Statement
+from agent.preflight.rules import BRIEF, DATA, REWRITE, Analysis, Hazard, Statement
 
 LEVELS = ("low", "high", "critical")
 # Table size classes: below SMALL a table-long lock is short; from LARGE on it is an outage.
@@ -115,6 +115,60 @@ def _models_use(model_tables: dict[str, tuple[str, ...]], table: str,
         if name == table or name.rsplit(".", 1)[-1] == short:
             return not column or column in columns
     return False
+
+
+# regtype's names and the parser's names for the types whose changes can skip the rewrite.
+_VARCHAR = {"character varying", "varchar"}
+_TEXT = {"text"}
+_NUMERIC = {"numeric"}
+
+
+def describe_type(old: tuple[str, int]) -> str:
+    """('character varying', 104) -> 'varchar(100)'."""
+    name, typmod = old
+    if name in _VARCHAR:
+        return f"varchar({typmod - 4})" if typmod > 4 else "varchar"
+    if name in _NUMERIC and typmod > 4:
+        return f"numeric({(typmod - 4) >> 16},{(typmod - 4) & 0xFFFF})"
+    return name
+
+
+def describe_new_type(new: tuple[str, tuple[int, ...]]) -> str:
+    name, mods = new
+    return f"{name}({','.join(str(m) for m in mods)})" if mods else name
+
+
+def binary_compatible(old: tuple[str, int], new: tuple[str, tuple[int, ...]]) -> bool:
+    """True for the type changes PostgreSQL makes without rewriting the table: varchar to
+    text or to a longer varchar, text to unbounded varchar, numeric to more precision at the
+    same scale."""
+    name, typmod = old
+    new_name, mods = new
+    if name in _VARCHAR | _TEXT and new_name in _TEXT:
+        return True
+    if name in _VARCHAR | _TEXT and new_name in _VARCHAR:
+        if not mods:
+            return True
+        return name in _VARCHAR and typmod > 4 and mods[0] >= typmod - 4
+    if name in _NUMERIC and new_name in _NUMERIC and typmod > 4 and len(mods) == 2:
+        precision, scale = (typmod - 4) >> 16, (typmod - 4) & 0xFFFF
+        return mods[1] == scale and mods[0] >= precision
+    return False
+
+
+def no_rewrite(analysis: Analysis, live: LiveState) -> Analysis:
+    """The analysis with binary-compatible type changes (known from the live column types)
+    holding their lock briefly instead of for a rewrite."""
+    brief = {h.statement for h in analysis.hazards if h.rule == "changing-column-type" and
+             h.new_type and (h.table, h.column) in live.columns and
+             binary_compatible(live.columns[(h.table, h.column)], h.new_type)}
+    if not brief:
+        return analysis
+    statements = tuple(
+        replace(s, locks=tuple(replace(lk, effect=BRIEF) if lk.effect == REWRITE else lk
+                               for lk in s.locks)) if s.index in brief else s
+        for s in analysis.statements)
+    return replace(analysis, statements=statements)
 
 
 def _queue_items(stmt: Statement, live: LiveState) -> list[Item]:
@@ -234,6 +288,12 @@ def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
                         h.rule, h.table)
         return Item("high", f"{h.message}: make sure no running worker still uses it",
                     h.safer, h.rule, h.table)
+    if h.rule == "changing-column-type":
+        old = live.columns.get((h.table, h.column))
+        if old is not None and h.new_type and binary_compatible(old, h.new_type):
+            return Item("low", f"{h.message}: here {describe_type(old)} -> "
+                        f"{describe_new_type(h.new_type)} is binary-compatible, so no rewrite "
+                        "(a brief ACCESS EXCLUSIVE)", h.safer, h.rule, h.table)
     long_locks = [lk for lk in (stmt.locks if stmt else ()) if lk.effect != BRIEF and
                   blocks_traffic(lk.mode) and lk.table.rsplit(".", 1)[-1] ==
                   h.table.rsplit(".", 1)[-1]]

@@ -63,6 +63,7 @@ class Hazard:
     breaks_old_code: bool = False   # drops/renames: running workers fail until restarted
     fails_if_rows: bool = False     # fails outright on a non-empty table
     fails: bool = False             # fails whatever the data
+    new_type: tuple[str, tuple[int, ...]] | None = None  # changing-column-type: (name, typmods)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,17 @@ def _is_volatile(expr: Any) -> bool:
     return found
 
 
+def _type_of(col: Any) -> tuple[str, tuple[int, ...]] | None:
+    """ColumnDef of ALTER COLUMN TYPE -> ('varchar', (200,)) ('' parts when unknown)."""
+    type_name = getattr(col, "typeName", None)
+    if type_name is None:
+        return None
+    names = [n.lower() for n in _names(type_name.names)]
+    mods = tuple(getattr(getattr(m, "val", None), "ival", -1) or 0
+                 for m in type_name.typmods or ())
+    return (names[-1] if names else "", mods)
+
+
 class _Reader:
     """Walks one revision's statements, keeping transaction state and created tables."""
 
@@ -312,7 +324,8 @@ class _Reader:
                             breaks_old_code=True)
             elif sub == AT.AT_AlterColumnType:
                 take(ACCESS_EXCLUSIVE, REWRITE)
-                self.hazard("changing-column-type", index, table, cmd.name or "")
+                self.hazard("changing-column-type", index, table, cmd.name or "",
+                            new_type=_type_of(d))
             elif sub == AT.AT_SetNotNull:
                 take(ACCESS_EXCLUSIVE, SCAN)
                 self.hazard("adding-not-nullable-field", index, table, cmd.name or "")

@@ -87,6 +87,8 @@ def test_each_rule_fires_on_the_migration_that_breaks_it(
         assert risks[rev].level == "critical", (rev, risks[rev].reason)
         assert "1,000,000 rows" in risks[rev].reason
         assert risks[rev].safer
+    widen = risks["u_type_widen"]
+    assert widen.level == "low" and "varchar(100) -> text is binary-compatible" in widen.reason
     assert risks["u_required"].reason.startswith("will fail")
     assert risks["u_cic_tx"].level == "critical"
     # The lock level and the table, from PostgreSQL's parser.

@@ -54,6 +54,8 @@ UNSAFE: tuple[tuple[str, str, str], ...] = (
     ("u_check", "constraint-missing-not-valid",
      "op.create_check_constraint('ck_items_name', 'items', 'length(name) > 0')"),
     ("u_type", "changing-column-type",
+     "op.alter_column('items', 'org_id', type_=sa.BigInteger(), existing_type=sa.Integer())"),
+    ("u_type_widen", "changing-column-type",  # binary-compatible: the rule fires, risk low
      "op.alter_column('items', 'name', type_=sa.Text(), existing_type=sa.String(100))"),
     ("u_notnull", "adding-not-nullable-field",
      "op.alter_column('items', 'note', nullable=False, existing_type=sa.Text())"),

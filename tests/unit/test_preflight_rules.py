@@ -23,7 +23,7 @@ from agent.preflight.locks import (
 )
 from agent.preflight.plan import Plan, assemble, render
 from agent.preflight.probe import OfflineResult, OfflineRevision, parse_offline
-from agent.preflight.risk import size_level
+from agent.preflight.risk import binary_compatible, describe_type, size_level
 from agent.preflight.rules import analyze
 from agent.preflight.command import plan_exit_code, refusal
 
@@ -120,6 +120,16 @@ def test_lock_conflicts_follow_the_documented_table() -> None:
     assert sql_name("ShareRowExclusiveLock") == "SHARE ROW EXCLUSIVE"
 
 
+def test_binary_compatible_type_changes() -> None:
+    assert binary_compatible(("character varying", 104), ("text", ()))
+    assert binary_compatible(("character varying", 104), ("varchar", (200,)))
+    assert not binary_compatible(("character varying", 104), ("varchar", (50,)))
+    assert binary_compatible(("numeric", ((10 << 16) | 2) + 4), ("numeric", (12, 2)))
+    assert not binary_compatible(("numeric", ((10 << 16) | 2) + 4), ("numeric", (12, 3)))
+    assert not binary_compatible(("integer", -1), ("int8", ()))
+    assert describe_type(("character varying", 104)) == "varchar(100)"
+
+
 def test_size_classes() -> None:
     assert size_level(TableSize("t", True, 0, 8192)) == "low"
     assert size_level(TableSize("t", True, 50_000, 4_000_000)) == "high"
@@ -143,7 +153,7 @@ def offline(sql: str, url: str = "postgresql://app:pw@db:5432/app", error: str =
 
 
 def reader_for(live: LiveState):  # type: ignore[no-untyped-def]
-    return lambda url, tables: live
+    return lambda url, tables, columns=(): live
 
 
 ITEMS_BIG = LiveState(tables=(TableSize("items", True, 2_000_000, 300 * 1024 ** 2),))

@@ -108,7 +108,7 @@ def test_watch_memoises_the_offline_sql_and_rereads_the_live_state() -> None:
             "r2", "r1", sql="BEGIN; CREATE INDEX ix ON items (email); COMMIT;"),),
             urls={"default": "postgresql://a@h/d"})
 
-    def reader(url: str, tables: Any) -> LiveState:
+    def reader(url: str, tables: Any, columns: Any = ()) -> LiveState:
         return LiveState(tables=(TableSize("items", True, next(sizes), 8192),))
 
     watch = PreflightWatch(5.0, offline, reader)
