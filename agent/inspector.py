@@ -16,6 +16,7 @@ from agent.checks.unit import UnitFacts, check_working_directory
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
+from agent.preflight.plan import stale_workers
 from agent.preflight.watch import PreflightWatch
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
@@ -248,7 +249,7 @@ class Inspector:
             memo = self._probe_memo.get(unit)
             summary, finding = self.preflight.check(
                 unit, report.context, fields.get("migrations"),
-                memo.code_fingerprint if memo else "")
+                memo.code_fingerprint if memo else "", stale_workers(findings))
             fields["preflight"] = summary
             if finding is not None:
                 findings.append(finding)

@@ -78,6 +78,14 @@ class Plan:
         }
 
 
+STALE_CODE_FINDINGS = ("code_newer_than_process", "cwd_stale", "venv_mismatch")
+
+
+def stale_workers(findings: Iterable[Any]) -> bool:
+    """True when the running workers do not run the code on disk (the probe's models)."""
+    return any(getattr(f, "check", "") in STALE_CODE_FINDINGS for f in findings)
+
+
 def backend_of(url: str) -> str:
     """'postgresql', 'mysql', ... ('' when the URL cannot be read)."""
     try:
@@ -97,8 +105,11 @@ def affected_tables(analyses: Iterable[Any]) -> list[str]:
 
 
 def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
-             offline: OfflineResult, reader: LiveReader = read_live) -> Plan:
-    """Rules on each revision's SQL, the live database read once, risk per revision."""
+             offline: OfflineResult, reader: LiveReader = read_live,
+             stale_workers: bool = False) -> Plan:
+    """Rules on each revision's SQL, the live database read once, risk per revision.
+    stale_workers: the running workers started before the deployed code changed, so their
+    models may not be the ones the probe read."""
     database = db_label(offline.url) if offline.url else ""
     base = Plan(unit, database, current, heads, duration=offline.duration)
     if not offline.ok:
@@ -116,7 +127,8 @@ def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
     inherited = [[] for _ in analyses] if offline.transaction_per_migration else \
         across_revisions(analyses, names, live)
     risks = tuple(assess(r.revision, a, live, offline.model_tables, doc=r.doc,
-                         sql_error=r.error, ops=r.ops, inherited=tuple(extra))
+                         sql_error=r.error, ops=r.ops, inherited=tuple(extra),
+                         stale_workers=stale_workers)
                   for r, a, extra in zip(offline.revisions, analyses, inherited))
     lockers = {s.pid for s in live.lockers}
     sessions = live.lockers + tuple(s for s in live.old_transactions if s.pid not in lockers)
@@ -135,7 +147,8 @@ def make_plan(snapshot: UnitSnapshot, ctx: AppContext, timeout: float,
     if not m.pending:
         return Plan(snapshot.unit, snapshot.database or "", tuple(m.current), tuple(m.heads))
     offline = run_offline(ctx, list(m.current), list(m.heads), timeout, allow_root)
-    plan = assemble(snapshot.unit, tuple(m.current), tuple(m.heads), offline, reader)
+    plan = assemble(snapshot.unit, tuple(m.current), tuple(m.heads), offline, reader,
+                    stale_workers=stale_workers(snapshot.findings))
     return Plan(**{**plan.__dict__, "duration": round(time.monotonic() - started, 3)})
 
 

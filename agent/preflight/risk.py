@@ -268,7 +268,7 @@ def across_revisions(analyses: list[Analysis], names: list[str],
 
 
 def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
-                 model_tables: dict[str, tuple[str, ...]]) -> Item:
+                 model_tables: dict[str, tuple[str, ...]], stale_workers: bool = False) -> Item:
     """The level of one fired rule: from its lock and the table, or from what it breaks."""
     size = live.table(h.table)
     if h.fails:
@@ -286,6 +286,10 @@ def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
             return Item("critical", f"{h.message}: the code's models still map {what}, so the "
                         "running workers fail between the upgrade and the restart", h.safer,
                         h.rule, h.table)
+        if stale_workers:
+            return Item("high", f"{h.message}: the deployed models no longer map it, but the "
+                        "running workers started before the code changed and may still use "
+                        "it: restart first, then upgrade", h.safer, h.rule, h.table)
         return Item("high", f"{h.message}: make sure no running worker still uses it",
                     h.safer, h.rule, h.table)
     if h.rule == "changing-column-type":
@@ -304,12 +308,13 @@ def _hazard_item(h: Hazard, stmt: Statement | None, live: LiveState,
 def assess(revision: str, analysis: Analysis, live: LiveState,
            model_tables: dict[str, tuple[str, ...]], *, doc: str = "",
            sql_error: str = "", ops: tuple[str, ...] = (),
-           inherited: tuple[Item, ...] = ()) -> RevisionRisk:
+           inherited: tuple[Item, ...] = (), stale_workers: bool = False) -> RevisionRisk:
     """One revision's risk: every item, the worst level, its reason and safer form."""
     items: list[Item] = []
     by_index = {s.index: s for s in analysis.statements}
     for h in analysis.hazards:
-        items.append(_hazard_item(h, by_index.get(h.statement), live, model_tables))
+        items.append(_hazard_item(h, by_index.get(h.statement), live, model_tables,
+                                  stale_workers))
     for stmt in analysis.statements:
         items += _queue_items(stmt, live)
         covered = {h.table.rsplit(".", 1)[-1] for h in analysis.hazards

@@ -65,7 +65,8 @@ class PreflightWatch:
         self.offline_runs = 0
 
     def check(self, unit: str, ctx: AppContext, migrations: MigrationState | None,
-              code_key: str) -> tuple[dict[str, Any] | None, Finding | None]:
+              code_key: str, stale: bool = False,
+              ) -> tuple[dict[str, Any] | None, Finding | None]:
         """(summary, finding) for a unit; never raises."""
         if migrations is None or migrations.in_progress:
             return None, None
@@ -83,7 +84,8 @@ class PreflightWatch:
                 memo = _Memo(key, result)
                 if result.ok:
                     self._memo[unit] = memo
-            plan = assemble(unit, key[1], key[2], memo.offline, self.reader)
+            plan = assemble(unit, key[1], key[2], memo.offline, self.reader,
+                            stale_workers=stale)
         except Exception as exc:  # the preflight must never cost the rest of the inspection
             log.exception("preflight of %s failed", unit)
             return {"risk": "", "counts": {}, "error": f"preflight failed: {exc}",

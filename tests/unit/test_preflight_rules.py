@@ -212,6 +212,17 @@ def test_drop_of_a_mapped_column_is_named_and_the_json_has_no_password() -> None
     assert "pw" not in json.dumps(plan.as_dict()) and plan.database == "db:5432/app"
 
 
+def test_a_drop_the_new_models_do_not_map_but_stale_workers_may_use() -> None:
+    sql = WRAP.format("ALTER TABLE items DROP COLUMN email;")
+    fresh = assemble("u", ("r1",), ("r2",), offline(sql, models={"items": ("id",)}),
+                     reader_for(ITEMS_BIG))
+    assert fresh.level == "high" and "make sure no running worker" in fresh.revisions[0].reason
+    stale = assemble("u", ("r1",), ("r2",), offline(sql, models={"items": ("id",)}),
+                     reader_for(ITEMS_BIG), stale_workers=True)
+    assert "started before the code changed and may still use it: restart first" in \
+        stale.revisions[0].reason
+
+
 def test_mysql_gets_one_clear_line() -> None:
     plan = assemble("u", ("r1",), ("r2",), offline("", url="mysql+pymysql://a:b@h/d"),
                     reader_for(LiveState()))
