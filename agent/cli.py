@@ -292,6 +292,7 @@ def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
 
     from agent.preflight.command import upgrade_preflight
 
+    inspector.preflight = None  # the Upgrader runs it once, before asking
     options = UpgradeOptions(unit=args.unit, restart=args.restart, assume_yes=args.yes,
                              restart_timeout=args.restart_timeout,
                              accept_risk=args.accept_risk)
@@ -310,6 +311,7 @@ def cmd_plan(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> i
     from agent.upgrade import unit_snapshot
 
     inspector = make_inspector(args, systemd)
+    inspector.preflight = None  # rendered once, below, not also inside the inspection
     try:
         snapshot = unit_snapshot(inspector.inspect([args.unit]).units, args.unit)
         return write_plan(plan_unit(snapshot, systemd, args.probe_timeout), args.json, out)
