@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from agent.sources.database import db_label
 POSTGRES_ONLY = ("the migration preflight is PostgreSQL-only: a {backend} database gets no "
                  "lock analysis (metadata locks and ALGORITHM=INPLACE/INSTANT are not "
                  "modelled)")
-LiveReader = Callable[..., LiveState]  # (url, tables, columns=...) -> LiveState
+LiveReader = Callable[..., LiveState]
+# Names in the SQL come from the app's code: no terminal control characters get through.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """text with control characters (escape sequences) shown as '?', newlines kept."""
+    return _CONTROL.sub("?", text)  # (url, tables, columns=...) -> LiveState
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,7 @@ def render(plan: Plan, verbose: bool = True) -> str:
     """The text plan agentctl plan and agentctl upgrade show."""
     where = f" ({plan.database})" if plan.database else ""
     if plan.error:
-        return f"Migration preflight for {plan.unit}{where}: {plan.error}\n"
+        return printable(f"Migration preflight for {plan.unit}{where}: {plan.error}") + "\n"
     if not plan.revisions:
         return f"Migration preflight for {plan.unit}{where}: nothing pending.\n"
     current = ", ".join(plan.current) or "(empty)"
@@ -199,4 +207,4 @@ def render(plan: Plan, verbose: bool = True) -> str:
         lines.append(f"  session: {s.describe()}{on}")
     counts = plan.counts()
     lines.append(f"  risk: {plan.level} ({', '.join(f'{counts[k]} {k}' for k in reversed(LEVELS))})")
-    return "\n".join(lines) + "\n"
+    return printable("\n".join(lines)) + "\n"

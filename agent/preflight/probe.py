@@ -28,7 +28,11 @@ from agent.probe.runner import (
 )
 
 OFFLINE_SOURCE_PATH = Path(__file__).resolve().parent.parent / "probe" / "offline.py"
-MAX_TEXT = 200_000
+# The child's report is hostile input: bounds on what is kept (and later parsed as root).
+MAX_TEXT = 200_000            # SQL per revision
+MAX_TOTAL_TEXT = 2_000_000    # SQL over all revisions
+MAX_REVISIONS = 200
+MAX_MODEL_TABLES, MAX_MODEL_COLUMNS = 5000, 1000
 
 
 @dataclass(frozen=True)
@@ -90,20 +94,24 @@ def parse_offline(raw: bytes, secrets: list[str]) -> OfflineResult | None:
     # Passwords inside the app's URLs are masked in everything, SQL and errors included.
     secrets = sorted(set(secrets) | set(secret_values({}, urls.values())), key=len,
                      reverse=True)
-    revisions = []
-    for entry in doc.get("offline") or ():
+    revisions, budget = [], MAX_TOTAL_TEXT
+    entries = doc.get("offline") if isinstance(doc.get("offline"), list) else []
+    for entry in entries[:MAX_REVISIONS]:
         if not isinstance(entry, dict) or not entry.get("revision"):
             continue
+        sql = str(entry.get("sql") or "")[:min(MAX_TEXT, budget)]
+        budget -= len(sql)
+        ops = entry.get("ops") if isinstance(entry.get("ops"), list) else []
         revisions.append(OfflineRevision(
             revision=str(entry["revision"])[:64],
             down_revision=str(entry.get("down_revision") or "")[:64],
             doc=scrub(str(entry.get("doc") or ""), secrets)[:200],
-            sql=scrub(str(entry.get("sql") or ""), secrets)[:MAX_TEXT],
+            sql=scrub(sql, secrets),
             error=scrub(str(entry.get("error") or ""), secrets)[:500],
-            ops=tuple(str(o)[:64] for o in entry.get("ops") or ())[:100]))
+            ops=tuple(str(o)[:64] for o in ops[:100])))
     tables = doc.get("model_tables") if isinstance(doc.get("model_tables"), dict) else {}
-    model_tables = {str(k): tuple(str(c) for c in v) for k, v in tables.items()
-                    if isinstance(v, list)}
+    model_tables = {str(k)[:200]: tuple(str(c)[:200] for c in v[:MAX_MODEL_COLUMNS])
+                    for k, v in list(tables.items())[:MAX_MODEL_TABLES] if isinstance(v, list)}
     error = scrub(str(doc.get("error") or ""), secrets)
     return OfflineResult(ok=not error, error=error, revisions=tuple(revisions),
                          model_tables=model_tables, urls=urls,

@@ -15,7 +15,7 @@ from typing import Any
 from agent.context import AppContext
 from agent.model import Finding
 from agent.preflight.live import read_live
-from agent.preflight.plan import LiveReader, Plan, assemble
+from agent.preflight.plan import LiveReader, Plan, assemble, printable
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import LEVELS
 from agent.snapshot import MigrationState
@@ -31,8 +31,8 @@ def summary(plan: Plan) -> dict[str, Any]:
         "risk": plan.level if plan.revisions else "",
         "counts": plan.counts(),
         "error": plan.error,
-        "revisions": [{"revision": r.revision, "risk": r.level, "reason": r.reason,
-                       "rules": list(r.rules), "safer": r.safer}
+        "revisions": [{"revision": printable(r.revision), "risk": r.level,
+                       "reason": printable(r.reason), "rules": list(r.rules), "safer": r.safer}
                       for r in plan.revisions[:MAX_SUMMARY_REVISIONS]],
     }
 

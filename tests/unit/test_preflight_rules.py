@@ -256,6 +256,13 @@ def test_refusal_and_exit_codes() -> None:
     assert plan_exit_code(Plan("u")) == 0
 
 
+def test_escape_sequences_in_names_never_reach_the_terminal() -> None:
+    sql = WRAP.format('ALTER TABLE "evil\x1b]0;pwned\x07" DROP COLUMN "x\x1b[2J";')
+    plan = assemble("u", ("r1",), ("r2",), offline(sql), reader_for(ITEMS_BIG))
+    text = render(plan)
+    assert "\x1b" not in text and "\x07" not in text and "evil?]0;pwned?" in text
+
+
 def test_offline_report_is_scrubbed_and_bounded() -> None:
     raw = json.dumps({"protocol": 1, "error": "", "urls": {
         "default": "postgresql://app:s3cret@db/app"}, "model_tables": {"items": ["id"]},
@@ -268,6 +275,14 @@ def test_offline_report_is_scrubbed_and_bounded() -> None:
     per = json.dumps({"protocol": 1, "offline": [], "transaction_per_migration": True})
     assert parse_offline(per.encode(), []).transaction_per_migration is True  # type: ignore
     assert parse_offline(b"not json", []) is None
+    # Hostile sizes are cut, not parsed whole as root.
+    flood = json.dumps({"protocol": 1, "offline": [
+        {"revision": f"r{n}", "sql": "SELECT 1;" * 50_000, "ops": "not a list"}
+        for n in range(300)], "model_tables": {"t": "not a list"}}).encode()
+    big = parse_offline(flood, [])
+    assert big is not None and len(big.revisions) == 200 and big.model_tables == {}
+    assert sum(len(r.sql) for r in big.revisions) <= 2_000_000
+    assert big.revisions[0].ops == ()
 
 
 SQUAWK = shutil.which("squawk") or str(Path(sys.executable).with_name("squawk"))
