@@ -1,7 +1,7 @@
 """Test apps for the migration preflight (agentctl plan): one hazard per pending revision.
 
-The base revision ``p1`` creates ``orgs(id)``, ``items(id, org_id, email, name, note)`` and
-``legacy(id)``; the models map ``orgs`` and ``items`` (not ``legacy``). Every later revision
+The base revision ``p1`` creates ``orgs(id)``, ``items(id, org_id, email, name, note)``,
+``legacy(id)`` and ``events(id)`` (no primary key); the models map ``orgs`` and ``items``. Every later revision
 is one migration: :data:`UNSAFE` breaks one rule each, :data:`SAFE` does the same job in
 the form the rule asks for. Chained one after the other, so one offline probe renders them
 all, one revision at a time. :func:`fill_items` puts N rows into ``items`` in seconds.
@@ -41,6 +41,7 @@ op.create_table('items', sa.Column('id', sa.Integer(), primary_key=True),
                 sa.Column('org_id', sa.Integer()), sa.Column('email', sa.String(200)),
                 sa.Column('name', sa.String(100)), sa.Column('note', sa.Text()))
 op.create_table('legacy', sa.Column('id', sa.Integer(), primary_key=True))
+op.create_table('events', sa.Column('id', sa.Integer(), nullable=False))
 """)
 
 AUTOCOMMIT = "with op.get_context().autocommit_block():\n    "
@@ -66,6 +67,8 @@ UNSAFE: tuple[tuple[str, str, str], ...] = (
      "op.add_column('items', sa.Column('code', sa.Integer(), nullable=False))"),
     ("u_unique", "disallowed-unique-constraint",
      "op.create_unique_constraint('uq_items_email', 'items', ['email'])"),
+    ("u_pk", "adding-serial-primary-key-field",
+     "op.create_primary_key('pk_events', 'events', ['id'])"),
     ("u_cic_tx", "ban-concurrent-index-creation-in-transaction",
      "op.create_index('ix_items_name', 'items', ['name'], postgresql_concurrently=True)"),
     ("u_drop_index", "require-concurrent-index-deletion",
@@ -108,6 +111,11 @@ SAFE: tuple[tuple[str, str, str], ...] = (
      "postgresql_concurrently=True)\n"
      "op.execute('ALTER TABLE items ADD CONSTRAINT uq_items_email UNIQUE USING INDEX "
      "ux_items_email')"),
+    ("s_pk", "adding-serial-primary-key-field",
+     AUTOCOMMIT + "op.create_index('ux_events_id', 'events', ['id'], unique=True, "
+     "postgresql_concurrently=True)\n"
+     "op.execute('ALTER TABLE events ADD CONSTRAINT pk_events PRIMARY KEY USING INDEX "
+     "ux_events_id')"),
     ("s_drop_index", "require-concurrent-index-deletion",
      AUTOCOMMIT + "op.drop_index('ix_items_email', table_name='items', "
      "postgresql_concurrently=True)"),
