@@ -125,7 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "upgrade_timeout_seconds, else 600)")
     upgrade.add_argument("--config.file", dest="config_file", metavar="PATH", default=None,
                          help=f"the agent's config file (default {DEFAULT_CONFIG_PATH})")
+    upgrade.add_argument("--accept-risk", action="store_true",
+                         help="upgrade even when the preflight rates a revision critical")
     add_inspection_options(upgrade)
+
+    plan = sub.add_parser(
+        "plan", help="before the upgrade: what each pending migration will lock, for how "
+                     "long, and what it breaks (PostgreSQL; exit 0 low or nothing pending, "
+                     "1 a high or critical revision, 2 could not plan)")
+    plan.add_argument("unit")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    add_inspection_options(plan)
     return parser
 
 
@@ -354,16 +364,35 @@ def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
         inspector.invalidate(name)  # after an upgrade the memoised schema diff is stale
         return unit_snapshot(inspector.inspect([name]).units, name)
 
+    from agent.preflight.command import upgrade_preflight
+
+    inspector.preflight = None  # the Upgrader runs it once, before asking
     options = UpgradeOptions(
         unit=args.unit, restart=args.restart, assume_yes=args.yes,
         restart_timeout=args.restart_timeout, target=args.rev,
         lock_timeout=pick(args.lock_timeout, config.upgrade_lock_timeout_seconds),
         lock_retries=pick(args.lock_retries, config.upgrade_lock_retries),
-        timeout=pick(args.timeout, config.upgrade_timeout_seconds))
+        timeout=pick(args.timeout, config.upgrade_timeout_seconds),
+        accept_risk=args.accept_risk)
     confirm = ask_on_terminal if sys.stdin.isatty() else None
     try:
         return Upgrader(options, systemd, inspect, confirm, out, os.geteuid(),
-                        resolve=default_resolver(args.probe_timeout)).run()
+                        resolve=default_resolver(args.probe_timeout),
+                        preflight=upgrade_preflight(systemd, args.probe_timeout)).run()
+    finally:
+        inspector.close()
+
+
+def cmd_plan(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
+    """agentctl plan UNIT [--json]: the migration preflight (agent/preflight/)."""
+    from agent.preflight.command import plan_unit, write_plan
+    from agent.upgrade import unit_snapshot
+
+    inspector = make_inspector(args, systemd)
+    inspector.preflight = None  # rendered once, below, not also inside the inspection
+    try:
+        snapshot = unit_snapshot(inspector.inspect([args.unit]).units, args.unit)
+        return write_plan(plan_unit(snapshot, systemd, args.probe_timeout), args.json, out)
     finally:
         inspector.close()
 
@@ -382,7 +411,7 @@ def ask_on_terminal(prompt: str) -> bool:
 
 
 COMMANDS = {"env": cmd_env, "context": cmd_context, "check": cmd_check, "status": cmd_status,
-            "exec": cmd_exec, "upgrade": cmd_upgrade}
+            "exec": cmd_exec, "upgrade": cmd_upgrade, "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,

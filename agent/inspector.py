@@ -20,6 +20,8 @@ from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
 from agent.probe.alembic_env import AlembicEnv
 from agent.secrets import mask_url
+from agent.preflight.plan import stale_workers
+from agent.preflight.watch import PreflightWatch
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -119,6 +121,10 @@ class Inspector:
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
+        # The migration preflight (agentctl plan) while revisions are pending; not with a
+        # stand-in probe (unit tests), whose contexts cannot run the offline probe.
+        self.preflight = PreflightWatch(settings.probe_timeout_seconds) \
+            if probe is run_probe else None
 
     # -- public ------------------------------------------------------------------------
     def __call__(self, units: Sequence[str] | None = None) -> Snapshot:
@@ -152,6 +158,8 @@ class Inspector:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+        if self.preflight is not None:
+            self.preflight.invalidate(unit)
 
     def _prune(self, alive: set[str]) -> None:
         """Forget what was kept per unit for units no longer watched (removed, renamed)."""
@@ -250,6 +258,7 @@ class Inspector:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
             self._workers_database_check(unit, url, report, probe, verdict, inspection,
                                          timer, fields, findings)
+            self._preflight_check(unit, report, timer, fields, findings)
         # The agent's own database check already says "unreachable" more precisely; and while
         # a migration runs, a comparison that gave up on its locks is expected.
         migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
@@ -287,6 +296,21 @@ class Inspector:
                 res["error"] = result.error
             return result
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
+
+    def _preflight_check(self, unit: str, report: UnitReport, timer: _Timer,
+                         fields: dict[str, Any], findings: list[Finding]) -> None:
+        """What the pending revisions would lock (agent/preflight/watch.py); its problems
+        show in the summary's error, never as a failed check."""
+        if self.preflight is None:
+            return
+        with timer.check("preflight"):
+            memo = self._probe_memo.get(unit)
+            summary, finding = self.preflight.check(
+                unit, report.context, fields.get("migrations"),
+                memo.code_fingerprint if memo else "", stale_workers(findings))
+            fields["preflight"] = summary
+            if finding is not None:
+                findings.append(finding)
 
     def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
                         findings: list[Finding], env: AlembicEnv | None = None,

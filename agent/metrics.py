@@ -116,6 +116,9 @@ JOURNAL_SCHEMA_ERRORS = Spec("journal_schema_errors",
                              "Schema errors (UndefinedColumn, UndefinedTable, ...) in the unit's "
                              "journal.", ("unit", "kind"), counter=True)
 FINDINGS = Spec("findings", "Problems found on the unit, by severity.", ("unit", "severity"))
+PENDING_MIGRATION_RISK = Spec("pending_migration_risk",
+                              "Pending migrations by preflight risk level (low, high, critical).",
+                              ("unit", "level"))
 
 ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Spec))
 
@@ -125,6 +128,7 @@ ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isins
 DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column", "column_type",
                "column_nullable", "missing_index", "extra_index")
 SEVERITIES = ("critical", "warning", "info")
+RISK_LEVELS = ("low", "high", "critical")  # agent/preflight/risk.py LEVELS
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
 
@@ -192,6 +196,10 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         yield MIGRATION_PRIVILEGES_OK, (n,), _b(u.migration_privileges_ok)
     for kind, total in sorted(u.journal_schema_errors.items()):
         yield JOURNAL_SCHEMA_ERRORS, (n, kind), float(total)
+    if u.preflight is not None and not u.preflight.get("error"):
+        counts = u.preflight.get("counts") or {}
+        for level in RISK_LEVELS:  # always all three: stable series, bounded labels
+            yield PENDING_MIGRATION_RISK, (n, level), float(counts.get(level, 0))
     severities = Counter(f.severity for f in u.findings)
     for severity in (*SEVERITIES, *sorted(set(severities) - set(SEVERITIES))):
         yield FINDINGS, (n, severity), float(severities.get(severity, 0))

@@ -193,6 +193,13 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
         table = "" if m.get("version_table_present", True) else \
             f" [no {m.get('version_table') or 'alembic_version'} table]"
         rows.append(("revision", f"{current}, head {heads}: {pend}{extra}{table}"))
+    pre = unit.get("preflight")  # agent/preflight/watch.py summary
+    if pre and pre.get("error"):
+        rows.append(("preflight", pre["error"]))
+    elif pre and pre.get("revisions"):
+        worst = next((r for r in pre["revisions"] if r["risk"] == pre["risk"]),
+                     pre["revisions"][0])
+        rows.append(("preflight", f"{pre['risk']}: {worst['revision']}: {worst['reason']}"))
     drift = unit.get("schema_drift")
     if drift is None and m is not None and m.get("in_progress"):
         rows.append(("drift", "held back while a migration runs"))

@@ -70,6 +70,9 @@ class UnitSnapshot:
     migration_privileges_ok: bool | None = None
     applied_migrations_modified: int = 0
     journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total
+    # agentctl plan's preflight (agent/preflight/watch.py summary): risk, counts per level,
+    # one line per pending revision; None when it did not run
+    preflight: dict[str, Any] | None = None
     checks: tuple[CheckRun, ...] = ()
     findings: tuple[Finding, ...] = ()
 

@@ -12,6 +12,9 @@ from typing import Any, TextIO
 from agent.context import AppContext
 from agent.errors import DriftwatchError
 from agent.inspection import inspect_unit
+from agent.preflight.command import Preflight
+from agent.preflight.command import refusal as preflight_refusal
+from agent.preflight.plan import render as render_preflight
 from agent.snapshot import MigrationState, UnitSnapshot
 from agent.sources.systemd import SystemdSource
 from agent.unitexec import (
@@ -155,6 +158,7 @@ class UpgradeOptions:
     lock_retries: int = 3            # upgrade attempts after one gave up waiting for a lock
     retry_delay: float = 1.0         # first pause between attempts, doubled each time
     timeout: float = 600.0           # the whole flask db upgrade, then it is stopped
+    accept_risk: bool = False  # go on even when the preflight rates a revision critical
 
 
 Inspect = Callable[[str], UnitSnapshot]
@@ -166,10 +170,11 @@ class Upgrader:
 
     def __init__(self, options: UpgradeOptions, systemd: SystemdSource, inspect: Inspect,
                  confirm: Confirm | None, out: TextIO, euid: int,
-                 resolve: Resolver | None = None) -> None:
+                 resolve: Resolver | None = None, preflight: Preflight | None = None) -> None:
         self.options, self.systemd, self.inspect = options, systemd, inspect
         self.confirm, self.out, self.euid = confirm, out, euid
         self.resolve = resolve  # gunicorn's config resolution (None: the real one)
+        self.preflight = preflight  # agentctl plan's preflight (None: not shown)
 
     def run(self) -> int:
         """check -> plan -> confirm -> still as shown? -> flask db upgrade TARGET -> verify
@@ -186,6 +191,7 @@ class Upgrader:
                 self._restart(unit.main_pid)
             return EXIT_OK
         self.out.write(render_plan(unit, decision, self.options.restart))
+        self._preflight(unit)
         self._confirm(unit.unit)
         self._still_as_shown(unit)
         self._flask_upgrade(unit, decision.target)
@@ -201,6 +207,16 @@ class Upgrader:
         if self.options.restart:
             self._restart(after.main_pid or unit.main_pid)
         return EXIT_OK
+
+    def _preflight(self, unit: UnitSnapshot) -> None:
+        """Show what each pending revision locks; refuse a critical one unless accepted."""
+        if self.preflight is None:
+            return
+        plan = self.preflight(unit)
+        self.out.write(render_preflight(plan, verbose=False))
+        reason = preflight_refusal(plan, self.options.accept_risk)
+        if reason:
+            raise UpgradeError(reason, EXIT_PROBLEMS)
 
     def _confirm(self, name: str) -> None:
         if self.options.assume_yes:

@@ -502,7 +502,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,
-               secrets: list[str]) -> tuple[bytes, int | None, str, bool] | ProbeResult:
+               secrets: list[str], source_text: str | None = None,
+               ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
     """Start child.py as the unit's user with doc as its request, in its own process group,
     and collect (report bytes, returncode, output tail, timed out); a setup failure comes
     back as a failed ProbeResult. The whole group is killed at the end, whatever happens."""
@@ -512,7 +513,7 @@ def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], time
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
-        source = CHILD_SOURCE_PATH.read_text()
+        source = CHILD_SOURCE_PATH.read_text() if source_text is None else source_text
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     env[REQUEST_ENV] = json.dumps(doc)

@@ -1,0 +1,100 @@
+"""The preflight inside every inspection: a summary for /status, the metric, and a finding.
+
+The offline SQL only changes with the code or the database's revision, so it is memoised by
+the probe's code fingerprint and the current revisions; the live part (sizes, lock holders)
+is read again on every inspection, since that is what changes minute by minute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.context import AppContext
+from agent.model import Finding
+from agent.preflight.live import read_live
+from agent.preflight.plan import LiveReader, Plan, assemble, printable
+from agent.preflight.probe import OfflineResult, run_offline
+from agent.preflight.risk import LEVELS
+from agent.snapshot import MigrationState
+
+log = logging.getLogger("driftwatch.preflight")
+MAX_SUMMARY_REVISIONS = 20
+OfflineRunner = Callable[[AppContext, list[str], list[str], float], OfflineResult]
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+    """The /status form: overall risk, counts per level, one line per revision."""
+    return {
+        "risk": plan.level if plan.revisions else "",
+        "counts": plan.counts(),
+        "error": plan.error,
+        "revisions": [{"revision": printable(r.revision), "risk": r.level,
+                       "reason": printable(r.reason), "rules": list(r.rules), "safer": r.safer}
+                      for r in plan.revisions[:MAX_SUMMARY_REVISIONS]],
+    }
+
+
+def finding(unit: str, plan: Plan) -> Finding | None:
+    """A warning naming the first critical pending revision (None when there is none)."""
+    critical = plan.critical
+    if not critical:
+        return None
+    first = critical[0]
+    return Finding("pending_migration_risk", "warning",
+                   f"{unit}: {len(critical)} pending revision(s) rated critical by the "
+                   f"preflight; {first.revision}: {first.reason}",
+                   f"agentctl plan {unit} (safer: {first.safer or 'see the plan'})")
+
+
+@dataclass
+class _Memo:
+    key: tuple[str, tuple[str, ...], tuple[str, ...]]
+    offline: OfflineResult
+
+
+class PreflightWatch:
+    """Per unit: the memoised offline SQL, re-weighed against the live database each time."""
+
+    def __init__(self, timeout: float, offline: OfflineRunner = run_offline,
+                 reader: LiveReader = read_live) -> None:
+        self.timeout, self.offline, self.reader = timeout, offline, reader
+        self._memo: dict[str, _Memo] = {}
+        self.offline_runs = 0
+
+    def check(self, unit: str, ctx: AppContext, migrations: MigrationState | None,
+              code_key: str, stale: bool = False,
+              ) -> tuple[dict[str, Any] | None, Finding | None]:
+        """(summary, finding) for a unit; never raises."""
+        if migrations is None or migrations.in_progress:
+            return None, None
+        if not migrations.pending:
+            self._memo.pop(unit, None)
+            return {"risk": "", "counts": {level: 0 for level in LEVELS}, "error": "",
+                    "revisions": []}, None
+        key = (code_key, tuple(migrations.current), tuple(migrations.heads))
+        try:
+            memo = self._memo.get(unit)
+            if memo is None or memo.key != key or not code_key:
+                result = self.offline(ctx, list(migrations.current), list(migrations.heads),
+                                      self.timeout)
+                self.offline_runs += 1
+                memo = _Memo(key, result)
+                if result.ok:
+                    self._memo[unit] = memo
+            plan = assemble(unit, key[1], key[2], memo.offline, self.reader,
+                            stale_workers=stale)
+        except Exception as exc:  # the preflight must never cost the rest of the inspection
+            log.exception("preflight of %s failed", unit)
+            return {"risk": "", "counts": {}, "error": f"preflight failed: {exc}",
+                    "revisions": []}, None
+        return summary(plan), finding(unit, plan)
+
+    def invalidate(self, unit: str | None = None) -> None:
+        """Forget the memoised SQL (of one unit, or all)."""
+        if unit is None:
+            self._memo.clear()
+        else:
+            self._memo.pop(unit, None)
