@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from agent.checks.unit import UnitFacts, check_working_directory
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
+from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -180,7 +182,7 @@ class Inspector:
         if url:
             fields["database"] = database.db_label(url)
             self._connections_check(unit, url, report, timer, fields, findings)
-            inspection = self._database_check(unit, url, timer, fields, findings)
+            inspection = self._database_check(unit, url, report, timer, fields, findings)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
                     and inspection.schema_fingerprint
@@ -230,12 +232,19 @@ class Inspector:
             return result
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
 
-    def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
-                        findings: list[Finding]) -> database.DatabaseInspection | None:
-        """One short read-only session: version table, activity, privileges, schema hash."""
+    def _database_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
+                        fields: dict[str, Any], findings: list[Finding],
+                        ) -> database.DatabaseInspection | None:
+        """One short read-only session: version table, activity, privileges, schema hash.
+
+        The session is held by a child running as the unit's user in the unit's environment
+        (libpq reads that user's ~/.pgpass and service files, never root's); root only
+        sends the statements and parses the rows.
+        """
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         with timer.check("database") as res:
-            inspection = database.inspect(url, timeouts=timeouts)
+            opener = functools.partial(user_session, report.context)
+            inspection = database.inspect(url, timeouts=timeouts, opener=opener)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error

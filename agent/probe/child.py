@@ -633,6 +633,13 @@ def main(argv):
         if os.getuid() == 0 or os.geteuid() == 0:
             if not request.get("allow_root"):
                 raise PermissionError("refusing to load app code as root")
+        # Before anything of the app runs (its gunicorn config file included): every engine
+        # it creates gets read-only, bounded transactions (agent/asuser/readonly.py,
+        # bundled in front of this file by the runner).
+        guard = globals().get("install_readonly_guard")
+        if guard is None:
+            raise RuntimeError("the read-only guard is missing from the probe")
+        guard(request.get("guard") or {})
         gunicorn_app = prepare(request, report)
         # resolve_only (agentctl exec/upgrade): gunicorn's settings are all that is wanted;
         # the app is not imported and nothing else runs.

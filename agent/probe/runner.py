@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from agent.context import AppContext
 from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
+from agent.privileged.launch import bundle
 from agent.secrets import MASK, is_secret_name, mask_url
 
 PROTOCOL = 1
@@ -233,7 +234,11 @@ def privilege_plan(identity: Identity, euid: int, allow_root: bool) -> dict[str,
 # -- environment ------------------------------------------------------------------------------
 
 def pgoptions(existing: str, request: ProbeRequest) -> str:
-    """Append read-only and timeout settings to PGOPTIONS; later -c options win in PostgreSQL."""
+    """PGOPTIONS with read-only and timeout settings appended (later -c options win).
+
+    Not used by the probe any more (see build_probe_env); kept for callers that connect
+    straight to PostgreSQL and want a session-level default as well.
+    """
     ours = (f"-c default_transaction_read_only=on "
             f"-c statement_timeout={int(request.statement_timeout_ms)} "
             f"-c lock_timeout={int(request.lock_timeout_ms)} "
@@ -268,9 +273,13 @@ def build_unit_env(ctx: AppContext, identity: Identity, gunicorn_env: bool = Tru
 
 def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
                     ) -> dict[str, str]:
-    """The unit's environment plus the probe's safety settings (read-only, timeouts)."""
+    """The unit's environment plus the probe's connect-time defaults.
+
+    Read-only and timeouts are not put in PGOPTIONS any more: a URL's options= replaces it,
+    and PgBouncer refuses the options startup parameter. The child's read-only guard
+    (agent/asuser/readonly.py) sets them inside every transaction instead, and verifies them.
+    """
     env = build_unit_env(ctx, identity, gunicorn_env=False)
-    env["PGOPTIONS"] = pgoptions(env.get("PGOPTIONS", ""), request)
     env.setdefault("PGAPPNAME", "driftwatch-probe")  # visible in pg_stat_activity
     # A blackholed database host then gives a "database" error, not a probe timeout.
     env.setdefault("PGCONNECT_TIMEOUT", str(int(request.connect_timeout_s)))
@@ -291,7 +300,16 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "gunicorn_env": list(launch.gunicorn_env),
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
-            "allow_root": request.allow_root, "resolve_only": False}
+            "allow_root": request.allow_root, "resolve_only": False,
+            "guard": guard_settings(request)}
+
+
+def guard_settings(request: ProbeRequest) -> dict[str, Any]:
+    """What the child's read-only guard sets at the start of every transaction."""
+    return {"statement_timeout_ms": int(request.statement_timeout_ms),
+            "lock_timeout_ms": int(request.lock_timeout_ms),
+            "idle_in_transaction_timeout_ms": int(request.idle_in_transaction_timeout_ms),
+            "application_name": "driftwatch-probe"}
 
 
 def probe_start_dir(ctx: AppContext) -> str:
@@ -504,7 +522,7 @@ def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], time
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
-        source = CHILD_SOURCE_PATH.read_text()
+        source = bundle(CHILD_SOURCE_PATH)  # the read-only guard first
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     env[REQUEST_ENV] = json.dumps(doc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -541,11 +541,16 @@ class DatabaseInspection:
 
 
 def inspect(url: str | URL, table: str = "alembic_version", schema: str | None = None,
-            timeouts: Timeouts = DEFAULT_TIMEOUTS) -> DatabaseInspection:
-    """Version table, migration activity, privileges, identity, role sessions: one session."""
+            timeouts: Timeouts = DEFAULT_TIMEOUTS,
+            opener: Callable[[Any, Timeouts], Any] | None = None) -> DatabaseInspection:
+    """Version table, migration activity, privileges, identity, role sessions: one session.
+
+    opener(url, timeouts) opens it (default: session() in this process); the agent passes
+    agent.privileged.dbclient.user_session, so the session is held as the unit's user.
+    """
     started, label = time.monotonic(), db_label(url)
     try:
-        with session(url, timeouts) as conn:
+        with (opener or session)(url, timeouts) as conn:
             # Activity first: it explains a lock timeout on the version table that follows.
             sessions_, hidden = query_migration_activity(conn, table, schema)
             exists, revisions, locked = query_version_table(conn, table, schema)
