@@ -10,7 +10,7 @@ import functools
 import os
 import pwd
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,11 @@ from sqlalchemy.exc import DBAPIError
 from agent.context import AppContext, ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties
 from agent.privileged.dbclient import user_session
+from agent.probe import ProbeRequest, run_probe
 from agent.sources import database
-from tests.harness.apps import APP_USER, new_workspace
+from tests.harness.apps import APP_USER, AppDir, AppSpec, db_upgrade, db_write_hook, new_workspace
 from tests.harness.postgres import PgDatabase, sqlalchemy_url
+from tests.integration.test_probe import make_ctx
 
 pytestmark = pytest.mark.postgres
 
@@ -152,3 +154,15 @@ def test_unit_without_user_gets_no_session_as_root(flask_venv: Path,
     opener = functools.partial(user_session, unit_ctx(flask_venv, user=""))
     found = database.inspect(pg_database.url, timeouts=TIMEOUTS, opener=opener)
     assert not found.reachable and "root" in found.error
+
+
+def test_probe_app_writing_at_import_with_options_in_its_url_writes_nothing(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    """issue 7: options= in the app's URL replaced PGOPTIONS, so import-time code could write."""
+    app = make_app(AppSpec(on_create=db_write_hook("import_side_effect")))
+    db_upgrade(app, flask_venv, pg_database.url)
+    before = pg_database.execute("SELECT count(*) FROM import_side_effect")
+    url = pg_database.url + "?options=-c%20default_transaction_read_only%3Doff"
+    result = run_probe(make_ctx(app, flask_venv, {"DATABASE_URL": url}), ProbeRequest(), 60)
+    assert not result.ok and "read-only transaction" in result.error
+    assert pg_database.execute("SELECT count(*) FROM import_side_effect") == before
