@@ -133,7 +133,8 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
                    "environment": [{"name": n, "value": v,
                                     "source": ctx.environment_sources.get(n, "")}
                                    for n, v in shown.items()],
-                   "environment_files": [f.as_dict() for f in ctx.environment_files]},
+                   "environment_files": [f.as_dict() for f in ctx.environment_files],
+                   "unset_environment": list(ctx.unset_variables)},
                   out, indent=2)
         out.write("\n")
         return EXIT_OK
@@ -142,6 +143,8 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
     for state in ctx.environment_files:
         status = "present" if state.exists else (state.error or "missing")
         out.write(f"# EnvironmentFile={'-' if state.optional else ''}{state.path} ({status})\n")
+    if ctx.unset_variables:
+        out.write(f"# UnsetEnvironment={' '.join(ctx.unset_variables)} (removed last)\n")
     width = max((len(f"{n}={shlex.quote(v)}") for n, v in shown.items()), default=0)
     for name, value in shown.items():
         line = f"{name}={shlex.quote(value)}"

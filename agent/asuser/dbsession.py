@@ -73,8 +73,8 @@ def _end(conn):
         conn.connection.rollback()
 
 
-def serve(request, fd_in, fd_out):
-    """Connect, then answer statements until EOF."""
+def serve(request, fd_in, fd_out, lines=None):
+    """Connect, then answer statements until EOF (lines: an already started reader)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
     engine = create_engine(request["url"], poolclass=NullPool)
@@ -90,7 +90,7 @@ def serve(request, fd_in, fd_out):
         if str(state).lower() != "on":
             raise RuntimeError("the session is not read-only")
         _write(fd_out, {"ok": True})
-        for line in _lines(fd_in):
+        for line in lines if lines is not None else _lines(fd_in):
             try:
                 ask = json.loads(line)
                 sql = str(ask["sql"])
@@ -118,17 +118,29 @@ def serve(request, fd_in, fd_out):
 
 def main(argv):
     """Entry point: argv = [FD_IN, FD_OUT]."""
-    fd_in, fd_out = int(argv[0]), int(argv[1])
+    stdio = argv[0] == "stdio"
+    if stdio:
+        # A transient unit (agent/privileged/transient.py): statements on stdin, answers on
+        # the stdout pipe, the request as the first line of stdin; stray prints to stderr.
+        fd_in, fd_out = 0, os.dup(1)
+        os.dup2(2, 1)
+    else:
+        fd_in, fd_out = int(argv[0]), int(argv[1])
     for fd in (fd_in, fd_out):
         os.set_inheritable(fd, False)
     try:
-        request = json.loads(os.environ.pop(DB_REQUEST_ENV, "") or "{}")
+        if stdio:
+            lines = _lines(fd_in)
+            request = json.loads(next(lines, b"{}"))
+        else:
+            lines = None
+            request = json.loads(os.environ.pop(DB_REQUEST_ENV, "") or "{}")
         if os.getuid() == 0 or os.geteuid() == 0:
             if not request.get("allow_root"):
                 raise PermissionError("refusing to open the app's database session as root")
         if not install_readonly_guard(request.get("guard") or {}):  # noqa: F821 (bundled)
             raise ImportError("the app's interpreter cannot import SQLAlchemy")
-        serve(request, fd_in, fd_out)
+        serve(request, fd_in, fd_out, lines)
     except BaseException as exc:
         try:
             _write(fd_out, {"ok": False, "error": "the database session failed: %s: %s"

@@ -19,13 +19,15 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.exc import DBAPIError
 
 from agent.context import AppContext
+from agent.privileged import transient
 from agent.privileged.launch import DBSESSION, bundle
 from agent.probe.runner import (
+    SYSTEMD_DEFAULT_PATH,
     ProbeSetupError,
     build_unit_env,
     interpreter,
@@ -35,6 +37,7 @@ from agent.probe.runner import (
     secret_values,
 )
 from agent.sources.database import DatabaseProblem, Timeouts, db_label, describe_error
+from agent.sources.systemd import SystemdSource
 
 DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
 APPLICATION_NAME = "driftwatch"
@@ -60,6 +63,7 @@ class SessionSettings:
     # Root gives up on one statement after this (the server's statement_timeout is shorter).
     answer_s: float = 10.0
     allow_root: bool = False
+    probe_user: str = ""
 
     def guard(self) -> dict[str, Any]:
         """The settings of the child's read-only guard."""
@@ -123,9 +127,9 @@ def rows_of(doc: Mapping[str, Any]) -> list[tuple[Any, ...]]:
 class RemoteConnection:
     """Sends one statement at a time to the child and waits (bounded) for its rows."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], fd_out: int, settings: SessionSettings,
+    def __init__(self, writer: BinaryIO, fd_out: int, settings: SessionSettings,
                  secrets: list[str]) -> None:
-        self._proc = proc
+        self._writer = writer
         self._fd = fd_out
         self._buf = b""
         self._settings = settings
@@ -160,10 +164,9 @@ class RemoteConnection:
         """Run one statement (a TextClause or SQL text) as the unit's user."""
         sql = str(getattr(clause, "text", clause))
         request = json.dumps({"sql": sql, "params": dict(params or {})}).encode() + b"\n"
-        assert self._proc.stdin is not None
         try:
-            self._proc.stdin.write(request)
-            self._proc.stdin.flush()
+            self._writer.write(request)
+            self._writer.flush()
             doc = self.read_line(self._settings.answer_s)
         except (OSError, RemoteError) as exc:
             raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))) from None
@@ -199,12 +202,22 @@ def session_env(ctx: AppContext, identity: Any, settings: SessionSettings, url: 
 
 @contextmanager
 def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
-                 allow_root: bool = False) -> Iterator[RemoteConnection]:
-    """The agent's read-only session on url, held as the unit's user (DatabaseProblem)."""
+                 allow_root: bool = False, probe_user: str = "",
+                 ) -> Iterator[RemoteConnection]:
+    """The agent's read-only session on url, held as the unit's user (DatabaseProblem).
+
+    Where systemd runs the machine, the child is a transient unit with the app unit's own
+    execution settings (units without User= get a dynamic user, or probe_user); elsewhere
+    a child process dropped to the unit's User=/Group=.
+    """
     label = db_label(url)
     settings = SessionSettings(timeouts, answer_s=max(5.0, timeouts.statement_ms / 1000 + 5),
-                               allow_root=allow_root)
+                               allow_root=allow_root, probe_user=probe_user)
     secrets = secret_values(ctx.environment, [url])
+    if transient.available(ctx.exec_settings):
+        with _transient_session(ctx, url, settings, secrets, label) as conn:
+            yield conn
+        return
     try:
         identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
         drop = privilege_plan(identity, os.geteuid(), allow_root)
@@ -226,7 +239,8 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
                                   f"{identity.name}: {exc.strerror or exc}") from None
         os.close(write_fd)
         write_fd = -1
-        conn = RemoteConnection(proc, read_fd, settings, secrets)
+        assert proc.stdin is not None
+        conn = RemoteConnection(proc.stdin, read_fd, settings, secrets)
         try:
             try:
                 hello = conn.read_line(START_GRACE_S + timeouts.connect_s)
@@ -250,3 +264,63 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+
+
+@contextmanager
+def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
+                       secrets: list[str], label: str) -> Iterator[RemoteConnection]:
+    """The session child as a transient unit with the app unit's execution settings
+    (credentials, DynamicUser=, sandboxing as for the app); stdin/stdout are root's pipes."""
+    try:
+        python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
+    except ProbeSetupError as exc:
+        raise DatabaseProblem(f"database {label}: {scrub(str(exc), secrets)}") from None
+    defaults = {"PGAPPNAME": APPLICATION_NAME,
+                "PGCONNECT_TIMEOUT": str(int(settings.timeouts.connect_s))}
+    limits = transient.Limits(runtime_max_s=START_GRACE_S + settings.timeouts.connect_s
+                              + 30 * settings.answer_s, memory_max_bytes=256 * 1024 * 1024)
+    props = transient.transient_properties(
+        ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}",
+        extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
+        limits=limits, probe_user=settings.probe_user)
+    request = json.dumps({"url": url, "guard": settings.guard(), "allow_root": False})
+    bus = SystemdSource()
+    fds: list[int] = []
+    unit = None
+    try:
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        null = os.open(os.devnull, os.O_WRONLY)
+        fds += [req_r, req_w, ans_r, ans_w, null]
+        try:
+            unit = transient.start(bus, transient.unit_name(ctx.unit + "-db"),
+                                   [python, "-B", "-c", bundle(DBSESSION), "stdio"], props,
+                                   req_r, ans_w, null)
+        except transient.TransientError as exc:
+            raise DatabaseProblem(f"database {label}: cannot start the session unit: "
+                                  f"{scrub(str(exc), secrets)}") from None
+        for fd in (req_r, ans_w, null):
+            os.close(fd)
+            fds.remove(fd)
+        fds.remove(req_w)
+        with os.fdopen(req_w, "wb", buffering=0) as writer:
+            writer.write(request.encode() + b"\n")
+            conn = RemoteConnection(writer, ans_r, settings, secrets)
+            try:
+                hello = conn.read_line(START_GRACE_S + settings.timeouts.connect_s)
+            except RemoteError as exc:
+                raise DatabaseProblem(f"database {label} error: {exc}") from None
+            if not hello.get("ok"):
+                reason = scrub(str(hello.get("error") or "no session"), secrets)
+                raise DatabaseProblem(describe_error(label, RemoteError(reason)))
+            try:
+                yield conn
+            except DBAPIError as exc:
+                raise DatabaseProblem(describe_error(label, exc)) from None
+    finally:
+        if unit is not None:
+            unit.kill()
+            unit.wait_gone()
+        for fd in fds:
+            os.close(fd)
+        bus.close()

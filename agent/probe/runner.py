@@ -22,8 +22,10 @@ from urllib.parse import unquote, urlsplit
 from agent.context import AppContext
 from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
+from agent.privileged import transient
 from agent.privileged.launch import bundle
 from agent.secrets import MASK, is_secret_name, mask_url
+from agent.sources.systemd import SystemdSource
 
 PROTOCOL = 1
 CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
@@ -70,6 +72,8 @@ class ProbeRequest:
     connect_timeout_s: int = 5
     # Units without User= run as root; loading their code as root breaks safety rule 2.
     allow_root: bool = False
+    # Units without User=: run the probe as this user ("" = a DynamicUser= of systemd's).
+    probe_user: str = ""
 
 
 @dataclass(frozen=True)
@@ -511,11 +515,73 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
+                   timeout: float, secrets: list[str],
+                   ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
+    """child.py as a transient systemd unit carrying the app unit's execution settings;
+    request on stdin, report on stdout, output tail from stderr, all pipes root owns."""
+    started = time.monotonic()
+    try:
+        python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
+        source = bundle(CHILD_SOURCE_PATH)
+    except ProbeSetupError as exc:
+        return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
+    data = json.dumps(doc).encode()
+    if len(data) > 60000:  # written into the pipe before the start: must fit its buffer
+        return ProbeResult(ok=False, error_kind="internal", error="probe request too large")
+    defaults = {"PGAPPNAME": "driftwatch-probe",
+                "PGCONNECT_TIMEOUT": str(int(request.connect_timeout_s))}
+    props = transient.transient_properties(
+        ctx.exec_settings, description=f"driftwatch probe for {ctx.unit}",
+        extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
+        limits=transient.Limits(runtime_max_s=timeout + 1), probe_user=request.probe_user)
+    fds: list[int] = []
+    source_bus = SystemdSource()
+    try:
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        out_r, out_w = os.pipe()
+        fds += [req_r, req_w, rep_r, rep_w, out_r, out_w]
+        os.write(req_w, data)
+        os.close(req_w)
+        fds.remove(req_w)
+        try:
+            unit = transient.start(source_bus, transient.unit_name(ctx.unit),
+                                   [python, "-B", "-c", source, "stdio"], props,
+                                   req_r, rep_w, out_w)
+        except transient.TransientError as exc:
+            return ProbeResult(ok=False, error_kind="internal",
+                               error=scrub(f"cannot start the probe unit: {exc}", secrets))
+        for fd in (req_r, rep_w, out_w):  # systemd holds its own copies now
+            os.close(fd)
+            fds.remove(fd)
+        try:
+            raw, tail, timed_out = transient.collect(unit, rep_r, out_r, started + timeout,
+                                                     MAX_REPORT_BYTES)
+            returncode = unit.state()[1]
+        finally:
+            unit.kill()  # the whole cgroup, whatever the app left running
+            unit.wait_gone()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        source_bus.close()
+    return raw, returncode, tail.decode("utf-8", "replace"), timed_out
+
+
 def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,
                secrets: list[str]) -> tuple[bytes, int | None, str, bool] | ProbeResult:
     """Start child.py as the unit's user with doc as its request, in its own process group,
     and collect (report bytes, returncode, output tail, timed out); a setup failure comes
-    back as a failed ProbeResult. The whole group is killed at the end, whatever happens."""
+    back as a failed ProbeResult. The whole group is killed at the end, whatever happens.
+
+    Where systemd runs the machine, the child is a transient unit instead (_run_transient):
+    systemd builds its context from the app unit's own settings and a stop ends its cgroup.
+    The process-group path is the fallback without systemd (and for contexts not read from
+    systemd, as in the integration tests).
+    """
+    if transient.available(ctx.exec_settings):
+        return _run_transient(ctx, request, doc, timeout, secrets)
     started = time.monotonic()
     try:
         identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
