@@ -113,6 +113,9 @@ def add_inspection_options(parser: argparse.ArgumentParser) -> None:
                         help="database connect/statement timeout (default 5)")
     parser.add_argument("--state-dir", default="/var/lib/driftwatch", metavar="DIR",
                         help="where applied-migration hashes are remembered")
+    parser.add_argument("--probe-user", default="", metavar="USER",
+                        help="units without User=: probe as this user (default: a systemd "
+                             "dynamic user)")
 
 
 def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
@@ -173,7 +176,8 @@ def make_inspector(args: argparse.Namespace, systemd: SystemdSource) -> Inspecto
     settings = InspectorSettings(probe_timeout_seconds=args.probe_timeout,
                                  db_timeout_seconds=args.db_timeout,
                                  state_path=f"{args.state_dir.rstrip('/')}/state.db",
-                                 bus_timeout_seconds=args.bus_timeout)
+                                 bus_timeout_seconds=args.bus_timeout,
+                                 probe_user=getattr(args, "probe_user", ""))
     return Inspector(settings, systemd=systemd)
 
 

@@ -43,6 +43,8 @@ class Config:
     journal_window_seconds: float = 3600.0
     state_dir: str = "/var/lib/driftwatch"
     log_level: str = "info"
+    # Units without User=: the probe runs as this user ("" = a systemd dynamic user).
+    probe_user: str = ""
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = ""                      # the file this came from, "" for built-in defaults
 
@@ -66,6 +68,7 @@ _AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "journal_window_seconds": ((int, float), "a number"),
     "state_dir": ((str,), "a string"),
     "log_level": ((str,), "one of " + ", ".join(LOG_LEVELS)),
+    "probe_user": ((str,), "a user name (not root)"),
 }
 _TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "cert_file": ((str,), "a string (path)"),
@@ -129,6 +132,8 @@ def _validate(config: Config, where: str) -> None:
         if getattr(config, name) < 0 or (name != "min_interval_seconds"
                                          and getattr(config, name) == 0):
             raise ConfigError(f"{where}: '{name}' must be positive")
+    if config.probe_user in ("root", "0"):
+        raise ConfigError(f"{where}: 'probe_user' must not be root: app code never runs as root")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where}: 'log_level' must be one of {', '.join(LOG_LEVELS)}, "
                           f"not {config.log_level!r}")

@@ -46,6 +46,8 @@ class InspectorSettings:
     probe_max_age_seconds: float = 900.0
     state_path: str = "/var/lib/driftwatch/state.db"
     bus_timeout_seconds: float = 5.0
+    # Units without User=: the probe and the session run as this user ("" = dynamic user).
+    probe_user: str = ""
 
     @classmethod
     def from_config(cls, config: Any) -> "InspectorSettings":
@@ -220,7 +222,8 @@ class Inspector:
             else:
                 request = ProbeRequest(
                     statement_timeout_ms=int(self.settings.db_timeout_seconds * 1000),
-                    connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)))
+                    connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)),
+                    probe_user=self.settings.probe_user)
                 result = self._probe(ctx, request, self.settings.probe_timeout_seconds)
                 self.probe_runs += 1
                 # Recompute with the migrations dir the probe found, so edits there count.
@@ -243,7 +246,8 @@ class Inspector:
         """
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         with timer.check("database") as res:
-            opener = functools.partial(user_session, report.context)
+            opener = functools.partial(user_session, report.context,
+                                       probe_user=self.settings.probe_user)
             inspection = database.inspect(url, timeouts=timeouts, opener=opener)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:

@@ -32,7 +32,7 @@ from agent.probe.runner import (
     build_unit_env,
     interpreter,
     privilege_plan,
-    resolve_identity,
+    unit_identity,
     scrub,
     secret_values,
 )
@@ -219,7 +219,7 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
             yield conn
         return
     try:
-        identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
+        identity = unit_identity(ctx, probe_user)
         drop = privilege_plan(identity, os.geteuid(), allow_root)
         env = session_env(ctx, identity, settings, url)
         python = interpreter(ctx, env)

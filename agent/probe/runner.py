@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import selectors
 import shlex
 import shutil
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -148,7 +149,11 @@ class ProbeResult:
             "database": "check that the database is reachable with the app's URL",
             "timeout": "the app's import hangs or is very slow; look for network calls at "
                        "import time",
-            "privileges": "run the agent as root so it can take the unit's User=/Group=",
+            "privileges": "run the agent as root so it can take the unit's User=/Group=; "
+                          "for a unit without User=: grant read access to the file named "
+                          "(e.g. chmod o+r, or a group the probe user is in), or set "
+                          "probe_user in agent.toml to a user who can read it (never root), "
+                          "or give the unit a User=",
         }.get(self.error_kind, "")
         check = FINDING_CHECKS.get(self.error_kind, "probe_failed")
         return Finding(check, "critical", self.error, remedy)
@@ -209,6 +214,14 @@ def resolve_identity(user: str, group: str, supplementary: Iterable[str], *,
     for extra in supplementary:
         groups.append(_gid(extra, getgrnam))
     return Identity(name, uid, gid, tuple(dict.fromkeys(groups)), home, shell)
+
+
+def unit_identity(ctx: AppContext, probe_user: str = "") -> Identity:
+    """Who per-unit work runs as without systemd: the unit's User=, else probe_user (units
+    without User= would otherwise mean root), else root (refused by privilege_plan)."""
+    if not ctx.user and probe_user:
+        return resolve_identity(probe_user, "", ())
+    return resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
 
 
 def _gid(group: str, getgrnam: Callable[[str], Any]) -> int:
@@ -584,7 +597,7 @@ def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], time
         return _run_transient(ctx, request, doc, timeout, secrets)
     started = time.monotonic()
     try:
-        identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
+        identity = unit_identity(ctx, request.probe_user)
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
@@ -632,8 +645,29 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
     if isinstance(ran, ProbeResult):
         return ran
     raw, returncode, tail, timed_out = ran
-    return parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
-                        duration=time.monotonic() - started, secrets=secrets)
+    result = parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
+                          duration=time.monotonic() - started, secrets=secrets)
+    return unreadable_as_stand_in(ctx, request, result)
+
+
+_DENIED = re.compile(r"Permission denied: '([^']+)'|cannot enter the working directory (\S+):")
+
+
+def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: ProbeResult,
+                           ) -> ProbeResult:
+    """Pure: a unit without User= is probed as a stand-in user (a dynamic user, or
+    probe_user); when that user cannot read a file the app needs, say which and the fix."""
+    if ctx.user or result.ok or ctx.dynamic_user:
+        return result
+    found = _DENIED.search(result.error) or _DENIED.search(result.output_tail)
+    if not found:
+        return result
+    path = found.group(1) or found.group(2)
+    who = f"probe_user {request.probe_user}" if request.probe_user else \
+        "a dynamic user (DynamicUser=yes)"
+    return replace(result, error_kind="privileges", error=(
+        f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as root "
+        f"and ran as {who}, which cannot read {path}"))
 
 
 # -- gunicorn's configuration alone (agentctl exec / upgrade) ---------------------------------

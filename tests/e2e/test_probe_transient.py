@@ -9,6 +9,7 @@ User=) and be bounded by limits of their own (a timeout ends the whole cgroup, m
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from collections.abc import Callable
@@ -177,3 +178,24 @@ def test_memory_stays_under_the_probes_limit(site: SiteFactory) -> None:
     code, unit = s.check()
     failed = finding(unit, "app_load_failed")
     assert failed is not None and "MemoryError" in failed["message"], unit["findings"]
+
+
+def test_unit_without_user_unreadable_file_is_one_finding_naming_it(
+        site: SiteFactory, make_app: Callable[..., AppDir]) -> None:
+    """gunicorn runs as root and reads a root-only module; the probe may not: say which."""
+    app = make_app(AppSpec(on_import="from . import settings_local\n",
+                           extra_files={"app/settings_local.py": "LOCAL = 1\n"}))
+    private = app.root / "app" / "settings_local.py"
+    private.chmod(0o640)
+    os.chown(private, 0, 33)  # root:www-data
+    s = site(app=app, user=None, group=None)
+    code, unit = s.check()
+    found = [f for f in unit["findings"] if str(private) in f["message"]]
+    assert len(found) == 1 and found[0]["check"] == "probe_privileges", unit["findings"]
+    assert "probe_user" in found[0]["remedy"]
+    # The fix the finding names: a probe user who can read it (www-data's group can).
+    proc = s.agentctl("check", UNIT, "--json", "--probe-timeout", "30", "--probe-user",
+                      "www-data")
+    unit = json.loads(proc.stdout)["units"][0]
+    assert unit["migrations"]["current"] == ["r3"], unit["findings"]
+    assert not [f for f in unit["findings"] if f["check"] == "probe_privileges"]
