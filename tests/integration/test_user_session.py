@@ -166,3 +166,73 @@ def test_probe_app_writing_at_import_with_options_in_its_url_writes_nothing(
     result = run_probe(make_ctx(app, flask_venv, {"DATABASE_URL": url}), ProbeRequest(), 60)
     assert not result.ok and "read-only transaction" in result.error
     assert pg_database.execute("SELECT count(*) FROM import_side_effect") == before
+
+
+# -- root's own libpq files: a URL must not make root use them -------------------------------
+# The agent runs as root; root's ~/.pgpass and ~/.pg_service.conf are stood in for by
+# PGPASSFILE / PGSERVICEFILE in the agent's (this test process's) environment.
+
+def test_hostaddr_cannot_send_roots_password_elsewhere(
+        flask_venv: Path, pg_database: PgDatabase, secret_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """host= names a host root has a password for, hostaddr= sends it to another server."""
+    roots = secret_dir / "pgpass"
+    roots.write_text(f"trusted.example:{pg_database.cluster.port}:*:{pg_database.owner}:"
+                     f"{pg_database.password}\n")
+    roots.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(roots))
+    url = sqlalchemy_url(pg_database.owner, None, pg_database.name, "trusted.example",
+                         pg_database.cluster.port) + "?hostaddr=127.0.0.1"
+    # Reproduction: root's session sends root's password to whatever hostaddr says.
+    assert database.inspect(url, timeouts=TIMEOUTS).reachable
+    opener = functools.partial(user_session, unit_ctx(flask_venv))
+    as_user = database.inspect(url, timeouts=TIMEOUTS, opener=opener)
+    assert not as_user.reachable and "password" in as_user.error
+
+
+def test_service_in_the_url_never_reads_roots_service_file(
+        flask_venv: Path, pg_database: PgDatabase, secret_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services = secret_dir / "pg_service.conf"
+    services.write_text(f"[prod]\nhost=127.0.0.1\nport={pg_database.cluster.port}\n"
+                        f"dbname={pg_database.name}\nuser={pg_database.owner}\n"
+                        f"password={pg_database.password}\n")
+    services.chmod(0o600)
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    url = "postgresql+psycopg2:///?service=prod"
+    assert database.inspect(url, timeouts=TIMEOUTS).reachable  # reproduction, as root
+    opener = functools.partial(user_session, unit_ctx(flask_venv))
+    as_user = database.inspect(url, timeouts=TIMEOUTS, opener=opener)
+    assert not as_user.reachable
+    assert "prod" in as_user.error or "service" in as_user.error, as_user.error
+
+
+def test_sslrootcert_only_root_can_read_is_not_read(flask_venv: Path, secret_dir: Path) -> None:
+    """libpq opens sslrootcert= as the connecting user: root could, the unit's user cannot."""
+    import subprocess
+
+    from tests.harness.postgres import PostgresCluster
+
+    cert, key = secret_dir / "server.crt", secret_dir / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with PostgresCluster() as cluster:
+        datadir = cluster.datadir
+        owner = datadir.stat()
+        for src in (cert, key):
+            dest = datadir / src.name
+            dest.write_bytes(src.read_bytes())
+            dest.chmod(0o600)
+            os.chown(dest, owner.st_uid, owner.st_gid)
+        cluster.execute("ALTER SYSTEM SET ssl = on")
+        cluster.execute("SELECT pg_reload_conf()")
+        db = cluster.new_database()
+        url = db.url + f"?sslmode=verify-full&sslrootcert={cert}"
+        # Reproduction: root's own session reads the root-only CA file and gets in.
+        assert database.inspect(url, timeouts=TIMEOUTS).reachable
+        opener = functools.partial(user_session, unit_ctx(flask_venv))
+        as_user = database.inspect(url, timeouts=TIMEOUTS, opener=opener)
+        assert not as_user.reachable
+        assert "certificate" in as_user.error or "Permission denied" in as_user.error, \
+            as_user.error
