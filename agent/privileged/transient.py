@@ -61,7 +61,9 @@ def _b(value: Any) -> Any:
     """Back to D-Bus form: str -> bytes (surrogateescape, lossless), recursively."""
     if isinstance(value, str):
         return value.encode("utf-8", errors="surrogateescape")
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # a D-Bus struct
+        return tuple(_b(v) for v in value)
+    if isinstance(value, list):
         return [_b(v) for v in value]
     return value
 
