@@ -99,7 +99,6 @@ def transient_properties(settings: Mapping[str, Any], *, description: str,
         b"Description": _b(description),
         b"Type": b"exec",
         b"RemainAfterExit": False,
-        b"CollectMode": b"inactive-or-failed",
         b"KillMode": b"control-group",
         b"KillSignal": SIGKILL,
         b"SendSIGKILL": True,
@@ -122,6 +121,19 @@ def unit_name(app_unit: str) -> str:
     return f"{UNIT_PREFIX}-{stem}-{pysecrets.token_hex(4)}.service"
 
 
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """What systemd says about a started transient unit."""
+
+    active: str
+    returncode: int | None = None
+    result: str = ""   # "success", "oom-kill", "signal", "timeout", "exit-code" ...
+
+
 class TransientUnit:
     """One started transient service: its state, and a stop that kills the whole cgroup."""
 
@@ -137,35 +149,37 @@ class TransientUnit:
                                            [self.name.encode()])
         return self._path
 
-    def state(self) -> tuple[str, int | None]:
-        """(ActiveState, ExecMainStatus) — ("gone", None) once systemd forgot the unit."""
+    def state(self) -> UnitState:
+        """The unit's state; active "gone" once systemd forgot it."""
         from agent.errors import DriftwatchError
         from agent.sources.systemd import PROPERTIES_IFACE, SERVICE_IFACE, UNIT_IFACE
         try:
             path = self._unit_path()
-            active = self.source._call(path, PROPERTIES_IFACE, b"Get", b"ss",
-                                       [UNIT_IFACE, b"ActiveState"])
-            load = self.source._call(path, PROPERTIES_IFACE, b"Get", b"ss",
-                                     [UNIT_IFACE, b"LoadState"])
-            status = self.source._call(path, PROPERTIES_IFACE, b"Get", b"ss",
-                                       [SERVICE_IFACE, b"ExecMainStatus"])
+            unit = self.source._call(path, PROPERTIES_IFACE, b"GetAll", b"s", [UNIT_IFACE])
+            service = self.source._call(path, PROPERTIES_IFACE, b"GetAll", b"s",
+                                        [SERVICE_IFACE])
         except DriftwatchError:
-            return "gone", None
-        text = active.decode() if isinstance(active, bytes) else str(active)
-        if (load.decode() if isinstance(load, bytes) else str(load)) == "not-found":
-            return "gone", None
-        return text, int(status)
+            return UnitState("gone")
+        if _str(unit.get(b"LoadState")) == "not-found":
+            return UnitState("gone")
+        code, status = int(service.get(b"ExecMainCode", 0)), int(service.get(b"ExecMainStatus", 0))
+        # CLD_EXITED (1): an exit status; CLD_KILLED/CLD_DUMPED: a signal number.
+        returncode = None if code == 0 else status if code == 1 else -status
+        return UnitState(_str(unit.get(b"ActiveState")), returncode,
+                         _str(service.get(b"Result")))
 
     def finished(self) -> bool:
         """True once the service's processes are all gone."""
-        return self.state()[0] in ("inactive", "failed", "gone")
+        return self.state().active in ("inactive", "failed", "gone")
 
     def kill(self) -> None:
         """SIGKILL every process of the unit's cgroup, then stop it (errors ignored)."""
         from agent.errors import DriftwatchError
         from agent.sources.systemd import MANAGER_IFACE, MANAGER_PATH
         for method, sig, args in ((b"KillUnit", b"ssi", [self.name.encode(), b"all", SIGKILL]),
-                                  (b"StopUnit", b"ss", [self.name.encode(), b"replace"])):
+                                  (b"StopUnit", b"ss", [self.name.encode(), b"replace"]),
+                                  # A failed unit stays loaded until reset: forget it.
+                                  (b"ResetFailedUnit", b"s", [self.name.encode()])):
             try:
                 self.source._call(MANAGER_PATH, MANAGER_IFACE, method, sig, args)
             except DriftwatchError:

@@ -571,15 +571,27 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
         try:
             raw, tail, timed_out = transient.collect(unit, rep_r, out_r, started + timeout,
                                                      MAX_REPORT_BYTES)
-            returncode = unit.state()[1]
+            state = unit.state()
         finally:
-            unit.kill()  # the whole cgroup, whatever the app left running
+            unit.kill()  # the whole cgroup, whatever the app left running; then forget it
             unit.wait_gone()
     finally:
         for fd in fds:
             os.close(fd)
         source_bus.close()
-    return raw, returncode, tail.decode("utf-8", "replace"), timed_out
+    # Killed on its own, before our deadline: the OOM killer of the unit's cgroup
+    # (systemd says "oom-kill" on cgroup v2; on v1 only the SIGKILL is seen).
+    if not raw and not timed_out and (state.result == "oom-kill" or
+                                      state.returncode == -signal.SIGKILL):
+        mib = props[b"MemoryMax"] // (1024 * 1024)
+        how = "went over" if state.result == "oom-kill" else "was killed (SIGKILL), most " \
+            "likely for going over"
+        return ProbeResult(ok=False, error_kind="app_load", returncode=state.returncode,
+                           error=f"loading the app {how} the probe's memory limit "
+                                 f"(MemoryMax={mib}M)",
+                           duration=round(time.monotonic() - started, 3),
+                           output_tail=scrub(tail.decode("utf-8", "replace"), secrets))
+    return raw, state.returncode, tail.decode("utf-8", "replace"), timed_out
 
 
 def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,

@@ -167,17 +167,26 @@ def test_timeout_ends_the_whole_cgroup(site: SiteFactory, app_workspace: Path) -
 
 HOG = textwrap.dedent("""\
     import os as _o
-    if _o.environ.get("HOG_AT_IMPORT"):
+    if _o.environ.get("HOG_AT_IMPORT") == "reserve":   # one huge allocation: LimitAS=
         _hog = bytearray(3 * 1024 * 1024 * 1024)
+    elif _o.environ.get("HOG_AT_IMPORT") == "touch":   # 900 MiB really used: MemoryMax=
+        _hog = [bytearray(64 * 1024 * 1024) for _ in range(14)]
     """)
 
 
-def test_memory_stays_under_the_probes_limit(site: SiteFactory) -> None:
+@pytest.mark.parametrize("how", ["reserve", "touch"])
+def test_memory_stays_under_the_probes_limit(site: SiteFactory, how: str) -> None:
     s = site(AppSpec(on_import=HOG), start_unit=False,
-             environment={"FLASK_APP": "wsgi.py", "HOG_AT_IMPORT": "1"})
+             environment={"FLASK_APP": "wsgi.py", "HOG_AT_IMPORT": how})
     code, unit = s.check()
     failed = finding(unit, "app_load_failed")
-    assert failed is not None and "MemoryError" in failed["message"], unit["findings"]
+    assert failed is not None, unit["findings"]
+    if how == "reserve":
+        assert "MemoryError" in failed["message"]
+    else:  # the cgroup's OOM killer ended it (or the allocator gave up first)
+        assert "the probe's memory limit (MemoryMax=512M)" in failed["message"] or \
+            "MemoryError" in failed["message"], failed
+    assert unit["app_loaded"] is False
 
 
 def test_unit_without_user_unreadable_file_is_one_finding_naming_it(
