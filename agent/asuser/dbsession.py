@@ -16,6 +16,7 @@ Root bounds every line it reads; a statement's rows are capped at MAX_ROWS.
 
 import json
 import os
+import re
 import sys
 
 DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
@@ -73,8 +74,101 @@ def _end(conn):
         conn.connection.rollback()
 
 
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+def libpq_uri(url):
+    """A SQLAlchemy URL -> the libpq URI it stands for ('postgresql+psycopg2://' -> 'postgresql://').
+
+    SQLAlchemy passes user, password, host, port, database and the query parameters to the
+    driver, which hands them to libpq; libpq reads the same URI itself, %-encoding included.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres", "pgsql"):
+        raise ValueError("not a PostgreSQL URL")
+    return "postgresql://" + rest
+
+
+def pyformat(sql):
+    """':name' parameters (SQLAlchemy text style) -> '%(name)s' (psycopg); '%' escaped."""
+    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+def driver_connect(url):
+    """A psycopg2 (else psycopg 3) connection to url, or None when neither is importable."""
+    uri = libpq_uri(url)
+    try:
+        import psycopg2
+        return psycopg2.connect(uri)
+    except ImportError:
+        pass
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    return psycopg.connect(uri)
+
+
+def serve_driver(conn, request, fd_out, lines):
+    """Answer statements on a plain driver connection, each in a guarded transaction."""
+    settings, state = request.get("guard") or {}, {"guarding": False}
+
+    def run(sql, params):
+        check_before_statement(conn, settings, state)  # noqa: F821 (bundled readonly.py)
+        cur = conn.cursor()
+        try:
+            cur.execute(pyformat(sql), dict(params or {}))
+            return [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
+                if cur.description is not None else []
+        finally:
+            cur.close()
+            conn.rollback()  # never a transaction held open between statements
+
+    rows = run("SHOW transaction_read_only", {})
+    if not rows or str(rows[0][0]).lower() != "on":
+        raise RuntimeError("the session is not read-only")
+    _write(fd_out, {"ok": True})
+    for line in lines:
+        try:
+            ask = json.loads(line)
+            sql = str(ask["sql"])
+            if ";" in sql.strip().rstrip(";"):
+                raise ValueError("one statement at a time (no ';')")
+            answer = {"rows": run(sql, ask.get("params") or {})}
+        except Exception as exc:
+            answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+            try:
+                conn.rollback()
+            except Exception:
+                pass
+        _write(fd_out, answer)
+
+
 def serve(request, fd_in, fd_out, lines=None):
-    """Connect, then answer statements until EOF (lines: an already started reader)."""
+    """Connect, then answer statements until EOF (lines: an already started reader).
+
+    The app's own libpq driver directly (cheap to import); SQLAlchemy only when the app's
+    interpreter has neither psycopg2 nor psycopg.
+    """
+    lines = lines if lines is not None else _lines(fd_in)
+    try:
+        conn = driver_connect(request["url"])
+    except Exception as exc:
+        _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
+    if conn is not None:
+        try:
+            serve_driver(conn, request, fd_out, lines)
+        finally:
+            conn.close()
+        return
+    serve_sqlalchemy(request, fd_out, lines)
+
+
+def serve_sqlalchemy(request, fd_out, lines):
+    """serve() through the app's SQLAlchemy (the Engine-wide guard covers it)."""
+    if not install_readonly_guard(request.get("guard") or {}):  # noqa: F821 (bundled)
+        raise ImportError("the app's interpreter has no PostgreSQL driver")
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
     engine = create_engine(request["url"], poolclass=NullPool)
@@ -90,7 +184,7 @@ def serve(request, fd_in, fd_out, lines=None):
         if str(state).lower() != "on":
             raise RuntimeError("the session is not read-only")
         _write(fd_out, {"ok": True})
-        for line in lines if lines is not None else _lines(fd_in):
+        for line in lines:
             try:
                 ask = json.loads(line)
                 sql = str(ask["sql"])
@@ -138,8 +232,8 @@ def main(argv):
         if os.getuid() == 0 or os.geteuid() == 0:
             if not request.get("allow_root"):
                 raise PermissionError("refusing to open the app's database session as root")
-        if not install_readonly_guard(request.get("guard") or {}):  # noqa: F821 (bundled)
-            raise ImportError("the app's interpreter cannot import SQLAlchemy")
+        # The Engine-wide guard is only needed (and SQLAlchemy only imported) when the
+        # session falls back to SQLAlchemy; serve_driver calls the guard itself.
         serve(request, fd_in, fd_out, lines)
     except BaseException as exc:
         try:

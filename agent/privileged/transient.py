@@ -70,8 +70,12 @@ def _b(value: Any) -> Any:
 
 def transient_properties(settings: Mapping[str, Any], *, description: str,
                          extra_env: Mapping[str, str], limits: Limits, probe_user: str = "",
-                         ) -> dict[bytes, Any]:
-    """Pure: the transient unit's properties: the app's settings, then ours."""
+                         allow_root: bool = False) -> dict[bytes, Any]:
+    """Pure: the transient unit's properties: the app's settings, then ours.
+
+    allow_root (agentctl exec/upgrade resolving gunicorn's settings of a unit that runs as
+    root, no app import): keep the unit's own root instead of a stand-in user.
+    """
     props: dict[bytes, Any] = {}
     for name, value in settings.items():
         if name == "WorkingDirectory" and isinstance(value, str) and value.startswith("!"):
@@ -85,7 +89,7 @@ def transient_properties(settings: Mapping[str, Any], *, description: str,
         elif name in ("LoadCredential", "LoadCredentialEncrypted", "TemporaryFileSystem"):
             value = [(a, b) for a, b in value]
         props[name.encode()] = _b(value)
-    if not settings.get("User") and not settings.get("DynamicUser"):
+    if not settings.get("User") and not settings.get("DynamicUser") and not allow_root:
         # Never as root: a configured probe user, else one systemd allocates for this run.
         if probe_user:
             props[b"User"] = _b(probe_user)

@@ -547,7 +547,8 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
     props = transient.transient_properties(
         ctx.exec_settings, description=f"driftwatch probe for {ctx.unit}",
         extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
-        limits=transient.Limits(runtime_max_s=timeout + 1), probe_user=request.probe_user)
+        limits=transient.Limits(runtime_max_s=timeout + 1), probe_user=request.probe_user,
+        allow_root=request.allow_root)
     fds: list[int] = []
     source_bus = SystemdSource()
     try:
@@ -790,8 +791,18 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
         "groups": list(ctx.supplementary_groups), "app": ctx.launch.app_spec,
         "gunicorn_env": list(ctx.launch.gunicorn_env),
         "gunicorn_args": list(ctx.launch.gunicorn_args),
-    }, sort_keys=True).encode())
+        # The transient unit's settings (credentials, sandboxing) change what the app sees.
+        "settings": ctx.exec_settings,
+    }, sort_keys=True, default=str).encode())
     lines: list[str] = []
+    for entry in ctx.exec_settings.get("LoadCredential") or ():
+        source = str(entry[1]) if len(entry) > 1 else ""
+        if source.startswith("/"):  # a changed credential file (a new URL) counts too
+            try:
+                st = os.stat(source)
+                lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
+            except OSError:
+                lines.append(f"credential {source} missing")
     for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
         try:
             st = os.stat(path)

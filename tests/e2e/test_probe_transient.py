@@ -64,6 +64,7 @@ def test_probe_gets_the_units_settings_from_systemd_itself(site: SiteFactory,
     for old in out.iterdir():
         old.unlink()
     s.sb.systemctl("set-environment", "FROM_MANAGER=passed")
+    s.sb.write_file("/tmp/outside-marker", "x")
     s.sb.systemctl("start", UNIT)
     code, unit = s.check()
     assert unit["migrations"]["current"] == ["r3"], unit
@@ -74,6 +75,7 @@ def test_probe_gets_the_units_settings_from_systemd_itself(site: SiteFactory,
     app_env, probe = apps[0]["env"], probes[-1]
     assert "driftwatch-probe-gunicorn" in probe["cgroup"], probe["cgroup"]
     assert probe["uid"] == 33 and probe["umask"] == 0o027
+    assert "outside-marker" not in probe["tmp"]  # PrivateTmp=yes, as for the app
     assert "DROPPED" not in probe["env"] and probe["env"]["KEPT"] == "y"
     assert probe["env"]["FROM_MANAGER"] == "passed" and "NOT_SET" not in probe["env"]
     # Everything the app got from systemd, the probe got too (plus the probe's own).
@@ -98,11 +100,13 @@ def test_load_credential_url(site: SiteFactory, pg_database: PgDatabase) -> None
     hook = textwrap.dedent("""\
         import os as _o
         if _o.environ.get("CREDENTIALS_DIRECTORY"):  # not for flask db upgrade on the host
-            _o.environ["DATABASE_URL"] = open(_o.path.join(
-                _o.environ["CREDENTIALS_DIRECTORY"], "dburl")).read().strip()
+            _creds = _o.environ["CREDENTIALS_DIRECTORY"]
+            _o.environ["DATABASE_URL"] = open(_o.path.join(_creds, "dburl")).read().strip()
+            if open(_o.path.join(_creds, "flavour")).read() != "blue":
+                raise RuntimeError("SetCredential= did not arrive")
         """)
     s = site(AppSpec(on_import=hook), start_unit=False, url="postgresql://nobody@127.0.0.1:1/x",
-             service="LoadCredential=dburl:/etc/site/dburl\n",
+             service="LoadCredential=dburl:/etc/site/dburl\nSetCredential=flavour:blue\n",
              extra_files={"/etc/site/dburl": pg_database.url + "\n"})
     s.sb.path("/etc/site/dburl").chmod(0o600)
     # The sandbox boots with private propagation; a real host has / shared (design.md).

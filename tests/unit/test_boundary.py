@@ -150,3 +150,14 @@ def test_unreadable_file_for_a_unit_without_user_names_file_and_fix() -> None:
     assert "probe_user" in finding.remedy
     with_user = build_context(props(user="www-data"), ContextInputs())
     assert unreadable_as_stand_in(with_user, ProbeRequest(), failed) is failed
+
+
+def test_session_child_speaks_libpq_uris_and_pyformat() -> None:
+    from agent.asuser import dbsession
+
+    assert dbsession.libpq_uri("postgresql+psycopg2://u:p%40w@h:5/d?sslmode=require") == \
+        "postgresql://u:p%40w@h:5/d?sslmode=require"
+    with pytest.raises(ValueError):
+        dbsession.libpq_uri("mysql://u@h/d")
+    assert dbsession.pyformat("SELECT to_regclass(:n)::oid WHERE x LIKE 'a%'") == \
+        "SELECT to_regclass(%(n)s)::oid WHERE x LIKE 'a%%'"
