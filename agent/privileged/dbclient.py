@@ -319,8 +319,9 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
                 raise DatabaseProblem(describe_error(label, exc)) from None
     finally:
         if unit is not None:
+            # stdin is closed by now (EOF): the child ends by itself; then nothing is left.
+            unit.wait_gone(timeout=1.0)
             unit.kill()
-            unit.wait_gone()
         for fd in fds:
             os.close(fd)
         bus.close()

@@ -176,18 +176,22 @@ class TransientUnit:
         """True once the service's processes are all gone."""
         return self.state().active in ("inactive", "failed", "gone")
 
-    def kill(self) -> None:
-        """SIGKILL every process of the unit's cgroup, then stop it (errors ignored)."""
+    def _manager(self, method: bytes, sig: bytes, args: list[Any]) -> None:
         from agent.errors import DriftwatchError
         from agent.sources.systemd import MANAGER_IFACE, MANAGER_PATH
-        for method, sig, args in ((b"KillUnit", b"ssi", [self.name.encode(), b"all", SIGKILL]),
-                                  (b"StopUnit", b"ss", [self.name.encode(), b"replace"]),
-                                  # A failed unit stays loaded until reset: forget it.
-                                  (b"ResetFailedUnit", b"s", [self.name.encode()])):
-            try:
-                self.source._call(MANAGER_PATH, MANAGER_IFACE, method, sig, args)
-            except DriftwatchError:
-                pass
+        try:
+            self.source._call(MANAGER_PATH, MANAGER_IFACE, method, sig, args)
+        except DriftwatchError:
+            pass  # already gone
+
+    def kill(self) -> None:
+        """SIGKILL every process of the unit's cgroup, stop it, wait until nothing is left,
+        and make systemd forget it (a failed unit would stay loaded until reset)."""
+        if not self.finished():
+            self._manager(b"KillUnit", b"ssi", [self.name.encode(), b"all", SIGKILL])
+            self._manager(b"StopUnit", b"ss", [self.name.encode(), b"replace"])
+            self.wait_gone()
+        self._manager(b"ResetFailedUnit", b"s", [self.name.encode()])
 
     def wait_gone(self, timeout: float = 5.0) -> bool:
         """Wait until systemd reports no process left (True) or timeout."""

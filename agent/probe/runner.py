@@ -575,7 +575,6 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
             state = unit.state()
         finally:
             unit.kill()  # the whole cgroup, whatever the app left running; then forget it
-            unit.wait_gone()
     finally:
         for fd in fds:
             os.close(fd)

@@ -159,10 +159,10 @@ def test_timeout_ends_the_whole_cgroup(site: SiteFactory, app_workspace: Path) -
     pidfile = out / "grandchild"
     s = site(AppSpec(on_import=HANG), start_unit=False,
              environment={"FLASK_APP": "wsgi.py", "HANG_AT_IMPORT": str(pidfile)})
-    proc = s.agentctl("check", UNIT, "--json", "--probe-timeout", "4")
+    proc = s.agentctl("check", UNIT, "--json", "--probe-timeout", "15")
     unit = json.loads(proc.stdout)["units"][0]
     assert finding(unit, "app_load_timeout") is not None, unit["findings"]
-    pid = int(s.sb.path(str(pidfile)).read_text())
+    pid = int(s.sb.path(str(pidfile)).read_text())  # the app did start its grandchild
     deadline = time.monotonic() + 5
     while s.sb.path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
