@@ -161,3 +161,31 @@ def test_session_child_speaks_libpq_uris_and_pyformat() -> None:
         dbsession.libpq_uri("mysql://u@h/d")
     assert dbsession.pyformat("SELECT to_regclass(:n)::oid WHERE x LIKE 'a%'") == \
         "SELECT to_regclass(%(n)s)::oid WHERE x LIKE 'a%%'"
+
+
+@pytest.mark.parametrize("name", ["readonly.py", "dbsession.py"])
+def test_asuser_modules_are_stdlib_only_at_module_level(name: str) -> None:
+    """They run in the app's interpreter: nothing of the agent's venv may be imported."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import agent.asuser
+
+    tree = ast.parse((Path(agent.asuser.__file__).parent / name).read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    assert names <= set(sys.stdlib_module_names), names - set(sys.stdlib_module_names)
+
+
+def test_bundle_puts_the_guard_first() -> None:
+    from agent.privileged.launch import DBSESSION, PROBE_CHILD, bundle
+
+    for main in (DBSESSION, PROBE_CHILD):
+        source = bundle(main)
+        compile(source, "<bundle>", "exec")
+        assert source.index("def install_readonly_guard") < source.index("def main(")
