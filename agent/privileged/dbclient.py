@@ -293,7 +293,7 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
         null = os.open(os.devnull, os.O_WRONLY)
         fds += [req_r, req_w, ans_r, ans_w, null]
         try:
-            unit = transient.start(bus, transient.unit_name(ctx.unit + "-db"),
+            unit = transient.start(bus, transient.unit_name(ctx.unit, "session"),
                                    [python, "-B", "-c", bundle(DBSESSION), "stdio"], props,
                                    req_r, ans_w, null)
         except transient.TransientError as exc:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 SYSTEMD_RUNTIME_DIR = "/run/systemd/system"
-UNIT_PREFIX = "driftwatch-probe"
 # Signatures pystemd does not know yet (systemd's dbus-execute.c).
 EXTRA_SIGNATURES = {
     b"LoadCredential": b"a(ss)", b"LoadCredentialEncrypted": b"a(ss)",
@@ -118,11 +117,11 @@ def transient_properties(settings: Mapping[str, Any], *, description: str,
     return props
 
 
-def unit_name(app_unit: str) -> str:
-    """A fresh, valid name for one run: driftwatch-probe-<app>-<random>.service."""
+def unit_name(app_unit: str, kind: str = "probe") -> str:
+    """A fresh, valid name for one run: driftwatch-<kind>-<app>-<random>.service."""
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in
                    app_unit.removesuffix(".service"))[:80]
-    return f"{UNIT_PREFIX}-{stem}-{pysecrets.token_hex(4)}.service"
+    return f"driftwatch-{kind}-{stem}-{pysecrets.token_hex(4)}.service"
 
 
 def _str(value: Any) -> str:

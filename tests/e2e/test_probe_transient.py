@@ -91,7 +91,8 @@ def test_probe_gets_the_units_settings_from_systemd_itself(site: SiteFactory,
     assert sources["FROM_MANAGER"] == "PassEnvironment=" and sources["KEPT"] == "Environment="
     assert names.index("FROM_MANAGER") < names.index("FLASK_APP")  # systemd's order
     # No probe unit is left behind.
-    left = s.sb.systemctl("list-units", "--all", "--no-legend", "driftwatch-probe-*").stdout
+    left = s.sb.systemctl("list-units", "--all", "--no-legend", "driftwatch-probe-*",
+                          "driftwatch-session-*").stdout
     assert left.strip() == ""
 
 
