@@ -7,6 +7,7 @@ the session child really running as www-data.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pwd
 import shutil
@@ -236,3 +237,22 @@ def test_sslrootcert_only_root_can_read_is_not_read(flask_venv: Path, secret_dir
         assert not as_user.reachable
         assert "certificate" in as_user.error or "Permission denied" in as_user.error, \
             as_user.error
+
+
+def test_symlinks_to_root_only_files_in_the_app_gain_nothing(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase,
+        secret_dir: Path) -> None:
+    """A migration script and a config module symlinked to root-only files: the probe (as
+    the unit's user) cannot read them and nothing of them appears in what root reports."""
+    secret = secret_dir / "shadow"
+    secret.write_text("ROOT_ONLY_SECRET_4711 = 1\n")
+    secret.chmod(0o600)
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url)
+    (app.versions / "r9_stolen.py").symlink_to(secret)
+    result = run_probe(make_ctx(app, flask_venv, {"DATABASE_URL": pg_database.url}),
+                       ProbeRequest(), 60)
+    # The unit's user cannot even stat it: Alembic skips it; root never loads it.
+    assert [r["revision"] for r in result.revisions] == ["r3", "r2", "r1"]
+    assert "ROOT_ONLY_SECRET_4711" not in json.dumps(result.as_dict())
+    assert "ROOT_ONLY_SECRET_4711" not in result.output_tail
