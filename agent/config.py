@@ -45,6 +45,7 @@ class Config:
     log_level: str = "info"
     # Units without User=: the probe runs as this user ("" = a systemd dynamic user).
     probe_user: str = ""
+    probe_memory_max_mb: int = 512         # the probe's MemoryMax= (transient unit)
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = ""                      # the file this came from, "" for built-in defaults
 
@@ -69,6 +70,7 @@ _AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "state_dir": ((str,), "a string"),
     "log_level": ((str,), "one of " + ", ".join(LOG_LEVELS)),
     "probe_user": ((str,), "a user name (not root)"),
+    "probe_memory_max_mb": ((int,), "a whole number of MiB"),
 }
 _TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "cert_file": ((str,), "a string (path)"),
@@ -132,6 +134,8 @@ def _validate(config: Config, where: str) -> None:
         if getattr(config, name) < 0 or (name != "min_interval_seconds"
                                          and getattr(config, name) == 0):
             raise ConfigError(f"{where}: '{name}' must be positive")
+    if config.probe_memory_max_mb < 64:
+        raise ConfigError(f"{where}: 'probe_memory_max_mb' must be at least 64")
     if config.probe_user in ("root", "0"):
         raise ConfigError(f"{where}: 'probe_user' must not be root: app code never runs as root")
     if config.log_level not in LOG_LEVELS:

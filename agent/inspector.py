@@ -48,6 +48,7 @@ class InspectorSettings:
     bus_timeout_seconds: float = 5.0
     # Units without User=: the probe and the session run as this user ("" = dynamic user).
     probe_user: str = ""
+    probe_memory_max_mb: int = 512
 
     @classmethod
     def from_config(cls, config: Any) -> "InspectorSettings":
@@ -223,7 +224,8 @@ class Inspector:
                 request = ProbeRequest(
                     statement_timeout_ms=int(self.settings.db_timeout_seconds * 1000),
                     connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)),
-                    probe_user=self.settings.probe_user)
+                    probe_user=self.settings.probe_user,
+                    memory_max_mb=self.settings.probe_memory_max_mb)
                 result = self._probe(ctx, request, self.settings.probe_timeout_seconds)
                 self.probe_runs += 1
                 # Recompute with the migrations dir the probe found, so edits there count.

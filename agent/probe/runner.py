@@ -75,6 +75,8 @@ class ProbeRequest:
     allow_root: bool = False
     # Units without User=: run the probe as this user ("" = a DynamicUser= of systemd's).
     probe_user: str = ""
+    # The transient unit's MemoryMax=; its address space (LimitAS=) is 4x that, at least 2 GiB.
+    memory_max_mb: int = 512
 
 
 @dataclass(frozen=True)
@@ -547,7 +549,10 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
     props = transient.transient_properties(
         ctx.exec_settings, description=f"driftwatch probe for {ctx.unit}",
         extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
-        limits=transient.Limits(runtime_max_s=timeout + 1), probe_user=request.probe_user,
+        limits=transient.Limits(
+            runtime_max_s=timeout + 1, memory_max_bytes=request.memory_max_mb << 20,
+            address_space_bytes=max(2 << 30, 4 * (request.memory_max_mb << 20))),
+        probe_user=request.probe_user,
         allow_root=request.allow_root)
     fds: list[int] = []
     source_bus = SystemdSource()

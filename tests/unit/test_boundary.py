@@ -189,3 +189,17 @@ def test_bundle_puts_the_guard_first() -> None:
         source = bundle(main)
         compile(source, "<bundle>", "exec")
         assert source.index("def install_readonly_guard") < source.index("def main(")
+
+
+def test_probe_settings_in_the_config() -> None:
+    from agent.config import ConfigError, parse_config
+    from agent.inspector import InspectorSettings
+
+    config = parse_config('[agent]\nprobe_user = "driftprobe"\nprobe_memory_max_mb = 1024\n')
+    settings = InspectorSettings.from_config(config)
+    assert (settings.probe_user, settings.probe_memory_max_mb) == ("driftprobe", 1024)
+    for bad, what in (('probe_user = "root"', "must not be root"),
+                      ("probe_memory_max_mb = 10", "at least 64"),
+                      ("probe_memory_max_mb = true", "whole number")):
+        with pytest.raises(ConfigError, match=what):
+            parse_config(f"[agent]\n{bad}\n")
