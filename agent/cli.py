@@ -158,6 +158,9 @@ def add_inspection_options(parser: argparse.ArgumentParser) -> None:
                         help="database connect/statement timeout (default 5)")
     parser.add_argument("--state-dir", default="/var/lib/driftwatch", metavar="DIR",
                         help="where applied-migration hashes are remembered")
+    parser.add_argument("--probe-user", default="", metavar="USER",
+                        help="units without User=: probe as this user (default: a systemd "
+                             "dynamic user)")
 
 
 def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
@@ -178,7 +181,8 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
                    "environment": [{"name": n, "value": v,
                                     "source": ctx.environment_sources.get(n, "")}
                                    for n, v in shown.items()],
-                   "environment_files": [f.as_dict() for f in ctx.environment_files]},
+                   "environment_files": [f.as_dict() for f in ctx.environment_files],
+                   "unset_environment": list(ctx.unset_variables)},
                   out, indent=2)
         out.write("\n")
         return EXIT_OK
@@ -187,6 +191,8 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
     for state in ctx.environment_files:
         status = "present" if state.exists else (state.error or "missing")
         out.write(f"# EnvironmentFile={'-' if state.optional else ''}{state.path} ({status})\n")
+    if ctx.unset_variables:
+        out.write(f"# UnsetEnvironment={' '.join(ctx.unset_variables)} (removed last)\n")
     width = max((len(f"{n}={shlex.quote(v)}") for n, v in shown.items()), default=0)
     for name, value in shown.items():
         line = f"{name}={shlex.quote(value)}"
@@ -215,7 +221,8 @@ def make_inspector(args: argparse.Namespace, systemd: SystemdSource) -> Inspecto
     settings = InspectorSettings(probe_timeout_seconds=args.probe_timeout,
                                  db_timeout_seconds=args.db_timeout,
                                  state_path=f"{args.state_dir.rstrip('/')}/state.db",
-                                 bus_timeout_seconds=args.bus_timeout)
+                                 bus_timeout_seconds=args.bus_timeout,
+                                 probe_user=getattr(args, "probe_user", ""))
     return Inspector(settings, systemd=systemd)
 
 

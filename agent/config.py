@@ -47,6 +47,9 @@ class Config:
     scrape_wait_seconds: float = 4.0      # a scrape waits no longer on an inspection
     max_connections: int = 64             # open HTTP connections at once
     request_timeout_seconds: float = 10.0  # a whole HTTP request, headers to last byte
+    # Units without User=: the probe runs as this user ("" = a systemd dynamic user).
+    probe_user: str = ""
+    probe_memory_max_mb: int = 512         # the probe's MemoryMax= (transient unit)
     tls: TLSConfig = field(default_factory=TLSConfig)
     source: str = ""                      # the file this came from, "" for built-in defaults
     # agentctl upgrade (its flags override these): lock_timeout of the migration's sessions,
@@ -81,6 +84,8 @@ _AGENT_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "upgrade_lock_timeout_seconds": ((int, float), "a number"),
     "upgrade_lock_retries": ((int,), "a whole number"),
     "upgrade_timeout_seconds": ((int, float), "a number"),
+    "probe_user": ((str,), "a user name (not root)"),
+    "probe_memory_max_mb": ((int,), "a whole number of MiB"),
 }
 _TLS_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "cert_file": ((str,), "a string (path)"),
@@ -145,6 +150,10 @@ def _validate(config: Config, where: str) -> None:
         if getattr(config, name) < 0 or (name != "min_interval_seconds"
                                          and getattr(config, name) == 0):
             raise ConfigError(f"{where}: '{name}' must be positive")
+    if config.probe_memory_max_mb < 64:
+        raise ConfigError(f"{where}: 'probe_memory_max_mb' must be at least 64")
+    if config.probe_user in ("root", "0"):
+        raise ConfigError(f"{where}: 'probe_user' must not be root: app code never runs as root")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where}: 'log_level' must be one of {', '.join(LOG_LEVELS)}, "
                           f"not {config.log_level!r}")

@@ -65,6 +65,12 @@ class AppContext:
     environment_sources: dict[str, str]
     environment_files: tuple[EnvFileState, ...]
     main_pid: int
+    # The unit's execution settings as systemd has them, carried to the probe's transient
+    # unit (empty when the unit was not read from systemd, e.g. in pure tests).
+    exec_settings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    dynamic_user: bool = False
+    # Names UnsetEnvironment= removed from what Environment=/files/PassEnvironment= set.
+    unset_variables: tuple[str, ...] = ()
 
     @property
     def app_directory(self) -> str:
@@ -75,7 +81,7 @@ class AppContext:
         """JSON-ready form; environment values masked unless reveal."""
         env = self.environment if reveal else mask_environment(self.environment)
         return {
-            "unit": self.unit, "user": self.user or "root", "group": self.group,
+            "unit": self.unit, "user": self.user or ("(dynamic)" if self.dynamic_user else "root"), "group": self.group,
             "supplementary_groups": list(self.supplementary_groups),
             "working_directory": self.working_directory,
             "exec_start": list(self.exec_start),
@@ -83,6 +89,7 @@ class AppContext:
             "venv": self.venv, "venv_source": self.venv_source, "python": self.python,
             "environment_files": [f.as_dict() for f in self.environment_files],
             "environment": env,
+            "unset_environment": list(self.unset_variables),
             "main_pid": self.main_pid,
         }
 
@@ -103,9 +110,15 @@ def resolve_working_directory(raw: str, user_home: str) -> tuple[str, bool]:
 
 def build_environment(props: UnitProperties, inputs: ContextInputs,
                       ) -> tuple[dict[str, str], dict[str, str], tuple[EnvFileState, ...]]:
-    """Environment= first, then each EnvironmentFile= in order, later ones overriding."""
+    """systemd's order: PassEnvironment= (from the manager's environment), Environment=,
+    each EnvironmentFile= in order (later ones overriding), then UnsetEnvironment= removes."""
     env: dict[str, str] = {}
     sources: dict[str, str] = {}
+    manager = dict(split_env_assignment(a) for a in props.manager_environment if "=" in a)
+    for name in props.pass_environment:
+        if name in manager:  # a name the manager does not have is silently skipped
+            env[name] = manager[name]
+            sources[name] = "PassEnvironment="
     for assignment in props.environment:
         name, value = split_env_assignment(assignment)
         env[name] = value
@@ -134,7 +147,20 @@ def build_environment(props: UnitProperties, inputs: ContextInputs,
         states.append(EnvFileState(path, optional, exists=True,
                                    warnings=tuple(str(w) for w in parsed.warnings),
                                    variables=tuple(dict.fromkeys(names))))
+    for name in unset_names(env, props.unset_environment):
+        env.pop(name, None)
+        sources.pop(name, None)
     return env, sources, tuple(states)
+
+
+def unset_names(env: Mapping[str, str], unset: tuple[str, ...]) -> list[str]:
+    """Names UnsetEnvironment= removes: "VAR" always, "VAR=value" only with that value."""
+    gone = []
+    for entry in unset:
+        name, sep, value = entry.partition("=")
+        if name in env and (not sep or env[name] == value):
+            gone.append(name)
+    return gone
 
 
 def build_context(props: UnitProperties, inputs: ContextInputs) -> AppContext:
@@ -143,6 +169,8 @@ def build_context(props: UnitProperties, inputs: ContextInputs) -> AppContext:
                                                           inputs.user_home)
     launch = analyse_exec_start(props.exec_start, workdir)
     env, sources, states = build_environment(props, inputs)
+    unset = [n for n in dict.fromkeys(e.partition("=")[0] for e in props.unset_environment)
+             if n not in env]
     venv, venv_source, python = choose_interpreter(launch, inputs)
     main = props.exec_start[-1].argv if props.exec_start else ()
     for command in props.exec_start:
@@ -158,7 +186,8 @@ def build_context(props: UnitProperties, inputs: ContextInputs) -> AppContext:
         exec_start=tuple(main), launch=launch,
         venv=venv, venv_source=venv_source, python=python,
         environment=env, environment_sources=sources, environment_files=states,
-        main_pid=props.main_pid,
+        main_pid=props.main_pid, exec_settings=dict(props.exec_settings),
+        dynamic_user=props.dynamic_user, unset_variables=tuple(unset),
     )
 
 

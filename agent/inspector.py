@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -22,6 +23,7 @@ from agent.probe.alembic_env import AlembicEnv
 from agent.secrets import mask_url
 from agent.preflight.plan import stale_workers
 from agent.preflight.watch import PreflightWatch
+from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -53,6 +55,9 @@ class InspectorSettings:
     probe_max_age_seconds: float = 900.0
     state_path: str = "/var/lib/driftwatch/state.db"
     bus_timeout_seconds: float = 5.0
+    # Units without User=: the probe and the session run as this user ("" = dynamic user).
+    probe_user: str = ""
+    probe_memory_max_mb: int = 512
 
     @classmethod
     def from_config(cls, config: Any) -> "InspectorSettings":
@@ -123,7 +128,8 @@ class Inspector:
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
         # The migration preflight (agentctl plan) while revisions are pending; not with a
         # stand-in probe (unit tests), whose contexts cannot run the offline probe.
-        self.preflight = PreflightWatch(settings.probe_timeout_seconds) \
+        self.preflight = PreflightWatch(settings.probe_timeout_seconds,
+                                        probe_user=settings.probe_user) \
             if probe is run_probe else None
 
     # -- public ------------------------------------------------------------------------
@@ -240,7 +246,7 @@ class Inspector:
         if url:
             fields["database"] = database.db_label(url)
             verdict = self._connections_check(unit, url, report, timer, fields, findings)
-            inspection = self._database_check(unit, url, timer, fields, findings,
+            inspection = self._database_check(unit, url, report, timer, fields, findings,
                                               probe.alembic_env)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
@@ -285,7 +291,9 @@ class Inspector:
             else:
                 request = ProbeRequest(
                     statement_timeout_ms=int(self.settings.db_timeout_seconds * 1000),
-                    connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)))
+                    connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)),
+                    probe_user=self.settings.probe_user,
+                    memory_max_mb=self.settings.probe_memory_max_mb)
                 result = self._probe(ctx, request, self.settings.probe_timeout_seconds)
                 self.probe_runs += 1
                 # Recompute with the migrations dir the probe found, so edits there count.
@@ -312,16 +320,24 @@ class Inspector:
             if finding is not None:
                 findings.append(finding)
 
-    def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
-                        findings: list[Finding], env: AlembicEnv | None = None,
-                        ) -> database.DatabaseInspection | None:
-        """One short read-only session: version table, activity, privileges, schema hash."""
+    def _database_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
+                        fields: dict[str, Any], findings: list[Finding],
+                        env: AlembicEnv | None = None) -> database.DatabaseInspection | None:
+        """One short read-only session: version table, activity, privileges, schema hash.
+
+        The session is held by a child running as the unit's user in the unit's environment
+        (libpq reads that user's ~/.pgpass and service files, never root's); root only
+        sends the statements and parses the rows.
+        """
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         env = env or AlembicEnv()
         with timer.check("database") as res:
+            opener = functools.partial(user_session, report.context,
+                                       probe_user=self.settings.probe_user)
             # The version table env.py names (version_table / version_table_schema).
             inspection = database.inspect(url, env.version_table,
-                                          env.version_table_schema or None, timeouts=timeouts)
+                                          env.version_table_schema or None, timeouts=timeouts,
+                                          opener=opener)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
@@ -485,10 +501,14 @@ class Inspector:
         except Exception:  # the URL was already judged elsewhere; nothing to add here
             pass
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+        # As the unit's user, like the agent's own session: these URLs are the app's to write.
+        opener = functools.partial(user_session, report.context,
+                                   probe_user=self.settings.probe_user)
         error = "no URL to reach it"
         for candidate in dict.fromkeys(candidates):
             version = database.read_version_table(candidate, env.version_table,
-                                                  env.version_table_schema or None, timeouts)
+                                                  env.version_table_schema or None, timeouts,
+                                                  opener=opener)
             if version.error:
                 error = version.error
                 continue

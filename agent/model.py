@@ -40,6 +40,16 @@ class UnitProperties:
     result: str = ""
     unit_file_state: str = ""
     description: str = ""
+    # UnsetEnvironment= entries ("VAR" or "VAR=value") and PassEnvironment= names.
+    unset_environment: tuple[str, ...] = ()
+    pass_environment: tuple[str, ...] = ()
+    # The service manager's own environment, where PassEnvironment= takes its values from.
+    manager_environment: tuple[str, ...] = field(default=(), repr=False)
+    dynamic_user: bool = False
+    # Execution settings as D-Bus gives them (name -> value), carried to the probe's
+    # transient unit (agent/privileged/transient.py); never shown.
+    exec_settings: dict[str, object] = field(default_factory=dict, repr=False, compare=False,
+                                             hash=False)
 
     @property
     def loaded(self) -> bool:

@@ -10,13 +10,18 @@ without their state or query: their locks in pg_locks are still seen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from typing import Any
+
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from agent.context import AppContext
+from agent.privileged.dbclient import user_session
 from agent.sources import database
 
 # A transaction open longer than this is reported even if it holds no lock on the tables yet.
@@ -181,9 +186,18 @@ Opener = Callable[[str], AbstractContextManager[Connection]]
 
 
 def open_session(url: str) -> AbstractContextManager[Connection]:
-    """The read-only session the preflight reads through (the lead may re-point this one
-    function when the agent's sessions move to the unit's user)."""
+    """A read-only session in this process: for tests on a database the test owns only."""
     return database.session(url)
+
+
+def user_reader(ctx: AppContext, probe_user: str = "",
+                allow_root: bool = False) -> Callable[..., LiveState]:
+    """read_live through the agent's session held as the unit's user (the app's URL is the
+    app user's to write: libpq must read that user's files, never root's)."""
+    def opener(url: str) -> AbstractContextManager[Any]:
+        return user_session(ctx, url, database.DEFAULT_TIMEOUTS, allow_root=allow_root,
+                            probe_user=probe_user)
+    return functools.partial(read_live, opener=opener)
 
 
 def read_live(url: str, tables: Iterable[str], opener: Opener | None = None,

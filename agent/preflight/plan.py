@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from agent.context import AppContext
-from agent.preflight.live import LiveState, Session, TableSize, read_live
+from agent.preflight.live import LiveState, Session, TableSize, read_live, user_reader
 from agent.preflight.locks import sql_name
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import (
@@ -145,7 +145,8 @@ def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
 
 
 def make_plan(snapshot: UnitSnapshot, ctx: AppContext, timeout: float,
-              reader: LiveReader = read_live, allow_root: bool = False) -> Plan:
+              reader: LiveReader | None = None, allow_root: bool = False,
+              probe_user: str = "") -> Plan:
     """The plan for a unit whose inspection found pending revisions (else an empty plan)."""
     started = time.monotonic()
     m = snapshot.migrations
@@ -155,6 +156,7 @@ def make_plan(snapshot: UnitSnapshot, ctx: AppContext, timeout: float,
     if not m.pending:
         return Plan(snapshot.unit, snapshot.database or "", tuple(m.current), tuple(m.heads))
     offline = run_offline(ctx, list(m.current), list(m.heads), timeout, allow_root)
+    reader = reader or user_reader(ctx, probe_user, allow_root)
     plan = assemble(snapshot.unit, tuple(m.current), tuple(m.heads), offline, reader,
                     stale_workers=stale_workers(snapshot.findings))
     return Plan(**{**plan.__dict__, "duration": round(time.monotonic() - started, 3)})

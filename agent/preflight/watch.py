@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.context import AppContext
 from agent.model import Finding
-from agent.preflight.live import read_live
+from agent.preflight.live import user_reader
 from agent.preflight.plan import LiveReader, Plan, assemble, printable
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import LEVELS
@@ -59,8 +59,10 @@ class PreflightWatch:
     """Per unit: the memoised offline SQL, re-weighed against the live database each time."""
 
     def __init__(self, timeout: float, offline: OfflineRunner = run_offline,
-                 reader: LiveReader = read_live) -> None:
+                 reader: LiveReader | None = None, probe_user: str = "") -> None:
+        # reader None: the live database through the session held as the unit's user.
         self.timeout, self.offline, self.reader = timeout, offline, reader
+        self.probe_user = probe_user
         self._memo: dict[str, _Memo] = {}
         self.offline_runs = 0
 
@@ -84,7 +86,8 @@ class PreflightWatch:
                 memo = _Memo(key, result)
                 if result.ok:
                     self._memo[unit] = memo
-            plan = assemble(unit, key[1], key[2], memo.offline, self.reader,
+            reader = self.reader or user_reader(ctx, self.probe_user)
+            plan = assemble(unit, key[1], key[2], memo.offline, reader,
                             stale_workers=stale)
         except Exception as exc:  # the preflight must never cost the rest of the inspection
             log.exception("preflight of %s failed", unit)

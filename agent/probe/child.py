@@ -788,10 +788,34 @@ def probe(request, report, gunicorn_app=None):
                 report["error_kind"], report["error"] = "database", report["schema_diff_error"]
 
 
+def read_stdin_request(limit=1024 * 1024):
+    """The request JSON from stdin (a pipe root wrote and closed), then stdin is /dev/null."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return b"".join(chunks).decode("utf-8")
+
+
 def main(argv):
     """Entry point: argv = [FD] (or [FD, REQUEST_JSON]); one JSON report to FD, then _exit."""
     started = time.monotonic()
-    fd = int(argv[0])
+    stdin_request = None
+    if argv[0] == "stdio":
+        # Started by systemd as a transient unit (agent/privileged/transient.py): the request
+        # comes on stdin, the report goes to the stdout pipe; from here on the app's own
+        # prints go to stderr, never into the report.
+        stdin_request = read_stdin_request()
+        fd = os.dup(1)
+        os.dup2(2, 1)
+    else:
+        fd = int(argv[0])
     os.set_inheritable(fd, False)  # nothing the app spawns may hold or write our pipe
     report = {"protocol": PROTOCOL, "ok": False, "error": "", "error_kind": "",
               "app_uid": os.getuid(), "app_gid": os.getgid(),
@@ -804,10 +828,19 @@ def main(argv):
         # The request comes in the environment (only the unit's user and root can read it,
         # unlike argv): it holds the gunicorn arguments, -e values included.
         raw = os.environ.pop(REQUEST_ENV, None)
+        if stdin_request is not None:
+            raw = stdin_request
         request = json.loads(argv[1] if len(argv) > 1 else raw or "{}")
         if os.getuid() == 0 or os.geteuid() == 0:
             if not request.get("allow_root"):
                 raise PermissionError("refusing to load app code as root")
+        # Before anything of the app runs (its gunicorn config file included): every engine
+        # it creates gets read-only, bounded transactions (agent/asuser/readonly.py,
+        # bundled in front of this file by the runner).
+        guard = globals().get("install_readonly_guard")
+        if guard is None:
+            raise RuntimeError("the read-only guard is missing from the probe")
+        guard(request.get("guard") or {})
         gunicorn_app = prepare(request, report)
         # resolve_only (agentctl exec/upgrade): gunicorn's settings are all that is wanted;
         # the app is not imported and nothing else runs.

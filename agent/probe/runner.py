@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import selectors
 import shlex
 import shutil
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -24,7 +25,10 @@ from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
 from agent.probe.alembic_env import AlembicEnv
 from agent.probe.alembic_env import from_report as alembic_env_from
+from agent.privileged import transient
+from agent.privileged.launch import bundle
 from agent.secrets import MASK, is_secret_name, mask_url
+from agent.sources.systemd import SystemdSource
 
 PROTOCOL = 1
 CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
@@ -71,6 +75,10 @@ class ProbeRequest:
     connect_timeout_s: int = 5
     # Units without User= run as root; loading their code as root breaks safety rule 2.
     allow_root: bool = False
+    # Units without User=: run the probe as this user ("" = a DynamicUser= of systemd's).
+    probe_user: str = ""
+    # The transient unit's MemoryMax=; its address space (LimitAS=) is 4x that, at least 2 GiB.
+    memory_max_mb: int = 512
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,11 @@ class ProbeResult:
             "database": "check that the database is reachable with the app's URL",
             "timeout": "the app's import hangs or is very slow; look for network calls at "
                        "import time",
-            "privileges": "run the agent as root so it can take the unit's User=/Group=",
+            "privileges": "run the agent as root so it can take the unit's User=/Group=; "
+                          "for a unit without User=: grant read access to the file named "
+                          "(e.g. chmod o+r, or a group the probe user is in), or set "
+                          "probe_user in agent.toml to a user who can read it (never root), "
+                          "or give the unit a User=",
         }.get(self.error_kind, "")
         check = FINDING_CHECKS.get(self.error_kind, "probe_failed")
         return Finding(check, "critical", self.error, remedy)
@@ -211,6 +223,14 @@ def resolve_identity(user: str, group: str, supplementary: Iterable[str], *,
     return Identity(name, uid, gid, tuple(dict.fromkeys(groups)), home, shell)
 
 
+def unit_identity(ctx: AppContext, probe_user: str = "") -> Identity:
+    """Who per-unit work runs as without systemd: the unit's User=, else probe_user (units
+    without User= would otherwise mean root), else root (refused by privilege_plan)."""
+    if not ctx.user and probe_user:
+        return resolve_identity(probe_user, "", ())
+    return resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
+
+
 def _gid(group: str, getgrnam: Callable[[str], Any]) -> int:
     if group.isdigit():
         return int(group)
@@ -238,7 +258,11 @@ def privilege_plan(identity: Identity, euid: int, allow_root: bool) -> dict[str,
 # -- environment ------------------------------------------------------------------------------
 
 def pgoptions(existing: str, request: ProbeRequest) -> str:
-    """Append read-only and timeout settings to PGOPTIONS; later -c options win in PostgreSQL."""
+    """PGOPTIONS with read-only and timeout settings appended (later -c options win).
+
+    Not used by the probe any more (see build_probe_env); kept for callers that connect
+    straight to PostgreSQL and want a session-level default as well.
+    """
     ours = (f"-c default_transaction_read_only=on "
             f"-c statement_timeout={int(request.statement_timeout_ms)} "
             f"-c lock_timeout={int(request.lock_timeout_ms)} "
@@ -273,9 +297,13 @@ def build_unit_env(ctx: AppContext, identity: Identity, gunicorn_env: bool = Tru
 
 def build_probe_env(ctx: AppContext, identity: Identity, request: ProbeRequest,
                     ) -> dict[str, str]:
-    """The unit's environment plus the probe's safety settings (read-only, timeouts)."""
+    """The unit's environment plus the probe's connect-time defaults.
+
+    Read-only and timeouts are not put in PGOPTIONS any more: a URL's options= replaces it,
+    and PgBouncer refuses the options startup parameter. The child's read-only guard
+    (agent/asuser/readonly.py) sets them inside every transaction instead, and verifies them.
+    """
     env = build_unit_env(ctx, identity, gunicorn_env=False)
-    env["PGOPTIONS"] = pgoptions(env.get("PGOPTIONS", ""), request)
     env.setdefault("PGAPPNAME", "driftwatch-probe")  # visible in pg_stat_activity
     # A blackholed database host then gives a "database" error, not a probe timeout.
     env.setdefault("PGCONNECT_TIMEOUT", str(int(request.connect_timeout_s)))
@@ -296,7 +324,16 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "gunicorn_env": list(launch.gunicorn_env),
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
-            "allow_root": request.allow_root, "resolve_only": False}
+            "allow_root": request.allow_root, "resolve_only": False,
+            "guard": guard_settings(request)}
+
+
+def guard_settings(request: ProbeRequest) -> dict[str, Any]:
+    """What the child's read-only guard sets at the start of every transaction."""
+    return {"statement_timeout_ms": int(request.statement_timeout_ms),
+            "lock_timeout_ms": int(request.lock_timeout_ms),
+            "idle_in_transaction_timeout_ms": int(request.idle_in_transaction_timeout_ms),
+            "application_name": "driftwatch-probe"}
 
 
 def probe_start_dir(ctx: AppContext) -> str:
@@ -501,19 +538,96 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
+                   timeout: float, secrets: list[str], source_text: str | None = None,
+                   ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
+    """child.py as a transient systemd unit carrying the app unit's execution settings;
+    request on stdin, report on stdout, output tail from stderr, all pipes root owns."""
+    started = time.monotonic()
+    try:
+        python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
+        source = bundle(CHILD_SOURCE_PATH, source_text)
+    except ProbeSetupError as exc:
+        return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
+    data = json.dumps(doc).encode()
+    if len(data) > 60000:  # written into the pipe before the start: must fit its buffer
+        return ProbeResult(ok=False, error_kind="internal", error="probe request too large")
+    defaults = {"PGAPPNAME": "driftwatch-probe",
+                "PGCONNECT_TIMEOUT": str(int(request.connect_timeout_s))}
+    props = transient.transient_properties(
+        ctx.exec_settings, description=f"driftwatch probe for {ctx.unit}",
+        extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
+        limits=transient.Limits(
+            runtime_max_s=timeout + 1, memory_max_bytes=request.memory_max_mb << 20,
+            address_space_bytes=max(2 << 30, 4 * (request.memory_max_mb << 20))),
+        probe_user=request.probe_user,
+        allow_root=request.allow_root)
+    fds: list[int] = []
+    source_bus = SystemdSource()
+    try:
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        out_r, out_w = os.pipe()
+        fds += [req_r, req_w, rep_r, rep_w, out_r, out_w]
+        os.write(req_w, data)
+        os.close(req_w)
+        fds.remove(req_w)
+        try:
+            unit = transient.start(source_bus, transient.unit_name(ctx.unit),
+                                   [python, "-B", "-c", source, "stdio"], props,
+                                   req_r, rep_w, out_w)
+        except transient.TransientError as exc:
+            return ProbeResult(ok=False, error_kind="internal",
+                               error=scrub(f"cannot start the probe unit: {exc}", secrets))
+        for fd in (req_r, rep_w, out_w):  # systemd holds its own copies now
+            os.close(fd)
+            fds.remove(fd)
+        try:
+            raw, tail, timed_out = transient.collect(unit, rep_r, out_r, started + timeout,
+                                                     MAX_REPORT_BYTES)
+            state = unit.state()
+        finally:
+            unit.kill()  # the whole cgroup, whatever the app left running; then forget it
+    finally:
+        for fd in fds:
+            os.close(fd)
+        source_bus.close()
+    # Killed on its own, before our deadline: the OOM killer of the unit's cgroup
+    # (systemd says "oom-kill" on cgroup v2; on v1 only the SIGKILL is seen).
+    if not raw and not timed_out and (state.result == "oom-kill" or
+                                      state.returncode == -signal.SIGKILL):
+        mib = props[b"MemoryMax"] // (1024 * 1024)
+        how = "went over" if state.result == "oom-kill" else "was killed (SIGKILL), most " \
+            "likely for going over"
+        return ProbeResult(ok=False, error_kind="app_load", returncode=state.returncode,
+                           error=f"loading the app {how} the probe's memory limit "
+                                 f"(MemoryMax={mib}M)",
+                           duration=round(time.monotonic() - started, 3),
+                           output_tail=scrub(tail.decode("utf-8", "replace"), secrets))
+    return raw, state.returncode, tail.decode("utf-8", "replace"), timed_out
+
+
 def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,
                secrets: list[str], source_text: str | None = None,
                ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
     """Start child.py as the unit's user with doc as its request, in its own process group,
     and collect (report bytes, returncode, output tail, timed out); a setup failure comes
-    back as a failed ProbeResult. The whole group is killed at the end, whatever happens."""
+    back as a failed ProbeResult. The whole group is killed at the end, whatever happens.
+
+    Where systemd runs the machine, the child is a transient unit instead (_run_transient):
+    systemd builds its context from the app unit's own settings and a stop ends its cgroup.
+    The process-group path is the fallback without systemd (and for contexts not read from
+    systemd, as in the integration tests).
+    """
+    if transient.available(ctx.exec_settings):
+        return _run_transient(ctx, request, doc, timeout, secrets, source_text)
     started = time.monotonic()
     try:
-        identity = resolve_identity(ctx.user, ctx.group, ctx.supplementary_groups)
+        identity = unit_identity(ctx, request.probe_user)
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
-        source = CHILD_SOURCE_PATH.read_text() if source_text is None else source_text
+        source = bundle(CHILD_SOURCE_PATH, source_text)  # the read-only guard first
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     env[REQUEST_ENV] = json.dumps(doc)
@@ -557,8 +671,29 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
     if isinstance(ran, ProbeResult):
         return ran
     raw, returncode, tail, timed_out = ran
-    return parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
-                        duration=time.monotonic() - started, secrets=secrets)
+    result = parse_report(raw, returncode, tail, timed_out=timed_out, timeout=timeout,
+                          duration=time.monotonic() - started, secrets=secrets)
+    return unreadable_as_stand_in(ctx, request, result)
+
+
+_DENIED = re.compile(r"Permission denied: '([^']+)'|cannot enter the working directory (\S+):")
+
+
+def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: ProbeResult,
+                           ) -> ProbeResult:
+    """Pure: a unit without User= is probed as a stand-in user (a dynamic user, or
+    probe_user); when that user cannot read a file the app needs, say which and the fix."""
+    if ctx.user or result.ok or ctx.dynamic_user:
+        return result
+    found = _DENIED.search(result.error) or _DENIED.search(result.output_tail)
+    if not found:
+        return result
+    path = found.group(1) or found.group(2)
+    who = f"probe_user {request.probe_user}" if request.probe_user else \
+        "a dynamic user (DynamicUser=yes)"
+    return replace(result, error_kind="privileges", error=(
+        f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as root "
+        f"and ran as {who}, which cannot read {path}"))
 
 
 # -- gunicorn's configuration alone (agentctl exec / upgrade) ---------------------------------
@@ -669,8 +804,18 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
         "groups": list(ctx.supplementary_groups), "app": ctx.launch.app_spec,
         "gunicorn_env": list(ctx.launch.gunicorn_env),
         "gunicorn_args": list(ctx.launch.gunicorn_args),
-    }, sort_keys=True).encode())
+        # The transient unit's settings (credentials, sandboxing) change what the app sees.
+        "settings": ctx.exec_settings,
+    }, sort_keys=True, default=str).encode())
     lines: list[str] = []
+    for entry in ctx.exec_settings.get("LoadCredential") or ():
+        source = str(entry[1]) if len(entry) > 1 else ""
+        if source.startswith("/"):  # a changed credential file (a new URL) counts too
+            try:
+                st = os.stat(source)
+                lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
+            except OSError:
+                lines.append(f"credential {source} missing")
     for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
         try:
             st = os.stat(path)

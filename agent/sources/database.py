@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -246,11 +246,13 @@ def is_lock_wait(exc: BaseException) -> bool:
 
 def read_version_table(url: str | URL, table: str = "alembic_version",
                        schema: str | None = None,
-                       timeouts: Timeouts = DEFAULT_TIMEOUTS) -> VersionTable:
-    """Does the version table exist, and which revision(s) does it hold."""
+                       timeouts: Timeouts = DEFAULT_TIMEOUTS,
+                       opener: Callable[[Any, Timeouts], Any] | None = None) -> VersionTable:
+    """Does the version table exist, and which revision(s) does it hold (opener as in
+    inspect(): the agent passes the session held as the unit's user)."""
     started, label = time.monotonic(), db_label(url)
     try:
-        with session(url, timeouts) as conn:
+        with (opener or session)(url, timeouts) as conn:
             exists, revisions, locked = query_version_table(conn, table, schema)
     except DatabaseProblem as exc:
         return VersionTable(label, table, error=str(exc), elapsed_ms=_timed(started))
@@ -608,11 +610,16 @@ class DatabaseInspection:
 
 
 def inspect(url: str | URL, table: str = "alembic_version", schema: str | None = None,
-            timeouts: Timeouts = DEFAULT_TIMEOUTS) -> DatabaseInspection:
-    """Version table, migration activity, privileges, identity, role sessions: one session."""
+            timeouts: Timeouts = DEFAULT_TIMEOUTS,
+            opener: Callable[[Any, Timeouts], Any] | None = None) -> DatabaseInspection:
+    """Version table, migration activity, privileges, identity, role sessions: one session.
+
+    opener(url, timeouts) opens it (default: session() in this process); the agent passes
+    agent.privileged.dbclient.user_session, so the session is held as the unit's user.
+    """
     started, label = time.monotonic(), db_label(url)
     try:
-        with session(url, timeouts) as conn:
+        with (opener or session)(url, timeouts) as conn:
             # Activity first: it explains a lock timeout on the version table that follows.
             sessions_, hidden = query_migration_activity(conn, table, schema)
             exists, revisions, locked = query_version_table(conn, table, schema)

@@ -36,8 +36,45 @@ def _usec_to_seconds(usec: int) -> float | None:
     return usec / 1_000_000 if usec else None
 
 
+# Execution settings of the app's unit that the probe's transient unit carries over, with
+# their D-Bus signatures, so credentials, dynamic users and sandboxing behave as for the app.
+CARRIED_SETTINGS: dict[str, str] = {
+    "User": "s", "Group": "s", "SupplementaryGroups": "as", "DynamicUser": "b",
+    "Environment": "as", "EnvironmentFiles": "a(sb)", "UnsetEnvironment": "as",
+    "PassEnvironment": "as", "WorkingDirectory": "s", "RootDirectory": "s",
+    "LoadCredential": "a(ss)", "LoadCredentialEncrypted": "a(ss)", "SetCredential": "a(say)",
+    "SetCredentialEncrypted": "a(say)", "PrivateTmp": "b", "PrivateDevices": "b",
+    "ProtectSystem": "s", "ProtectHome": "s", "ReadWritePaths": "as", "ReadOnlyPaths": "as",
+    "InaccessiblePaths": "as", "BindPaths": "a(ssbt)", "BindReadOnlyPaths": "a(ssbt)",
+    "TemporaryFileSystem": "a(ss)", "UMask": "u", "NoNewPrivileges": "b",
+    "StateDirectory": "as", "RuntimeDirectory": "as", "CacheDirectory": "as",
+    "LogsDirectory": "as", "ConfigurationDirectory": "as",
+}
+
+
+def exec_settings_from_dbus(service: Mapping[bytes, Any]) -> dict[str, Any]:
+    """Pure: the carried settings the unit really sets (empty lists and strings left out)."""
+    out: dict[str, Any] = {}
+    for name in CARRIED_SETTINGS:
+        value = service.get(name.encode())
+        if value is None or (isinstance(value, (bytes, str, list, tuple)) and not value):
+            continue
+        out[name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """D-Bus values as plain JSON-able data: bytes -> str (surrogateescape, lossless)."""
+    if isinstance(value, bytes):
+        return _text(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def unit_properties_from_dbus(name: str, unit: Mapping[bytes, Any],
-                              service: Mapping[bytes, Any]) -> UnitProperties:
+                              service: Mapping[bytes, Any],
+                              manager_environment: Iterable[Any] = ()) -> UnitProperties:
     """Build UnitProperties from the GetAll() dictionaries of the Unit and Service interfaces."""
     def u(key: str, default: Any = b"") -> Any:
         return unit.get(key.encode(), default)
@@ -71,6 +108,11 @@ def unit_properties_from_dbus(name: str, unit: Mapping[bytes, Any],
         result=_text(s("Result")),
         unit_file_state=_text(u("UnitFileState")),
         description=_text(u("Description")),
+        unset_environment=tuple(_text(e) for e in s("UnsetEnvironment", [])),
+        pass_environment=tuple(_text(e) for e in s("PassEnvironment", [])),
+        manager_environment=tuple(_text(e) for e in manager_environment),
+        dynamic_user=bool(s("DynamicUser", False)),
+        exec_settings=exec_settings_from_dbus(service),
     )
 
 
@@ -175,7 +217,11 @@ class SystemdSource:
         if not name.endswith(".service"):
             raise DriftwatchError(f"{name} is not a service unit")
         service = self._get_all(path, SERVICE_IFACE)
-        return unit_properties_from_dbus(name, unit, service)
+        manager_env: list[Any] = []
+        if service.get(b"PassEnvironment"):  # values come from the manager's environment
+            manager_env = self._call(MANAGER_PATH, PROPERTIES_IFACE, b"Get", b"ss",
+                                     [MANAGER_IFACE, b"Environment"])
+        return unit_properties_from_dbus(name, unit, service, manager_env)
 
     def list_services(self) -> list[tuple[str, str]]:
         """(name, object path) of every loaded service unit."""

@@ -474,3 +474,75 @@ def test_merge_order_environment_then_files(make_sandbox: Callable[[], Sandbox])
             load_environment_files(files_spec, lambda p: sb.path(p).read_bytes())
         assert not outcomes[unit].active and outcomes[unit].result == "resources", \
             outcomes[unit]
+
+
+# -- unit-level settings: UnsetEnvironment=, PassEnvironment= -----------------------------
+
+UNIT_LEVEL_CASES = {
+    "unset": """[Service]
+Type=exec
+Environment=A=1 B=2 C=3 E=5
+EnvironmentFile=/etc/envunit/one.env
+UnsetEnvironment=A C=nomatch D=file E=5
+ExecStart=/bin/sleep infinity
+""",
+    "pass": """[Service]
+Type=exec
+PassEnvironment=PM1 PM2 MISSING
+Environment=PM2=unit Z=z
+UnsetEnvironment=PM3
+ExecStart=/bin/sleep infinity
+""",
+    "unset-systemds-own": """[Service]
+Type=exec
+Environment=X=1
+UnsetEnvironment=PATH LANG
+ExecStart=/bin/sleep infinity
+""",
+}
+PREDICT = """
+import json
+from agent.inspection import inspect_unit
+from agent.sources.systemd import SystemdSource
+s = SystemdSource()
+out = {{}}
+for name in {names!r}:
+    ctx = inspect_unit(s, name).context
+    out[name] = {{"env": list(ctx.environment.items()), "sources": ctx.environment_sources,
+                 "unset": list(ctx.unset_variables)}}
+print(json.dumps(out))
+"""
+
+
+def test_unit_level_settings_match_systemd(make_sandbox: Callable[[], Sandbox]) -> None:
+    """UnsetEnvironment= (VAR and VAR=value) and PassEnvironment= as systemd applies them."""
+    from tests.harness.agent import agent_python
+
+    sb = make_sandbox()
+    for case, text in UNIT_LEVEL_CASES.items():
+        sb.add_unit(f"envunit-{case}.service", text)
+    sb.add_unit("envcase@.service", TEMPLATE)
+    sb.add_file(f"/etc/envcases/{BASELINE}.env", b"")
+    sb.add_file("/etc/envunit/one.env", b"B=file\nD=file\n")
+    sb.boot()
+    sb.systemctl("set-environment", "PM1=m1", "PM2=m2", "PM3=m3")
+    units = [f"envunit-{c}.service" for c in UNIT_LEVEL_CASES]
+    outcomes = start_all(sb, units + [unit_name(BASELINE)])
+    baseline = outcomes[unit_name(BASELINE)].env()
+    predicted = agent_python(sb, PREDICT.format(names=units))
+    for unit in units:
+        actual = outcomes[unit]
+        assert actual.active, actual
+        want = dict(predicted[unit]["env"])
+        got = [(k, v) for k, v in actual.environ if k not in baseline or k in want]
+        assert dict(got) == want, unit
+        assert [k for k, _ in got] == list(want), unit  # systemd's order
+    unset = dict(predicted["envunit-unset.service"]["env"])
+    assert unset == {"B": "file", "C": "3"}
+    passed = predicted["envunit-pass.service"]
+    assert dict(passed["env"]) == {"PM1": "m1", "PM2": "unit", "Z": "z"}
+    assert passed["sources"]["PM1"] == "PassEnvironment=" and passed["sources"]["PM2"] == \
+        "Environment="
+    own = outcomes["envunit-unset-systemds-own.service"].env()
+    assert "PATH" not in own and "PATH" in baseline
+    assert predicted["envunit-unset-systemds-own.service"]["unset"] == ["PATH", "LANG"]

@@ -221,7 +221,7 @@ def test_app_code_runs_as_the_unit_user_never_root(make_app: Callable[..., AppDi
     assert 0 not in seen[0]["groups"]
     assert seen[0]["cwd"] == str(app.root)
     assert seen[0]["prefix"] == str(flask_venv)
-    assert {"HOME", "USER", "PGOPTIONS", "DATABASE_URL"} <= set(seen[0]["env_keys"])
+    assert {"HOME", "USER", "PGAPPNAME", "DATABASE_URL"} <= set(seen[0]["env_keys"])
 
 
 def test_working_directory_the_user_cannot_enter(make_app: Callable[..., AppDir],

@@ -31,7 +31,7 @@ def inspect_with(monkeypatch: pytest.MonkeyPatch, version: database.VersionTable
                  report: dict[str, Any] = DRIFTING) -> UnitSnapshot:
     """One unit, its database as given (a lock, sessions), its probe reporting drift."""
     def inspect(url: str, table: str = "alembic_version", schema: str | None = None,
-                timeouts: Any = None) -> database.DatabaseInspection:
+                timeouts: Any = None, opener: Any = None) -> database.DatabaseInspection:
         label = database.db_label(url)
         return database.DatabaseInspection(
             label, version, database.MigrationActivity(
@@ -121,7 +121,7 @@ def test_a_comparison_made_during_a_migration_is_not_reused(
     state = {"locked": True}
 
     def inspect(url: str, table: str = "alembic_version", schema: str | None = None,
-                timeouts: Any = None) -> database.DatabaseInspection:
+                timeouts: Any = None, opener: Any = None) -> database.DatabaseInspection:
         label = database.db_label(url)
         version = database.VersionTable(label, table, exists=True, locked=state["locked"],
                                         revisions=() if state["locked"] else ("r3",))

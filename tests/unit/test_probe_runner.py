@@ -142,7 +142,9 @@ def test_probe_env_layers_like_systemd_then_gunicorn() -> None:
     beside = build_unit_env(ctx, ident)  # commands run beside the app do get -e values
     assert beside["MODE"] == "gunicorn" and "BAD" not in beside
     assert env["PATH"].split(":")[:2] == ["/srv/venv/bin", "/usr/local/sbin"]
-    assert env["PGOPTIONS"].startswith("-c search_path=app -c default_transaction_read_only=on")
+    # The unit's own PGOPTIONS as is: read-only comes from the child's guard (PgBouncer
+    # refuses an options startup parameter).
+    assert env["PGOPTIONS"] == "-c search_path=app"
     assert env["PGAPPNAME"] == "driftwatch-probe"
     assert "VIRTUAL_ENV" not in env and "PYTHONPATH" not in env  # nothing of the agent's
 

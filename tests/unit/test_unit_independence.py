@@ -85,7 +85,7 @@ class FakeJournal:
 def fake_database(rows: dict[str, Any]) -> Any:
     """database.inspect with the real URL handling and literal version-table rows."""
     def inspect(url: str, table: str = "alembic_version", schema: str | None = None,
-                timeouts: database.Timeouts = database.DEFAULT_TIMEOUTS,
+                timeouts: database.Timeouts = database.DEFAULT_TIMEOUTS, opener: Any = None,
                 ) -> database.DatabaseInspection:
         label = database.db_label(url)
         try:

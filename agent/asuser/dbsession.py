@@ -1,0 +1,248 @@
+"""The agent's own database session, held by an unprivileged child as the unit's user.
+
+Runs inside the app's own interpreter (its SQLAlchemy, its driver), as the unit's user, in
+the unit's environment: libpq reads that user's ~/.pgpass, service file and certificates,
+never root's, whatever ``passfile``/``service``/``sslkey``/``sslrootcert``/``hostaddr`` the
+URL names. Stdlib only at module level; readonly.py is prepended to this source.
+
+Protocol (root is the client): the request (URL and timeouts) comes in the environment
+variable DRIFTWATCH_DB_REQUEST, removed at once. The child connects and writes one JSON line
+to FD_OUT: {"ok": true} or {"ok": false, "error": "..."}. Then, for each JSON line
+{"sql": ..., "params": {...}} read from FD_IN, it runs that one statement in its own
+read-only transaction (the guard verifies it), rolls back, and writes one line
+{"rows": [[...], ...]} or {"error": "...", "sqlstate": "..."}. EOF on FD_IN ends it.
+Root bounds every line it reads; a statement's rows are capped at MAX_ROWS.
+"""
+
+import json
+import os
+import re
+import sys
+
+DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
+MAX_ROWS = 5000
+MAX_MESSAGE = 500
+
+
+def _message(exc):
+    """The driver's own first line (no SQLAlchemy decoration), bounded."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    first = text.splitlines()[0] if text else type(orig).__name__
+    return first[:MAX_MESSAGE]
+
+
+def _sqlstate(exc):
+    orig = getattr(exc, "orig", None) or exc
+    return str(getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None) or "")
+
+
+def _plain(value):
+    """A JSON-safe cell: numbers, text, booleans, None; anything else as text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _write(fd, doc):
+    data = (json.dumps(doc) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _lines(fd):
+    """Request lines from fd until EOF."""
+    buf = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+
+
+def _end(conn):
+    """Roll back the statement's transaction (SQLAlchemy 2.x / future, or 1.x's DBAPI)."""
+    rollback = getattr(conn, "rollback", None)
+    if callable(rollback):
+        rollback()
+    else:
+        conn.connection.rollback()
+
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+def libpq_uri(url):
+    """A SQLAlchemy URL -> the libpq URI it stands for ('postgresql+psycopg2://' -> 'postgresql://').
+
+    SQLAlchemy passes user, password, host, port, database and the query parameters to the
+    driver, which hands them to libpq; libpq reads the same URI itself, %-encoding included.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres", "pgsql"):
+        raise ValueError("not a PostgreSQL URL")
+    return "postgresql://" + rest
+
+
+def pyformat(sql):
+    """':name' parameters (SQLAlchemy text style) -> '%(name)s' (psycopg); '%' escaped."""
+    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+def driver_connect(url):
+    """A psycopg2 (else psycopg 3) connection to url, or None when neither is importable."""
+    uri = libpq_uri(url)
+    try:
+        import psycopg2
+        return psycopg2.connect(uri)
+    except ImportError:
+        pass
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    return psycopg.connect(uri)
+
+
+def serve_driver(conn, request, fd_out, lines):
+    """Answer statements on a plain driver connection, each in a guarded transaction."""
+    settings, state = request.get("guard") or {}, {"guarding": False}
+
+    def run(sql, params):
+        check_before_statement(conn, settings, state)  # noqa: F821 (bundled readonly.py)
+        cur = conn.cursor()
+        try:
+            cur.execute(pyformat(sql), dict(params or {}))
+            return [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
+                if cur.description is not None else []
+        finally:
+            cur.close()
+            conn.rollback()  # never a transaction held open between statements
+
+    rows = run("SHOW transaction_read_only", {})
+    if not rows or str(rows[0][0]).lower() != "on":
+        raise RuntimeError("the session is not read-only")
+    _write(fd_out, {"ok": True})
+    for line in lines:
+        try:
+            ask = json.loads(line)
+            sql = str(ask["sql"])
+            if ";" in sql.strip().rstrip(";"):
+                raise ValueError("one statement at a time (no ';')")
+            answer = {"rows": run(sql, ask.get("params") or {})}
+        except Exception as exc:
+            answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+            try:
+                conn.rollback()
+            except Exception:
+                pass
+        _write(fd_out, answer)
+
+
+def serve(request, fd_in, fd_out, lines=None):
+    """Connect, then answer statements until EOF (lines: an already started reader).
+
+    The app's own libpq driver directly (cheap to import); SQLAlchemy only when the app's
+    interpreter has neither psycopg2 nor psycopg.
+    """
+    lines = lines if lines is not None else _lines(fd_in)
+    try:
+        conn = driver_connect(request["url"])
+    except Exception as exc:
+        _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
+    if conn is not None:
+        try:
+            serve_driver(conn, request, fd_out, lines)
+        finally:
+            conn.close()
+        return
+    serve_sqlalchemy(request, fd_out, lines)
+
+
+def serve_sqlalchemy(request, fd_out, lines):
+    """serve() through the app's SQLAlchemy (the Engine-wide guard covers it)."""
+    if not install_readonly_guard(request.get("guard") or {}):  # noqa: F821 (bundled)
+        raise ImportError("the app's interpreter has no PostgreSQL driver")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+    engine = create_engine(request["url"], poolclass=NullPool)
+    try:
+        conn = engine.connect()
+    except Exception as exc:
+        _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
+    try:
+        # Verified before anything else runs: the guard opened a read-only transaction.
+        state = conn.execute(text("SHOW transaction_read_only")).scalar()
+        _end(conn)
+        if str(state).lower() != "on":
+            raise RuntimeError("the session is not read-only")
+        _write(fd_out, {"ok": True})
+        for line in lines:
+            try:
+                ask = json.loads(line)
+                sql = str(ask["sql"])
+                # One statement per transaction: "COMMIT; BEGIN READ WRITE; ..." in one
+                # simple-protocol string would end the guarded transaction.
+                if ";" in sql.strip().rstrip(";"):
+                    raise ValueError("one statement at a time (no ';')")
+                result = conn.execute(text(sql), ask.get("params") or {})
+                rows = [[_plain(v) for v in row] for row in result.fetchmany(MAX_ROWS)] \
+                    if result.returns_rows else []
+                answer = {"rows": rows}
+            except Exception as exc:
+                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+            try:
+                _end(conn)  # never a transaction held open between statements
+            except Exception as exc:
+                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+            _write(fd_out, answer)
+    finally:
+        try:
+            conn.close()
+        finally:
+            engine.dispose()
+
+
+def main(argv):
+    """Entry point: argv = [FD_IN, FD_OUT]."""
+    stdio = argv[0] == "stdio"
+    if stdio:
+        # A transient unit (agent/privileged/transient.py): statements on stdin, answers on
+        # the stdout pipe, the request as the first line of stdin; stray prints to stderr.
+        fd_in, fd_out = 0, os.dup(1)
+        os.dup2(2, 1)
+    else:
+        fd_in, fd_out = int(argv[0]), int(argv[1])
+    for fd in (fd_in, fd_out):
+        os.set_inheritable(fd, False)
+    try:
+        if stdio:
+            lines = _lines(fd_in)
+            request = json.loads(next(lines, b"{}"))
+        else:
+            lines = None
+            request = json.loads(os.environ.pop(DB_REQUEST_ENV, "") or "{}")
+        if os.getuid() == 0 or os.geteuid() == 0:
+            if not request.get("allow_root"):
+                raise PermissionError("refusing to open the app's database session as root")
+        # The Engine-wide guard is only needed (and SQLAlchemy only imported) when the
+        # session falls back to SQLAlchemy; serve_driver calls the guard itself.
+        serve(request, fd_in, fd_out, lines)
+    except BaseException as exc:
+        try:
+            _write(fd_out, {"ok": False, "error": "the database session failed: %s: %s"
+                            % (type(exc).__name__, _message(exc))})
+        except OSError:
+            pass
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

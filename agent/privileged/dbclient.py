@@ -1,0 +1,327 @@
+"""Root's side of the agent's own database session: the session itself is held by a child
+running as the unit's user (agent/asuser/dbsession.py); root only sends SQL and parses
+bounded JSON rows.
+
+``user_session(ctx, url, timeouts)`` is a drop-in for ``agent.sources.database.session``:
+it yields an object with the small part of SQLAlchemy's Connection API the query functions
+use (execute -> scalar/scalars/first/one/iteration) and raises DatabaseProblem with a masked
+one-line reason when the session cannot be had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from sqlalchemy.exc import DBAPIError
+
+from agent.context import AppContext
+from agent.privileged import transient
+from agent.privileged.launch import DBSESSION, bundle
+from agent.probe.runner import (
+    SYSTEMD_DEFAULT_PATH,
+    ProbeSetupError,
+    build_unit_env,
+    interpreter,
+    privilege_plan,
+    unit_identity,
+    scrub,
+    secret_values,
+)
+from agent.sources.database import DatabaseProblem, Timeouts, db_label, describe_error
+from agent.sources.systemd import SystemdSource
+
+DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
+APPLICATION_NAME = "driftwatch"
+# One answer line larger than this is not an answer (5000 rows of short text fit easily).
+MAX_LINE_BYTES = 8 * 1024 * 1024
+# The child gets this long to start its interpreter and connect, beyond connect_s.
+START_GRACE_S = 10.0
+
+
+class RemoteError(Exception):
+    """The server's (or driver's) error for one statement, as the child reported it."""
+
+    def __init__(self, message: str, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.pgcode = sqlstate
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How long root waits, and what the child's guard enforces."""
+
+    timeouts: Timeouts
+    # Root gives up on one statement after this (the server's statement_timeout is shorter).
+    answer_s: float = 10.0
+    allow_root: bool = False
+    probe_user: str = ""
+
+    def guard(self) -> dict[str, Any]:
+        """The settings of the child's read-only guard."""
+        t = self.timeouts
+        return {"statement_timeout_ms": t.statement_ms, "lock_timeout_ms": t.lock_ms,
+                "idle_in_transaction_timeout_ms": t.idle_in_transaction_ms,
+                "application_name": APPLICATION_NAME}
+
+
+class _Result:
+    """Rows of one statement, with the Result methods the query functions use."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._rows)
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows and self._rows[0] else None
+
+    def scalars(self) -> "_Result":
+        return _Result([(r[0],) for r in self._rows if r])
+
+    def all(self) -> list[Any]:
+        return [r[0] if len(r) == 1 else r for r in self._rows]
+
+    def first(self) -> tuple[Any, ...] | None:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> tuple[Any, ...]:
+        if len(self._rows) != 1:
+            raise RemoteError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+
+def parse_answer(line: bytes) -> dict[str, Any]:
+    """One bounded JSON line from the child -> a dict (ValueError when it is not one)."""
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError("answer too large")
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise ValueError("answer is not a JSON object")
+    return doc
+
+
+def rows_of(doc: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Pure: the rows of an answer, each cell a JSON scalar (anything else becomes text)."""
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError("answer has no rows")
+    out = []
+    for row in rows:
+        if not isinstance(row, list):
+            raise ValueError("a row is not a list")
+        out.append(tuple(v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+                         for v in row))
+    return out
+
+
+class RemoteConnection:
+    """Sends one statement at a time to the child and waits (bounded) for its rows."""
+
+    def __init__(self, writer: BinaryIO, fd_out: int, settings: SessionSettings,
+                 secrets: list[str]) -> None:
+        self._writer = writer
+        self._fd = fd_out
+        self._buf = b""
+        self._settings = settings
+        self._secrets = secrets
+        self.statements = 0
+
+    def read_line(self, timeout: float) -> dict[str, Any]:
+        """The child's next answer line; RemoteError on timeout, EOF or garbage."""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._fd, selectors.EVENT_READ)
+            while b"\n" not in self._buf:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RemoteError(f"no answer from the session within {timeout:g} s "
+                                      "(timed out)")
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    raise RemoteError("the session ended before answering")
+                self._buf += chunk
+                if len(self._buf) > MAX_LINE_BYTES:
+                    raise RemoteError("the session's answer is too large")
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            return parse_answer(line)
+        except ValueError as exc:
+            raise RemoteError(f"the session's answer is not valid JSON ({exc})") from None
+
+    def execute(self, clause: Any, params: Mapping[str, Any] | None = None) -> _Result:
+        """Run one statement (a TextClause or SQL text) as the unit's user."""
+        sql = str(getattr(clause, "text", clause))
+        request = json.dumps({"sql": sql, "params": dict(params or {})}).encode() + b"\n"
+        try:
+            self._writer.write(request)
+            self._writer.flush()
+            doc = self.read_line(self._settings.answer_s)
+        except (OSError, RemoteError) as exc:
+            raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))) from None
+        self.statements += 1
+        if "error" in doc:
+            message = scrub(str(doc.get("error") or "error"), self._secrets)[:500]
+            raise DBAPIError(sql, params, RemoteError(message, str(doc.get("sqlstate") or "")))
+        try:
+            return _Result(rows_of(doc))
+        except ValueError as exc:
+            raise DBAPIError(sql, params, RemoteError(str(exc))) from None
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """End the child's whole process group (it leads its own session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def session_env(ctx: AppContext, identity: Any, settings: SessionSettings, url: str,
+                ) -> dict[str, str]:
+    """The unit's environment plus the session request (and a connect timeout default)."""
+    env = build_unit_env(ctx, identity, gunicorn_env=False)
+    env.setdefault("PGCONNECT_TIMEOUT", str(int(settings.timeouts.connect_s)))
+    env.setdefault("PGAPPNAME", APPLICATION_NAME)
+    env[DB_REQUEST_ENV] = json.dumps({"url": url, "guard": settings.guard(),
+                                      "allow_root": settings.allow_root})
+    return env
+
+
+@contextmanager
+def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
+                 allow_root: bool = False, probe_user: str = "",
+                 ) -> Iterator[RemoteConnection]:
+    """The agent's read-only session on url, held as the unit's user (DatabaseProblem).
+
+    Where systemd runs the machine, the child is a transient unit with the app unit's own
+    execution settings (units without User= get a dynamic user, or probe_user); elsewhere
+    a child process dropped to the unit's User=/Group=.
+    """
+    label = db_label(url)
+    settings = SessionSettings(timeouts, answer_s=max(5.0, timeouts.statement_ms / 1000 + 5),
+                               allow_root=allow_root, probe_user=probe_user)
+    secrets = secret_values(ctx.environment, [url])
+    if transient.available(ctx.exec_settings):
+        with _transient_session(ctx, url, settings, secrets, label) as conn:
+            yield conn
+        return
+    try:
+        identity = unit_identity(ctx, probe_user)
+        drop = privilege_plan(identity, os.geteuid(), allow_root)
+        env = session_env(ctx, identity, settings, url)
+        python = interpreter(ctx, env)
+    except ProbeSetupError as exc:
+        raise DatabaseProblem(f"database {label}: no session as the unit's user: "
+                              f"{scrub(str(exc), secrets)}") from None
+    read_fd, write_fd = os.pipe()
+    try:
+        try:
+            proc = subprocess.Popen(
+                [python, "-B", "-c", bundle(DBSESSION), "0", str(write_fd)],
+                cwd="/", env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, pass_fds=(write_fd,), start_new_session=True,
+                **drop)
+        except OSError as exc:
+            raise DatabaseProblem(f"database {label}: cannot start {python} as "
+                                  f"{identity.name}: {exc.strerror or exc}") from None
+        os.close(write_fd)
+        write_fd = -1
+        assert proc.stdin is not None
+        conn = RemoteConnection(proc.stdin, read_fd, settings, secrets)
+        try:
+            try:
+                hello = conn.read_line(START_GRACE_S + timeouts.connect_s)
+            except RemoteError as exc:
+                raise DatabaseProblem(f"database {label} error: {exc}") from None
+            if not hello.get("ok"):
+                reason = scrub(str(hello.get("error") or "no session"), secrets)
+                raise DatabaseProblem(describe_error(label, RemoteError(reason)))
+            try:
+                yield conn
+            except DBAPIError as exc:
+                raise DatabaseProblem(describe_error(label, exc)) from None
+        finally:
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+            _kill(proc)
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+@contextmanager
+def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
+                       secrets: list[str], label: str) -> Iterator[RemoteConnection]:
+    """The session child as a transient unit with the app unit's execution settings
+    (credentials, DynamicUser=, sandboxing as for the app); stdin/stdout are root's pipes."""
+    try:
+        python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
+    except ProbeSetupError as exc:
+        raise DatabaseProblem(f"database {label}: {scrub(str(exc), secrets)}") from None
+    defaults = {"PGAPPNAME": APPLICATION_NAME,
+                "PGCONNECT_TIMEOUT": str(int(settings.timeouts.connect_s))}
+    limits = transient.Limits(runtime_max_s=START_GRACE_S + settings.timeouts.connect_s
+                              + 30 * settings.answer_s, memory_max_bytes=256 * 1024 * 1024)
+    props = transient.transient_properties(
+        ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}",
+        extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
+        limits=limits, probe_user=settings.probe_user)
+    request = json.dumps({"url": url, "guard": settings.guard(), "allow_root": False})
+    bus = SystemdSource()
+    fds: list[int] = []
+    unit = None
+    try:
+        req_r, req_w = os.pipe()
+        ans_r, ans_w = os.pipe()
+        null = os.open(os.devnull, os.O_WRONLY)
+        fds += [req_r, req_w, ans_r, ans_w, null]
+        try:
+            unit = transient.start(bus, transient.unit_name(ctx.unit, "session"),
+                                   [python, "-B", "-c", bundle(DBSESSION), "stdio"], props,
+                                   req_r, ans_w, null)
+        except transient.TransientError as exc:
+            raise DatabaseProblem(f"database {label}: cannot start the session unit: "
+                                  f"{scrub(str(exc), secrets)}") from None
+        for fd in (req_r, ans_w, null):
+            os.close(fd)
+            fds.remove(fd)
+        fds.remove(req_w)
+        with os.fdopen(req_w, "wb", buffering=0) as writer:
+            writer.write(request.encode() + b"\n")
+            conn = RemoteConnection(writer, ans_r, settings, secrets)
+            try:
+                hello = conn.read_line(START_GRACE_S + settings.timeouts.connect_s)
+            except RemoteError as exc:
+                raise DatabaseProblem(f"database {label} error: {exc}") from None
+            if not hello.get("ok"):
+                reason = scrub(str(hello.get("error") or "no session"), secrets)
+                raise DatabaseProblem(describe_error(label, RemoteError(reason)))
+            try:
+                yield conn
+            except DBAPIError as exc:
+                raise DatabaseProblem(describe_error(label, exc)) from None
+    finally:
+        if unit is not None:
+            # stdin is closed by now (EOF): the child ends by itself; then nothing is left.
+            unit.wait_gone(timeout=1.0)
+            unit.kill()
+        for fd in fds:
+            os.close(fd)
+        bus.close()
