@@ -107,8 +107,20 @@ DATABASE_MISMATCH = Spec("database_mismatch",
 MIGRATION_PRIVILEGES_OK = Spec("migration_privileges_ok",
                                "1 if the app's database role may run its migrations.")
 JOURNAL_SCHEMA_ERRORS = Spec("journal_schema_errors",
-                             "Schema errors (UndefinedColumn, UndefinedTable, ...) in the unit's "
-                             "journal.", ("unit", "kind"), counter=True)
+                             "Schema errors (kind undefined_column, undefined_table) logged in the "
+                             "unit's journal after the agent started; the journal cursor is kept "
+                             "in the state directory, so a restart neither re-counts nor loses.",
+                             ("unit", "kind"), counter=True)
+JOURNAL_SCHEMA_ERRORS_RECENT = Spec("journal_schema_errors_recent",
+                                    "Schema errors in the unit's journal within the look-back "
+                                    "window (driftwatch_journal_window_seconds), including those "
+                                    "logged before the agent started.", ("unit", "kind"))
+JOURNAL_WINDOW = Spec("journal_window_seconds",
+                      "The look-back window of driftwatch_journal_schema_errors_recent.", ())
+CHECK_STALENESS = Spec("check_staleness_seconds",
+                       "Seconds since the check last succeeded for the unit (0: it just did); "
+                       "while it fails, the unit's gauges from it keep their last known values.",
+                       ("unit", "check"))
 FINDINGS = Spec("findings", "Problems found on the unit, by severity.", ("unit", "severity"))
 
 ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Spec))
@@ -142,6 +154,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     for check in u.checks:
         yield CHECK_SUCCESS, (n, check.name), _b(check.success)
         yield CHECK_DURATION, (n, check.name), check.duration_seconds
+    for check, when in sorted(u.last_success.items()):
+        yield CHECK_STALENESS, (n, check), round(max(0.0, u.timestamp - when), 3)
     # A success gauge is 0 when unknown: "could not load" must not vanish from alerts.
     yield APP_LOAD_SUCCESS, (n,), _b(bool(u.app_loaded))
     if u.db_up is not None:
@@ -173,6 +187,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         yield MIGRATION_PRIVILEGES_OK, (n,), _b(u.migration_privileges_ok)
     for kind, total in sorted(u.journal_schema_errors.items()):
         yield JOURNAL_SCHEMA_ERRORS, (n, kind), float(total)
+    for kind, recent in sorted(u.journal_schema_errors_recent.items()):
+        yield JOURNAL_SCHEMA_ERRORS_RECENT, (n, kind), float(recent)
     severities = Counter(f.severity for f in u.findings)
     for severity in (*SEVERITIES, *sorted(set(severities) - set(SEVERITIES))):
         yield FINDINGS, (n, severity), float(severities.get(severity, 0))
@@ -192,6 +208,8 @@ def snapshot_families(snapshot: Snapshot | None) -> list[Metric]:
         add(SNAPSHOT_TIMESTAMP, (), snapshot.taken_at)
         add(INSPECTION_ERRORS, (), float(len(snapshot.errors)))
         add(UNITS_WATCHED, (), float(len(snapshot.units)))
+        if snapshot.journal_window_seconds:
+            add(JOURNAL_WINDOW, (), snapshot.journal_window_seconds)
         for unit in snapshot.units:
             for spec, labels, value in _unit_samples(unit):
                 add(spec, labels, value)

@@ -67,6 +67,11 @@ class UnitSnapshot:
     migration_privileges_ok: bool | None = None
     applied_migrations_modified: int = 0
     journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total
+    # kind -> errors within the look-back window, including those before the agent started.
+    journal_schema_errors_recent: dict[str, int] = field(default_factory=dict)
+    # check -> when it last succeeded (seconds since the epoch); values of a check that failed
+    # now are the last known ones, carried over.
+    last_success: dict[str, float] = field(default_factory=dict)
     checks: tuple[CheckRun, ...] = ()
     findings: tuple[Finding, ...] = ()
 
@@ -93,8 +98,10 @@ class Snapshot:
     taken_at: float = field(default_factory=time.time)
     duration_seconds: float = 0.0
     errors: tuple[str, ...] = ()         # e.g. systemd unreachable, discovery failed
+    journal_window_seconds: float = 0.0  # the look-back window of the journal gauge
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, the body of /status."""
         return {"taken_at": self.taken_at, "duration_seconds": self.duration_seconds,
-                "errors": list(self.errors), "units": [u.as_dict() for u in self.units]}
+                "errors": list(self.errors), "journal_window_seconds":
+                self.journal_window_seconds, "units": [u.as_dict() for u in self.units]}

@@ -27,7 +27,9 @@ def broken_unit() -> UnitSnapshot:
         venv_mismatch=True, stale_environment_variables=2, needs_daemon_reload=True,
         needs_restart=True, database_mismatch=False, migration_privileges_ok=True,
         applied_migrations_modified=1,
-        journal_schema_errors={"UndefinedColumn": 4, "UndefinedTable": 1},
+        journal_schema_errors={"undefined_column": 4, "undefined_table": 1},
+        journal_schema_errors_recent={"undefined_column": 6, "undefined_table": 1},
+        last_success={"migrations": 1700000000.0, "schema": 1699999880.0},
         checks=(CheckRun("migrations", True, 0.25), CheckRun("schema", False, 1.5, "timeout")),
         findings=(Finding("migrations", "critical",
                           f"DATABASE_URL=postgresql://app:{SECRET}@db/app has pending revisions",
@@ -85,7 +87,7 @@ def test_unit_values() -> None:
     assert get("driftwatch_needs_restart", u) == 1
     assert get("driftwatch_database_mismatch", u) == 0
     assert get("driftwatch_migration_privileges_ok", u) == 1
-    assert get("driftwatch_journal_schema_errors_total", {**u, "kind": "UndefinedColumn"}) == 4
+    assert get("driftwatch_journal_schema_errors_total", {**u, "kind": "undefined_column"}) == 4
     assert get("driftwatch_findings", {**u, "severity": "critical"}) == 1
     assert get("driftwatch_findings", {**u, "severity": "warning"}) == 0
     assert get("driftwatch_units_watched") == 1
@@ -175,3 +177,19 @@ def test_registering_does_not_inspect() -> None:
     assert calls == []
     generate_latest(reg)
     assert calls == [1]
+
+
+def test_staleness_recent_errors_and_window() -> None:
+    reg = registry_for(Snapshot(units=(broken_unit(), unknown_unit()),
+                                journal_window_seconds=3600.0))
+    u = {"unit": "app.service"}
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {**u, "check": "migrations"}) == 0
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {**u, "check": "schema"}) == 120
+    assert reg.get_sample_value("driftwatch_journal_schema_errors_recent",
+                                {**u, "kind": "undefined_column"}) == 6
+    assert reg.get_sample_value("driftwatch_journal_window_seconds") == 3600
+    # A check that never succeeded has no staleness sample (not a made-up age).
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {"unit": "down.service", "check": "migrations"}) is None
