@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.checks.schema import KINDS as schema_kinds
+from agent.sources.journal import KINDS as JOURNAL_KINDS
 from agent.snapshot import Snapshot, UnitSnapshot
 
 PREFIX = "driftwatch_"
@@ -131,6 +133,20 @@ ALL_SPECS: tuple[Spec, ...] = tuple(v for v in list(globals().values()) if isins
 DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column", "column_type",
                "column_nullable", "missing_index", "extra_index")
 SEVERITIES = ("critical", "warning", "info")
+# The checks of agent.inspector, each a `check` label value.
+CHECKS = ("unit", "app_load", "database", "migrations", "schema", "privileges", "connections",
+          "integrity", "journal")
+# Every value a bounded label can take, per metric: what alert rules and their tests may match.
+LABEL_VALUES: dict[Spec, dict[str, tuple[str, ...]]] = {
+    CHECK_SUCCESS: {"check": CHECKS},
+    CHECK_DURATION: {"check": CHECKS},
+    CHECK_STALENESS: {"check": CHECKS},
+    SCHEMA_DRIFT_OBJECTS: {"kind": tuple(dict.fromkeys((*DRIFT_KINDS, *schema_kinds.values(),
+                                                        "other")))},
+    JOURNAL_SCHEMA_ERRORS: {"kind": JOURNAL_KINDS},
+    JOURNAL_SCHEMA_ERRORS_RECENT: {"kind": JOURNAL_KINDS},
+    FINDINGS: {"severity": SEVERITIES},
+}
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
 

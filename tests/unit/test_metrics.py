@@ -193,3 +193,14 @@ def test_staleness_recent_errors_and_window() -> None:
     # A check that never succeeded has no staleness sample (not a made-up age).
     assert reg.get_sample_value("driftwatch_check_staleness_seconds",
                                 {"unit": "down.service", "check": "migrations"}) is None
+
+
+def test_the_check_catalogue_is_the_inspectors() -> None:
+    import re
+    from pathlib import Path
+
+    import agent.inspector
+    from agent.metrics import CHECKS
+    source = Path(agent.inspector.__file__).read_text()
+    used = set(re.findall(r'timer\.check\("(\w+)"\)|name = "(\w+)"', source))
+    assert {a or b for a, b in used} == set(CHECKS)
