@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.inspector import last_known
 from agent.model import Finding
 from agent.snapshot import CheckRun, DriftItem, MigrationState, UnitSnapshot
@@ -72,3 +74,17 @@ def test_nothing_known_before_stays_unknown() -> None:
     down = UnitSnapshot(unit="app.service", timestamp=1.0, unit_up=True, db_up=False,
                         checks=runs("database"))
     assert last_known(down, None) is down
+
+
+def test_newest_file_can_leave_the_migrations_directory_out(tmp_path: Path) -> None:
+    import os
+
+    from agent.sources.files import newest_file
+    (tmp_path / "migrations" / "versions").mkdir(parents=True)
+    app, rev = tmp_path / "app.py", tmp_path / "migrations" / "versions" / "r2.py"
+    app.write_text("x = 1\n")
+    rev.write_text("revision = 'r2'\n")
+    os.utime(app, (1000, 1000))
+    os.utime(rev, (2000, 2000))
+    assert newest_file(str(tmp_path)) == (str(rev), 2000)
+    assert newest_file(str(tmp_path), skip=(str(tmp_path / "migrations"),)) == (str(app), 1000)
