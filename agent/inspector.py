@@ -186,6 +186,8 @@ class Inspector:
             "needs_daemon_reload": report.props.need_daemon_reload,
         }
         fields["stale_environment_variables"] = len(report.stale_variables)
+        fields["stale_variable_names"] = tuple(sorted(report.stale_variables))
+        fields["unit_file"] = report.props.fragment_path
 
         probe = self._run_probe(report, timer)
         if probe.app_chdir and probe.app_chdir != report.context.app_directory:
@@ -440,7 +442,8 @@ CHECK_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Everything a failed unit read (D-Bus) leaves unknown.
 UNIT_FIELDS = ("unit_up", "active_state", "main_pid", "started_at", "venv", "venv_mismatch",
-               "stale_environment_variables", "needs_daemon_reload", "needs_restart",
+               "stale_environment_variables", "stale_variable_names", "unit_file",
+               "needs_daemon_reload", "needs_restart",
                "app_loaded", "db_up", "database", "journal_schema_errors",
                "journal_schema_errors_recent")
 

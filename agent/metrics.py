@@ -100,6 +100,11 @@ VENV_MISMATCH = Spec("venv_mismatch",
                      "1 if running processes use another virtualenv than the unit's ExecStart.")
 STALE_ENV = Spec("environment_stale_variables",
                  "Variables whose value in the running processes differs from the unit's.")
+STALE_VARIABLE = Spec("environment_stale_variable_info",
+                      "Name of a variable whose running value differs from the unit's (never "
+                      "the value); value is 1, at most 8 per unit.", ("unit", "variable"))
+UNIT_FILE = Spec("unit_file_info", "The file systemd loaded the unit from; value is 1.",
+                 ("unit", "path"))
 NEEDS_DAEMON_RELOAD = Spec("needs_daemon_reload",
                            "1 if the unit file changed and systemctl daemon-reload is due.")
 NEEDS_RESTART = Spec("needs_restart",
@@ -147,6 +152,9 @@ LABEL_VALUES: dict[Spec, dict[str, tuple[str, ...]]] = {
     JOURNAL_SCHEMA_ERRORS_RECENT: {"kind": JOURNAL_KINDS},
     FINDINGS: {"severity": SEVERITIES},
 }
+# Variable names as systemd accepts them; bounded in number, so no unit floods the series.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_NAMES = 8
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
 
@@ -195,6 +203,10 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     yield APPLIED_MIGRATION_MODIFIED, (n,), float(u.applied_migrations_modified)
     yield VENV_MISMATCH, (n,), _b(u.venv_mismatch)
     yield STALE_ENV, (n,), float(u.stale_environment_variables)
+    for name in [v for v in u.stale_variable_names if _VARIABLE_NAME.fullmatch(v)][:MAX_NAMES]:
+        yield STALE_VARIABLE, (n, name), 1.0
+    if u.unit_file:
+        yield UNIT_FILE, (n, u.unit_file), 1.0
     yield NEEDS_DAEMON_RELOAD, (n,), _b(u.needs_daemon_reload)
     yield NEEDS_RESTART, (n,), _b(u.needs_restart)
     if u.database_mismatch is not None:

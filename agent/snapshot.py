@@ -60,6 +60,9 @@ class UnitSnapshot:
     venv: str = ""
     venv_mismatch: bool = False
     stale_environment_variables: int = 0
+    # Names (never values) of the first stale variables, for the alert's description.
+    stale_variable_names: tuple[str, ...] = ()
+    unit_file: str = ""                  # the fragment systemd loaded the unit from
     needs_daemon_reload: bool = False
     needs_restart: bool = False
     database_mismatch: bool | None = None

@@ -276,10 +276,15 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
     unit_path = f"/etc/systemd/system/{APP}"
     text = c.sb.path(unit_path).read_text()
     edited = text.replace("[Service]\n", "[Service]\nEnvironment=FEATURE_FLAG=on\n")
-    c.expect("unit edited", [("firing", "DriftwatchNeedsDaemonReload", APP)],
-             lambda: c.sb.write_file(unit_path, edited))
-    c.expect("daemon-reload", [("resolved", "DriftwatchNeedsDaemonReload", APP),
-                               ("firing", "DriftwatchStaleEnvironment", APP)],
-             lambda: c.sb.systemctl("daemon-reload"))
+    notes = c.expect("unit edited", [("firing", "DriftwatchNeedsDaemonReload", APP)],
+                     lambda: c.sb.write_file(unit_path, edited))
+    assert f"The unit file {unit_path} or a drop-in" in \
+        notes[0]["alerts"][0]["annotations"]["description"]
+    notes = c.expect("daemon-reload", [("resolved", "DriftwatchNeedsDaemonReload", APP),
+                                       ("firing", "DriftwatchStaleEnvironment", APP)],
+                     lambda: c.sb.systemctl("daemon-reload"))
+    stale = next(a for n in notes for a in n["alerts"]
+                 if a["labels"]["alertname"] == "DriftwatchStaleEnvironment")
+    assert "now gives: FEATURE_FLAG (`agentctl env" in stale["annotations"]["description"]
     c.expect("unit restarted", [("resolved", "DriftwatchStaleEnvironment", APP)],
              lambda: c.sb.systemctl("restart", APP), quiet=5)

@@ -204,3 +204,17 @@ def test_the_check_catalogue_is_the_inspectors() -> None:
     source = Path(agent.inspector.__file__).read_text()
     used = set(re.findall(r'timer\.check\("(\w+)"\)|name = "(\w+)"', source))
     assert {a or b for a, b in used} == set(CHECKS)
+
+
+def test_stale_variable_names_and_unit_file_are_bounded_info() -> None:
+    names = tuple(f"VAR_{i:02d}" for i in range(20)) + ("bad name", "X=1")
+    unit = UnitSnapshot(unit="app.service", timestamp=1.0, unit_up=True,
+                        stale_environment_variables=len(names), stale_variable_names=names,
+                        unit_file="/etc/systemd/system/app.service")
+    text = generate_latest(registry_for(Snapshot(units=(unit,)))).decode()
+    shown = [line for line in text.splitlines()
+             if line.startswith("driftwatch_environment_stale_variable_info{")]
+    assert len(shown) == 8 and all('variable="VAR_0' in line for line in shown)
+    assert "bad name" not in text and "X=1" not in text
+    assert 'driftwatch_unit_file_info{path="/etc/systemd/system/app.service",unit="app.service"}' \
+        in text
