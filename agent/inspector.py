@@ -370,6 +370,8 @@ class Inspector:
             res["error"] = "state store unavailable"
             return
         found = store.integrity_findings(unit, hashes)
+        fields["modified_migration_files"] = modified_files(probe.revisions,
+                                                            store.recorded(unit))
         store.record_applied(unit, hashes, applied)
         fields["applied_migrations_modified"] = len(found)
         findings += found
@@ -437,7 +439,7 @@ CHECK_FIELDS: dict[str, tuple[str, ...]] = {
     "migrations": ("migrations",),
     "schema": ("schema_drift",),
     "privileges": ("migration_privileges_ok",),
-    "integrity": ("applied_migrations_modified",),
+    "integrity": ("applied_migrations_modified", "modified_migration_files"),
     "connections": ("database_mismatch", "database_connections"),
 }
 # Everything a failed unit read (D-Bus) leaves unknown.
@@ -466,6 +468,16 @@ def last_known(fresh: UnitSnapshot, last: UnitSnapshot | None,
     elif not fresh.database and "app_load" not in succeeded:
         carried["database"] = last.database  # the app could not say which database: keep it
     return replace(fresh, **carried)
+
+
+def modified_files(revisions: list[dict[str, Any]],
+                   recorded: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Pure: (revision, file name) of every applied revision whose file changed since it ran."""
+    return tuple(sorted(
+        (str(r["revision"]), os.path.basename(str(r.get("path", ""))))
+        for r in revisions
+        if r.get("revision") in recorded and r.get("sha256")
+        and recorded[r["revision"]] != r["sha256"]))
 
 
 def recheck_code_newer(report: UnitReport, migrations_dir: str) -> list[Finding]:

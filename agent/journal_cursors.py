@@ -79,6 +79,7 @@ class CursorFile:
         directory = os.path.dirname(self.path) or "."
         tmp = ""
         try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".journal-cursors.", dir=directory)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(render(wanted))

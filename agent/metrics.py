@@ -96,6 +96,10 @@ SCHEMA_DRIFT_OBJECTS = Spec("schema_drift_objects",
                             ("unit", "kind"))
 APPLIED_MIGRATION_MODIFIED = Spec("applied_migration_modified",
                                   "Already-applied migration files changed since they ran.")
+MODIFIED_MIGRATION = Spec("applied_migration_modified_info",
+                          "An applied migration whose file changed since it ran (revision id and "
+                          "file name); value is 1, at most 8 per unit.",
+                          ("unit", "revision", "file"))
 VENV_MISMATCH = Spec("venv_mismatch",
                      "1 if running processes use another virtualenv than the unit's ExecStart.")
 STALE_ENV = Spec("environment_stale_variables",
@@ -155,6 +159,9 @@ LABEL_VALUES: dict[Spec, dict[str, tuple[str, ...]]] = {
 # Variable names as systemd accepts them; bounded in number, so no unit floods the series.
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_NAMES = 8
+# Revision ids and file names come from the app's files (hostile input): short, plain ones only.
+_REVISION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
 
@@ -201,6 +208,9 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         for kind in (*DRIFT_KINDS, *sorted(set(counts) - set(DRIFT_KINDS))):
             yield SCHEMA_DRIFT_OBJECTS, (n, kind), float(counts.get(kind, 0))
     yield APPLIED_MIGRATION_MODIFIED, (n,), float(u.applied_migrations_modified)
+    for revision, name in u.modified_migration_files[:MAX_NAMES]:
+        if _REVISION.fullmatch(revision) and _FILE_NAME.fullmatch(name):
+            yield MODIFIED_MIGRATION, (n, revision, name), 1.0
     yield VENV_MISMATCH, (n,), _b(u.venv_mismatch)
     yield STALE_ENV, (n,), float(u.stale_environment_variables)
     for name in [v for v in u.stale_variable_names if _VARIABLE_NAME.fullmatch(v)][:MAX_NAMES]:

@@ -69,6 +69,8 @@ class UnitSnapshot:
     database_connections: str = ""      # what the workers' sockets say, in words
     migration_privileges_ok: bool | None = None
     applied_migrations_modified: int = 0
+    # (revision, file name) of the applied migrations whose file changed since they ran.
+    modified_migration_files: tuple[tuple[str, str], ...] = ()
     journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total
     # kind -> errors within the look-back window, including those before the agent started.
     journal_schema_errors_recent: dict[str, int] = field(default_factory=dict)

@@ -265,9 +265,11 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
     # 6. An applied migration edited: one page, and no restart page (workers never load it).
     r2 = str(c.app.revision_file("r2"))
     original = c.sb.path(r2).read_text()
-    c.expect("applied migration edited",
-             [("firing", "DriftwatchAppliedMigrationModified", APP)],
-             lambda: c.sb.write_file(r2, original + "\n# edited after it was applied\n"))
+    notes = c.expect("applied migration edited",
+                     [("firing", "DriftwatchAppliedMigrationModified", APP)],
+                     lambda: c.sb.write_file(r2, original + "\n# edited after it was applied\n"))
+    assert f": {Path(r2).name} (r2). The database will never" in \
+        notes[0]["alerts"][0]["annotations"]["description"]
     c.expect("edit reverted", [("resolved", "DriftwatchAppliedMigrationModified", APP)],
              lambda: c.sb.write_file(r2, original))
 

@@ -58,8 +58,11 @@ def test_a_full_or_read_only_disk_keeps_the_file_and_reports(
     assert cursors.save({"app.service": CURSOR.replace("x=77", "x=78")}) and not cursors.error
 
 
-def test_a_missing_directory_is_reported_not_raised(tmp_path: Path) -> None:
-    cursors = CursorFile(str(tmp_path / "absent"))
+def test_a_missing_directory_is_made_and_an_impossible_one_reported(tmp_path: Path) -> None:
+    assert CursorFile(str(tmp_path / "state")).save({"app.service": CURSOR})
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "file").write_text("")
+    cursors = CursorFile(str(tmp_path / "file" / "state"))  # a file where a directory must be
     assert not cursors.save({"app.service": CURSOR}) and "cannot save" in cursors.error
 
 

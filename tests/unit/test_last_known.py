@@ -88,3 +88,12 @@ def test_newest_file_can_leave_the_migrations_directory_out(tmp_path: Path) -> N
     os.utime(rev, (2000, 2000))
     assert newest_file(str(tmp_path)) == (str(rev), 2000)
     assert newest_file(str(tmp_path), skip=(str(tmp_path / "migrations"),)) == (str(app), 1000)
+
+
+def test_modified_files_names_only_applied_revisions_whose_file_changed() -> None:
+    from agent.inspector import modified_files
+    revisions = [{"revision": "r1", "path": "/app/migrations/versions/r1_users.py", "sha256": "a"},
+                 {"revision": "r2", "path": "/app/migrations/versions/r2_name.py", "sha256": "B"},
+                 {"revision": "r3", "path": "/app/migrations/versions/r3_posts.py", "sha256": "c"}]
+    assert modified_files(revisions, {"r1": "a", "r2": "b"}) == (("r2", "r2_name.py"),)
+    assert modified_files(revisions, {}) == ()

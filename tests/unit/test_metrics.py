@@ -218,3 +218,14 @@ def test_stale_variable_names_and_unit_file_are_bounded_info() -> None:
     assert "bad name" not in text and "X=1" not in text
     assert 'driftwatch_unit_file_info{path="/etc/systemd/system/app.service",unit="app.service"}' \
         in text
+
+
+def test_modified_migration_files_are_bounded_plain_labels() -> None:
+    files = tuple((f"r{i}", f"r{i}_step.py") for i in range(12)) + (("r$(x)", "x.py"),)
+    unit = UnitSnapshot(unit="app.service", timestamp=1.0, unit_up=True,
+                        applied_migrations_modified=len(files), modified_migration_files=files)
+    text = generate_latest(registry_for(Snapshot(units=(unit,)))).decode()
+    shown = [line for line in text.splitlines()
+             if line.startswith("driftwatch_applied_migration_modified_info{")]
+    assert len(shown) == 8 and 'file="r0_step.py",revision="r0"' in shown[0]
+    assert "$(x)" not in text
