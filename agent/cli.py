@@ -15,8 +15,9 @@ from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH
 from agent.errors import AccessDenied, ConfigError, DriftwatchError
 from agent.inspection import inspect_unit
-from agent.secrets import mask_value
+from agent.secrets import mask_url, mask_value
 from agent.render import (
+    EXIT_ERROR,
     EXIT_OK,
     EXIT_PROBLEMS,
     SEVERITY_MARK,
@@ -319,6 +320,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return exc.exit_code
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:  # never a traceback: one line, and the "cannot inspect" code
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"agentctl: internal error: {mask_url(reason)}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         systemd.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,9 +15,12 @@ from typing import Any
 from agent.checks import migrations as migration_checks
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
+from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
 from agent.model import Finding
+from agent.probe.alembic_env import AlembicEnv
+from agent.secrets import mask_url
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
@@ -28,6 +32,8 @@ from agent.state import StateStore
 log = logging.getLogger("driftwatch.inspector")
 
 # Unit findings that mean "the running processes are not what a restart would give".
+# Revision-state findings a running migration explains (it is applying them right now).
+IN_PROGRESS_EXPLAINS = {"pending_migrations", "version_table_missing", "version_table_empty"}
 RESTART_FINDINGS = {"environment_stale", "venv_mismatch", "cwd_stale", "code_newer_than_process",
                     "needs_daemon_reload"}
 
@@ -134,7 +140,7 @@ class Inspector:
                 except DriftwatchError as exc:
                     errors.append(str(exc))
                     units = list(self.settings.units)
-            snaps = tuple(self.inspect_unit(name) for name in units)
+            snaps = tuple(self._isolated(name) for name in units)
             self._save_cursors()
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
@@ -155,6 +161,29 @@ class Inspector:
             self._state.close()
 
     # -- one unit ------------------------------------------------------------------------
+    def _isolated(self, name: str) -> UnitSnapshot:
+        """inspect_unit, with anything it raises confined to this unit's snapshot.
+
+        Units are independent: whatever one unit's app controls (URL, environment,
+        ExecStart, migration files, output) fails that unit's checks, never another's.
+        """
+        started = time.monotonic()
+        try:
+            return self.inspect_unit(name)
+        except Exception as exc:
+            log.exception("inspecting %s failed", name)
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            reason = mask_url(reason)
+            return UnitSnapshot(
+                unit=name, timestamp=time.time(), unit_up=False,
+                checks=(CheckRun("inspection", False, round(time.monotonic() - started, 4),
+                                 f"internal error: {reason}"),),
+                findings=(Finding(
+                    "inspection_failed", "critical",
+                    f"{name} could not be inspected: internal error: {reason}",
+                    "this is a driftwatch bug: report it with the agent's log; other units "
+                    "are inspected as usual"),))
+
     def inspect_unit(self, name: str) -> UnitSnapshot:
         """Every check for one unit; never raises."""
         timer = _Timer()
@@ -198,8 +227,9 @@ class Inspector:
         inspection = None
         if url:
             fields["database"] = database.db_label(url)
-            self._connections_check(unit, url, report, timer, fields, findings)
-            inspection = self._database_check(unit, url, timer, fields, findings)
+            verdict = self._connections_check(unit, url, report, timer, fields, findings)
+            inspection = self._database_check(unit, url, timer, fields, findings,
+                                              probe.alembic_env)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
                     and inspection.schema_fingerprint
@@ -214,8 +244,13 @@ class Inspector:
         probe_finding = probe.finding()
         if inspection is not None:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
-        # The agent's own database check already says "unreachable" more precisely.
-        if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
+            self._workers_database_check(unit, url, report, probe, verdict, inspection,
+                                         timer, fields, findings)
+        # The agent's own database check already says "unreachable" more precisely; and while
+        # a migration runs, a comparison that gave up on its locks is expected.
+        migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
+        if probe_finding and not (probe.error_kind == "database" and
+                                  (fields.get("db_up") is False or migrating)):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         if probe.migrations_dir and any(f.check == "code_newer_than_process" for f in findings):
@@ -264,11 +299,15 @@ class Inspector:
         return ProbeResult(ok=False, error="internal error", error_kind="internal")
 
     def _database_check(self, unit: str, url: str, timer: _Timer, fields: dict[str, Any],
-                        findings: list[Finding]) -> database.DatabaseInspection | None:
+                        findings: list[Finding], env: AlembicEnv | None = None,
+                        ) -> database.DatabaseInspection | None:
         """One short read-only session: version table, activity, privileges, schema hash."""
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+        env = env or AlembicEnv()
         with timer.check("database") as res:
-            inspection = database.inspect(url, timeouts=timeouts)
+            # The version table env.py names (version_table / version_table_schema).
+            inspection = database.inspect(url, env.version_table,
+                                          env.version_table_schema or None, timeouts=timeouts)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
@@ -284,45 +323,56 @@ class Inspector:
                           findings: list[Finding]) -> None:
         """Revision state, migration activity, drift, privileges and integrity."""
         activity = inspection.activity
+        version = inspection.version
         in_progress = activity.in_progress
+        # A lock is never a state: the current revision is unknown now, not empty or missing.
+        readable = not version.locked
+        table = probe.alembic_env.qualified_version_table
         with timer.check("migrations") as res:
             if probe.revisions_error:
                 res["error"] = probe.revisions_error
             graph = migration_checks.revisions_from_dicts(probe.revisions)
-            version = inspection.version
             current = version.revisions if version.exists else None
-            if version.locked and not version.revisions:
-                current = None if version.exists is False else current
-            state = migration_checks.evaluate(unit, current, graph) if graph or current else None
-            if state is not None:
+            state = migration_checks.evaluate(unit, current, graph, table) \
+                if (graph or current) and readable else None
+            if not readable:
+                heads = migration_checks.heads_of(graph)
+                fields["migrations"] = MigrationState(
+                    version_table_present=True, heads=heads, multiple_heads=len(heads) > 1,
+                    in_progress=True, current_readable=False, version_table=table)
+            elif state is not None:
                 fields["migrations"] = MigrationState(
                     version_table_present=state.version_table_exists, current=state.current,
                     heads=state.heads, pending=state.pending or (),
                     multiple_heads=len(state.heads) > 1, unknown=state.unknown,
-                    in_progress=in_progress)
+                    in_progress=in_progress, version_table=table)
                 for finding in state.findings:
                     # A running upgrade explains pending revisions: say so, do not page.
-                    if in_progress and finding.check in ("pending_migrations",
-                                                         "version_table_missing"):
+                    if in_progress and finding.check in IN_PROGRESS_EXPLAINS:
                         continue
                     findings.append(finding)
         if in_progress:
             findings += migration_checks.activity_findings(
                 unit, [(s.pid, s.duration_s, s.reason, s.query) for s in activity.sessions],
-                locked=inspection.version.locked)
+                locked=version.locked, table=table)
             if fields.get("migrations") is None:
                 fields["migrations"] = MigrationState(version_table_present=bool(
-                    inspection.version.exists), in_progress=True)
+                    version.exists), in_progress=True, version_table=table)
         with timer.check("schema") as res:
-            if probe.schema_diff is None:
+            if in_progress:
+                # Held back: a half-applied migration is not drift (and a comparison that
+                # gave up on its locks is not a failure). Nor is the memoised comparison
+                # reused afterwards: the next inspection loads the app and compares again.
+                fields["schema_drift"] = None
+                self._probe_memo.pop(unit, None)
+            elif probe.schema_diff is None:
                 res["error"] = probe.schema_diff_error or "schema not compared"
             else:
                 items = drift_items(probe.schema_diff)
                 fields["schema_drift"] = tuple(DriftItem(**i) for i in items)
-                if not in_progress:
-                    pending = len(fields["migrations"].pending) if fields.get("migrations") \
-                        else 0
-                    findings += drift_findings(unit, items, pending)
+                pending = len(fields["migrations"].pending) if fields.get("migrations") \
+                    else 0
+                findings += drift_findings(unit, items, pending)
         with timer.check("privileges") as res:
             priv = inspection.privileges
             if priv.error:
@@ -336,8 +386,10 @@ class Inspector:
             self._integrity(unit, probe, fields, findings, res)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
-                           fields: dict[str, Any], findings: list[Finding]) -> None:
+                           fields: dict[str, Any], findings: list[Finding],
+                           ) -> connections.ConnectionVerdict | None:
         """Which server the running workers are really connected to (no database access)."""
+        verdict = None
         with timer.check("connections") as res:
             host, port = database.url_host_port(url)
             pids = [p.pid for p in report.processes]
@@ -354,6 +406,83 @@ class Inspector:
                     f"{fields['database']} that the unit's environment names",
                     f"systemctl restart {unit} (the environment changed since start), then "
                     "check which database was migrated"))
+        return verdict
+
+    def _workers_database_check(self, unit: str, url: str, report: UnitReport,
+                                probe: ProbeResult,
+                                verdict: connections.ConnectionVerdict | None,
+                                inspection: database.DatabaseInspection, timer: _Timer,
+                                fields: dict[str, Any], findings: list[Finding]) -> None:
+        """On the right server: the database (and role) the workers use, by name, as the
+        server sees them; when it is not the one the environment names, both states."""
+        if verdict is None or verdict.status != "connected" or not inspection.identity.database:
+            return
+        with timer.check("workers_database") as res:
+            conns = list(verdict.matching)
+            named = connections.name_connections(conns, inspection.sessions, {})
+            rest = [c for c in conns if c not in {n.connection for n in named}]
+            if rest:  # hidden client addresses, unix sockets: ask who holds the other end
+                named += connections.name_connections(rest, inspection.sessions,
+                                                      connections.backend_pids(rest))
+            if not named:
+                return
+            configured = inspection.identity.database
+            counts = Counter(n.database for n in named)
+            users = {n.database: n.user for n in named}
+            described = ", ".join(f"{db} as {users[db] or '?'} ({n})"
+                                  for db, n in counts.most_common())
+            fields["database_connections"] = (fields.get("database_connections", "")
+                                              + f"; by name: {described}").lstrip("; ")
+            others = [db for db in counts if db != configured]
+            if not others:
+                return
+            now_db = max(others, key=lambda db: counts[db])
+            env = probe.alembic_env
+            graph = migration_checks.revisions_from_dicts(probe.revisions)
+            now = self._database_side(unit, now_db, users[now_db], url, report, env, graph)
+            version = inspection.version
+            restart = DatabaseSide(configured, inspection.privileges.user, error=version.error
+                                   or ("the version table is locked" if version.locked
+                                       else ""),
+                                   state=None if version.locked or version.error else
+                                   migration_checks.evaluate(
+                                       unit, version.revisions if version.exists else None,
+                                       graph))
+            if now.error and now.state is None:
+                res["error"] = now.error
+            fields["database_mismatch"] = True
+            server = inspection.label.rsplit("/", 1)[0]
+            findings[:] = [f for f in findings if f.check != "database_mismatch"]
+            findings += mismatch_findings(
+                unit, server, now, restart, counts[now_db], env.qualified_version_table,
+                [db for db in counts if db not in (now_db, configured)])
+
+    def _database_side(self, unit: str, name: str, user: str, url: str, report: UnitReport,
+                       env: AlembicEnv, graph: list[migration_checks.Revision],
+                       ) -> DatabaseSide:
+        """The revision state of database `name` on the unit's server: through the URL the
+        running processes were started with when it names that database, else the unit's
+        URL with the database name replaced (same role and credentials)."""
+        candidates = [v for p in report.processes for v in (p.environ or {}).values()
+                      if "://" in v and v.split("://", 1)[0].startswith("postgres")
+                      and database.db_label(v).rsplit("/", 1)[-1] == name]
+        try:
+            candidates.append(database.with_database(url, name))
+        except Exception:  # the URL was already judged elsewhere; nothing to add here
+            pass
+        timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+        error = "no URL to reach it"
+        for candidate in dict.fromkeys(candidates):
+            version = database.read_version_table(candidate, env.version_table,
+                                                  env.version_table_schema or None, timeouts)
+            if version.error:
+                error = version.error
+                continue
+            if version.locked:
+                return DatabaseSide(name, user, error="the version table is locked")
+            return DatabaseSide(name, user, migration_checks.evaluate(
+                unit, version.revisions if version.exists else None, graph))
+        return DatabaseSide(name, user, error=error)
 
     def _integrity(self, unit: str, probe: ProbeResult, fields: dict[str, Any],
                    findings: list[Finding], res: dict[str, Any]) -> None:

@@ -144,7 +144,7 @@ DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column",
 SEVERITIES = ("critical", "warning", "info")
 # The checks of agent.inspector, each a `check` label value.
 CHECKS = ("unit", "app_load", "database", "migrations", "schema", "privileges", "connections",
-          "integrity", "journal")
+          "workers_database", "integrity", "journal", "inspection")
 # Every value a bounded label can take, per metric: what alert rules and their tests may match.
 LABEL_VALUES: dict[Spec, dict[str, tuple[str, ...]]] = {
     CHECK_SUCCESS: {"check": CHECKS},
@@ -196,10 +196,11 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     m = u.migrations
     if m is not None:
         yield VERSION_TABLE_PRESENT, (n,), _b(m.version_table_present)
-        for current in m.current or ("",):
-            for head in m.heads or ("",):
-                yield REVISION_INFO, (n, current, head), 1.0
-        yield PENDING_REVISIONS, (n,), float(len(m.pending))
+        if m.current_readable:  # a locked version table is not "no revision, all pending"
+            for current in m.current or ("",):
+                for head in m.heads or ("",):
+                    yield REVISION_INFO, (n, current, head), 1.0
+            yield PENDING_REVISIONS, (n,), float(len(m.pending))
         yield MIGRATION_HEADS, (n,), float(len(m.heads))
         yield DB_REVISION_UNKNOWN, (n,), _b(bool(m.unknown))
         yield MIGRATION_IN_PROGRESS, (n,), _b(m.in_progress)

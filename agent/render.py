@@ -90,7 +90,8 @@ def check_json(u: UnitSnapshot) -> dict[str, object]:
         "migrations": None if m is None else {
             "current": list(m.current), "heads": list(m.heads), "pending": list(m.pending),
             "multiple_heads": m.multiple_heads, "unknown": list(m.unknown),
-            "version_table": m.version_table_present, "in_progress": m.in_progress},
+            "version_table": m.version_table_present, "in_progress": m.in_progress,
+            "current_readable": m.current_readable},
         "schema_drift": None if u.schema_drift is None else {
             "count": len(u.schema_drift),
             "items": [{"kind": d.kind, "table": d.table, "name": d.name}
@@ -112,9 +113,11 @@ def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
         m = u.migrations
         rows.append((
             u.unit, u.database or "-",
+            "(locked)" if m and not m.current_readable else
             ",".join(m.current) or "(none)" if m else "?",
             ",".join(m.heads) or "-" if m else "?",
-            str(len(m.pending)) if m and not m.unknown else ("?" if m is None else "unknown"),
+            "?" if m is None or not m.current_readable else
+            str(len(m.pending)) if not m.unknown else "unknown",
             "?" if u.schema_drift is None else str(len(u.schema_drift)),
             "yes" if u.needs_restart else "no",
             "cannot inspect" if not_inspectable(u) else
@@ -175,7 +178,8 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
     if m is None:
         rows.append(("revision", "unknown"))
     else:
-        current = ", ".join(m["current"]) or "(none)"
+        current = ", ".join(m["current"]) or "(none)" if m.get("current_readable", True) \
+            else "not readable now (a migration holds the version table)"
         heads = ", ".join(m["heads"]) or "(none)"
         if m.get("in_progress"):
             pend = "a migration is running now"
@@ -186,10 +190,13 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
         else:
             pend = "up to date"
         extra = " [multiple heads]" if m.get("multiple_heads") else ""
-        table = "" if m.get("version_table_present", True) else " [no alembic_version table]"
+        table = "" if m.get("version_table_present", True) else \
+            f" [no {m.get('version_table') or 'alembic_version'} table]"
         rows.append(("revision", f"{current}, head {heads}: {pend}{extra}{table}"))
     drift = unit.get("schema_drift")
-    if drift is None:
+    if drift is None and m is not None and m.get("in_progress"):
+        rows.append(("drift", "held back while a migration runs"))
+    elif drift is None:
         rows.append(("drift", "not compared"))
     elif not drift:
         rows.append(("drift", "none (schema matches the models)"))

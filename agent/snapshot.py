@@ -40,6 +40,9 @@ class MigrationState:
     multiple_heads: bool = False
     unknown: tuple[str, ...] = ()       # database revisions the code does not know
     in_progress: bool = False
+    # False while a migration holds the version table: current/pending are not known now.
+    current_readable: bool = True
+    version_table: str = "alembic_version"   # as env.py names it ("schema.table" if set)
 
 
 @dataclass(frozen=True)

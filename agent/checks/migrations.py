@@ -246,14 +246,20 @@ def privilege_findings(unit: str, user: str, schema: str, superuser: bool, can_c
 
 
 def activity_findings(unit: str, sessions: Sequence[tuple[int, float, str, str]],
-                      locked: bool = False) -> list[Finding]:
-    """Pure: another session migrating right now: (pid, seconds, reason, masked query)."""
+                      locked: bool = False, table: str = "alembic_version") -> list[Finding]:
+    """Pure: another session migrating right now: (pid, seconds, reason, masked query).
+
+    locked: the version table could not be read because of a lock: the current revision
+    is not readable now (never "empty", "missing" or "unknown")."""
     if not sessions and not locked:
         return []
     described = [f"pid {pid} {reason} for {secs:.0f}s: {query}"
-                 for pid, secs, reason, query in sessions] or ["the version table is locked"]
+                 for pid, secs, reason, query in sessions] or [f"{table} is locked"]
+    now = (f"; current revision not readable now ({table} is locked), so pending "
+           "migrations and drift are held back until it finishes") if locked else \
+        "; drift is held back until it finishes"
     return [Finding(
         "migration_in_progress", "info",
-        f"a migration or other DDL is running on the database of {unit}: "
-        + "; ".join(described[:3]),
+        f"a migration is in progress on the database of {unit}: "
+        + "; ".join(described[:3]) + now,
         f"wait for it to finish, then restart {unit}; do not start a second upgrade")]

@@ -471,6 +471,11 @@ def _cols(names):
     return ", ".join(str(n) for n in names)
 
 
+def _qualify(schema, name):
+    """'schema.table' for a table outside the default schema, else the bare name."""
+    return "%s.%s" % (schema, name) if schema else str(name)
+
+
 def describe_diff(item):
     """One compare_metadata entry -> {kind, table, name, detail}."""
     if isinstance(item, list):  # modify_* ops come grouped per column
@@ -478,23 +483,26 @@ def describe_diff(item):
     op = item[0]
     if op in ("add_table", "remove_table"):
         table = item[1]
-        return [{"kind": op, "table": table.name, "name": table.name,
+        name = _qualify(table.schema, table.name)
+        return [{"kind": op, "table": name, "name": name,
                  "detail": _cols(c.name for c in table.columns)}]
     if op in ("add_column", "remove_column"):
         column = item[3]
-        return [{"kind": op, "table": item[2], "name": column.name,
+        return [{"kind": op, "table": _qualify(item[1], item[2]), "name": column.name,
                  "detail": "%s %s" % (_type_text(column.type),
                                       "NULL" if column.nullable else "NOT NULL")}]
     if op in ("add_index", "remove_index"):
         index = item[1]
-        return [{"kind": op, "table": index.table.name if index.table is not None else "",
+        return [{"kind": op, "table": _qualify(index.table.schema, index.table.name)
+                 if index.table is not None else "",
                  "name": index.name or "", "detail": ("UNIQUE " if index.unique else "") +
                  "(%s)" % _cols(getattr(c, "name", c) for c in index.expressions)}]
     if op in ("add_constraint", "remove_constraint", "add_fk", "remove_fk"):
         const = item[1]
         kind_of = type(const).__name__
         verb = op.split("_", 1)[0]
-        table = const.table.name if getattr(const, "table", None) is not None else ""
+        table = _qualify(const.table.schema, const.table.name) \
+            if getattr(const, "table", None) is not None else ""
         if kind_of == "ForeignKeyConstraint":
             detail = "(%s) -> %s(%s)" % (_cols(const.column_keys), const.referred_table.name,
                                          _cols(e.column.name for e in const.elements))
@@ -507,7 +515,8 @@ def describe_diff(item):
         return [{"kind": kind, "table": table, "name": const.name or "", "detail": detail}]
     if op.startswith("modify_"):
         # (op, schema, table, column, existing_kw, old (database), new (models))
-        _, _, table, column, _, old, new = item[:7]
+        _, schema, table, column, _, old, new = item[:7]
+        table = _qualify(schema, table)
         if op == "modify_type":
             old, new = _type_text(old), _type_text(new)
         elif op == "modify_nullable":
@@ -529,7 +538,7 @@ def safe_describe(item):
 
 
 def compare_bind(engine, metadata, include_object, configure_args):
-    """compare_metadata for one engine, on a short read-only connection, rolled back."""
+    """compare_metadata for one engine without a migration environment (no env.py to run)."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
     opts = {"compare_type": True}
@@ -553,6 +562,163 @@ def compare_bind(engine, metadata, include_object, configure_args):
             connection.rollback() if hasattr(connection, "rollback") else None
         finally:
             connection.close()
+
+
+# -- the app's own migration environment (env.py), the way `alembic check` runs it -----------
+
+# context.configure options whose presence changes what is compared or where the version is.
+ENV_OPTIONS = ("include_object", "include_name", "include_schemas", "compare_type",
+               "compare_server_default", "render_as_batch", "version_table",
+               "version_table_schema", "process_revision_directives")
+MAX_NAME = 128
+
+
+class EnvPyError(Exception):
+    """env.py could not be run to the point of comparing (its own error, described)."""
+
+
+def _option_text(value):
+    """How an env.py option is reported: a callable by its name, else a short repr."""
+    if callable(value):
+        return "callable %s" % getattr(value, "__qualname__", type(value).__name__)
+    return repr(value)[:MAX_NAME]
+
+
+def _bind_of(context, found):
+    """The Flask-SQLAlchemy bind key whose engine env.py connected with (None: default)."""
+    conn = getattr(context, "connection", None)
+    engine = getattr(conn, "engine", None)
+    if engine is None:
+        return None
+    url = render_url(engine.url)
+    for key, candidate in found.items():
+        if render_url(candidate.url) == url:
+            return key
+    return None
+
+
+def check_like_alembic(config, heads, runs):
+    """Run env.py as `alembic check` does; append one entry per context.configure to runs.
+
+    Like alembic.command.check: ScriptDirectory.run_env() inside an EnvironmentContext, so
+    every option env.py passes to context.configure applies (include_object, include_name,
+    include_schemas, version_table(_schema), compare_type / compare_server_default,
+    render_as_batch, process_revision_directives). Unlike check, nothing is run or created:
+    run_migrations is replaced by the comparison (no version table is read, none created,
+    dont_mutate set), and the diff is computed even when revisions are pending (check stops
+    there with "Target database is not up to date"), so drift stays apart from pending work.
+    """
+    from alembic.autogenerate import produce_migrations
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.script import ScriptDirectory
+    script_dir = ScriptDirectory.from_config(config)
+
+    def never(rev, context):  # run_migrations is replaced below: nothing may migrate
+        return []
+
+    env = EnvironmentContext(config, script_dir, fn=never, as_sql=False, dont_mutate=True)
+    original_configure = env.configure
+
+    def configure(*args, **kw):
+        original_configure(*args, **kw)
+        # Recorded at configure time: known even if the comparison then fails.
+        runs.append({"context": env.get_context(), "diff": None,
+                     "options": {k: _option_text(kw[k]) for k in ENV_OPTIONS if k in kw}})
+
+    def run_migrations(**kw):
+        context = env.get_context()
+        metadata = context.opts.get("target_metadata")
+        if metadata is None:
+            raise EnvPyError(
+                "env.py does not provide a MetaData object (target_metadata) to "
+                "context.configure: autogenerate and `flask db check` cannot compare")
+        script = produce_migrations(context, metadata)
+        directives = [script]
+        hook = context.opts.get("process_revision_directives")
+        if hook:  # what `alembic check` runs too (it may filter or rewrite the ops)
+            hook(context, heads, directives)
+        runs[-1]["diff"] = [d for s in directives for ops in s.upgrade_ops_list
+                            for d in ops.as_diffs()]
+
+    # Instance attributes: the `alembic.context` module proxy env.py uses takes the bound
+    # methods from the instance when the context is entered (a subclass would not be
+    # proxied at all).
+    env.configure, env.run_migrations = configure, run_migrations
+    with env:
+        script_dir.run_env()
+
+
+def env_error(exc, roots):
+    """One line for an env.py failure, with env.py's own file and line when it is the cause."""
+    return one_line(exc) + where(exc, roots)
+
+
+def compare_with_env_py(config, found, report):
+    """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error."""
+    location = os.path.abspath(config.get_main_option("script_location") or
+                               report.get("migrations_dir") or ".")
+    env_py = os.path.join(location, "env.py")
+    info = {"drift_source": "env.py", "env_py": env_py, "version_table": "alembic_version",
+            "version_table_schema": "", "include_schemas": False, "options": {}, "binds": []}
+    report["alembic_env"] = info
+    runs = []
+    try:
+        check_like_alembic(config, tuple(report.get("heads") or ()), runs)
+    except BaseException as exc:  # SystemExit from env.py too
+        kind = "database" if _is_db_error(exc) else "migrations"
+        report["schema_diff_error"] = (
+            "the live schema could not be compared: %s" if kind == "database" else
+            "the migration environment " + env_py + " failed: %s") % env_error(exc, [location])
+        report["schema_diff_error_kind"] = kind
+    finally:
+        _describe_runs(runs, found, info)
+    if report.get("schema_diff_error"):
+        return
+    if not runs or any(run["diff"] is None for run in runs):
+        report["schema_diff_error"] = (
+            "the migration environment %s never %s" % (env_py, "called context.configure"
+                                                       if not runs else
+                                                       "called context.run_migrations"))
+        report["schema_diff_error_kind"] = "migrations"
+        return
+    diff = []
+    for run in runs:
+        key = run["bind"]
+        for item in run["diff"] or ():
+            for entry in safe_describe(item):
+                entry["bind"] = "default" if key is None else str(key)
+                diff.append(entry)
+    report["schema_diff"] = diff
+
+
+def _describe_runs(runs, found, info):
+    """Version table and options of each context.configure call env.py made."""
+    for index, run in enumerate(runs):
+        context = run.pop("context", None)
+        key = _bind_of(context, found) if context is not None else None
+        run["bind"] = key
+        version_table = getattr(context, "version_table", None) or "alembic_version"
+        schema = getattr(context, "version_table_schema", None) or ""
+        include_schemas = bool(context.opts.get("include_schemas")) if context else False
+        entry = {"bind": "default" if key is None else str(key),
+                 "version_table": str(version_table)[:MAX_NAME],
+                 "version_table_schema": str(schema)[:MAX_NAME],
+                 "include_schemas": include_schemas, "options": run["options"]}
+        info["binds"].append(entry)
+        if index == 0 or key is None:  # the default bind's version table is the unit's
+            info["version_table"] = entry["version_table"]
+            info["version_table_schema"] = entry["version_table_schema"]
+            info["options"] = run["options"]
+            info["include_schemas"] = include_schemas
+
+
+def _is_db_error(exc):
+    """True for SQLAlchemy/DBAPI errors (the database answered badly or not at all)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__.startswith(("sqlalchemy.exc", "psycopg")) and \
+                cls.__name__ in ("DBAPIError", "OperationalError", "Error"):
+            return True
+    return False
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -583,7 +749,7 @@ def probe(request, report, gunicorn_app=None):
             uri = app.config.get("SQLALCHEMY_DATABASE_URI")
             if uri:
                 report["urls"] = {"default": str(uri)}
-        configure_args = {}
+        configure_args, config = {}, None
         try:
             config, configure_args = migrations_config(app, report)
             if config is not None and request.get("include_revisions", True):
@@ -594,8 +760,17 @@ def probe(request, report, gunicorn_app=None):
                 one_line(exc) + where(exc, [versions_dir, report.get("migrations_dir", "")])
             if not report.get("error"):
                 report["error_kind"], report["error"] = "migrations", report["revisions_error"]
-        if not request.get("compare_schema", True) or db is None:
+        if not request.get("compare_schema", True):
             return
+        if config is not None and request.get("run_env_py", True):
+            compare_with_env_py(config, found, report)
+            kind = report.pop("schema_diff_error_kind", "")
+            if report.get("schema_diff_error") and not report.get("error"):
+                report["error_kind"], report["error"] = kind, report["schema_diff_error"]
+            return
+        if db is None:
+            return
+        report["alembic_env"] = {"drift_source": "models"}
         diff = []
         try:
             for key, engine in sorted(found.items(), key=lambda kv: str(kv[0] or "")):
@@ -624,7 +799,7 @@ def main(argv):
               "script_location": "", "revisions": [], "heads": [], "revisions_error": "",
               "schema_diff": None, "schema_diff_error": "", "versions": {},
               "config_source": "", "gunicorn_config": "", "chdir": "", "app_uri": "",
-              "pythonpath": [], "raw_env_names": [], "raw_env": {}}
+              "pythonpath": [], "raw_env_names": [], "raw_env": {}, "alembic_env": {}}
     try:
         # The request comes in the environment (only the unit's user and root can read it,
         # unlike argv): it holds the gunicorn arguments, -e values included.

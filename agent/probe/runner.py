@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 from agent.context import AppContext
 from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
+from agent.probe.alembic_env import AlembicEnv
+from agent.probe.alembic_env import from_report as alembic_env_from
 from agent.secrets import MASK, is_secret_name, mask_url
 
 PROTOCOL = 1
@@ -109,6 +111,8 @@ class ProbeResult:
     pythonpath: tuple[str, ...] = ()       # gunicorn pythonpath entries put on sys.path
     raw_env_names: tuple[str, ...] = ()    # gunicorn raw_env / -e names (never the values)
     versions: dict[str, str | None] = field(default_factory=dict)
+    # What env.py configured (version table, options); see agent/probe/alembic_env.py.
+    alembic_env: AlembicEnv = field(default_factory=AlembicEnv)
     duration: float = 0.0
     returncode: int | None = None
     output_tail: str = ""
@@ -128,6 +132,7 @@ class ProbeResult:
             "gunicorn_config": self.gunicorn_config, "app_chdir": self.app_chdir,
             "app_uri": self.app_uri, "pythonpath": list(self.pythonpath),
             "raw_env_names": list(self.raw_env_names), "versions": dict(self.versions),
+            "alembic_env": self.alembic_env.as_dict(),
             "duration": self.duration, "returncode": self.returncode,
             "output_tail": self.output_tail,
         }
@@ -405,6 +410,9 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
     kind = str(doc.get("error_kind") or "")
     diff = doc.get("schema_diff")
     base["output_tail"] = scrub(tail, secrets)
+    alembic_env, env_problem = alembic_env_from(doc.get("alembic_env"))
+    if env_problem and not error:
+        error, kind = env_problem, "migrations"
     return ProbeResult(
         ok=not error, error=error, error_kind=(kind if kind in ERROR_KINDS else "internal")
         if error else "",
@@ -425,7 +433,7 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
                                                    doc.get("raw_env_names") or ()})),
         versions={str(k): (None if v is None else str(v))
                   for k, v in (doc.get("versions") or {}).items()},
-        **base)
+        alembic_env=alembic_env, **base)
 
 
 # -- running ----------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class ObservedConnection:
     remote_port: int = 0
     # Unix: the server's socket path ("" when the peer could not be found).
     socket_path: str = ""
+    # Unix: the inode of the server side of the connection (its backend holds it).
+    peer_inode: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -152,6 +154,75 @@ def sessions_by_connection(observed: Iterable[ObservedConnection],
             if c.kind == "tcp" and (_norm_addr(c.local_addr), c.local_port) in by_client}
 
 
+@dataclass(frozen=True)
+class WorkerSession:
+    """One worker connection named by the server: which database, as which role."""
+
+    connection: ObservedConnection
+    backend_pid: int
+    database: str
+    user: str
+    how: str  # "client address" or "backend pid"
+
+
+def name_connections(observed: Iterable[ObservedConnection], sessions: Iterable[Any],
+                     backends: Mapping[ObservedConnection, int]) -> list[WorkerSession]:
+    """Pure: the server's own view of each worker connection (pg_stat_activity rows,
+    database.RoleSession): by the client address/port the server saw, else by the backend
+    process that holds the other end (backends: connection -> backend pid)."""
+    sessions = list(sessions)
+    by_client = {(_norm_addr(s.client_addr), s.client_port): s for s in sessions
+                 if s.client_port > 0}
+    by_pid = {s.pid: s for s in sessions}
+    named = []
+    for conn in observed:
+        session = by_client.get((_norm_addr(conn.local_addr), conn.local_port)) \
+            if conn.kind == "tcp" else None
+        how = "client address"
+        if session is None and backends.get(conn) in by_pid:
+            session, how = by_pid[backends[conn]], "backend pid"
+        if session is not None:
+            named.append(WorkerSession(conn, session.pid, session.database,
+                                       getattr(session, "user", ""), how))
+    return named
+
+
+def backend_pids(observed: Iterable[ObservedConnection],
+                 proc: str = "/proc") -> dict[ObservedConnection, int]:
+    """Local servers only: the process holding the other end of each connection (the
+    PostgreSQL backend; a pooler's process is not a backend and will not match)."""
+    observed = list(observed)
+    found: dict[ObservedConnection, int] = {}
+    tcp = {(c.remote_addr, c.remote_port, c.local_addr, c.local_port): c
+           for c in observed if c.kind == "tcp"}
+    if tcp:
+        try:
+            table = psutil.net_connections(kind="inet")
+        except (psutil.Error, OSError):
+            table = []
+        for c in table:
+            if c.pid and c.raddr and c.status == psutil.CONN_ESTABLISHED:
+                key = (_norm_addr(c.laddr.ip), c.laddr.port, _norm_addr(c.raddr.ip),
+                       c.raddr.port)
+                if key in tcp:
+                    found[tcp[key]] = c.pid
+    unix = {c.peer_inode: c for c in observed if c.kind == "unix" and c.peer_inode}
+    if unix:
+        for process in psutil.process_iter(["name"]):
+            name = process.info.get("name") or ""
+            if not name.startswith(("postgres", "postmaster")):
+                continue
+            try:
+                fds = os.listdir(f"{proc}/{process.pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                inode = _socket_inode(process.pid, int(fd), proc)
+                if inode in unix:
+                    found[unix[inode]] = process.pid
+    return found
+
+
 # -- I/O ---------------------------------------------------------------------------------------
 def resolve_host(host: str, port: int = 5432) -> tuple[str, ...]:
     """The addresses a URL's host resolves to (getaddrinfo); () when it does not resolve."""
@@ -256,7 +327,8 @@ def observe(pids: Iterable[int], proc: str = "/proc") -> tuple[list[ObservedConn
             peer = unix_table.get(inode or -1, (0, ""))[0]
             path = unix_table.get(peer, (0, ""))[1] if peer else ""
             if inode in unix_table:  # only connected sockets are in the dump
-                observed.append(ObservedConnection(pid, "unix", socket_path=path))
+                observed.append(ObservedConnection(pid, "unix", socket_path=path,
+                                                   peer_inode=peer))
     return observed, errors
 
 

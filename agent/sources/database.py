@@ -54,12 +54,23 @@ def agent_url(url: str | URL) -> URL:
     """The app's URL with the psycopg2 driver, whatever driver it named (ValueError if not PG)."""
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except ArgumentError as exc:
-        raise ValueError(f"not a database URL: {mask_url(str(exc))}") from None
+    except (ArgumentError, ValueError, TypeError) as exc:
+        # e.g. SQLAlchemy's int() of a port "5432x": the app's user wrote this URL.
+        raise ValueError(f"not a valid database URL ({_url_problem(exc)})") from None
     backend = parsed.drivername.split("+", 1)[0]
     if backend not in ("postgresql", "postgres", "pgsql"):
         raise ValueError(f"only PostgreSQL databases are inspected, not {backend}")
     return parsed.set(drivername=DRIVER)
+
+
+def _url_problem(exc: BaseException) -> str:
+    """What is wrong with a URL, without quoting it (it may hold a password)."""
+    text = str(exc)
+    if "invalid literal for int()" in text:
+        return "the port is not a number"
+    if isinstance(exc, ArgumentError):
+        return "SQLAlchemy cannot parse it"
+    return type(exc).__name__
 
 
 def _parse(url: str | URL) -> URL | None:
@@ -68,7 +79,7 @@ def _parse(url: str | URL) -> URL | None:
     except ValueError:
         try:
             return make_url(url) if isinstance(url, str) else url
-        except ArgumentError:
+        except (ArgumentError, ValueError, TypeError):
             return None
 
 
@@ -208,10 +219,24 @@ def query_version_table(conn: Connection, table: str = "alembic_version",
     try:
         rows = conn.execute(text(f"SELECT version_num FROM {name}")).scalars().all()
     except DBAPIError as exc:
-        if "lock timeout" in str(exc.orig).lower():
+        if is_lock_wait(exc):
             return True, (), True
         raise
     return True, tuple(sorted(str(r) for r in rows)), False
+
+
+# lock_not_available (our lock_timeout) and query_canceled (statement_timeout): reading a
+# one-row table only runs out of time when somebody holds it.
+LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014"})
+
+
+def is_lock_wait(exc: BaseException) -> bool:
+    """True when a statement gave up waiting (lock or statement timeout), not failed."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "pgcode", None) or ""
+    text_ = str(orig).lower()
+    return code in LOCK_WAIT_SQLSTATES or "lock timeout" in text_ or \
+        "statement timeout" in text_
 
 
 def read_version_table(url: str | URL, table: str = "alembic_version",
@@ -263,6 +288,24 @@ WHERE l.locktype = 'relation' AND l.relation = to_regclass(:n)
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
 """
+# DDL takes ACCESS EXCLUSIVE locks on the tables it alters and keeps them until commit: a
+# migration between statements (or sleeping in a data step) still holds them. Only tables
+# we can see count: a relation created in another open transaction is invisible to us and
+# may as well be a temporary table (CREATE TEMP TABLE takes the same lock).
+EXCLUSIVE_SQL = """
+SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)),
+       coalesce(a.query, ''), c.relname
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND c.relpersistence <> 't' AND n.nspname <> 'pg_toast'
+  AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+ORDER BY a.pid, c.relname
+LIMIT 500
+"""
 ACTIVE_SQL = """
 SELECT a.pid, coalesce(a.usename, ''), coalesce(a.state, ''),
        extract(epoch FROM now() - coalesce(a.xact_start, a.query_start)), coalesce(a.query, '')
@@ -294,6 +337,12 @@ def query_migration_activity(conn: Connection, table: str = "alembic_version",
         found.setdefault(pid, ActiveSession(pid, user, state, round(float(secs or 0), 1),
                                             short_query(query),
                                             f"{verb} {mode} on {table}"))
+    for pid, user, state, secs, query, relation in conn.execute(text(EXCLUSIVE_SQL)):
+        hidden = hidden or query == "<insufficient privilege>"
+        found.setdefault(pid, ActiveSession(pid, user, state, round(float(secs or 0), 1),
+                                            short_query(query),
+                                            f"holds AccessExclusiveLock on {relation} "
+                                            "(DDL in an open transaction)"))
     for pid, user, state, secs, query in conn.execute(text(ACTIVE_SQL)):
         hidden = hidden or query == "<insufficient privilege>"
         if pid not in found and DDL.match(query):
@@ -474,6 +523,12 @@ def server_identity(url: str | URL, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Se
     return ServerIdentity(**{**ident.__dict__, "label": label})
 
 
+def with_database(url: str, name: str) -> str:
+    """The same URL naming another database on the same server (password kept)."""
+    parsed = make_url(url)
+    return parsed.set(database=name).render_as_string(hide_password=False)
+
+
 def same_server(a: ServerIdentity, b: ServerIdentity) -> bool | None:
     """Pure: True/False when two identities are the same cluster, None when undecidable."""
     if a.error or b.error:
@@ -494,28 +549,35 @@ def same_database(a: ServerIdentity, b: ServerIdentity) -> bool | None:
 # -- sessions of the app's role --------------------------------------------------------------
 @dataclass(frozen=True)
 class RoleSession:
-    """A session of the URL's own role (its client address/port are visible to that role)."""
+    """A client session of the cluster as pg_stat_activity shows it to our role.
+
+    database, user and pid are visible for every session; the client address/port only
+    for our own role's sessions (or with pg_read_all_stats), else "" / -1."""
 
     pid: int
     database: str
     client_addr: str
-    client_port: int  # -1 over a unix socket
+    client_port: int  # -1 over a unix socket (or hidden)
     application_name: str
     state: str
+    user: str = ""
 
 
 SESSIONS_SQL = """
 SELECT pid, coalesce(datname, ''), coalesce(host(client_addr), ''), coalesce(client_port, -1),
-       coalesce(application_name, ''), coalesce(state, '')
+       coalesce(application_name, ''), coalesce(state, ''), coalesce(usename, '')
 FROM pg_stat_activity
-WHERE usename = current_user AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+WHERE pid <> pg_backend_pid() AND datname IS NOT NULL
+  -- other roles' rows hide backend_type too; only client backends hold a client's socket
+  AND coalesce(backend_type, 'client backend') = 'client backend'
+ORDER BY (usename = current_user) DESC, pid
 LIMIT 2000
 """
 
 
 def query_role_sessions(conn: Connection) -> tuple[RoleSession, ...]:
-    """Other sessions of current_user on the whole cluster (any database)."""
-    return tuple(RoleSession(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5])
+    """Other client sessions on the whole cluster (any database, any role)."""
+    return tuple(RoleSession(int(r[0]), r[1], r[2], int(r[3]), r[4], r[5], r[6])
                  for r in conn.execute(text(SESSIONS_SQL)))
 
 

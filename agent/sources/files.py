@@ -74,8 +74,11 @@ def shebang_interpreter(path: str) -> str:
 
 
 def realpath(path: str) -> str:
-    """os.path.realpath, '' for ''."""
-    return os.path.realpath(path) if path else ""
+    """os.path.realpath, '' for '' and for what no path can be (a NUL byte in it)."""
+    try:
+        return os.path.realpath(path) if path else ""
+    except ValueError:  # "embedded null byte": the app's user wrote this path
+        return ""
 
 
 def user_home(user: str) -> str:

@@ -17,6 +17,10 @@ from tests.harness.apps import (
     AppSpec,
     Revision,
     broken_revision,
+    custom_env_py,
+    env_file_text,
+    gunicorn_unit,
+    render_models,
     db_upgrade,
     db_write_hook,
     http_get,
@@ -29,6 +33,12 @@ from tests.harness.apps import (
 from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
 from tests.harness.sandbox import Sandbox
 from tests.harness.site import UNIT, Site, SiteFactory, site_factory
+from tests.integration.test_flask_db_check import (
+    BILLING_REVISION,
+    INCLUDE_OBJECT,
+    INCLUDE_SCHEMAS,
+    INVOICE_MODEL,
+)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
 
@@ -54,6 +64,7 @@ def test_healthy(site: Callable[..., Site]) -> None:
     assert s.db.password not in json.dumps(unit)
     assert all(c["success"] for c in unit["checks"]), unit["checks"]
     assert s.check_text().returncode == 0
+    s.assert_flask_db_check_agrees(unit)
 
 
 @pytest.mark.parametrize("at,pending", [("r2", ["r3"]), ("r1", ["r2", "r3"])])
@@ -68,6 +79,7 @@ def test_upgrade_skipped(site: Callable[..., Site], at: str, pending: list[str])
     assert "pending migration" in drift["message"]
     text = s.check_text().stdout
     assert "pending_migrations" in text and "flask db upgrade" in text
+    s.assert_flask_db_check_agrees(unit)
 
 
 def test_unit_points_at_a_database_that_was_never_migrated(
@@ -101,6 +113,71 @@ def test_workers_connected_to_another_database_than_the_unit_says(
         other.stop()
 
 
+def test_workers_on_one_database_while_the_env_file_names_another_on_the_same_server(
+        site: Callable[..., Site], pg: PostgresCluster) -> None:
+    """The seed's first cause: workers serve 500s from `app` (r3 pending) while the env file
+    now names `app_staging` (never migrated) on the same server: both states, by name."""
+    s = site(upgrade_to="r2")
+    staging = f"{s.db.name}_staging"
+    pg.create_database(staging, owner=s.db.owner)
+    try:
+        for _ in range(4):  # every worker serves /db (a 500: posts is missing) and keeps
+            assert http_get(f"http://127.0.0.1:{s.port}/db")[0] == 500  # its connection
+        s.set_database_url(s.db.url.rsplit("/", 1)[0] + "/" + staging)
+        code, unit = s.check()
+        assert code == 1
+        assert unit["database_mismatch"] is True
+        assert unit["database"].endswith(f"/{staging}")
+        found = next(f for f in unit["findings"] if f["check"] == "database_mismatch")
+        message = found["message"]
+        assert f"connected to database {s.db.name} as role {s.db.owner} on 127.0.0.1:" \
+            in message
+        assert f"not to {staging} that the unit's environment names" in message
+        assert f"Running now: {s.db.name} at r2, 1 pending (r3); the schema errors in the " \
+            "journal come from there" in message
+        assert f"After a restart: {staging} never migrated (no alembic_version table): a " \
+            "restart would make it worse" in message
+        assert f"now: bring {s.db.name} to head" in found["remedy"]
+        assert f"before any restart: if {staging} is meant, migrate it first" \
+            in found["remedy"]
+        assert s.db.password not in json.dumps(unit)
+        assert f"by name: {s.db.name} as {s.db.owner}" in unit["database_connections"]
+    finally:
+        pg.drop_database(staging)
+
+
+def test_malformed_url_beside_a_healthy_unit(
+        site: Callable[..., Site], make_app: Callable[..., AppDir],
+        make_venv: Callable[..., Path]) -> None:
+    """`...:5432x/db` in one unit's env file: that unit says why, the other is untouched,
+    no traceback. Flask-SQLAlchemy 2.5 creates engines lazily, so the app loads and the
+    malformed URL reaches the agent (3.x already fails at import: app_load_failed)."""
+    from tests.integration.test_probe import FLASK_SQLALCHEMY_25_REQUIREMENTS
+
+    s = site(start_unit=False)
+    lazy_venv = make_venv(FLASK_SQLALCHEMY_25_REQUIREMENTS)
+    bad_app = make_app(name="bad")
+    bad_url = s.db.url.rsplit(":", 1)[0] + ":5432x/" + s.db.name
+    s.sb.write_file("/etc/bad/env", env_file_text({"DATABASE_URL": bad_url}))
+    s.sb.write_file("/etc/systemd/system/bad.service", gunicorn_unit(
+        venv=lazy_venv, app_dir=bad_app, port=free_port(), environment={},
+        environment_files=["/etc/bad/env"]))
+    s.sb.systemctl("daemon-reload")
+    s.sb.systemctl("start", UNIT, "bad.service")
+    proc = s.agentctl("check", UNIT, "bad.service", "--json", "--probe-timeout", "30")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    healthy, bad = json.loads(proc.stdout)["units"]
+    assert healthy["findings"] == [] and all(c["success"] for c in healthy["checks"])
+    assert healthy["migrations"]["current"] == ["r3"]
+    assert bad["database"] == "invalid-url" and bad["db_up"] is False
+    down = next(f for f in bad["findings"] if f["check"] == "database_unreachable")
+    assert "not a valid database URL (the port is not a number)" in down["message"]
+    assert s.db.password not in proc.stdout + proc.stderr
+    text = s.agentctl("check", UNIT, "bad.service")
+    assert text.returncode == 2 and "Traceback" not in text.stdout + text.stderr
+
+
 def test_migration_files_not_deployed(site: Callable[..., Site], make_app: Callable[..., AppDir],
                                       flask_venv: Path, pg_database: PgDatabase) -> None:
     newer = make_app(AppSpec(models_at=4, revisions=AppSpec(models_at=4).revisions + (
@@ -132,6 +209,52 @@ def test_manual_schema_change_at_head(site: Callable[..., Site]) -> None:
         unit["schema_drift"]["items"]
     drift = next(f for f in unit["findings"] if f["check"] == "schema_drift")
     assert "users.nickname" in drift["message"] and "at head" in drift["message"]
+    s.assert_flask_db_check_agrees(unit)
+
+
+# -- the app's own env.py: what `flask db check` compares, where the version is ---------------
+
+def test_env_py_include_object_filters_like_flask_db_check(site: Callable[..., Site]) -> None:
+    """Before: extra_table drift and exit 1 while `flask db check` was clean."""
+    s = site(AppSpec(env_py=custom_env_py("include_object=include_object,", INCLUDE_OBJECT)))
+    s.db.execute("CREATE TABLE legacy_reports (id int)", as_owner=True)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["schema_drift"] == {"count": 0, "items": []}
+    s.assert_flask_db_check_agrees(unit)
+
+
+def test_env_py_custom_version_table_is_where_the_revision_is_read(
+        site: Callable[..., Site]) -> None:
+    """Before: "never migrated" (critical), every revision pending, at head in truth."""
+    s = site(AppSpec(env_py=custom_env_py("version_table='alembic_version_billing',")),
+             upgrade_to="r2")
+    code, unit = s.check()
+    assert unit["migrations"]["current"] == ["r2"] and unit["migrations"]["pending"] == ["r3"]
+    assert checks(unit) == ["pending_migrations", "schema_drift"], unit["findings"]
+    s.assert_flask_db_check_agrees(unit)
+    db_upgrade(s.app, s.venv, s.db.url)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["migrations"]["current"] == ["r3"]
+    s.assert_flask_db_check_agrees(unit)
+
+
+def test_env_py_include_schemas_with_two_schemas(site: Callable[..., Site]) -> None:
+    spec = AppSpec(models_source=render_models(3) + INVOICE_MODEL,
+                   revisions=(*standard_revisions(3), BILLING_REVISION),
+                   env_py=custom_env_py("include_schemas=True,\ninclude_name=include_name,",
+                                        INCLUDE_SCHEMAS))
+    s = site(spec)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    s.assert_flask_db_check_agrees(unit)
+    s.db.execute("ALTER TABLE billing.invoices ADD COLUMN note text")
+    code, unit = s.check()
+    assert code == 1
+    assert {"kind": "extra_column", "table": "billing.invoices", "name": "note"} in \
+        unit["schema_drift"]["items"]
+    s.assert_flask_db_check_agrees(unit)
 
 
 def test_insufficient_privileges(site: Callable[..., Site], pg: PostgresCluster) -> None:
@@ -198,12 +321,43 @@ def test_upgrade_in_progress(site: Callable[..., Site]) -> None:
         code, unit = s.check()
         assert time.monotonic() - started < 30
         assert unit["migrations"]["in_progress"] is True
-        assert "migration_in_progress" in checks(unit)
-        assert "pending_migrations" not in checks(unit)
-        assert "schema_drift" not in checks(unit)
+        # A lock is never a state: not "holds no revision", not "every revision pending".
+        assert unit["migrations"]["current_readable"] is False
+        assert checks(unit) == ["migration_in_progress"], unit["findings"]
+        assert "current revision not readable now" in unit["findings"][0]["message"]
+        assert unit["schema_drift"] is None  # held back while the migration runs
     finally:
         conn.rollback()
         conn.close()
+
+
+SLOW_R3 = Revision(
+    "r3", "r2", message="create posts slowly",
+    upgrade=standard_revisions(3)[2].upgrade + "\nop.execute('SELECT pg_sleep(8)')",
+    downgrade="op.drop_table('posts')")
+
+
+def test_real_upgrade_in_progress_holds_drift_and_pending_back(
+        site: Callable[..., Site]) -> None:
+    """flask db upgrade really running (its r3 creates posts, then works for 8 s)."""
+    s = site(AppSpec(revisions=(*standard_revisions(2), SLOW_R3)), upgrade_to="r2")
+    upgrade = threading.Thread(target=db_upgrade, args=(s.app, s.venv, s.db.url, "head"))
+    upgrade.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not s.db.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                               "'SELECT pg_sleep(8)%'")[0][0]:
+            assert time.monotonic() < deadline, "the upgrade never reached its slow step"
+            time.sleep(0.1)
+        code, unit = s.check()
+        assert unit["migrations"]["in_progress"] is True
+        assert checks(unit) == ["migration_in_progress"], unit["findings"]
+        assert unit["schema_drift"] is None
+    finally:
+        upgrade.join(60)
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["migrations"]["current"] == ["r3"] and unit["migrations"]["in_progress"] is False
 
 
 def test_applied_migration_edited_afterwards(site: Callable[..., Site]) -> None:

@@ -438,6 +438,8 @@ class AppSpec:
     migrate_directory: str | None = None
     #: extra files, path relative to the app root -> text
     extra_files: Mapping[str, str] = field(default_factory=dict)
+    #: verbatim migrations/env.py instead of Flask-Migrate's (see :func:`custom_env_py`)
+    env_py: str | None = None
 
     def with_revisions(self, *extra: Revision) -> "AppSpec":
         """A copy with more migration files."""
@@ -532,7 +534,7 @@ def write_app(dest: Path, spec: AppSpec | None = None) -> AppDir:
     _write(dest / "wsgi.py", f"from {spec.package} import create_app\n\napp = create_app()\n")
     mig = dest / (spec.migrate_directory or "migrations")
     _write(mig / "alembic.ini", FLASK_MIGRATE_ALEMBIC_INI)
-    _write(mig / "env.py", FLASK_MIGRATE_ENV_PY)
+    _write(mig / "env.py", spec.env_py if spec.env_py is not None else FLASK_MIGRATE_ENV_PY)
     _write(mig / "script.py.mako", FLASK_MIGRATE_SCRIPT_MAKO)
     _write(mig / "README", "Single-database configuration for Flask.\n")
     (mig / "versions").mkdir(parents=True, exist_ok=True)
@@ -840,6 +842,21 @@ def downgrade():
 '''
 
 
+def custom_env_py(configure: str = "", preamble: str = "") -> str:
+    """Flask-Migrate's env.py with extra ``context.configure`` keyword lines (e.g.
+    ``"version_table='alembic_version_billing',"``) and module-level code before
+    ``run_migrations_offline`` (e.g. an ``include_object`` function), as users write them."""
+    # Through conf_args: Flask-Migrate passes its own compare_type / render_as_batch there,
+    # and a second keyword of the same name would be a TypeError.
+    extra = textwrap.indent("conf_args = {**conf_args, **dict(\n"
+                            + textwrap.indent(textwrap.dedent(configure).strip(), "    ")
+                            + "\n)}\n", " " * 4)
+    text = FLASK_MIGRATE_ENV_PY.replace("    connectable = get_engine()\n",
+                                        extra + "    connectable = get_engine()\n", 1)
+    anchor = "def run_migrations_offline():"
+    return text.replace(anchor, textwrap.dedent(preamble).strip() + "\n\n\n" + anchor, 1)
+
+
 # -- running flask db on the host --------------------------------------------------------
 
 def app_env(app: AppDir, venv: Path, database_url: str | None,
@@ -894,6 +911,54 @@ def db_downgrade(app: AppDir, venv: Path, database_url: str, revision: str = "-1
                  **kw: Any) -> subprocess.CompletedProcess[str]:
     """``flask db downgrade REVISION`` (keyword arguments as for flask_db)."""
     return flask_db(app, venv, database_url, "downgrade", "--", revision, **kw)
+
+
+@dataclass(frozen=True)
+class DbCheck:
+    """What ``flask db check`` said: clean, drift (its operations), or not up to date."""
+
+    clean: bool
+    not_up_to_date: bool
+    # (op, table) per operation it printed, e.g. ("add_column", "posts"); tables unqualified
+    ops: tuple[tuple[str, str], ...]
+    output: str
+
+
+_CHECK_OP = re.compile(
+    r"\('(?P<op>add_table|remove_table)', Table\('(?P<t1>[^']*)'"
+    r"|\('(?P<cop>add_column|remove_column|modify_[a-z_]+)', (?:None|'[^']*'), '(?P<t2>[^']*)'"
+    r"|\('(?P<iop>add_index|remove_index)', "
+    r"|\('(?P<kop>add_constraint|remove_constraint|add_fk|remove_fk)', ")
+
+
+def flask_db_check(app: AppDir, venv: Path, database_url: str,
+                   user: str | None = APP_USER, env: Mapping[str, str] | None = None,
+                   ) -> DbCheck:
+    """Run ``flask db check`` (Alembic's own check, through env.py) as user; parse its verdict."""
+    proc = flask_db(app, venv, database_url, "check", user=user, check=False, env=env)
+    out = proc.stdout + proc.stderr
+    ops = []
+    for m in _CHECK_OP.finditer(out):
+        op = m.group("op") or m.group("cop") or m.group("iop") or m.group("kop")
+        table = m.group("t1") or m.group("t2") or ""
+        ops.append((op, table))
+    clean = proc.returncode == 0 and "No new upgrade operations detected" in out
+    not_up_to_date = "Target database is not up to date" in out
+    if not clean and not not_up_to_date and not ops:
+        raise HarnessError(f"flask db check gave no verdict (exit {proc.returncode}):\n{out}")
+    return DbCheck(clean, not_up_to_date, tuple(sorted(ops)), out)
+
+
+def check_ops(schema_diff: Sequence[Mapping[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The probe's schema_diff in flask_db_check's (op, unqualified table) form."""
+    ops = []
+    for d in schema_diff:
+        kind = d["kind"]
+        if kind in ("add_unique", "remove_unique"):
+            kind = kind.replace("_unique", "_constraint")
+        table = d["table"].rsplit(".", 1)[-1]
+        ops.append((kind, "" if kind.endswith(("_constraint", "_fk", "_index")) else table))
+    return tuple(sorted(ops))
 
 
 def db_current(app: AppDir, venv: Path, database_url: str) -> list[str]:

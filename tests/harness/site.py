@@ -12,7 +12,9 @@ from tests.harness.agent import agentctl
 from tests.harness.apps import (
     AppDir,
     AppSpec,
+    check_ops,
     db_upgrade,
+    flask_db_check,
     env_file_text,
     gunicorn_pids,
     gunicorn_unit,
@@ -49,6 +51,25 @@ class Site:
     def check_text(self) -> subprocess.CompletedProcess[str]:
         """agentctl check of the unit, human form."""
         return self.agentctl("check", UNIT)
+
+    def assert_flask_db_check_agrees(self, unit: dict[str, Any]) -> None:
+        """`flask db check` (as www-data, in the app's venv) says what driftwatch said: the
+        same drift operations at head, "not up to date" exactly when revisions are pending."""
+        from agent.checks.schema import KINDS
+
+        check = flask_db_check(self.app, self.venv, self.db.url)
+        pending = (unit["migrations"] or {}).get("pending")
+        if check.not_up_to_date:
+            assert pending, (check.output, unit["migrations"])
+            return
+        assert pending == [], (check.output, unit["migrations"])
+        ops = {kind: op for op, kind in KINDS.items()}
+        items = (unit["schema_drift"] or {}).get("items")
+        assert items is not None, unit
+        ours = check_ops([{"kind": ops.get(i["kind"], i["kind"]), "table": i["table"],
+                           "name": i["name"]} for i in items])
+        assert ours == check.ops, (check.output, items)
+        assert check.clean is (items == [])
 
     def set_database_url(self, url: str) -> None:
         """Rewrite the unit's env file (inside the sandbox) to name another database."""

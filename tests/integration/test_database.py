@@ -272,3 +272,97 @@ def test_connections_matched_to_sessions(pg_database: PgDatabase,
 def test_no_connections_is_none() -> None:
     verdict, errors = connections.connection_verdict("127.0.0.1", 5432, [])
     assert verdict.status == "none" and errors == []
+
+
+def test_lock_on_a_custom_version_table_is_locked_never_empty(pg: PostgresCluster,
+                                                              pg_database: PgDatabase) -> None:
+    """A lock held on the version table env.py names: not readable now, not empty."""
+    pg_database.execute("CREATE SCHEMA meta", as_owner=True)
+    pg_database.execute("CREATE TABLE meta.versions (version_num varchar(32))", as_owner=True)
+    pg_database.execute("INSERT INTO meta.versions VALUES ('r2')", as_owner=True)
+    holder = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                        autocommit=False)
+    try:
+        holder.cursor().execute("LOCK TABLE meta.versions IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        result = database.inspect(pg_database.url, "versions", "meta")
+        assert time.monotonic() - started < 2.0
+        assert result.error == ""
+        assert result.version.exists is True and result.version.locked
+        assert result.version.revisions == ()
+        assert result.activity.in_progress
+        assert any("AccessExclusiveLock on versions" in s.reason
+                   for s in result.activity.sessions)
+    finally:
+        holder.rollback()
+        holder.close()
+    after = database.inspect(pg_database.url, "versions", "meta")
+    assert after.version.revisions == ("r2",) and not after.version.locked
+    assert not after.activity.in_progress
+
+
+def test_migration_between_statements_is_seen_by_its_ddl_locks(pg: PostgresCluster,
+                                                               pg_database: PgDatabase) -> None:
+    """A real upgrade step: DDL done, now sleeping in a data step: no DDL query is active
+    and the version table is not locked, but the ACCESS EXCLUSIVE lock is held."""
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    pg_database.execute("INSERT INTO alembic_version VALUES ('r2')", as_owner=True)
+    pg_database.execute("CREATE TABLE users (id int)", as_owner=True)
+    migrator = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                          autocommit=False)
+    try:
+        cur = migrator.cursor()
+        cur.execute("ALTER TABLE users ADD COLUMN name text")
+        cur.execute("SELECT 1")  # idle in transaction from here on
+        result = database.inspect(pg_database.url)
+        assert result.version.revisions == ("r2",) and not result.version.locked
+        assert result.activity.in_progress
+        reasons = [s.reason for s in result.activity.sessions]
+        assert reasons == ["holds AccessExclusiveLock on users (DDL in an open transaction)"]
+    finally:
+        migrator.rollback()
+        migrator.close()
+
+
+def test_temporary_tables_are_not_a_migration(pg: PostgresCluster,
+                                              pg_database: PgDatabase) -> None:
+    app = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                     autocommit=False)
+    try:
+        app.cursor().execute("CREATE TEMP TABLE scratch (id int)")
+        assert not database.inspect(pg_database.url).activity.in_progress
+    finally:
+        app.rollback()
+        app.close()
+
+
+def test_malformed_port_is_a_clear_error_not_an_exception() -> None:
+    url = "postgresql://app:s3cret@db.example:5432x/app"
+    assert database.db_label(url) == "invalid-url"
+    result = database.inspect(url)
+    assert result.error == ("database invalid-url: not a valid database URL (the port is "
+                            "not a number)")
+
+
+def test_worker_connections_are_named_by_the_server(pg: PostgresCluster,
+                                                    pg_database: PgDatabase,
+                                                    client_process: int) -> None:
+    """TCP by the client address/port pg_stat_activity shows; a unix socket (no address)
+    by the backend holding the other end; another role's sessions by backend pid."""
+    observed, _ = connections.observe([client_process])
+    pg_conns = [c for c in observed if c.looks_like_postgres({pg.port})]
+    backends = connections.backend_pids(pg_conns)
+    assert {c.kind for c in backends} == {"tcp", "unix"}
+    inspection = database.inspect(pg_database.url)
+    named = connections.name_connections(pg_conns, inspection.sessions, backends)
+    assert sorted((n.connection.kind, n.database, n.user, n.how) for n in named) == [
+        ("tcp", pg_database.name, pg_database.owner, "client address"),
+        ("unix", pg_database.name, "postgres", "backend pid")]
+    stranger = pg.new_database()
+    try:
+        seen_by_other_role = database.inspect(stranger.url).sessions
+        named = connections.name_connections(pg_conns, seen_by_other_role, backends)
+        assert sorted((n.connection.kind, n.database, n.how) for n in named) == [
+            ("tcp", pg_database.name, "backend pid"), ("unix", pg_database.name, "backend pid")]
+    finally:
+        pg.drop(stranger)
