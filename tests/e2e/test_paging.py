@@ -58,8 +58,8 @@ ENV_FILE = "/etc/site/env"
 # The shipped for: durations scaled from minutes to seconds; the order between alerts (a
 # cause before its consequences) is the shipped one. Only these and the journal window change.
 FOR = {"*": "5s", "DriftwatchPendingMigrations": "10s", "DriftwatchDatabaseDown": "5s",
-       "DriftwatchCheckFailing": "15s", "DriftwatchAgentDown": "20s",
-       "DriftwatchAgentAbsent": "20s", "DriftwatchJournalSchemaErrors": "20s",
+       "DriftwatchCheckFailing": "15s", "DriftwatchAgentDown": "12s",
+       "DriftwatchAgentAbsent": "12s", "DriftwatchJournalSchemaErrors": "20s",
        "DriftwatchNeedsDaemonReload": "10s", "DriftwatchStaleEnvironment": "10s",
        "DriftwatchNeedsRestart": "10s", "DriftwatchAppliedMigrationModified": "5s"}
 CONFIG = {"journal_window": "10s"}
@@ -244,7 +244,17 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
                  lambda: start_postgres(c.db.cluster))
         assert "DriftwatchPendingMigrations" in c.firing()
 
-        # 4. The README's fix: upgrade in the unit's context, restart. One "resolved".
+        # 4. The agent stops: one page (agent down), no "resolved" for the pending alert
+        # (its last known state holds); back, only the agent's page resolves, and the pending
+        # alert fires on without a second page.
+        c.expect("agent stopped", [("firing", "DriftwatchAgentDown", "")],
+                 lambda: c.sb.systemctl("stop", AGENT))
+        assert "DriftwatchPendingMigrations" in c.firing()
+        c.expect("agent started again", [("resolved", "DriftwatchAgentDown", "")],
+                 lambda: c.sb.systemctl("start", AGENT))
+        assert "DriftwatchPendingMigrations" in c.firing()
+
+        # 5. The README's fix: upgrade in the unit's context, restart. One "resolved".
         done: list[Any] = []
         c.expect("the README's fix (agentctl upgrade --restart)",
                  [("resolved", "DriftwatchPendingMigrations", APP)],
@@ -255,14 +265,14 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
     finally:
         traffic.stop()
 
-    # 5. The agent restarts with the app healthy: no page, no "resolved", and the journal
+    # 6. The agent restarts with the app healthy: no page, no "resolved", and the journal
     # counter neither re-counts the errors it already counted nor loses the window.
     c.expect("agent restarted, app healthy", [], lambda: c.sb.systemctl("restart", AGENT),
-             quiet=24)
+             quiet=16)
     assert c.value(f'sum(driftwatch_journal_schema_errors_total{{unit="{APP}"}})') == 0
     assert (c.value(f'sum(driftwatch_journal_schema_errors_recent{{unit="{APP}"}})') or 0) > 0
 
-    # 6. An applied migration edited: one page, and no restart page (workers never load it).
+    # 7. An applied migration edited: one page, and no restart page (workers never load it).
     r2 = str(c.app.revision_file("r2"))
     original = c.sb.path(r2).read_text()
     notes = c.expect("applied migration edited",
@@ -273,7 +283,7 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
     c.expect("edit reverted", [("resolved", "DriftwatchAppliedMigrationModified", APP)],
              lambda: c.sb.write_file(r2, original))
 
-    # 7. The unit edited: daemon-reload first (one page), then after the reload the restart
+    # 8. The unit edited: daemon-reload first (one page), then after the reload the restart
     # its new environment needs (one page), then the restart resolves it.
     unit_path = f"/etc/systemd/system/{APP}"
     text = c.sb.path(unit_path).read_text()
