@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections import Counter
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 from agent.checks import migrations as migration_checks
 from agent.checks.schema import drift_findings, drift_items
-from agent.checks.unit import UnitFacts, check_working_directory
+from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
@@ -27,7 +28,8 @@ from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.sources import connections, database, files
-from agent.sources.journal import JournalReader
+from agent.journal_cursors import CursorFile
+from agent.sources.journal import ErrorWindow, JournalReader
 from agent.sources.systemd import SystemdSource
 from agent.state import OK as STATE_OK
 from agent.state import StateStore, store_finding
@@ -115,7 +117,9 @@ class Inspector:
 
     def __init__(self, settings: InspectorSettings, systemd: SystemdSource | None = None,
                  state: StateStore | None = None,
-                 probe: Callable[..., ProbeResult] = run_probe) -> None:
+                 probe: Callable[..., ProbeResult] = run_probe,
+                 cursors: CursorFile | None = None,
+                 journal_reader: Callable[..., JournalReader] = JournalReader) -> None:
         self.settings = settings
         self.systemd = systemd or SystemdSource(timeout_seconds=settings.bus_timeout_seconds)
         self._state = state
@@ -123,6 +127,15 @@ class Inspector:
         self._probe_memo: dict[str, _ProbeMemo] = {}
         self._journals: dict[str, JournalReader] = {}
         self._journal_totals: dict[str, dict[str, int]] = {}
+        self._journal_windows: dict[str, ErrorWindow] = {}
+        # Per unit: the latest snapshot (for last known values) and when each check succeeded.
+        self._last: dict[str, UnitSnapshot] = {}
+        self._last_success: dict[str, dict[str, float]] = {}
+        # Cursors persisted by the daemon (None for one-shot agentctl runs: they must never
+        # move the daemon's cursors).
+        self._cursor_file = cursors
+        self._journal_reader = journal_reader
+        self._saved_cursors = cursors.load() if cursors is not None else {}
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -153,10 +166,12 @@ class Inspector:
             snaps = tuple(self._isolated(name) for name in units)
             if discovered:
                 self._prune({u.unit for u in snaps} | set(units))
+            self._save_cursors()
         return Snapshot(snaps, taken_at=time.time(),
                         duration_seconds=round(time.monotonic() - started, 4),
                         errors=tuple(errors),
-                        state_store=self._state.condition if self._state is not None else "")
+                        state_store=self._state.condition if self._state is not None else "",
+                        journal_window_seconds=float(self.settings.journal_window_seconds))
 
     def invalidate(self, unit: str | None = None) -> None:
         """Forget memoised probe results (of one unit, or all): a restart was seen."""
@@ -222,8 +237,10 @@ class Inspector:
             except DriftwatchError as exc:
                 res["error"] = str(exc)
         if report is None:
-            return UnitSnapshot(unit=name, timestamp=time.time(), unit_up=False,
-                                checks=tuple(timer.runs), findings=tuple(findings))
+            fresh = UnitSnapshot(unit=name, timestamp=time.time(), unit_up=False,
+                                 checks=tuple(timer.runs), findings=tuple(findings))
+            last = None if findings else self._last.get(name)  # unit_not_found: gone, not lost
+            return self._remember(name, fresh, last_known(fresh, last, whole=True))
         unit = report.props.name
         findings += report.findings
         fields: dict[str, Any] = {
@@ -235,6 +252,8 @@ class Inspector:
             "needs_daemon_reload": report.props.need_daemon_reload,
         }
         fields["stale_environment_variables"] = len(report.stale_variables)
+        fields["stale_variable_names"] = tuple(sorted(report.stale_variables))
+        fields["unit_file"] = report.props.fragment_path
 
         probe = self._run_probe(report, timer)
         if probe.app_chdir and probe.app_chdir != report.context.app_directory:
@@ -272,8 +291,22 @@ class Inspector:
                                   (fields.get("db_up") is False or migrating)):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
+        if probe.migrations_dir and any(f.check == "code_newer_than_process" for f in findings):
+            # Workers never load migration files: an edited revision file is no restart.
+            findings = [f for f in findings if f.check != "code_newer_than_process"]
+            findings += recheck_code_newer(report, probe.migrations_dir)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
-        return UnitSnapshot(**fields, checks=tuple(timer.runs), findings=tuple(findings))
+        fresh = UnitSnapshot(**fields, checks=tuple(timer.runs), findings=tuple(findings))
+        return self._remember(name, fresh, last_known(fresh, self._last.get(name)))
+
+    def _remember(self, name: str, fresh: UnitSnapshot, merged: UnitSnapshot) -> UnitSnapshot:
+        """Stamp when each check last succeeded; keep the merged snapshot as last known."""
+        seen = dict(self._last_success.get(name, {}))
+        seen.update({c.name: fresh.timestamp for c in fresh.checks if c.success})
+        self._last_success[name] = seen
+        merged = replace(merged, last_success=dict(seen))
+        self._last[name] = merged
+        return merged
 
     def _run_probe(self, report: UnitReport, timer: _Timer, force: bool = False) -> ProbeResult:
         """The probe's result, memoised while its code fingerprint holds and it is young."""
@@ -533,6 +566,8 @@ class Inspector:
             res["error"] = "state store unavailable"
             return
         found = store.integrity_findings(unit, hashes)
+        fields["modified_migration_files"] = modified_files(probe.revisions,
+                                                            store.recorded(unit))
         store.record_applied(unit, hashes, applied)
         fields["applied_migrations_modified"] = len(found)
         findings += found
@@ -542,27 +577,49 @@ class Inspector:
 
     def _journal_check(self, unit: str, timer: _Timer, fields: dict[str, Any],
                        findings: list[Finding]) -> None:
+        """Schema errors in the journal: the counter only adds entries after the cursor."""
         with timer.check("journal") as res:
             reader = self._journals.get(unit)
-            if reader is None:
-                reader = JournalReader(
-                    unit, window_minutes=max(1, self.settings.journal_window_seconds // 60))
-                self._journals[unit] = reader
+            window = self._journal_windows.get(unit)
+            baseline_samples: tuple[str, ...] = ()
+            if reader is None or window is None:
+                reader = self._journal_reader(
+                    unit, window_minutes=max(1, self.settings.journal_window_seconds // 60),
+                    cursor=self._saved_cursors.get(unit))
+                window = ErrorWindow(float(self.settings.journal_window_seconds))
+                self._journals[unit], self._journal_windows[unit] = reader, window
+                if reader.cursor:  # a restart: history for the gauge, then what is new
+                    history = reader.read_window()
+                    window.add(history.events)
             scan = reader.read()
             if scan.error:
                 res["error"] = scan.error
+            window.add(scan.events)
             totals = self._journal_totals.setdefault(unit, {})
             for kind, count in scan.counts.items():
-                totals[kind] = totals.get(kind, 0) + count
+                # A look-back read is history from before this agent: never a counter increase.
+                totals[kind] = totals.get(kind, 0) + (0 if scan.baseline else count)
             fields["journal_schema_errors"] = dict(totals)
+            fields["journal_schema_errors_recent"] = window.counts(time.time())
             new = sum(scan.counts.values())
+            if scan.baseline:
+                baseline_samples = scan.samples
             if new:
                 findings.append(Finding(
                     "journal_schema_errors", "critical",
-                    f"{new} new schema error(s) in the journal of {unit}: "
-                    + "; ".join(scan.samples[:3]),
+                    f"{new} {'recent' if baseline_samples else 'new'} schema error(s) in the "
+                    f"journal of {unit}: " + "; ".join(scan.samples[:3]),
                     "the code expects columns or tables the database lacks: apply the "
                     "pending migrations, then restart"))
+
+    def _save_cursors(self) -> None:
+        """Persist the journal cursors (the daemon only); a failing disk is only logged."""
+        if self._cursor_file is None:
+            return
+        cursors = dict(self._saved_cursors)
+        cursors.update({u: r.cursor for u, r in self._journals.items() if r.cursor})
+        if self._cursor_file.save(cursors):
+            self._saved_cursors = cursors
 
     def _store(self) -> StateStore | None:
         if self._state is None:
@@ -572,6 +629,64 @@ class Inspector:
                 log.warning("state store %s unavailable: %s", self.settings.state_path, exc)
                 return None
         return self._state
+
+
+# The snapshot fields each check produces: while it fails (or cannot run because the
+# database, D-Bus or the app cannot be read) they keep their last known values, so an outage
+# never reads as "fixed" to Prometheus. driftwatch_check_staleness_seconds says how old they are.
+CHECK_FIELDS: dict[str, tuple[str, ...]] = {
+    "migrations": ("migrations",),
+    "schema": ("schema_drift",),
+    "privileges": ("migration_privileges_ok",),
+    "integrity": ("applied_migrations_modified", "modified_migration_files"),
+    "connections": ("database_mismatch", "database_connections"),
+}
+# Everything a failed unit read (D-Bus) leaves unknown.
+UNIT_FIELDS = ("unit_up", "active_state", "main_pid", "started_at", "venv", "venv_mismatch",
+               "stale_environment_variables", "stale_variable_names", "unit_file",
+               "needs_daemon_reload", "needs_restart",
+               "app_loaded", "db_up", "database", "journal_schema_errors",
+               "journal_schema_errors_recent")
+
+
+def last_known(fresh: UnitSnapshot, last: UnitSnapshot | None,
+               whole: bool = False) -> UnitSnapshot:
+    """Pure: fresh, with the fields of every check that did not succeed taken from last.
+
+    whole=True: the unit itself could not be read, so every field is the last known one.
+    """
+    if last is None:
+        return fresh
+    succeeded = {c.name for c in fresh.checks if c.success}
+    carried: dict[str, Any] = {}
+    for check, names in CHECK_FIELDS.items():
+        if whole or check not in succeeded:
+            carried.update({n: getattr(last, n) for n in names})
+    if whole:
+        carried.update({n: getattr(last, n) for n in UNIT_FIELDS})
+    elif not fresh.database and "app_load" not in succeeded:
+        carried["database"] = last.database  # the app could not say which database: keep it
+    return replace(fresh, **carried)
+
+
+def modified_files(revisions: list[dict[str, Any]],
+                   recorded: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Pure: (revision, file name) of every applied revision whose file changed since it ran."""
+    return tuple(sorted(
+        (str(r["revision"]), os.path.basename(str(r.get("path", ""))))
+        for r in revisions
+        if r.get("revision") in recorded and r.get("sha256")
+        and recorded[r["revision"]] != r["sha256"]))
+
+
+def recheck_code_newer(report: UnitReport, migrations_dir: str) -> list[Finding]:
+    """The code-newer check again, blind to the migrations directory (workers never load it)."""
+    app_dir = report.context.app_directory
+    if not app_dir or app_dir == "/":
+        return []
+    facts = UnitFacts(newest_code=files.newest_file(app_dir, skip=(migrations_dir,)),
+                      now=time.time())
+    return check_code_newer(report.context, report.processes, report.props, facts)
 
 
 def recheck_working_directory(report: UnitReport, app_directory: str) -> list[Finding]:
@@ -597,4 +712,6 @@ def _env_database_ports(report: UnitReport) -> set[int]:
 
 def make_inspector(config: Any) -> Inspector:
     """The daemon's factory: an Inspector configured from an agent.config.Config."""
-    return Inspector(InspectorSettings.from_config(config))
+    settings = InspectorSettings.from_config(config)
+    state_dir = os.path.dirname(settings.state_path) or "."
+    return Inspector(settings, cursors=CursorFile(state_dir))

@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.checks.schema import KINDS as schema_kinds
+from agent.sources.journal import KINDS as JOURNAL_KINDS
 from agent.snapshot import Snapshot, UnitSnapshot
 from agent.state import CONDITIONS as STATE_STORE_CONDITIONS
 
@@ -100,10 +102,19 @@ SCHEMA_DRIFT_OBJECTS = Spec("schema_drift_objects",
                             ("unit", "kind"))
 APPLIED_MIGRATION_MODIFIED = Spec("applied_migration_modified",
                                   "Already-applied migration files changed since they ran.")
+MODIFIED_MIGRATION = Spec("applied_migration_modified_info",
+                          "An applied migration whose file changed since it ran (revision id and "
+                          "file name); value is 1, at most 8 per unit.",
+                          ("unit", "revision", "file"))
 VENV_MISMATCH = Spec("venv_mismatch",
                      "1 if running processes use another virtualenv than the unit's ExecStart.")
 STALE_ENV = Spec("environment_stale_variables",
                  "Variables whose value in the running processes differs from the unit's.")
+STALE_VARIABLE = Spec("environment_stale_variable_info",
+                      "Name of a variable whose running value differs from the unit's (never "
+                      "the value); value is 1, at most 8 per unit.", ("unit", "variable"))
+UNIT_FILE = Spec("unit_file_info", "The file systemd loaded the unit from; value is 1.",
+                 ("unit", "path"))
 NEEDS_DAEMON_RELOAD = Spec("needs_daemon_reload",
                            "1 if the unit file changed and systemctl daemon-reload is due.")
 NEEDS_RESTART = Spec("needs_restart",
@@ -113,8 +124,20 @@ DATABASE_MISMATCH = Spec("database_mismatch",
 MIGRATION_PRIVILEGES_OK = Spec("migration_privileges_ok",
                                "1 if the app's database role may run its migrations.")
 JOURNAL_SCHEMA_ERRORS = Spec("journal_schema_errors",
-                             "Schema errors (UndefinedColumn, UndefinedTable, ...) in the unit's "
-                             "journal.", ("unit", "kind"), counter=True)
+                             "Schema errors (kind undefined_column, undefined_table) logged in the "
+                             "unit's journal after the agent started; the journal cursor is kept "
+                             "in the state directory, so a restart neither re-counts nor loses.",
+                             ("unit", "kind"), counter=True)
+JOURNAL_SCHEMA_ERRORS_RECENT = Spec("journal_schema_errors_recent",
+                                    "Schema errors in the unit's journal within the look-back "
+                                    "window (driftwatch_journal_window_seconds), including those "
+                                    "logged before the agent started.", ("unit", "kind"))
+JOURNAL_WINDOW = Spec("journal_window_seconds",
+                      "The look-back window of driftwatch_journal_schema_errors_recent.", ())
+CHECK_STALENESS = Spec("check_staleness_seconds",
+                       "Seconds since the check last succeeded for the unit (0: it just did); "
+                       "while it fails, the unit's gauges from it keep their last known values.",
+                       ("unit", "check"))
 FINDINGS = Spec("findings", "Problems found on the unit, by severity.", ("unit", "severity"))
 PENDING_MIGRATION_RISK = Spec("pending_migration_risk",
                               "Pending migrations by preflight risk level (low, high, critical).",
@@ -129,6 +152,27 @@ DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column",
                "column_nullable", "missing_index", "extra_index")
 SEVERITIES = ("critical", "warning", "info")
 RISK_LEVELS = ("low", "high", "critical")  # agent/preflight/risk.py LEVELS
+# The checks of agent.inspector, each a `check` label value.
+CHECKS = ("unit", "app_load", "database", "migrations", "schema", "privileges", "connections",
+          "workers_database", "integrity", "journal", "inspection", "preflight")
+# Every value a bounded label can take, per metric: what alert rules and their tests may match.
+LABEL_VALUES: dict[Spec, dict[str, tuple[str, ...]]] = {
+    CHECK_SUCCESS: {"check": CHECKS},
+    CHECK_DURATION: {"check": CHECKS},
+    CHECK_STALENESS: {"check": CHECKS},
+    SCHEMA_DRIFT_OBJECTS: {"kind": tuple(dict.fromkeys((*DRIFT_KINDS, *schema_kinds.values(),
+                                                        "other")))},
+    JOURNAL_SCHEMA_ERRORS: {"kind": JOURNAL_KINDS},
+    JOURNAL_SCHEMA_ERRORS_RECENT: {"kind": JOURNAL_KINDS},
+    FINDINGS: {"severity": SEVERITIES},
+    PENDING_MIGRATION_RISK: {"level": RISK_LEVELS},
+}
+# Variable names as systemd accepts them; bounded in number, so no unit floods the series.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_NAMES = 8
+# Revision ids and file names come from the app's files (hostile input): short, plain ones only.
+_REVISION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _DSN_NOISE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|\?.*$")
 
 
@@ -165,6 +209,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     for check in u.checks:
         yield CHECK_SUCCESS, (n, check.name), _b(check.success)
         yield CHECK_DURATION, (n, check.name), check.duration_seconds
+    for check, when in sorted(u.last_success.items()):
+        yield CHECK_STALENESS, (n, check), round(max(0.0, u.timestamp - when), 3)
     # A success gauge is 0 when unknown: "could not load" must not vanish from alerts.
     yield APP_LOAD_SUCCESS, (n,), _b(bool(u.app_loaded))
     if u.db_up is not None:
@@ -186,8 +232,15 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         for kind in (*DRIFT_KINDS, *sorted(set(counts) - set(DRIFT_KINDS))):
             yield SCHEMA_DRIFT_OBJECTS, (n, kind), float(counts.get(kind, 0))
     yield APPLIED_MIGRATION_MODIFIED, (n,), float(u.applied_migrations_modified)
+    for revision, name in u.modified_migration_files[:MAX_NAMES]:
+        if _REVISION.fullmatch(revision) and _FILE_NAME.fullmatch(name):
+            yield MODIFIED_MIGRATION, (n, revision, name), 1.0
     yield VENV_MISMATCH, (n,), _b(u.venv_mismatch)
     yield STALE_ENV, (n,), float(u.stale_environment_variables)
+    for name in [v for v in u.stale_variable_names if _VARIABLE_NAME.fullmatch(v)][:MAX_NAMES]:
+        yield STALE_VARIABLE, (n, name), 1.0
+    if u.unit_file:
+        yield UNIT_FILE, (n, u.unit_file), 1.0
     yield NEEDS_DAEMON_RELOAD, (n,), _b(u.needs_daemon_reload)
     yield NEEDS_RESTART, (n,), _b(u.needs_restart)
     if u.database_mismatch is not None:
@@ -200,6 +253,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         counts = u.preflight.get("counts") or {}
         for level in RISK_LEVELS:  # always all three: stable series, bounded labels
             yield PENDING_MIGRATION_RISK, (n, level), float(counts.get(level, 0))
+    for kind, recent in sorted(u.journal_schema_errors_recent.items()):
+        yield JOURNAL_SCHEMA_ERRORS_RECENT, (n, kind), float(recent)
     severities = Counter(f.severity for f in u.findings)
     for severity in (*SEVERITIES, *sorted(set(severities) - set(SEVERITIES))):
         yield FINDINGS, (n, severity), float(severities.get(severity, 0))
@@ -222,6 +277,8 @@ def snapshot_families(snapshot: Snapshot | None) -> list[Metric]:
         if snapshot.state_store:  # "" until an inspection used the store
             for condition in STATE_STORE_CONDITIONS:
                 add(STATE_STORE, (condition,), float(condition == snapshot.state_store))
+        if snapshot.journal_window_seconds:
+            add(JOURNAL_WINDOW, (), snapshot.journal_window_seconds)
         for unit in snapshot.units:
             for spec, labels, value in _unit_samples(unit):
                 add(spec, labels, value)

@@ -63,16 +63,26 @@ class UnitSnapshot:
     venv: str = ""
     venv_mismatch: bool = False
     stale_environment_variables: int = 0
+    # Names (never values) of the first stale variables, for the alert's description.
+    stale_variable_names: tuple[str, ...] = ()
+    unit_file: str = ""                  # the fragment systemd loaded the unit from
     needs_daemon_reload: bool = False
     needs_restart: bool = False
     database_mismatch: bool | None = None
     database_connections: str = ""      # what the workers' sockets say, in words
     migration_privileges_ok: bool | None = None
     applied_migrations_modified: int = 0
+    # (revision, file name) of the applied migrations whose file changed since they ran.
+    modified_migration_files: tuple[tuple[str, str], ...] = ()
     journal_schema_errors: dict[str, int] = field(default_factory=dict)  # kind -> total
     # agentctl plan's preflight (agent/preflight/watch.py summary): risk, counts per level,
     # one line per pending revision; None when it did not run
     preflight: dict[str, Any] | None = None
+    # kind -> errors within the look-back window, including those before the agent started.
+    journal_schema_errors_recent: dict[str, int] = field(default_factory=dict)
+    # check -> when it last succeeded (seconds since the epoch); values of a check that failed
+    # now are the last known ones, carried over.
+    last_success: dict[str, float] = field(default_factory=dict)
     checks: tuple[CheckRun, ...] = ()
     findings: tuple[Finding, ...] = ()
 
@@ -100,9 +110,11 @@ class Snapshot:
     duration_seconds: float = 0.0
     errors: tuple[str, ...] = ()         # e.g. systemd unreachable, discovery failed
     state_store: str = ""                # ok, read_only, full, error ("" = not used yet)
+    journal_window_seconds: float = 0.0  # the look-back window of the journal gauge
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, the body of /status."""
         return {"taken_at": self.taken_at, "duration_seconds": self.duration_seconds,
                 "errors": list(self.errors), "state_store": self.state_store,
+                "journal_window_seconds": self.journal_window_seconds,
                 "units": [u.as_dict() for u in self.units]}

@@ -90,14 +90,18 @@ def user_home(user: str) -> str:
     return entry.pw_dir
 
 
-def newest_file(root: str, max_files: int = 20000) -> tuple[str, float] | None:
-    """(path, mtime) of the most recently modified code file under root, walking a bounded tree."""
+def newest_file(root: str, max_files: int = 20000,
+                skip: tuple[str, ...] = ()) -> tuple[str, float] | None:
+    """(path, mtime) of the most recently modified code file under root, walking a bounded tree
+    (directories in skip, absolute, left out)."""
     best: tuple[str, float] | None = None
     seen = 0
     if not root or not os.path.isdir(root):
         return None
+    skipped = {os.path.normpath(p) for p in skip if p}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")
+                       and os.path.join(dirpath, d) not in skipped]
         for name in filenames:
             if os.path.splitext(name)[1] not in CODE_SUFFIXES:
                 continue

@@ -3,7 +3,9 @@
 Reading: pystemd.journal can only write to the journal (sendv/log), so entries are read
 with `journalctl -u UNIT -o json` in a subprocess with a timeout, over a bounded window
 (--since, -n) and after the cursor of the previous read, so a Prometheus counter only ever
-adds new entries. Parsing and counting are pure and kept apart from the subprocess.
+adds new entries. A read without a cursor looks back over the window: its entries are history
+(a baseline, for the look-back gauge), never added to the counter. Parsing and counting are pure
+and kept apart from the subprocess.
 """
 
 from __future__ import annotations
@@ -53,12 +55,16 @@ class JournalScan:
     # True when the entry limit was reached: older entries in the window were not read.
     truncated: bool = False
     error: str = ""
+    # True for a look-back read (no cursor): history from before this agent started.
+    baseline: bool = False
+    # (kind, realtime usec) of every error counted, for the look-back window gauge.
+    events: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (samples are already masked)."""
         return {"unit": self.unit, "counts": dict(self.counts), "samples": list(self.samples),
                 "entries_read": self.entries_read, "truncated": self.truncated,
-                "error": self.error}
+                "error": self.error, "baseline": self.baseline}
 
 
 def classify(message: str) -> tuple[str, str] | None:
@@ -97,7 +103,14 @@ class _Pending:
 
 def count_errors(entries: Iterable[Mapping[str, Any]], max_samples: int = MAX_SAMPLES,
                  ) -> tuple[dict[str, int], list[str]]:
-    """Pure: journal JSON entries -> (count per kind, masked samples).
+    """Pure: journal JSON entries -> (count per kind, masked samples)."""
+    counts, samples, _events = scan_errors(entries, max_samples)
+    return counts, samples
+
+
+def scan_errors(entries: Iterable[Mapping[str, Any]], max_samples: int = MAX_SAMPLES,
+                ) -> tuple[dict[str, int], list[str], list[tuple[str, int]]]:
+    """Pure: journal JSON entries -> (count per kind, masked samples, (kind, usec) per error).
 
     One failed query usually logs two lines in a chained traceback, the driver's
     "psycopg2.errors.UndefinedColumn: ..." and SQLAlchemy's "(psycopg2.errors.UndefinedColumn)
@@ -106,6 +119,7 @@ def count_errors(entries: Iterable[Mapping[str, Any]], max_samples: int = MAX_SA
     """
     counts = {kind: 0 for kind in KINDS}
     samples: list[str] = []
+    events: list[tuple[str, int]] = []
     last: dict[tuple[str, str], _Pending] = {}
     for entry in entries:
         text = message_text(entry)
@@ -122,10 +136,11 @@ def count_errors(entries: Iterable[Mapping[str, Any]], max_samples: int = MAX_SA
             prev.paired = True  # second half of the same error
             continue
         counts[kind] += 1
+        events.append((kind, usec))
         last[(pid, kind)] = _Pending(detail, wrapper, usec)
         if len(samples) < max_samples:
             samples.append(sample(text))
-    return counts, samples
+    return counts, samples, events
 
 
 def _int(value: Any) -> int:
@@ -178,22 +193,38 @@ class JournalReader:
         return argv
 
     def read(self) -> JournalScan:
-        """Count new matching entries; never raises: problems come back in .error."""
+        """Count new matching entries; never raises: problems come back in .error.
+
+        Without a cursor (first read, or a cursor journald no longer knows) the read looks
+        back over the window and is marked baseline: history, not new errors.
+        """
+        baseline = not self.cursor
         proc, error = self._run(self.cursor)
         if proc is not None and proc.returncode != 0 and self.cursor:
             # A rotated-away or foreign cursor: fall back to the window, once.
+            baseline = True
             proc, error = self._run(None)
+        return self._scan(proc, error, baseline, move_cursor=True)
+
+    def read_window(self) -> JournalScan:
+        """The errors of the look-back window, without moving the cursor (a baseline)."""
+        proc, error = self._run(None)
+        return self._scan(proc, error, True, move_cursor=False)
+
+    def _scan(self, proc: subprocess.CompletedProcess[str] | None, error: str, baseline: bool,
+              move_cursor: bool) -> JournalScan:
         if proc is None or proc.returncode != 0:
             if proc is not None:
                 error = f"journalctl exited {proc.returncode}: " + sample(proc.stderr or "", 200)
             return JournalScan(self.unit, {k: 0 for k in KINDS}, cursor=self.cursor,
-                               error=error)
+                               error=error, baseline=baseline)
         entries = parse_json_lines(proc.stdout)
-        counts, samples = count_errors(entries)
-        if entries and entries[-1].get("__CURSOR"):
+        counts, samples, events = scan_errors(entries)
+        if move_cursor and entries and entries[-1].get("__CURSOR"):
             self.cursor = str(entries[-1]["__CURSOR"])
         return JournalScan(self.unit, counts, tuple(samples), self.cursor, len(entries),
-                           truncated=len(entries) >= self.max_entries)
+                           truncated=len(entries) >= self.max_entries, baseline=baseline,
+                           events=tuple(events))
 
     def _run(self, cursor: str | None,
              ) -> tuple[subprocess.CompletedProcess[str] | None, str]:
@@ -206,3 +237,27 @@ class JournalReader:
             return None, f"journalctl did not answer within {self.timeout:g}s"
         except OSError as exc:
             return None, f"cannot run {self.journalctl}: {exc.strerror or exc}"
+
+
+@dataclass
+class ErrorWindow:
+    """Pure: the errors of the last `seconds`, by kind (for the look-back gauge)."""
+
+    seconds: float
+    max_events: int = 10000
+    events: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, events: Iterable[tuple[str, int]]) -> None:
+        """Remember errors (kind, realtime usec), newer than any already kept."""
+        newest = self.events[-1][1] if self.events else -1
+        self.events.extend(e for e in events if e[1] > newest)
+        del self.events[: max(0, len(self.events) - self.max_events)]
+
+    def counts(self, now: float) -> dict[str, int]:
+        """Errors per kind logged within the window before now (seconds since the epoch)."""
+        cutoff = int((now - self.seconds) * 1_000_000)
+        self.events = [e for e in self.events if e[1] >= cutoff]
+        counts = {kind: 0 for kind in KINDS}
+        for kind, _usec in self.events:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,34 +31,52 @@ def prometheus_unavailable_reason() -> str | None:
     return None
 
 
-def fast_rules(text: str, hold: str = "0s") -> str:
-    """The shipped rules with every `for:` shortened, so a test sees alerts fire in seconds."""
-    return re.sub(r"^(\s*)for: \S+$", rf"\1for: {hold}", text, flags=re.MULTILINE)
+def rules_configure() -> Any:
+    """packaging/prometheus/configure.py, the shipped rules' _config renderer, as a module."""
+    spec = importlib.util.spec_from_file_location("driftwatch_rules_configure",
+                                                  RULES.with_name("configure.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fast_rules(text: str, hold: str = "0s", **config: str) -> str:
+    """The shipped rules with every `for:` shortened (and _config values changed), rendered by
+    the shipped renderer: same expressions, so a test sees alerts fire in seconds."""
+    return rules_configure().render(text, config, {"*": hold})
 
 
 class PrometheusServer:
     """Prometheus scraping given targets every second and evaluating the driftwatch rules."""
 
-    def __init__(self, targets: list[str], job: str = "driftwatch",
+    def __init__(self, targets: list[str], job: str = "driftwatch", rules: str | None = None,
+                 alertmanager: str | None = None,
                  scrape_options: dict[str, Any] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="driftwatch-prom-"))
         self.port = free_port()
         self.targets, self.job = targets, job
+        self.rules = rules if rules is not None else fast_rules(RULES.read_text())
+        self.alertmanager = alertmanager
         # Extra scrape_config keys, e.g. scheme/tls_config/basic_auth for an HTTPS target.
         self.scrape_options = scrape_options or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> "PrometheusServer":
-        """Write config and rules, start the server, wait until it is ready."""
-        (self.dir / "rules.yml").write_text(fast_rules(RULES.read_text()))
-        (self.dir / "prometheus.yml").write_text(json.dumps({
+        """Write config, rules, start the server, wait until it is ready."""
+        (self.dir / "rules.yml").write_text(self.rules)
+        config: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s",
                        "scrape_timeout": "1s"},
             "rule_files": [str(self.dir / "rules.yml")],
             "scrape_configs": [{"job_name": self.job,
                                 "static_configs": [{"targets": self.targets}],
                                 **self.scrape_options}],
-        }))
+        }
+        if self.alertmanager:
+            host = self.alertmanager.split("://", 1)[-1]
+            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [host]}]}]}
+        (self.dir / "prometheus.yml").write_text(json.dumps(config))
         log = open(self.dir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
             [str(PROMETHEUS), f"--config.file={self.dir / 'prometheus.yml'}",

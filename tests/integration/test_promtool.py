@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = ROOT / ".tools/usr/bin/promtool"
 RULES = ROOT / "packaging/prometheus/driftwatch-alerts.yml"
 RULE_TESTS = ROOT / "packaging/prometheus/driftwatch-alerts.test.yml"
+AMTOOL = ROOT / ".tools/usr/bin/amtool"
+INHIBIT = ROOT / "packaging/alertmanager/driftwatch-inhibit.yml"
+AM_EXAMPLE = ROOT / "packaging/alertmanager/alertmanager.example.yml"
+README = ROOT / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,70 @@ def test_every_alert_has_severity_summary_description_and_metric_exists() -> Non
         assert re.search(r"\bfor:\s*\d+m", block), name
         used = set(re.findall(r"\b(driftwatch_[a-z_]+|up)\b(?=[{\[ )]|$)", block))
         assert used and used <= names, (name, used - names)
+
+
+def test_every_alert_has_a_runbook_anchor_in_the_readme() -> None:
+    anchors = set(re.findall(r'<a id="([\w-]+)"></a>', README.read_text()))
+    urls = re.findall(r"runbook_url:\s*(\S+)", RULES.read_text())
+    assert len(urls) == len(alert_names(RULES.read_text()))
+    missing = {u.split("#", 1)[1] for u in urls} - anchors
+    assert missing == set(), f"runbook anchors missing in README.md: {missing}"
+
+
+def test_rule_tests_use_the_label_values_the_agent_exports() -> None:
+    """Every series in the promtool tests: a real metric, its real labels, real values."""
+    from agent.metrics import ALL_SPECS, LABEL_VALUES
+    specs = {s.full_name: s for s in ALL_SPECS}
+    series = re.findall(r'series:\s*"?([a-z_]+)\{(.*?)\}"?\s*$',
+                        RULE_TESTS.read_text(), re.MULTILINE)
+    assert len(series) > 40
+    for name, labels in series:
+        pairs = dict(re.findall(r'(\w+)=\\?"([^"\\]*)\\?"', labels))
+        if name == "up":
+            continue
+        assert name in specs, name
+        spec = specs[name]
+        assert set(pairs) - {"job", "instance"} == set(spec.labels), (name, pairs)
+        for label, allowed in LABEL_VALUES.get(spec, {}).items():
+            assert pairs[label] in allowed, (name, label, pairs[label], allowed)
+    # ...and the rules themselves only match values the agent exports.
+    for label, values in re.findall(r'(kind|check|severity)=~?"([^"]+)"', RULES.read_text()):
+        exported = {v for spec in LABEL_VALUES.values() for v in spec.get(label, ())}
+        assert set(values.split("|")) <= exported, (label, values)
+
+
+def test_configure_renders_the_shipped_rules_and_only_their_config() -> None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("configure", RULES.with_name("configure.py"))
+    assert spec and spec.loader
+    configure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configure)
+    text = RULES.read_text()
+    assert configure.render(text) == text  # the shipped file is the defaults' rendering
+    other = configure.render(text, {"selector": 'job="apps"', "hold": "2h",
+                                    "runbook": "https://wiki.example/dw.md"}, {"*": "1m"})
+    assert 'job="driftwatch"' not in other and "[1h]" not in other
+    assert other.count("for: 1m") == len(alert_names(text))
+    assert "https://wiki.example/dw.md#finding-pending_migrations" in other
+    # Only the values changed: every expression keeps its shape.
+    def shape(t: str) -> list[str]:
+        return re.findall(r"expr:[^\n]*(?:\n {10}[^\n]*)*", t)
+    strip = re.compile(r'job="\w+"|\[\w+\]')
+    assert [strip.sub("", e) for e in shape(other)] == [strip.sub("", e) for e in shape(text)]
+    with pytest.raises(configure.ConfigError, match="hold"):
+        configure.render(text, {"hold": "soon"})
+    with pytest.raises(configure.ConfigError, match="selector"):
+        configure.render(text, {"selector": 'job="a"} or vector(1) #'})
+
+
+def test_amtool_accepts_the_shipped_alertmanager_config() -> None:
+    if not AMTOOL.is_file():
+        skip_or_fail(f"{AMTOOL} missing (run .ci/setup)")
+    proc = run([str(AMTOOL), "check-config", str(AM_EXAMPLE)])
+    assert proc.returncode == 0 and "SUCCESS" in proc.stdout, proc.stdout + proc.stderr
+    assert "4 inhibit rules" in proc.stdout
+    # The example carries the snippet verbatim, and the snippet names only real alerts.
+    snippet = INHIBIT.read_text().split("inhibit_rules:", 1)[1]
+    assert AM_EXAMPLE.read_text().rstrip().endswith(snippet.rstrip())
+    named = set(re.findall(r"Driftwatch[A-Za-z]+", snippet))
+    assert named and named <= alert_names(RULES.read_text()), named - alert_names(RULES.read_text())

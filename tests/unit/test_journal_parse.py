@@ -9,6 +9,7 @@ from typing import Any
 from agent.sources.journal import (
     UNDEFINED_COLUMN,
     UNDEFINED_TABLE,
+    ErrorWindow,
     JournalReader,
     classify,
     count_errors,
@@ -128,3 +129,38 @@ def test_reader_reports_failures_without_raising() -> None:
     assert "did not answer" in scan.error
     scan = JournalReader("app.service", journalctl="/nonexistent/journalctl").read()
     assert "cannot run" in scan.error
+
+
+def test_first_read_is_a_baseline_and_later_reads_are_new() -> None:
+    err = 'relation "orders" does not exist'
+    fake = FakeJournalctl([entry(err, usec=1, cursor="c1")])
+    reader = JournalReader("app.service", runner=fake)
+    first = reader.read()
+    assert first.baseline and first.events == (("undefined_table", 1),)
+    fake.entries.append(entry(err, usec=5, cursor="c2"))
+    second = reader.read()
+    assert not second.baseline and second.counts[UNDEFINED_TABLE] == 1
+
+
+def test_a_rotated_away_cursor_falls_back_to_a_baseline() -> None:
+    fake = FakeJournalctl([entry('relation "t" does not exist', cursor="c1")])
+    scan = JournalReader("app.service", runner=fake, cursor="gone").read()
+    assert scan.baseline
+
+
+def test_read_window_keeps_the_cursor() -> None:
+    fake = FakeJournalctl([entry('relation "t" does not exist', usec=1, cursor="c1"),
+                           entry("ok", usec=2, cursor="c2")])
+    reader = JournalReader("app.service", runner=fake, cursor="c1")
+    history = reader.read_window()
+    assert history.baseline and history.counts[UNDEFINED_TABLE] == 1 and reader.cursor == "c1"
+    assert any(a.startswith("--since=") for a in fake.calls[0])
+
+
+def test_error_window_counts_only_the_look_back() -> None:
+    window = ErrorWindow(60.0)
+    window.add([(UNDEFINED_TABLE, 10_000_000), (UNDEFINED_COLUMN, 50_000_000)])
+    window.add([(UNDEFINED_TABLE, 10_000_000)])  # already kept: not counted twice
+    assert window.counts(now=65.0) == {UNDEFINED_COLUMN: 1, UNDEFINED_TABLE: 1}
+    assert window.counts(now=100.0) == {UNDEFINED_COLUMN: 1, UNDEFINED_TABLE: 0}
+    assert window.counts(now=200.0) == {UNDEFINED_COLUMN: 0, UNDEFINED_TABLE: 0}

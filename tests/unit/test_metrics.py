@@ -27,7 +27,9 @@ def broken_unit() -> UnitSnapshot:
         venv_mismatch=True, stale_environment_variables=2, needs_daemon_reload=True,
         needs_restart=True, database_mismatch=False, migration_privileges_ok=True,
         applied_migrations_modified=1,
-        journal_schema_errors={"UndefinedColumn": 4, "UndefinedTable": 1},
+        journal_schema_errors={"undefined_column": 4, "undefined_table": 1},
+        journal_schema_errors_recent={"undefined_column": 6, "undefined_table": 1},
+        last_success={"migrations": 1700000000.0, "schema": 1699999880.0},
         checks=(CheckRun("migrations", True, 0.25), CheckRun("schema", False, 1.5, "timeout")),
         findings=(Finding("migrations", "critical",
                           f"DATABASE_URL=postgresql://app:{SECRET}@db/app has pending revisions",
@@ -85,7 +87,7 @@ def test_unit_values() -> None:
     assert get("driftwatch_needs_restart", u) == 1
     assert get("driftwatch_database_mismatch", u) == 0
     assert get("driftwatch_migration_privileges_ok", u) == 1
-    assert get("driftwatch_journal_schema_errors_total", {**u, "kind": "UndefinedColumn"}) == 4
+    assert get("driftwatch_journal_schema_errors_total", {**u, "kind": "undefined_column"}) == 4
     assert get("driftwatch_findings", {**u, "severity": "critical"}) == 1
     assert get("driftwatch_findings", {**u, "severity": "warning"}) == 0
     assert get("driftwatch_units_watched") == 1
@@ -175,3 +177,55 @@ def test_registering_does_not_inspect() -> None:
     assert calls == []
     generate_latest(reg)
     assert calls == [1]
+
+
+def test_staleness_recent_errors_and_window() -> None:
+    reg = registry_for(Snapshot(units=(broken_unit(), unknown_unit()),
+                                journal_window_seconds=3600.0))
+    u = {"unit": "app.service"}
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {**u, "check": "migrations"}) == 0
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {**u, "check": "schema"}) == 120
+    assert reg.get_sample_value("driftwatch_journal_schema_errors_recent",
+                                {**u, "kind": "undefined_column"}) == 6
+    assert reg.get_sample_value("driftwatch_journal_window_seconds") == 3600
+    # A check that never succeeded has no staleness sample (not a made-up age).
+    assert reg.get_sample_value("driftwatch_check_staleness_seconds",
+                                {"unit": "down.service", "check": "migrations"}) is None
+
+
+def test_the_check_catalogue_is_the_inspectors() -> None:
+    import re
+    from pathlib import Path
+
+    import agent.inspector
+    from agent.metrics import CHECKS
+    source = Path(agent.inspector.__file__).read_text()
+    used = set(re.findall(r'timer\.check\("(\w+)"\)|name = "(\w+)"|CheckRun\("(\w+)"', source))
+    assert {a or b or c for a, b, c in used} == set(CHECKS)
+
+
+def test_stale_variable_names_and_unit_file_are_bounded_info() -> None:
+    names = tuple(f"VAR_{i:02d}" for i in range(20)) + ("bad name", "X=1")
+    unit = UnitSnapshot(unit="app.service", timestamp=1.0, unit_up=True,
+                        stale_environment_variables=len(names), stale_variable_names=names,
+                        unit_file="/etc/systemd/system/app.service")
+    text = generate_latest(registry_for(Snapshot(units=(unit,)))).decode()
+    shown = [line for line in text.splitlines()
+             if line.startswith("driftwatch_environment_stale_variable_info{")]
+    assert len(shown) == 8 and all('variable="VAR_0' in line for line in shown)
+    assert "bad name" not in text and "X=1" not in text
+    assert 'driftwatch_unit_file_info{path="/etc/systemd/system/app.service",unit="app.service"}' \
+        in text
+
+
+def test_modified_migration_files_are_bounded_plain_labels() -> None:
+    files = tuple((f"r{i}", f"r{i}_step.py") for i in range(12)) + (("r$(x)", "x.py"),)
+    unit = UnitSnapshot(unit="app.service", timestamp=1.0, unit_up=True,
+                        applied_migrations_modified=len(files), modified_migration_files=files)
+    text = generate_latest(registry_for(Snapshot(units=(unit,)))).decode()
+    shown = [line for line in text.splitlines()
+             if line.startswith("driftwatch_applied_migration_modified_info{")]
+    assert len(shown) == 8 and 'file="r0_step.py",revision="r0"' in shown[0]
+    assert "$(x)" not in text

@@ -139,7 +139,7 @@ def test_redacted_status_keeps_states_and_counts_drops_free_text() -> None:
                                  "error": REDACTED}
     assert unit["findings"] == [{"check": "migrations", "severity": "critical",
                                  "message": REDACTED, "remedy": ""}]
-    assert unit["journal_schema_errors"] == {"UndefinedColumn": 4, "UndefinedTable": 1}
+    assert unit["journal_schema_errors"] == {"undefined_column": 4, "undefined_table": 1}
     assert out["agent"] == {"version": "0.1.0", "inspections_total": 3,
                             "last_error": REDACTED}
     assert out["units"][1]["unit"] == "down.service"
