@@ -156,7 +156,13 @@ def test_fifty_concurrent_scrapes_cause_one_inspection(deployment: Deployment) -
     with ThreadPoolExecutor(max_workers=50) as pool:
         bodies = list(pool.map(lambda _: deployment.metrics_text(), range(50)))
     assert all("driftwatch_pending_revisions" in b for b in bodies)
+    # A scrape waits at most scrape_wait_seconds: the inspection may still be finishing in
+    # the background; wait for it (scrapes meanwhile join it, never start another).
     after = deployment.sample("driftwatch_inspections_total")
+    deadline = time.monotonic() + 30
+    while before is not None and after == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = deployment.sample("driftwatch_inspections_total")
     assert before is not None and after == before + 1
     # ...and the database saw exactly one read of its version table from the agent.
     reads = [calls for query, calls in deployment.db.cluster.statements(db=deployment.db.name)
