@@ -38,6 +38,8 @@ STOP_GRACE_SECONDS = 8.0     # > the bus timeout: SIGTERM is handled once sd_bus
 HANG_MARGIN_SECONDS = 60.0
 
 Running = tuple[str, str, float]
+# Watch signals? True: on systemd's bus; a (picklable) bus factory: on that bus (tests).
+Watch = bool | Callable[[], Any]
 
 
 class WorkerError(DriftwatchError):
@@ -55,7 +57,7 @@ def _terminate(*_: Any) -> None:
 def worker_main(conn: Connection) -> None:
     """Entry point of the worker process: build the inspector and watcher, serve requests."""
     from agent.daemon import candidate_predicate, setup_logging, stop_children
-    from agent.watch import UnitWatcher
+    from agent.watch import UnitWatcher, default_bus_factory
 
     signal.signal(signal.SIGTERM, _terminate)
     # The daemon's import path first: the inspector factory is unpickled by its name.
@@ -81,7 +83,9 @@ def worker_main(conn: Connection) -> None:
     if hasattr(inspect, "on_current"):
         inspect.on_current = lambda running: send(("current", running))
     watcher = UnitWatcher(lambda unit: send(("changed", unit)), units=units,
-                          is_candidate=candidate_predicate(config)) if watch else None
+                          is_candidate=candidate_predicate(config),
+                          bus_factory=watch if callable(watch) else default_bus_factory
+                          ) if watch else None
     if watcher is not None:
         watcher.start()
     send(("ready",))
@@ -128,7 +132,7 @@ class WorkerInspect:
 
     def __init__(self, factory: Callable[[Any], Any], config: Any,
                  on_change: Callable[[str | None], None], units: Sequence[str] = (),
-                 watch: bool = True, hang_seconds: float | None = None) -> None:
+                 watch: Watch = True, hang_seconds: float | None = None) -> None:
         self._factory = factory
         self._config = config
         self._on_change = on_change
@@ -141,6 +145,7 @@ class WorkerInspect:
         self._restart_lock = threading.Lock()
         self._retry_at = 0.0                 # no restart storm when the worker cannot start
         self._retired = False
+        self._gone = False                   # the worker's pipe closed: it exited or is exiting
         self._proc: Any = None
         self._conn: Connection | None = None
         self._call: _Call | None = None
@@ -174,6 +179,7 @@ class WorkerInspect:
             raise WorkerError(str(message[1]))
         with self._lock:
             self._proc, self._conn, self.current = proc, parent, None
+            self._gone = False
             self._heard = time.monotonic()
             self.starts += 1
         threading.Thread(target=self._read, args=(parent, proc), daemon=True,
@@ -202,7 +208,7 @@ class WorkerInspect:
     def alive(self) -> bool:
         """True while a worker runs."""
         with self._lock:
-            return self._proc is not None and self._proc.poll() is None
+            return self._proc is not None and not self._gone and self._proc.poll() is None
 
     def pid(self) -> int | None:
         """The worker's process id (None when none runs)."""
@@ -295,6 +301,8 @@ class WorkerInspect:
                 call.done.set()
         with self._lock:
             call = self._call
+            if self._conn is conn:
+                self._gone = True
         if call is not None and call.conn is conn and not call.done.is_set():
             call.error = f"worker {proc.pid} exited during the inspection"
             call.done.set()
