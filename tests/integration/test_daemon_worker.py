@@ -205,3 +205,40 @@ def test_watcher_signals_invalidate_units(changes: list[str | None]) -> None:
         assert wait_for(lambda: "other.service" in changes), changes
     finally:
         w.stop()
+
+
+def make_picky(config: Config) -> StandInInspector:
+    """A factory that refuses one configuration (a reload to it must keep the old worker)."""
+    if config.probe_timeout_seconds == 7:
+        raise ValueError("refuses a 7 s probe timeout")
+    return StandInInspector()
+
+
+def test_reload_starts_a_new_worker_and_a_refused_config_keeps_the_running_one(
+        tmp_path: Any) -> None:
+    from agent.config import load_config
+    from agent.daemon import Daemon
+
+    path = tmp_path / "agent.toml"
+    base = '[agent]\nlisten_address = "127.0.0.1:0"\n'
+    path.write_text(base)
+    daemon = Daemon(load_config(str(path)), make_picky, str(path), watcher_factory=None,
+                    worker=True)
+    daemon.start()
+    try:
+        assert daemon.worker is not None
+        first = daemon.worker.pid()
+        assert first is not None
+        path.write_text(base + "probe_timeout_seconds = 7\n")
+        assert daemon.reload() is False
+        assert daemon.worker.pid() == first and daemon.worker.alive()
+        path.write_text(base + "probe_timeout_seconds = 8\n")
+        assert daemon.reload() is True
+        assert daemon.worker.pid() not in (None, first)
+        # The old worker is retired once idle: gone, not left behind.
+        assert wait_for(lambda: not os.path.exists(f"/proc/{first}"))
+        snapshot = daemon.cache.get()
+        assert snapshot is not None and snapshot.errors == (f"pid {daemon.worker.pid()} run 1",)
+    finally:
+        daemon.shutdown()
+    assert not daemon.worker.alive()
