@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 Inspect = Callable[[Sequence[str] | None], Snapshot]
 # (unit, check, clock() when that check started): what a running inspection is doing now.
 Running = tuple[str, str, float]
+# Running's unit while discovery asks systemd which units exist: every unit's check waits on it.
+ALL_UNITS = "*"
 Wait = Callable[[threading.Event, float], bool]
 # Prometheus's default scrape timeout is 10 s: a scrape waits well under it, then is served
 # from the last snapshot while the inspection finishes in the background.
@@ -57,11 +59,12 @@ def mark_running(snapshot: Snapshot, running: Running | None, inspection_seconds
     if running is not None:
         unit, check, since = running
         seconds = round(max(0.0, now - since), 4)
-        note += f" ({unit}: check {check} running for {seconds:.1f}s)"
+        who = "all units (discovery)" if unit == ALL_UNITS else unit
+        note += f" ({who}: check {check} running for {seconds:.1f}s)"
         run = CheckRun(check, False, seconds, f"still running after {seconds:.1f}s; the "
                        "inspection continues in the background")
         for i, u in enumerate(units):
-            if u.unit == unit:
+            if u.unit == unit or unit == ALL_UNITS:
                 checks = [c for c in u.checks if c.name != check]
                 units[i] = replace(u, checks=(*checks, run))
     return replace(snapshot, units=tuple(units), errors=(note, *snapshot.errors))

@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -20,6 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from agent import __version__
 from agent.collector_cache import Inspect, SnapshotCache
 from agent.config import LOG_LEVELS, Config, load_config
+from agent.daemon_worker import WorkerInspect
 from agent.errors import ConfigError, DriftwatchError
 from agent.metrics import DriftwatchCollector
 from agent.server import AgentHTTPServer, AgentUnixServer, mask_text
@@ -157,7 +159,10 @@ class Daemon:
     def __init__(self, config: Config, inspector_factory: InspectorFactory,
                  config_path: str | None = None, overrides: dict[str, Any] | None = None,
                  watcher_factory: WatcherFactory | None = UnitWatcher,
-                 web_config_path: str | None = None, unix_socket: str = "") -> None:
+                 web_config_path: str | None = None, unix_socket: str = "",
+                 worker: bool = False) -> None:
+        """WORKER: inspect and watch in a worker process (the real daemon: pystemd holds the
+        GIL in D-Bus calls); else in this process (tests embedding a Daemon)."""
         check_web_limits(config)
         self.config = config
         self.config_path = config_path
@@ -167,7 +172,9 @@ class Daemon:
         self.unix_socket = unix_socket
         self._inspector_factory = inspector_factory
         self._watcher_factory = watcher_factory
-        self.cache = SnapshotCache(inspector_factory(config), config.min_interval_seconds,
+        self.worker = self._make_worker(config) if worker else None
+        self.cache = SnapshotCache(self.worker or inspector_factory(config),
+                                   config.min_interval_seconds,
                                    max_wait_seconds=config.scrape_wait_seconds)
         self.registry = CollectorRegistry()
         self.registry.register(DriftwatchCollector(self.cache.get, self.cache.stats))
@@ -184,7 +191,13 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Bind and serve, start the watcher, then tell systemd we are ready."""
-        self.server = self._make_server(self.config, self.web)
+        self.server = self._make_server(self.config, self.web)   # bind first: may fail
+        if self.worker is not None:
+            try:
+                self.worker.start()
+            except DriftwatchError:
+                self.server.server_close()
+                raise
         if self.unix_socket:
             try:
                 self.unix_server = AgentUnixServer(
@@ -195,7 +208,7 @@ class Daemon:
                 # An extra, not a reason to stop watching: agentctl falls back to TCP.
                 log.error("%s; agentctl status will use TCP", exc)
         self.server.start()
-        if self._watcher_factory is not None:
+        if self._watcher_factory is not None and self.worker is None:
             self.watcher = self._watcher_factory(
                 self.cache.invalidate, units=configured_units(self.config),
                 is_candidate=candidate_predicate(self.config))
@@ -206,6 +219,12 @@ class Daemon:
                  f" and {self.unix_socket}" if self.unix_server else "",
                  self.config.source or "built-in defaults")
         self._notify_status(force=True, ready=True)
+
+    def _make_worker(self, config: Config) -> WorkerInspect:
+        return WorkerInspect(self._inspector_factory, config,
+                             on_change=lambda unit: self.cache.invalidate(unit),
+                             units=configured_units(config),
+                             watch=self._watcher_factory is not None)
 
     def _make_server(self, config: Config, web: WebConfig) -> AgentHTTPServer:
         return AgentHTTPServer(config.listen_address, self.registry, self.status, self.health,
@@ -250,6 +269,8 @@ class Daemon:
             self.unix_server.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.worker is not None:
+            self.worker.stop()   # SIGTERM: the worker stops the probes it started
 
     def request_stop(self, *_: Any) -> None:
         """Signal-safe: ask the loop to stop."""
@@ -290,7 +311,12 @@ class Daemon:
                 server = self._make_server(new, web)   # bind first: a failure keeps the old
             else:
                 self._make_server_web(new, web)        # validate before touching anything
-            inspect = self._inspector_factory(new)
+            if self.worker is not None:
+                worker: WorkerInspect | None = self._make_worker(new)
+                worker.start()   # type: ignore[union-attr]
+                inspect: Inspect = worker   # type: ignore[assignment]
+            else:
+                worker, inspect = None, self._inspector_factory(new)
         except DriftwatchError as exc:
             if server is not None:
                 server.server_close()
@@ -305,6 +331,11 @@ class Daemon:
                 old.stop()
         elif self.server is not None:
             self.server.set_web(self._make_server_web(new, web))
+        if worker is not None and self.worker is not None:
+            # The old worker finishes the inspection it runs (a scrape may wait on it).
+            old_worker, self.worker = self.worker, worker
+            threading.Thread(target=old_worker.stop, kwargs={"graceful": True}, daemon=True,
+                             name="driftwatch-worker-retire").start()
         self.cache.set_inspect(inspect, new.min_interval_seconds, new.scrape_wait_seconds)
         logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
@@ -364,11 +395,15 @@ class Daemon:
         return 200, data
 
     def _update_watcher(self) -> None:
-        if self.watcher is None:
+        if self.watcher is None and self.worker is None:
             return
         snapshot = self.cache.peek()
         units = [u.unit for u in snapshot.units] if snapshot else configured_units(self.config)
-        self.watcher.set_units(units)
+        if self.worker is not None:
+            self.worker.ensure()   # a worker that died is replaced here, within a tick
+            self.worker.set_units(units)
+        else:
+            self.watcher.set_units(units)
 
     def _notify_status(self, force: bool = False, ready: bool = False) -> None:
         line = status_line(self.cache.peek(), self.config.listen_address, self.cache.last_error)
@@ -464,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config_file).with_overrides(**overrides)
         logging.getLogger().setLevel(config.log_level.upper())
         daemon = Daemon(config, load_factory(args.inspector), args.config_file, overrides,
-                        web_config_path=args.web_config_file, unix_socket=args.unix_socket)
+                        web_config_path=args.web_config_file, unix_socket=args.unix_socket,
+                        worker=True)
         # Before start(): a SIGTERM or SIGHUP right after READY=1 must already be handled.
         daemon.install_signal_handlers()
         daemon.start()

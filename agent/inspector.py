@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.checks import migrations as migration_checks
+from agent.collector_cache import ALL_UNITS
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
@@ -139,6 +140,8 @@ class Inspector:
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
+        # Told each time `current` changes (the daemon's worker streams it to the daemon).
+        self.on_current: Callable[[tuple[str, str, float] | None], None] | None = None
         # The migration preflight (agentctl plan) while revisions are pending; not with a
         # stand-in probe (unit tests), whose contexts cannot run the offline probe.
         self.preflight = PreflightWatch(settings.probe_timeout_seconds,
@@ -157,12 +160,17 @@ class Inspector:
         discovered = units is None
         with self._lock:
             if units is None:
+                # Discovery reads systemd as every unit's "unit" check does: a stuck systemd
+                # shows on all of them.
+                self._set_current((ALL_UNITS, "unit", time.monotonic()))
                 try:
                     units = self.systemd.discover(self.settings.units, self.settings.unit_patterns,
                                                   self.settings.discover_gunicorn)
                 except DriftwatchError as exc:
                     errors.append(str(exc))
                     units = list(self.settings.units)
+                finally:
+                    self._set_current(None)
             snaps = tuple(self._isolated(name) for name in units)
             if discovered:
                 self._prune({u.unit for u in snaps} | set(units))
@@ -190,6 +198,8 @@ class Inspector:
 
     def _set_current(self, running: tuple[str, str, float] | None) -> None:
         self.current = running
+        if self.on_current is not None:
+            self.on_current(running)
 
     def close(self) -> None:
         """Release the D-Bus connection and the state store."""

@@ -80,7 +80,13 @@ def agent_port(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppD
 def test_pid1_frozen_scrape_answers_within_its_bound_and_recovers(
         agent_port: tuple[Sandbox, int]) -> None:
     sb, port = agent_port
+    # Precondition, not the point: a healthy snapshot (the first inspection loads the app in a
+    # probe and may outlast scrape_wait_seconds on a loaded machine).
+    deadline = time.monotonic() + 60
     healthy, _ = samples(port)
+    while check_success(healthy, "unit") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        healthy, _ = samples(port)
     assert check_success(healthy, "unit") == 1.0, healthy
     assert sb.pid is not None
     time.sleep(1.2)  # the snapshot ages past min_interval: the next scrape inspects again

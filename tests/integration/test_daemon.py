@@ -288,6 +288,55 @@ def test_sigterm_outside_systemd_stops_the_probes_it_started(tmp_path: Path) -> 
     assert "stopped 1 probe process group(s)" in stderr.read_text()
 
 
+def worker_pids(proc: subprocess.Popen[bytes]) -> list[int]:
+    """The agent's worker processes (its children running agent.daemon_worker)."""
+    import psutil
+    pids = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if "agent.daemon_worker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:   # a zombie not reaped yet is no worker
+            pass
+    return pids
+
+
+def test_inspection_runs_in_a_worker_that_is_replaced_when_killed(tmp_path: Path) -> None:
+    port = free_port()
+    proc, stderr = spawn(["--config.file", str(write_config(tmp_path / "a.toml", port)),
+                          "--inspector", INSPECTOR, "--log.level", "debug"], tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if http_get(port, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        workers = worker_pids(proc)
+        assert len(workers) == 1, workers
+        assert b"driftwatch_pending_revisions" in http_get(port, "/metrics")[1]
+        os.kill(workers[0], signal.SIGKILL)   # our agent's own worker, by its pid
+        while time.monotonic() < deadline + 10:
+            now = worker_pids(proc)
+            if now and now != workers:
+                break
+            time.sleep(0.1)
+        assert now and now != workers, "the killed worker was not replaced"
+        # Scrapes go on, and the new worker inspects (everything was marked for re-inspection).
+        assert http_get(port, "/healthz")[0] == 200
+        status, body = http_get(port, "/metrics")
+        assert status == 200 and b'driftwatch_pending_revisions{unit="gunicorn.service"} 1.0' \
+            in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert not Path(f"/proc/{now[0]}").exists() or "Z" in Path(
+            f"/proc/{now[0]}/stat").read_text().split(")")[1].split()[0]
+    finally:
+        stop(proc)
+    assert "worker not running; restarting the worker" in stderr.read_text()
+
+
 def https_get(port: int, path: str, ca: Path, user: str, password: str
               ) -> tuple[int, str]:
     """(status, the server certificate's CN) over TLS with basic auth."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from agent.collector_cache import SnapshotCache, mark_running, merge_snapshots
+from agent.collector_cache import ALL_UNITS, SnapshotCache, mark_running, merge_snapshots
 from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
 
 
@@ -284,3 +284,16 @@ def test_mark_running_is_pure() -> None:
     assert marked.errors[1:] == ("old",) and "after 7.5s" in marked.errors[0]
     assert snap.units[1].checks == ()                                # the input is untouched
     assert mark_running(snap, None, 1.0, 0.0).units == snap.units
+
+
+def test_mark_running_during_discovery_marks_every_units_unit_check() -> None:
+    snap = Snapshot(units=(UnitSnapshot("a", 1, True, checks=(CheckRun("unit", True, 0.1),
+                                                               CheckRun("db", True, 0.1))),
+                           UnitSnapshot("b", 1, True)))
+    marked = mark_running(snap, (ALL_UNITS, "unit", 100.0), 3.0, now=103.0)
+    for unit in marked.units:
+        run = [c for c in unit.checks if c.name == "unit"]
+        assert run == [CheckRun("unit", False, 3.0, "still running after 3.0s; the "
+                                "inspection continues in the background")]
+    assert CheckRun("db", True, 0.1) in marked.units[0].checks
+    assert "all units (discovery): check unit running for 3.0s" in marked.errors[0]
