@@ -9,6 +9,7 @@ REDACTED = "(detail for authenticated clients only)"
 # Free text that is safe: the same values /metrics exposes as labels, or fixed vocabularies.
 _UNIT_TEXT = {"unit", "active_state", "database"}
 _MIGRATION_TEXT = {"current", "heads", "pending", "unknown"}
+_RISK_LEVELS = ("low", "high", "critical")
 
 
 def _numbers(value: Any) -> Any:
@@ -27,6 +28,19 @@ def _numbers(value: Any) -> Any:
 _DROP = object()
 
 
+def _preflight(p: dict[str, Any]) -> dict[str, Any]:
+    """The preflight summary: risk levels and counts, revision ids as /metrics shows them;
+    the reasons (table names, SQL) stay with authenticated clients."""
+    level = str(p.get("risk", ""))
+    return {"risk": level if level in _RISK_LEVELS else "",
+            "counts": _numbers(p.get("counts") or {}),
+            "error": REDACTED if p.get("error") else "",
+            "revisions": [{"revision": str(r.get("revision", "")),
+                           "risk": str(r.get("risk", "")) if r.get("risk") in _RISK_LEVELS
+                           else "", "reason": REDACTED}
+                          for r in p.get("revisions") or () if isinstance(r, dict)]}
+
+
 def _unit(u: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in u.items():
@@ -42,6 +56,8 @@ def _unit(u: dict[str, Any]) -> dict[str, Any]:
                         for i in value if isinstance(i, dict)]
         elif key == "journal_schema_errors" and isinstance(value, dict):
             out[key] = {str(k): v for k, v in value.items() if isinstance(v, (int, float))}
+        elif key == "preflight" and isinstance(value, dict):
+            out[key] = _preflight(value)
         elif key == "checks" and isinstance(value, (list, tuple)):
             out[key] = [{"name": str(c.get("name", "")), "success": bool(c.get("success")),
                          "duration_seconds": c.get("duration_seconds", 0.0),

@@ -197,9 +197,10 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
     if pre and pre.get("error"):
         rows.append(("preflight", pre["error"]))
     elif pre and pre.get("revisions"):
-        worst = next((r for r in pre["revisions"] if r["risk"] == pre["risk"]),
+        worst = next((r for r in pre["revisions"] if r.get("risk") == pre.get("risk")),
                      pre["revisions"][0])
-        rows.append(("preflight", f"{pre['risk']}: {worst['revision']}: {worst['reason']}"))
+        rows.append(("preflight", f"{pre.get('risk', '?')}: {worst.get('revision', '?')}: "
+                                  f"{worst.get('reason', '')}"))
     drift = unit.get("schema_drift")
     if drift is None and m is not None and m.get("in_progress"):
         rows.append(("drift", "held back while a migration runs"))
