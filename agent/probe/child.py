@@ -366,6 +366,18 @@ def render_url(url):
     return render(hide_password=False) if render else str(url)
 
 
+def absolute_sqlite(url):
+    """A SQLite file URL with a relative path made absolute against the working directory,
+    as sqlite3 resolves it in the app (Flask-SQLAlchemy 3 already made it absolute under the
+    instance folder); any other URL unchanged."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest or rest.startswith("/") \
+            or rest.split("?", 1)[0] in ("", ":memory:"):
+        return url
+    path, qmark, query = rest.partition("?")
+    return "%s:///%s%s%s" % (scheme, os.path.abspath(path), qmark, query)
+
+
 def engines(app):
     """{bind key or None: engine} from Flask-SQLAlchemy 3.x (db.engines) or 2.x (get_engine)."""
     ext = app.extensions.get("sqlalchemy")
@@ -739,8 +751,8 @@ def probe(request, report, gunicorn_app=None):
     with app.app_context():
         try:
             found, db = engines(app)
-            report["urls"] = {("default" if k is None else str(k)): render_url(e.url)
-                              for k, e in found.items()}
+            report["urls"] = {("default" if k is None else str(k)):
+                              absolute_sqlite(render_url(e.url)) for k, e in found.items()}
         except Exception as exc:
             found, db = {}, None
             report["error_kind"], report["error"] = "app_load", \
@@ -748,7 +760,7 @@ def probe(request, report, gunicorn_app=None):
         if not found:
             uri = app.config.get("SQLALCHEMY_DATABASE_URI")
             if uri:
-                report["urls"] = {"default": str(uri)}
+                report["urls"] = {"default": absolute_sqlite(str(uri))}
         configure_args, config = {}, None
         try:
             config, configure_args = migrations_config(app, report)
