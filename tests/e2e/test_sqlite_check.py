@@ -8,6 +8,7 @@ running sandbox (Sandbox.path / write_file).
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,8 +125,13 @@ def test_pending_revision_on_sqlite(sqlite_site: Callable[..., SqliteSite]) -> N
     assert all(c["success"] for c in unit["checks"]), unit["checks"]
     assert s.listing() == before  # not written: same inode, size, mtime; no journal
     assert_flask_db_check_agrees(s, unit, "app.db")
+    started = time.monotonic()
     text = agentctl(s.sb, "check", UNIT).stdout
+    print(f"agentctl check on SQLite: {time.monotonic() - started:.2f} s\n{text}")
     assert "sqlite" in text and f"sqlite:{s.folder}/app.db" in text
+    plan = agentctl(s.sb, "plan", UNIT)
+    assert "PostgreSQL-only" in plan.stdout + plan.stderr, (plan.stdout, plan.stderr)
+    assert s.listing() == before
 
 
 def test_drift_at_head_agrees_with_flask_db_check(
