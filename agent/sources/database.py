@@ -598,7 +598,7 @@ SELECT pid, coalesce(datname, ''), coalesce(host(client_addr), ''), coalesce(cli
        coalesce(application_name, ''), coalesce(state, ''), coalesce(usename, '')
 FROM pg_stat_activity
 WHERE pid <> pg_backend_pid() AND datname IS NOT NULL
-  -- other roles' rows hide backend_type too; only client backends hold a client's socket
+  -- other roles' rows hide backend_type too (only client backends hold a client's socket)
   AND coalesce(backend_type, 'client backend') = 'client backend'
 ORDER BY (usename = current_user) DESC, pid
 LIMIT 2000
