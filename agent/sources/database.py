@@ -642,6 +642,10 @@ def inspect(url: str | URL, table: str = "alembic_version", schema: str | None =
     """
     started, label = time.monotonic(), db_label(url)
     try:
+        try:
+            agent_url(url)  # a malformed URL is said as such, never handed to a session
+        except ValueError as exc:
+            raise DatabaseProblem(f"database {label}: {exc}") from None
         with (opener or session)(url, timeouts) as conn:
             # Activity first: it explains a lock timeout on the version table that follows.
             sessions_, hidden = query_migration_activity(conn, table, schema)
