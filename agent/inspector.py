@@ -28,7 +28,7 @@ from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.sources import connections, database, files
+from agent.sources import connections, database, files, sqlite
 from agent.journal_cursors import CursorFile
 from agent.sources.journal import ErrorWindow, JournalReader
 from agent.sources.systemd import SystemdSource
@@ -37,6 +37,8 @@ from agent.state import StateStore, store_finding
 
 log = logging.getLogger("driftwatch.inspector")
 
+# Backends whose database driftwatch reads; any other gets backend_not_inspected.
+INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite"})
 # Unit findings that mean "the running processes are not what a restart would give".
 # Revision-state findings a running migration explains (it is applying them right now).
 IN_PROGRESS_EXPLAINS = {"pending_migrations", "version_table_missing", "version_table_empty"}
@@ -272,9 +274,18 @@ class Inspector:
             findings += recheck_working_directory(report, probe.app_chdir)
         url = probe.urls.get("default") or next(iter(probe.urls.values()), "")
         inspection = None
-        if url:
+        backend = database.backend_of(url) if url else ""
+        fields["backend"] = backend
+        if url and backend and backend not in INSPECTED_BACKENDS:
             fields["database"] = database.db_label(url)
-            verdict = self._connections_check(unit, url, report, timer, fields, findings)
+            findings.append(not_inspected_finding(unit, backend, fields["database"]))
+        elif url:
+            fields["database"] = database.db_label(url)
+            if backend == "sqlite":
+                verdict = None
+                self._sqlite_files_check(unit, url, report, timer, fields, findings)
+            else:
+                verdict = self._connections_check(unit, url, report, timer, fields, findings)
             inspection = self._database_check(unit, url, report, timer, fields, findings,
                                               probe.alembic_env)
             memo = self._probe_memo.get(unit)
@@ -298,7 +309,8 @@ class Inspector:
         # a migration runs, a comparison that gave up on its locks is expected.
         migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
         if probe_finding and not (probe.error_kind == "database" and
-                                  (fields.get("db_up") is False or migrating)):
+                                  (fields.get("db_up") is False or migrating
+                                   or (backend and backend not in INSPECTED_BACKENDS))):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         if probe.migrations_dir and any(f.check == "code_newer_than_process" for f in findings):
@@ -377,10 +389,19 @@ class Inspector:
         with timer.check("database") as res:
             opener = functools.partial(user_session, report.context,
                                        probe_user=self.settings.probe_user)
-            # The version table env.py names (version_table / version_table_schema).
-            inspection = database.inspect(url, env.version_table,
-                                          env.version_table_schema or None, timeouts=timeouts,
-                                          opener=opener)
+            if database.backend_of(url) == "sqlite":
+                inspection = sqlite.inspect_sqlite(url, env.version_table, timeouts=timeouts,
+                                                   opener=opener)
+                if sqlite.is_missing(inspection.error):
+                    # Reachable in the only sense a file has: the app would create it, empty.
+                    findings.append(missing_file_finding(unit, sqlite.sqlite_file(url)))
+                    fields["db_up"] = False
+                    return None
+            else:
+                # The version table env.py names (version_table / version_table_schema).
+                inspection = database.inspect(url, env.version_table,
+                                              env.version_table_schema or None,
+                                              timeouts=timeouts, opener=opener)
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
@@ -446,6 +467,20 @@ class Inspector:
                 pending = len(fields["migrations"].pending) if fields.get("migrations") \
                     else 0
                 findings += drift_findings(unit, items, pending)
+        if fields.get("backend") == "sqlite":
+            # No roles or grants in a file: who may migrate is the file's permissions.
+            fields["notes"] = tuple(fields.get("notes", ())) + (
+                "privileges: not applicable to SQLite (the file's permissions decide who "
+                "may migrate)",)
+        else:
+            self._privileges_check(unit, inspection, timer, fields, findings)
+        with timer.check("integrity") as res:
+            self._integrity(unit, probe, fields, findings, res)
+
+    def _privileges_check(self, unit: str, inspection: database.DatabaseInspection,
+                          timer: _Timer, fields: dict[str, Any],
+                          findings: list[Finding]) -> None:
+        """May the app's role run migrations (PostgreSQL)."""
         with timer.check("privileges") as res:
             priv = inspection.privileges
             if priv.error:
@@ -455,8 +490,6 @@ class Inspector:
                 findings += migration_checks.privilege_findings(
                     unit, priv.user, priv.schema, priv.superuser, priv.can_create,
                     priv.not_owned)
-        with timer.check("integrity") as res:
-            self._integrity(unit, probe, fields, findings, res)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                            fields: dict[str, Any], findings: list[Finding],
@@ -480,6 +513,26 @@ class Inspector:
                     f"systemctl restart {unit} (the environment changed since start), then "
                     "check which database was migrated"))
         return verdict
+
+    def _sqlite_files_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
+                            fields: dict[str, Any], findings: list[Finding]) -> None:
+        """SQLite's "wrong DATABASE_URL": the workers hold another .db file open than the
+        one the unit's environment names (their /proc/PID/fd, read by root: metadata only)."""
+        with timer.check("connections") as res:
+            path = sqlite.sqlite_file(url)
+            held, errors = sqlite.open_databases([p.pid for p in report.processes])
+            verdict = sqlite.file_verdict(path, sqlite.stat_identity(path), held)
+            if errors and verdict.status == "none":
+                res["error"] = "; ".join(errors)
+            fields["database_mismatch"] = verdict.status == "elsewhere"
+            fields["database_connections"] = verdict.message
+            if verdict.status == "elsewhere":
+                findings.append(Finding(
+                    "database_mismatch", "critical",
+                    f"the running workers of {unit} hold {verdict.message} open, not "
+                    f"{fields['database']} that the unit's environment names",
+                    f"systemctl restart {unit} (the environment changed since start), then "
+                    "check which file was migrated"))
 
     def _workers_database_check(self, unit: str, url: str, report: UnitReport,
                                 probe: ProbeResult,
@@ -705,6 +758,26 @@ def recheck_working_directory(report: UnitReport, app_directory: str) -> list[Fi
     paths = {app_directory, *(p.cwd for p in report.processes if p.cwd)}
     facts = UnitFacts(realpaths={p: files.realpath(p) for p in paths})
     return check_working_directory(ctx, report.processes, facts)
+
+
+def not_inspected_finding(unit: str, backend: str, label: str) -> Finding:
+    """Pure: the one honest finding for a backend driftwatch does not read."""
+    return Finding(
+        "backend_not_inspected", "warning",
+        f"{unit}: backend {backend or 'unknown'} is not inspected ({label}): no revision "
+        "state, drift or migration activity is known for it",
+        "run `flask db current` / `flask db check` by hand (agentctl exec); driftwatch "
+        "inspects PostgreSQL and SQLite")
+
+
+def missing_file_finding(unit: str, path: str) -> Finding:
+    """Pure: the SQLite file the app names does not exist (it was not created)."""
+    return Finding(
+        "database_file_missing", "critical",
+        f"{unit}: the SQLite database file {path} does not exist: the app would create it "
+        "empty on first use",
+        "check the unit's DATABASE_URL (a relative path is taken in Flask's instance folder "
+        "or the working directory), or create it with `flask db upgrade`")
 
 
 def _env_database_ports(report: UnitReport) -> set[int]:

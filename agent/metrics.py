@@ -82,8 +82,10 @@ APP_LOAD_SUCCESS = Spec("app_load_success",
                         "1 if the app could be loaded in the unit's exact context, 0 otherwise.")
 DB_UP = Spec("db_up", "1 if the app's database answered, 0 if not; absent when not tried.")
 DATABASE_INFO = Spec("database_info",
-                     "The database the app is configured for (host:port/dbname); value is 1.",
-                     ("unit", "database"))
+                     "The database the app is configured for (host:port/dbname, or "
+                     "sqlite:/path) and its backend (postgresql, sqlite, mysql, ...); value "
+                     "is 1.",
+                     ("unit", "database", "backend"))
 VERSION_TABLE_PRESENT = Spec("version_table_present",
                              "1 if the database has an alembic_version table.")
 REVISION_INFO = Spec("revision_info",
@@ -216,7 +218,7 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
     if u.db_up is not None:
         yield DB_UP, (n,), _b(u.db_up)
     if u.database:
-        yield DATABASE_INFO, (n, safe_database_label(u.database)), 1.0
+        yield DATABASE_INFO, (n, safe_database_label(u.database), u.backend), 1.0
     m = u.migrations
     if m is not None:
         yield VERSION_TABLE_PRESENT, (n,), _b(m.version_table_present)

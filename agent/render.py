@@ -86,6 +86,7 @@ def check_json(u: UnitSnapshot) -> dict[str, object]:
     m = u.migrations
     return {
         "unit": u.unit, "active_state": u.active_state, "database": u.database,
+        "backend": u.backend, "notes": list(u.notes),
         "app_loaded": u.app_loaded, "db_up": u.db_up,
         "migrations": None if m is None else {
             "current": list(m.current), "heads": list(m.heads), "pending": list(m.pending),
@@ -107,12 +108,13 @@ def check_json(u: UnitSnapshot) -> dict[str, object]:
 
 def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
     """A compact table, then each finding with its remedy."""
-    header = ("UNIT", "DATABASE", "CURRENT", "HEAD", "PENDING", "DRIFT", "RESTART", "STATE")
+    header = ("UNIT", "BACKEND", "DATABASE", "CURRENT", "HEAD", "PENDING", "DRIFT", "RESTART",
+              "STATE")
     rows = [header]
     for u in units:
         m = u.migrations
         rows.append((
-            u.unit, u.database or "-",
+            u.unit, u.backend or "-", u.database or "-",
             "(locked)" if m and not m.current_readable else
             ",".join(m.current) or "(none)" if m else "?",
             ",".join(m.heads) or "-" if m else "?",
@@ -224,6 +226,7 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
         env += "; restart needed"
     rows.append(("environment", env))
     db = unit.get("database") or "unknown"
+    db += f" ({unit['backend']})" if unit.get("backend") else ""
     up = unit.get("db_up")
     db += "" if up is None else (", reachable" if up else ", UNREACHABLE")
     if unit.get("database_mismatch"):

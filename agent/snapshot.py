@@ -56,6 +56,10 @@ class UnitSnapshot:
     main_pid: int = 0
     started_at: float | None = None
     database: str = ""                   # host:port/dbname, never credentials
+    # The database's SQLAlchemy backend: postgresql, sqlite, mysql, ... ("" = no URL known).
+    backend: str = ""
+    # Checks that do not apply to this unit and why (e.g. privileges on SQLite).
+    notes: tuple[str, ...] = ()
     app_loaded: bool | None = None
     db_up: bool | None = None
     migrations: MigrationState | None = None

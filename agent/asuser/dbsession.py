@@ -144,6 +144,61 @@ def serve_driver(conn, request, fd_out, lines):
         _write(fd_out, answer)
 
 
+def sqlite_path(url):
+    """'sqlite:////abs/app.db' (any +driver, any ?query) -> '/abs/app.db'; ValueError else."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] != "sqlite":
+        raise ValueError("not a SQLite URL")
+    path = rest[1:].split("?", 1)[0] if rest.startswith("/") else ""
+    if not path.startswith("/"):
+        raise ValueError("the SQLite path is not absolute (the probe resolves it first)")
+    return path
+
+
+def serve_sqlite(request, fd_out, lines):
+    """Answer statements on the SQLite file, opened read-only (mode=ro URI, query_only).
+
+    A missing file is said as such and never created; a statement that meets the write
+    lock of a migration (BEGIN EXCLUSIVE) fails with SQLITE_BUSY after lock_timeout_ms.
+    """
+    import sqlite3
+    path = sqlite_path(request["url"])
+    if not os.path.exists(path):
+        _write(fd_out, {"ok": False, "missing": True,
+                        "error": "the SQLite database file %s does not exist" % path})
+        return
+    timeout = int((request.get("guard") or {}).get("lock_timeout_ms", 500)) / 1000.0
+    try:
+        # isolation_level=None: every SELECT is its own implicit transaction, none held open.
+        conn = open_sqlite_read_only(sqlite3.connect, path, timeout,  # noqa: F821 (bundled)
+                                     isolation_level=None)
+    except Exception as exc:
+        _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
+    try:
+        _write(fd_out, {"ok": True})
+        for line in lines:
+            try:
+                ask = json.loads(line)
+                sql = str(ask["sql"])
+                if ";" in sql.strip().rstrip(";"):
+                    raise ValueError("one statement at a time (no ';')")
+                verify_sqlite(conn)  # noqa: F821 (bundled readonly.py)
+                cur = conn.execute(sql, dict(ask.get("params") or {}))
+                try:
+                    rows = [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
+                        if cur.description is not None else []
+                finally:
+                    cur.close()
+                answer = {"rows": rows}
+            except Exception as exc:
+                answer = {"error": _message(exc),
+                          "sqlstate": str(getattr(exc, "sqlite_errorname", "") or "")}
+            _write(fd_out, answer)
+    finally:
+        conn.close()
+
+
 def serve(request, fd_in, fd_out, lines=None):
     """Connect, then answer statements until EOF (lines: an already started reader).
 
@@ -151,6 +206,9 @@ def serve(request, fd_in, fd_out, lines=None):
     interpreter has neither psycopg2 nor psycopg.
     """
     lines = lines if lines is not None else _lines(fd_in)
+    if str(request.get("url", "")).split("://", 1)[0].split("+", 1)[0] == "sqlite":
+        serve_sqlite(request, fd_out, lines)
+        return
     try:
         conn = driver_connect(request["url"])
     except Exception as exc:

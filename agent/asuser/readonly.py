@@ -74,8 +74,52 @@ def open_read_only(dbapi_conn, settings):
                                                                    row[0] if row else None))
 
 
+def _is_sqlite(dbapi_conn):
+    return type(dbapi_conn).__module__.split(".")[0] in ("sqlite3", "_sqlite3")
+
+
+def sqlite_uri(path):
+    """A SQLite file path -> a read-only URI: 'file:/abs/path?mode=ro' (never creates it).
+
+    A relative path is taken against the working directory, as sqlite3.connect() does.
+    """
+    from urllib.parse import quote
+    return "file:%s?mode=ro" % quote(os.path.abspath(path), safe="/")
+
+
+def open_sqlite_read_only(connect, path, timeout_s, **kwargs):
+    """connect (sqlite3.connect) path read-only: mode=ro URI, PRAGMA query_only, verified.
+
+    mode=ro never creates the file, nor a journal (a reader needs none); query_only refuses
+    anything that would write even where the file's permissions allow it.
+    """
+    if path in ("", ":memory:") or path.startswith("file:"):
+        raise ReadOnlyGuardError("%s: only SQLite database files named by a path are opened "
+                                 "(not %r)" % (GUARD_ERROR, path[:80]))
+    kwargs.update(uri=True, timeout=timeout_s)
+    conn = connect(sqlite_uri(path), **kwargs)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        verify_sqlite(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def verify_sqlite(dbapi_conn):
+    """Refuse unless PRAGMA query_only is on for this SQLite connection."""
+    row = dbapi_conn.execute("PRAGMA query_only").fetchone()
+    if not row or int(row[0]) != 1:
+        raise ReadOnlyGuardError("%s: the SQLite connection is not query_only; refusing to run "
+                                 "anything" % GUARD_ERROR)
+
+
 def check_before_statement(dbapi_conn, settings, state):
     """Called before every statement: make sure it runs in a verified read-only transaction."""
+    if _is_sqlite(dbapi_conn):
+        verify_sqlite(dbapi_conn)  # opened mode=ro by the do_connect hook below
+        return
     if _autocommit(dbapi_conn):
         raise ReadOnlyGuardError("%s: autocommit statements are refused (every statement must "
                                  "run inside a read-only transaction)" % GUARD_ERROR)
@@ -106,8 +150,23 @@ def install_readonly_guard(settings):
             return
         check_before_statement(_driver_connection(cursor), settings, state)
 
+    def do_connect(dialect, conn_rec, cargs, cparams):
+        # SQLite: the app's engine (and Alembic's) opens its file read-only, never creating
+        # it or a journal; other drivers connect as usual and meet the statement guard.
+        if getattr(dialect, "name", "") != "sqlite":
+            return None
+        if getattr(dialect, "driver", "") != "pysqlite" or cparams.get("uri"):
+            raise ReadOnlyGuardError("%s: only plain pysqlite file URLs are opened read-only"
+                                     % GUARD_ERROR)
+        path = cargs[0] if cargs else cparams.get("database", "")
+        rest = {k: v for k, v in cparams.items() if k not in ("database", "uri", "timeout")}
+        return open_sqlite_read_only(dialect.dbapi.connect, str(path),
+                                     int(settings.get("lock_timeout_ms", 1000)) / 1000.0,
+                                     **rest)
+
     event.listen(Engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(Engine, "do_connect", do_connect)
     os.environ.setdefault("PGAPPNAME", settings.get("application_name", "driftwatch-probe"))
     # Keep a reference: the listener must live as long as the process.
-    install_readonly_guard.listener = before_cursor_execute
+    install_readonly_guard.listener = (before_cursor_execute, do_connect)
     return True

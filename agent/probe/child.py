@@ -175,6 +175,22 @@ def unwrap_flask(obj):
     return obj
 
 
+def plain_alembic():
+    """True when the working directory holds a plain Alembic project (alembic.ini)."""
+    return os.path.exists("alembic.ini")
+
+
+def unwrap(obj):
+    """The Flask app behind obj; or obj itself, unchanged, for a plain Alembic project (a
+    FastAPI/Starlette app, any ASGI/WSGI callable: its database is env.py's business)."""
+    try:
+        return unwrap_flask(obj)
+    except TypeError:
+        if plain_alembic():
+            return obj
+        raise
+
+
 def load_app(request, gunicorn_app=None):
     """(flask app, how it was found, app URI) the way the unit's gunicorn finds it.
 
@@ -184,10 +200,10 @@ def load_app(request, gunicorn_app=None):
     """
     if gunicorn_app is not None and gunicorn_app.app_uri:
         uri = gunicorn_app.app_uri
-        return unwrap_flask(gunicorn_app.wsgi()), "gunicorn " + uri, uri
+        return unwrap(gunicorn_app.wsgi()), "gunicorn " + uri, uri
     spec = "" if gunicorn_app is not None else request.get("app_spec") or ""
     if spec:
-        return unwrap_flask(load_gunicorn(spec)), "gunicorn " + spec, spec
+        return unwrap(load_gunicorn(spec)), "gunicorn " + spec, spec
     flask_app = os.environ.get("FLASK_APP", "")
     if flask_app:
         return unwrap_flask(load_flask_app_env(flask_app)), "FLASK_APP=" + flask_app, \
@@ -364,6 +380,18 @@ def render_url(url):
     """The full URL string (password included) for SQLAlchemy 1.3 .. 2.1 URL objects."""
     render = getattr(url, "render_as_string", None)
     return render(hide_password=False) if render else str(url)
+
+
+def absolute_sqlite(url):
+    """A SQLite file URL with a relative path made absolute against the working directory,
+    as sqlite3 resolves it in the app (Flask-SQLAlchemy 3 already made it absolute under the
+    instance folder); any other URL unchanged."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest or rest.startswith("/") \
+            or rest.split("?", 1)[0] in ("", ":memory:"):
+        return url
+    path, qmark, query = rest.partition("?")
+    return "%s:///%s%s%s" % (scheme, os.path.abspath(path), qmark, query)
 
 
 def engines(app):
@@ -597,7 +625,7 @@ def _bind_of(context, found):
     return None
 
 
-def check_like_alembic(config, heads, runs):
+def check_like_alembic(config, heads, runs, found_urls=None):
     """Run env.py as `alembic check` does; append one entry per context.configure to runs.
 
     Like alembic.command.check: ScriptDirectory.run_env() inside an EnvironmentContext, so
@@ -621,6 +649,10 @@ def check_like_alembic(config, heads, runs):
 
     def configure(*args, **kw):
         original_configure(*args, **kw)
+        conn = kw.get("connection")
+        engine = getattr(conn, "engine", None)
+        if engine is not None and found_urls is not None and "url" not in found_urls:
+            found_urls["url"] = render_url(engine.url)
         # Recorded at configure time: known even if the comparison then fails.
         runs.append({"context": env.get_context(), "diff": None,
                      "options": {k: _option_text(kw[k]) for k in ENV_OPTIONS if k in kw}})
@@ -653,7 +685,7 @@ def env_error(exc, roots):
     return one_line(exc) + where(exc, roots)
 
 
-def compare_with_env_py(config, found, report):
+def compare_with_env_py(config, found, report, seen_urls=None):
     """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error."""
     location = os.path.abspath(config.get_main_option("script_location") or
                                report.get("migrations_dir") or ".")
@@ -663,7 +695,7 @@ def compare_with_env_py(config, found, report):
     report["alembic_env"] = info
     runs = []
     try:
-        check_like_alembic(config, tuple(report.get("heads") or ()), runs)
+        check_like_alembic(config, tuple(report.get("heads") or ()), runs, seen_urls)
     except BaseException as exc:  # SystemExit from env.py too
         kind = "database" if _is_db_error(exc) else "migrations"
         report["schema_diff_error"] = (
@@ -736,11 +768,14 @@ def probe(request, report, gunicorn_app=None):
         report["error_kind"] = "app_load"
         report["error"] = "the app could not be loaded: " + one_line(exc) + where(exc, roots)
         return
+    if not _is_flask(app):
+        probe_plain_alembic(request, report)
+        return
     with app.app_context():
         try:
             found, db = engines(app)
-            report["urls"] = {("default" if k is None else str(k)): render_url(e.url)
-                              for k, e in found.items()}
+            report["urls"] = {("default" if k is None else str(k)):
+                              absolute_sqlite(render_url(e.url)) for k, e in found.items()}
         except Exception as exc:
             found, db = {}, None
             report["error_kind"], report["error"] = "app_load", \
@@ -748,7 +783,7 @@ def probe(request, report, gunicorn_app=None):
         if not found:
             uri = app.config.get("SQLALCHEMY_DATABASE_URI")
             if uri:
-                report["urls"] = {"default": str(uri)}
+                report["urls"] = {"default": absolute_sqlite(str(uri))}
         configure_args, config = {}, None
         try:
             config, configure_args = migrations_config(app, report)
@@ -786,6 +821,36 @@ def probe(request, report, gunicorn_app=None):
                 one_line(exc)
             if not report.get("error"):
                 report["error_kind"], report["error"] = "database", report["schema_diff_error"]
+
+
+def probe_plain_alembic(request, report):
+    """A plain Alembic app (alembic.ini + env.py with target_metadata, e.g. FastAPI): the
+    revision graph from alembic.ini, drift by running env.py like `alembic check`, and the
+    URL env.py really connected with (from alembic.ini, env.py or the environment)."""
+    from alembic.config import Config
+    config = Config(os.path.abspath("alembic.ini"))
+    location = config.get_main_option("script_location") or "migrations"
+    report["migrations_dir"] = os.path.abspath(location)
+    try:
+        if request.get("include_revisions", True):
+            read_revisions(config, report)
+    except BaseException as exc:
+        report["revisions_error"] = "a migration script could not be read: " + one_line(exc)
+        report["error_kind"], report["error"] = "migrations", report["revisions_error"]
+    url = config.get_main_option("sqlalchemy.url") or ""
+    if url:
+        report["urls"] = {"default": absolute_sqlite(url)}
+    if not request.get("compare_schema", True) or not request.get("run_env_py", True):
+        return
+    seen = {}
+    compare_with_env_py(config, {}, report, seen)
+    # env.py's engine, else what env.py set (config.set_main_option) before failing to connect
+    url = seen.get("url") or config.get_main_option("sqlalchemy.url") or ""
+    if url:
+        report["urls"] = {"default": absolute_sqlite(url)}
+    kind = report.pop("schema_diff_error_kind", "")
+    if report.get("schema_diff_error") and not report.get("error"):
+        report["error_kind"], report["error"] = kind, report["schema_diff_error"]
 
 
 def read_stdin_request(limit=1024 * 1024):

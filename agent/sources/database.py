@@ -83,11 +83,30 @@ def _parse(url: str | URL) -> URL | None:
             return None
 
 
+# The backends driftwatch knows by name; their default ports (a label never guesses 5432).
+POSTGRES_BACKENDS = ("postgresql", "postgres", "pgsql")
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433,
+                 "oracle": 1521}
+
+
+def backend_of(url: str | URL) -> str:
+    """'postgresql', 'sqlite', 'mysql', ... as SQLAlchemy names it ('' when unreadable)."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except (ArgumentError, ValueError, TypeError):
+        return ""
+    backend = parsed.drivername.split("+", 1)[0]
+    return "postgresql" if backend in POSTGRES_BACKENDS else backend
+
+
 def url_host_port(url: str | URL) -> tuple[str, int]:
     """(host or unix socket directory, port) as libpq would use them ('' for the default)."""
     parsed = _parse(url)
     if parsed is None:
         return "", DEFAULT_PORT
+    backend = backend_of(parsed)
+    if backend not in ("postgresql", ""):  # no libpq rules: the URL's host, the usual port
+        return parsed.host or "", parsed.port or DEFAULT_PORTS.get(backend, 0)
     host = parsed.host or ""
     query_host = parsed.query.get("host")
     if not host and query_host:  # postgresql:///app?host=/run/postgresql
@@ -107,7 +126,11 @@ def db_label(url: str | URL) -> str:
     parsed = _parse(url)
     if parsed is None:
         return "invalid-url"
+    if backend_of(parsed) == "sqlite":  # the file: 'sqlite:/srv/app/instance/app.db'
+        return f"sqlite:{parsed.database or ':memory:'}"
     host, port = url_host_port(parsed)
+    if not port:  # a backend whose usual port driftwatch does not know
+        return f"{host or 'localhost'}/{parsed.database or ''}"
     if ":" in host and not host.startswith("/"):
         host = f"[{host}]"
     return f"{host or 'localhost'}:{port}/{parsed.database or ''}"
@@ -619,6 +642,10 @@ def inspect(url: str | URL, table: str = "alembic_version", schema: str | None =
     """
     started, label = time.monotonic(), db_label(url)
     try:
+        try:
+            agent_url(url)  # a malformed URL is said as such, never handed to a session
+        except ValueError as exc:
+            raise DatabaseProblem(f"database {label}: {exc}") from None
         with (opener or session)(url, timeouts) as conn:
             # Activity first: it explains a lock timeout on the version table that follows.
             sessions_, hidden = query_migration_activity(conn, table, schema)

@@ -219,7 +219,7 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
         assert alert["labels"]["severity"] == "critical"
         assert alert["labels"]["instance"] == f"127.0.0.1:{c.agent_port}"
         db_label = f"127.0.0.1:{c.db.cluster.port}/{c.db.name}"
-        assert f"database {db_label} (at r2, code head r3)" in alert["annotations"]["description"]
+        assert f"database {db_label} (postgresql) (at r2, code head r3)" in alert["annotations"]["description"]
         assert f"`agentctl upgrade {APP} --restart`" in alert["annotations"]["description"]
         assert alert["annotations"]["runbook_url"].endswith("#finding-pending_migrations")
         assert 500 in traffic.codes

@@ -17,7 +17,7 @@ def broken_unit() -> UnitSnapshot:
     """A unit with every problem at once."""
     return UnitSnapshot(
         unit="app.service", timestamp=1700000000.0, unit_up=True,
-        database="db.internal:5432/app", app_loaded=True, db_up=True,
+        database="db.internal:5432/app", backend="postgresql", app_loaded=True, db_up=True,
         migrations=MigrationState(version_table_present=True, current=("aaa",),
                                   heads=("bbb", "ccc"), pending=("bbb", "ccc", "ddd"),
                                   multiple_heads=True, unknown=(), in_progress=False),
@@ -69,7 +69,8 @@ def test_unit_values() -> None:
     assert get("driftwatch_check_duration_seconds", {**u, "check": "schema"}) == 1.5
     assert get("driftwatch_app_load_success", u) == 1
     assert get("driftwatch_db_up", u) == 1
-    assert get("driftwatch_database_info", {**u, "database": "db.internal:5432/app"}) == 1
+    assert get("driftwatch_database_info", {**u, "database": "db.internal:5432/app",
+                                            "backend": "postgresql"}) == 1
     assert get("driftwatch_version_table_present", u) == 1
     # One series per unit (not current x head): heads joined with ','.
     assert get("driftwatch_revision_info", {**u, "current": "aaa", "head": "bbb,ccc"}) == 1
