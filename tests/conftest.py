@@ -1,24 +1,19 @@
-"""Shared pytest fixtures: the real-systemd sandbox and the CI skip-or-fail rule."""
+"""Shared pytest fixtures: the real-systemd sandbox; the skip rule lives in tests/skiprule.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.harness.sandbox import Sandbox, sandbox_unavailable_reason
 
-pytest_plugins = ["tests.harness.pg_fixtures", "tests.harness.app_fixtures"]
+from tests.skiprule import must_run, skip_or_fail
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+pytest_plugins = ["tests.skiprule", "tests.harness.pg_fixtures", "tests.harness.app_fixtures",
+                  "pytester"]
 
-
-def skip_or_fail(reason: str) -> None:
-    """Skip with a clear reason outside CI; inside CI a missing capability is a failure."""
-    if IN_CI:
-        pytest.fail(f"CI=true but this test cannot run: {reason}")
-    pytest.skip(reason)
+__all__ = ["must_run", "skip_or_fail"]
 
 
 @pytest.fixture
