@@ -11,6 +11,7 @@ from typing import Any
 from agent.checks.unit import UnitFacts, ignored_variables, stale_variables, unit_findings
 from agent.context import AppContext, ContextInputs, build_context, wanted_paths
 from agent.model import Finding, ProcessInfo, UnitProperties
+from agent.secrets import mask_argv
 from agent.sources import files, procs
 from agent.sources.systemd import SystemdSource
 
@@ -36,7 +37,8 @@ class UnitReport:
         data["drop_in_paths"] = list(self.props.drop_in_paths)
         data["need_daemon_reload"] = self.props.need_daemon_reload
         data["started_at"] = self.props.exec_main_start_timestamp
-        data["processes"] = [p.as_dict() for p in self.processes]
+        # argv may carry gunicorn -e SECRET=... values: masked like ExecStart.
+        data["processes"] = [{**p.as_dict(), "argv": mask_argv(p.argv)} for p in self.processes]
         data["findings"] = [f.as_dict() for f in self.findings]
         return data
 

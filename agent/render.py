@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from agent.checks.schema import describe as describe_drift
 from agent.inspection import UnitReport
+from agent.secrets import mask_argv
 from agent.snapshot import UnitSnapshot
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -44,7 +45,7 @@ def render_context(report: UnitReport, out: TextIO) -> None:
          + (f", groups {' '.join(c.supplementary_groups)}" if c.supplementary_groups else "")),
         ("working dir", c.working_directory + (" (optional)" if c.working_directory_optional
                                                else "")),
-        ("exec start", shlex.join(c.exec_start)),
+        ("exec start", shlex.join(mask_argv(c.exec_start))),
         ("app", c.launch.app_spec or "?"),
         ("venv", f"{c.venv} ({c.venv_source})" if c.venv else "none found"),
         ("python", c.python or "?"),
