@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH
+from agent.config import DEFAULT_CONFIG_PATH, seconds_argument
 from agent.errors import AccessDenied, ConfigError, DriftwatchError
 from agent.inspection import inspect_unit
 from agent.secrets import mask_value
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agentctl",
         description="Inspect gunicorn units the way the 'migrations not applied' runbook does.")
     parser.add_argument("--version", action="version", version=f"agentctl {__version__}")
-    parser.add_argument("--bus-timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--bus-timeout", type=seconds_argument, default=5.0, metavar="SECONDS",
                         help="timeout of each D-Bus call (default 5)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_inspection_options(parser: argparse.ArgumentParser) -> None:
     """The options of a local inspection run (check, status without agent, upgrade)."""
-    parser.add_argument("--probe-timeout", type=float, default=20.0, metavar="SECONDS",
+    parser.add_argument("--probe-timeout", type=seconds_argument, default=20.0, metavar="SECONDS",
                         help="how long the app may take to load (default 20)")
-    parser.add_argument("--db-timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--db-timeout", type=seconds_argument, default=5.0, metavar="SECONDS",
                         help="database connect/statement timeout (default 5)")
     parser.add_argument("--state-dir", default="/var/lib/driftwatch", metavar="DIR",
                         help="where applied-migration hashes are remembered")
