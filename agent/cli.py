@@ -21,6 +21,7 @@ from agent.render import (
     EXIT_PROBLEMS,
     SEVERITY_MARK,
     check_json,
+    escape_terminal,
     exit_code,
     exit_code_of_dicts,
     has_problems,
@@ -141,14 +142,18 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
     out.write(f"# {ctx.unit}: environment of a new process, in systemd's order ({note})\n")
     for state in ctx.environment_files:
         status = "present" if state.exists else (state.error or "missing")
-        out.write(f"# EnvironmentFile={'-' if state.optional else ''}{state.path} ({status})\n")
-    width = max((len(f"{n}={shlex.quote(v)}") for n, v in shown.items()), default=0)
+        out.write(escape_terminal(f"# EnvironmentFile={'-' if state.optional else ''}"
+                                  f"{state.path} ({status})") + "\n")
+    width = max((len(escape_terminal(f"{n}={shlex.quote(v)}")) for n, v in shown.items()),
+                default=0)
     for name, value in shown.items():
-        line = f"{name}={shlex.quote(value)}"
-        out.write(f"{line:<{min(width, 70)}}  # {ctx.environment_sources.get(name, '')}\n")
+        # Values come from files the app's user may write: never raw control characters.
+        line = escape_terminal(f"{name}={shlex.quote(value)}")
+        source = escape_terminal(ctx.environment_sources.get(name, ""))
+        out.write(f"{line:<{min(width, 70)}}  # {source}\n")
     for finding in report.findings:
         if finding.check.startswith("env_file"):
-            out.write(f"# {SEVERITY_MARK[finding.severity]} {finding.message}\n")
+            out.write(f"# {SEVERITY_MARK[finding.severity]} {escape_terminal(finding.message)}\n")
     return EXIT_OK
 
 
