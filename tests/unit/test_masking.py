@@ -117,10 +117,10 @@ SETTINGS = settings(max_examples=300, deadline=None,
 
 def _shown_everywhere(name: str, value: str) -> list[str]:
     """Every rendering of a value driftwatch has: a URL-ish string, an env var, an argv."""
-    message = mask_url(f"error: could not use {value}: refused")
-    assert message.startswith("error: could not use ") and message.endswith(": refused")
+    message = mask_url(f"error: could not use {value} (refused)")
+    assert message.startswith("error: could not use ") and message.endswith(" (refused)")
     return [mask_url(value), mask_value(name, value), " ".join(mask_argv(["-e", f"{name}={value}"])),
-            " ".join(mask_argv([value])), message[len("error: could not use "):-len(": refused")]]
+            " ".join(mask_argv([value])), message[len("error: could not use "):-len(" (refused)")]]
 
 
 def _leaks(secret: str, texts: list[str]) -> bool:
