@@ -260,7 +260,9 @@ class Inspector:
             current = version.revisions if version.exists else None
             if version.locked and not version.revisions:
                 current = None if version.exists is False else current
-            state = migration_checks.evaluate(unit, current, graph) if graph or current else None
+            state = migration_checks.evaluate(unit, current, graph,
+                                              graph_error=probe.revisions_error) \
+                if graph or current else None
             if state is not None:
                 fields["migrations"] = MigrationState(
                     version_table_present=state.version_table_exists, current=state.current,
