@@ -63,23 +63,34 @@ def gather_inputs(props: UnitProperties) -> ContextInputs:
                          shebangs=shebangs)
 
 
-def gather_facts(ctx: AppContext, processes: list[ProcessInfo]) -> UnitFacts:
-    """Realpaths and the newest code file, for the pure unit checks."""
+def gather_facts(ctx: AppContext, processes: list[ProcessInfo],
+                 props: UnitProperties | None = None,
+                 previous_restarts: int | None = None) -> UnitFacts:
+    """Realpaths, the newest code file and which ExecStart programs exist, for the checks."""
     paths = {ctx.app_directory, ctx.venv, *(p.venv or "" for p in processes),
              *(p.cwd for p in processes)}
     realpaths = {p: files.realpath(p) for p in paths if p}
     app_dir = ctx.app_directory
     # Walking "/" would be slow and meaningless: only a real app directory is scanned.
     newest = files.newest_file(app_dir) if app_dir and app_dir != "/" else None
-    return UnitFacts(realpaths=realpaths, newest_code=newest, now=time.time())
+    programs = [c.path for c in props.exec_start] if props is not None else []
+    if ctx.python:
+        programs.append(ctx.python)
+    root = props.root_directory if props is not None and props.root_directory else ""
+    # os.path.exists follows links: a venv python linked to a removed system Python is False.
+    exists = {p: os.path.exists(root + p) for p in programs if p.startswith("/")}
+    return UnitFacts(realpaths=realpaths, newest_code=newest, now=time.time(), exists=exists,
+                     previous_restarts=previous_restarts)
 
 
-def inspect_unit(systemd: SystemdSource, name: str) -> UnitReport:
-    """Read one unit and its processes and return its report (raises UnitNotFound)."""
+def inspect_unit(systemd: SystemdSource, name: str,
+                 previous_restarts: int | None = None) -> UnitReport:
+    """Read one unit and its processes and return its report (raises UnitNotFound).
+    PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising."""
     props = systemd.read_unit(name)
     ctx = build_context(props, gather_inputs(props))
     processes = procs.unit_processes(props.main_pid) if props.main_pid else []
-    facts = gather_facts(ctx, processes)
+    facts = gather_facts(ctx, processes, props, previous_restarts)
     report = UnitReport(props, ctx, processes)
     report.findings = unit_findings(props, ctx, processes, facts)
     master = next((p for p in processes if p.role == "master"), None)

@@ -101,6 +101,7 @@ class Inspector:
         self._probe_memo: dict[str, _ProbeMemo] = {}
         self._journals: dict[str, JournalReader] = {}
         self._journal_totals: dict[str, dict[str, int]] = {}
+        self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
         self._lock = threading.Lock()
         self.probe_runs = 0
 
@@ -147,7 +148,8 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
-                report = inspect_unit(self.systemd, name)
+                report = inspect_unit(self.systemd, name, self._restarts.get(name))
+                self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)
                 findings.append(Finding("unit_not_found", "critical", str(exc),
@@ -170,7 +172,14 @@ class Inspector:
         }
         fields["stale_environment_variables"] = len(report.stale_variables)
 
-        probe = self._run_probe(report, timer)
+        missing = next((f for f in report.findings if f.check == "exec_start_missing"), None)
+        if missing is not None:
+            # Nothing to load the app with: say what is missing instead of probing blind.
+            with timer.check("app_load") as res:
+                res["error"] = missing.message
+            probe = ProbeResult(ok=False, error=missing.message, error_kind="app_load")
+        else:
+            probe = self._run_probe(report, timer)
         if probe.app_chdir and probe.app_chdir != report.context.app_directory:
             # gunicorn's own config (a chdir in gunicorn.conf.py) knows better than ExecStart.
             findings = [f for f in findings if f.check != "cwd_stale"]
@@ -196,7 +205,11 @@ class Inspector:
         if inspection is not None:
             self._migration_checks(unit, inspection, probe, timer, fields, findings)
         # The agent's own database check already says "unreachable" more precisely.
-        if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False):
+        # A missing ExecStart program already says why the app cannot load: no second,
+        # vaguer "interpreter unknown" finding.
+        missing_program = any(f.check == "exec_start_missing" for f in findings)
+        if probe_finding and not (probe.error_kind == "database" and fields.get("db_up") is False) \
+                and not (missing_program and probe.error_kind == "app_load"):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)

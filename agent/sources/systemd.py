@@ -69,6 +69,7 @@ def unit_properties_from_dbus(name: str, unit: Mapping[bytes, Any],
         need_daemon_reload=bool(u("NeedDaemonReload", False)),
         exec_main_start_timestamp=_usec_to_seconds(int(s("ExecMainStartTimestamp", 0) or 0)),
         result=_text(s("Result")),
+        n_restarts=int(s("NRestarts", 0) or 0),
         unit_file_state=_text(u("UnitFileState")),
         description=_text(u("Description")),
     )
