@@ -111,8 +111,7 @@ USERS = st.sampled_from(["", "app", "app_user", "a.b-c", "u%40x"])
 HOSTS = st.sampled_from(["db", "db.example.com", "10.0.0.5", "[::1]", "db:5432", "h1:5432,h2"])
 SCHEMES = st.sampled_from(["postgresql", "postgres", "postgresql+psycopg2",
                            "postgresql+psycopg", "mysql+pymysql", "redis"])
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(suppress_health_check=[HealthCheck.too_slow])
 
 
 def _shown_everywhere(name: str, value: str) -> list[str]:

@@ -6,7 +6,7 @@ import io
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.context import ContextInputs, build_context
@@ -42,7 +42,6 @@ def test_escape_terminal(raw: str, shown: str) -> None:
 
 
 @given(st.text())
-@settings(max_examples=300, deadline=None)
 def test_escaped_text_has_no_control_characters(text: str) -> None:
     escaped = escape_terminal(text)
     assert not RAW_CONTROL.search(escaped) and "\n" not in escaped
