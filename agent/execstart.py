@@ -70,14 +70,16 @@ def _venv_from_bin(path: str) -> str:
 def _shell_segments(script: str) -> list[list[str]]:
     """Split a 'sh -c' script into simple commands on &&, ||, ; and newlines."""
     try:
-        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|")
+        # A newline ends a command like ';' does (outside quotes).
+        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|\n")
+        lexer.whitespace = " \t\r"
         lexer.whitespace_split = True
         words = list(lexer)
     except ValueError:
         return [script.split()]
     segments: list[list[str]] = [[]]
     for word in words:
-        if word in (";", "&&", "||", "&", "|", ";;"):
+        if word in (";", "&&", "||", "&", "|", ";;") or (word and not word.strip("\n;")):
             segments.append([])
         else:
             segments[-1].append(word)
@@ -94,7 +96,8 @@ def _strip_prefixes(argv: list[str]) -> list[str]:
         elif head == "env":
             out = out[1:]
             while out and (out[0].startswith("-") or ASSIGNMENT.match(out[0])):
-                out = out[1:]
+                # -u NAME and -C DIR take the next word as their value.
+                out = out[2:] if out[0] in ("-u", "-C", "--unset", "--chdir") else out[1:]
         elif ASSIGNMENT.match(out[0]):
             out = out[1:]
         else:
