@@ -390,3 +390,35 @@ def test_probe_failures(kind: str, check: str, remedy_start: str) -> None:
     assert (f.check, f.severity, f.message) == (check, "critical", "KeyError: 'DATABASE_URL'")
     assert f.remedy.startswith(remedy_start)
     assert ProbeResult(ok=True).finding() is None
+
+
+@pytest.mark.parametrize(("age", "text"), [
+    (0, "0s"), (119, "119s"), (120, "2m"), (7199, "119m"), (7200, "2h"), (172799, "47h"),
+    (172800, "2d"), (10 * 86400 + 5, "10d"), (-5, "0s")])
+def test_code_newer_ages(age: int, text: str) -> None:
+    from agent.checks.unit import _ago
+    assert _ago(age) == text
+
+
+def test_paths_without_a_known_realpath_compare_as_written() -> None:
+    bare = UnitFacts(now=2000.0)   # the edge could not resolve anything
+    assert findings_of(facts=bare) == []
+    f = only(findings_of(procs=[proc(venv="/other/venv")], facts=bare), "venv_mismatch")
+    assert f.message == f"{UNIT} declares virtualenv {VENV} but master 10 uses /other/venv"
+    assert f.remedy == (f"systemctl restart {UNIT} (ExecStart changed since the processes "
+                        "started), or fix ExecStart to the intended venv")
+    two = findings_of(procs=[proc(venv="/a"), proc(11, "worker", venv="/b")], facts=bare)
+    assert only(two, "venv_mismatch").message.endswith("master 10 uses /a; worker 11 uses /b")
+    f = only(findings_of(procs=[proc(cwd="/old")], facts=bare), "cwd_stale")
+    assert f.message == (f"1 process(es) of {UNIT} run in /old but /srv/app now resolves to "
+                         "/srv/app (a release symlink switched?)")
+    f = only(findings_of(procs=[proc(cwd="/old"), proc(11, "worker", cwd="/older")],
+                         facts=bare), "cwd_stale")
+    assert "2 process(es) of gunicorn.service run in /old, /older but" in f.message
+
+
+def test_cwd_resolving_to_the_app_directory_is_not_stale() -> None:
+    facts = UnitFacts(realpaths={"/srv/app": "/srv/releases/2", VENV: VENV,
+                                 "/srv/current": "/srv/releases/2"}, now=2000.0)
+    assert findings_of(procs=[proc(cwd="/srv/current")], facts=facts) == []
+    assert findings_of(procs=[proc(cwd="")], facts=facts) == []
