@@ -31,7 +31,9 @@ QUERY_PASSWORD = re.compile(
 # an unclosed quote runs to the end, as libpq and the shell read it.
 ASSIGNMENT = re.compile(
     r"(?<![\w.\-?&])(?P<head>(?P<name>[A-Za-z_][\w.\-]*)\s*=\s*)"
-    r"(?P<pw>'(?:[^'\\]|\\.)*(?:'|\\?$)|\"(?:[^\"\\]|\\.)*(?:\"|\\?$)|[^\s'\"]\S*)",
+    # Unquoted: libpq reads a backslash as an escape there too (password=a\ b is "a b").
+    r"(?P<pw>'(?:[^'\\]|\\.)*(?:'|\\?$)|\"(?:[^\"\\]|\\.)*(?:\"|\\?$)"
+    r"|(?:[^\s'\"\\]|\\.)(?:[^\s\\]|\\.)*\\?)",
     re.DOTALL)
 
 

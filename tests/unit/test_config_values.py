@@ -116,3 +116,80 @@ def test_generated_wrong_types_name_the_key(key: str, value: str) -> None:
     else:
         # Only a value of the right type gets through.
         assert (key, value) == ("discover_gunicorn", "true"), (key, value)
+
+
+def test_messages_in_full() -> None:
+    assert refused("[agent]\nprobe_timeout_seconds = inf") == (
+        f"{WHERE}: 'probe_timeout_seconds' must be a finite number of seconds, not inf")
+    assert refused("[agent]\nmin_interval_seconds = -1") == (
+        f"{WHERE}: 'min_interval_seconds' must not be negative")
+    assert refused("[agent]\ndb_timeout_seconds = -1") == (
+        f"{WHERE}: 'db_timeout_seconds' must be positive")
+    assert refused("[agent]\ndb_timeout_seconds = 3e6") == (
+        f"{WHERE}: 'db_timeout_seconds' must be at most 2592000 seconds (30 days), not 3000000.0")
+    assert refused('[agent]\nlog_level = "loud"') == (
+        f"{WHERE}: 'log_level' must be one of debug, info, warning, error, not 'loud'")
+    assert refused("[agnet]\n") == (
+        f"{WHERE}: unknown table or key 'agnet' at top level (did you mean 'agent'?); "
+        "expected [agent] and optionally [tls]")
+    assert refused('[agent]\nstate_dir = "x"') == (
+        f"{WHERE}: 'state_dir' must be an absolute path, not 'x'")
+    assert refused('[agent]\nunits = "a"') == (
+        f"{WHERE}: 'units' in [agent] must be a list of strings, not str 'a'")
+    assert refused("[agent]\nzzz = 1") == f"{WHERE}: unknown key 'zzz' in [agent]"
+
+
+def test_seconds_problem_in_full() -> None:
+    from agent.config import seconds_problem
+    assert seconds_problem(True) == "must be a number of seconds, not bool True"
+    assert seconds_problem("5") == "must be a number of seconds, not str '5'"
+    assert seconds_problem(5) == "" and seconds_problem(0, zero_ok=True) == ""
+    assert seconds_problem(-1, zero_ok=True) == "must not be negative"
+
+
+def test_command_line_messages() -> None:
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="^not a number of seconds: 'x'$"):
+        seconds_argument("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="^'-1': must be positive$"):
+        seconds_argument("-1")
+
+
+def test_override_errors_name_the_command_line() -> None:
+    with pytest.raises(ConfigError, match="^command line: 'db_timeout_seconds' must be"):
+        Config().with_overrides(db_timeout_seconds=-1)
+    assert Config().with_overrides(db_timeout_seconds=None).db_timeout_seconds == 5.0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("9410", "invalid listen address '9410': expected [HOST]:PORT, e.g. ':9410', "
+             "'127.0.0.1:9410' or '[::1]:9410'"),
+    ("[zz]:1", "invalid listen address '[zz]:1': 'zz' is not an IPv6 address"),
+    ("::1:80", "invalid listen address '::1:80': put IPv6 addresses in brackets, e.g. "
+               "'[::1]:9410'"),
+    (":65536", "invalid listen address ':65536': expected [HOST]:PORT, e.g. ':9410', "
+               "'127.0.0.1:9410' or '[::1]:9410'"),
+])
+def test_listen_address_messages(text: str, message: str) -> None:
+    from agent.config import parse_listen_address
+    with pytest.raises(ValueError) as err:
+        parse_listen_address(text)
+    assert str(err.value) == message
+
+
+def test_listen_address_port_bounds() -> None:
+    from agent.config import parse_listen_address
+    assert parse_listen_address(":65535") == ("", 65535)
+    assert parse_listen_address(":0") == ("", 0)
+
+
+def test_load_config_reads_utf8(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from agent.config import load_config
+    path = Path(str(tmp_path)) / "agent.toml"
+    path.write_bytes('[agent]\nunits = ["caf\u00e9.service"]\n'.encode())
+    assert load_config(str(path)).units == ("caf\u00e9.service",)
+    path.write_bytes(b"[agent]\nunits = [\"\xff\"]\n")
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read config file: "):
+        load_config(str(path))

@@ -422,3 +422,116 @@ def test_cwd_resolving_to_the_app_directory_is_not_stale() -> None:
                                  "/srv/current": "/srv/releases/2"}, now=2000.0)
     assert findings_of(procs=[proc(cwd="/srv/current")], facts=facts) == []
     assert findings_of(procs=[proc(cwd="")], facts=facts) == []
+
+
+# -- exact wording of the revision findings ------------------------------------------------
+def test_revision_messages_in_full() -> None:
+    f = only(evaluate(UNIT, ["zz"], LINEAR).findings, "db_revision_unknown")
+    assert f.message == (
+        f"alembic_version of {UNIT} holds revision zz, which no deployed migration script "
+        "defines (code heads: c): the database is ahead of the code (migration files not "
+        "deployed, or code rolled back) or it is another app's database")
+    assert f.remedy == ("deploy the missing migrations/versions files (or the release that "
+                        "matches this database) and rerun the upgrade; check the database URL "
+                        f"{UNIT} uses")
+    f = only(evaluate(UNIT, ["zz"], [], version_table="app_version").findings,
+             "db_revision_unknown")
+    assert "app_version of gunicorn.service holds revision zz" in f.message
+    assert "(code heads: none)" in f.message
+    f = only(evaluate(UNIT, [], LINEAR).findings, "version_table_empty")
+    assert f.message == (
+        f"alembic_version of {UNIT} exists but holds no revision (stamped or downgraded to "
+        "base, or a first upgrade failed): 3 migration(s) not applied")
+    assert f.remedy == (f"if the schema really is empty, {UPGRADE}; if the tables already "
+                        "exist, find the revision the schema matches and `flask db stamp` it "
+                        "instead of upgrading")
+    f = only(evaluate(UNIT, ["a"], BRANCHED).findings, "multiple_heads")
+    assert f.message == (f"the migrations of {UNIT} have 2 heads (b1, b2): the history "
+                         "branched and `flask db upgrade` cannot pick a single upgrade path")
+    assert f.remedy == ("create a merge migration: flask db merge heads (where you develop, "
+                        f"not in production), deploy it, then {UPGRADE}")
+    graph = [Revision("a"), Revision("b", ("x",)), Revision("b", ("a",))]
+    f = only(evaluate(UNIT, ["a"], graph).findings, "migration_graph_invalid")
+    assert f.message == (
+        f"the migration scripts of {UNIT} are inconsistent: revision id defined twice: b; "
+        "revision b names down_revision x, which no migration script defines")
+    assert f.remedy == ("deploy the complete migrations/versions directory; fix the existing "
+                        "migration path instead of generating new migrations in production")
+    cyc = evaluate(UNIT, ["a"], [Revision("a", ("b",)), Revision("b", ("a",))])
+    assert only(cyc.findings, "migration_graph_invalid").message.endswith(
+        "inconsistent: the revision graph has a cycle")
+
+
+def test_unreadable_graph_state() -> None:
+    state = evaluate(UNIT, ["b", "b"], [], graph_error="SyntaxError")
+    assert (state.unit, state.version_table_exists, state.current, state.heads,
+            state.pending, state.unknown, state.findings) == (
+        UNIT, True, ("b",), (), None, (), ())
+    assert evaluate(UNIT, None, [], graph_error="x").version_table_exists is False
+
+
+def test_listing_caps_at_eight() -> None:
+    many = [Revision(f"r{i}", (f"r{i - 1}",) if i else ()) for i in range(11)]
+    f = only(evaluate(UNIT, ["r0"], many).findings, "pending_migrations")
+    assert f.message.endswith("pending, in order: r1, r2, r3, r4, r5, r6, r7, r8 and 2 more")
+    nine = many[:10]
+    assert only(evaluate(UNIT, ["r0"], nine).findings, "pending_migrations").message.endswith(
+        "r1, r2, r3, r4, r5, r6, r7, r8 and 1 more")
+    eight = many[:9]
+    assert only(evaluate(UNIT, ["r0"], eight).findings, "pending_migrations").message.endswith(
+        "in order: r1, r2, r3, r4, r5, r6, r7, r8")
+
+
+def test_activity_and_privilege_messages_in_full() -> None:
+    sessions = [(1, 1.0, "a", "q1"), (2, 2.0, "b", "q2"), (3, 3.0, "c", "q3"), (4, 4.0, "d", "q4")]
+    (f,) = activity_findings(UNIT, sessions)
+    assert f.message.endswith("pid 1 a for 1s: q1; pid 2 b for 2s: q2; pid 3 c for 3s: q3")
+    (f,) = activity_findings(UNIT, [], locked=True)
+    assert f.message == (f"a migration or other DDL is running on the database of {UNIT}: "
+                         "the version table is locked")
+    (f,) = privilege_findings(UNIT, "app", "public", False, False,
+                              [("users", "postgres"), ("posts", "admin")])
+    assert f.message == (f"database role app of {UNIT} may not CREATE in schema public and "
+                         "does not own 2 table(s): users (owner postgres), posts (owner admin): "
+                         "`flask db upgrade` will fail to create, alter or drop objects")
+    assert f.remedy.endswith("(or GRANT admin, postgres TO app)")
+
+
+def test_revisions_from_dicts_forms() -> None:
+    from agent.checks.migrations import revisions_from_dicts
+    graph = revisions_from_dicts([
+        {"revision": "a", "down_revision": None, "branch_labels": None},
+        {"revision": "b", "down_revision": "a", "branch_labels": "feature"},
+        {"revision": "c", "down_revisions": ["a", "b"], "branch_labels": ["x", "y"]},
+        {"revision": 4, "down_revision": ""}])
+    assert graph == [Revision("a"), Revision("b", ("a",), ("feature",)),
+                     Revision("c", ("a", "b"), ("x", "y")), Revision("4")]
+
+
+def test_migration_state_as_dict() -> None:
+    state = evaluate(UNIT, ["a"], LINEAR)
+    assert state.as_dict() == {
+        "unit": UNIT, "version_table_exists": True, "current": ["a"], "heads": ["c"],
+        "pending": ["b", "c"], "pending_count": 2, "unknown": [], "graph_errors": [],
+        "at_head": False, "findings": [f.as_dict() for f in state.findings]}
+    unknown = evaluate(UNIT, ["zz"], LINEAR).as_dict()
+    assert unknown["pending"] is None and unknown["pending_count"] is None
+    assert evaluate(UNIT, ["c"], LINEAR).as_dict()["at_head"] is True
+
+
+def test_drift_messages_in_full() -> None:
+    items = [{"kind": "missing_column", "table": "users", "name": "email"},
+             {"kind": "extra_table", "table": "old", "name": "old"}]
+    (f,) = drift_findings(UNIT, items, 0)
+    assert f.message == (
+        f"the live schema of {UNIT}'s database differs from its models in 2 object(s): "
+        "missing_column users.email, extra_table old; the database is at head, so this is a "
+        "manual change or a missing migration")
+    assert f.remedy == ("compare the live schema with the models (psql \\d TABLE) and write a "
+                        "corrective migration; never edit applied ones")
+    eight = [{"kind": "extra_table", "table": f"t{i}", "name": f"t{i}"} for i in range(8)]
+    assert " more" not in drift_findings(UNIT, eight, 0)[0].message
+    assert drift_items([{"kind": "add_table"}]) == [
+        {"kind": "missing_table", "table": "", "name": "", "detail": ""}]
+    assert drift_items([{"table": "t"}]) == [
+        {"kind": "other", "table": "t", "name": "", "detail": ""}]

@@ -220,3 +220,40 @@ def test_agentctl_context_shows_no_exec_start_secret() -> None:
     data = json.loads(out.getvalue())
     assert data["exec_start"][2] == f"SECRET_KEY={MASK}"
     assert data["processes"][0]["argv"][5] == f"DATABASE_URL=postgresql://app:{MASK}@db/prod"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    # libpq: a backslash escapes in unquoted values too
+    (f"host=db password={PW}\\ more user=app", f"host=db password={MASK} user=app"),
+    # a space in a URL password: only SQLAlchemy's own parse finds it (the parser net)
+    (f"postgresql://app:{PW} more@db/prod", f"postgresql://app:{MASK}@db/prod"),
+    (f"postgresql://app:x {PW}@db/prod", f"postgresql://app:{MASK}@db/prod"),
+    # percent-encoded and raw forms of what the parser read are both hidden
+    (f"postgresql://app:{PW}%20more@db/prod?x=1", f"postgresql://app:{MASK}@db/prod?x=1"),
+    # a short password found by the net is not replaced inside other words
+    ("postgresql://app:p g@db/postgres", f"postgresql://app:{MASK}@db/postgres"),
+])
+def test_parser_net(text: str, shown: str) -> None:
+    assert mask_url(text) == shown
+
+
+def test_quoted_values_keep_their_quotes() -> None:
+    assert mask_url("password=''") == f"password='{MASK}'"
+    assert mask_url("password='x'") == f"password='{MASK}'"
+    assert mask_url('password="x"') == f'password="{MASK}"'
+    assert mask_url("password='") == f"password={MASK}"
+    assert mask_url("password=x'") == f"password={MASK}"
+
+
+def test_argv_forms_mask_exactly() -> None:
+    assert mask_argv(["/bin/sh", "-c", "gunicorn # password=x"]) == \
+        ["/bin/sh", "-c", f"gunicorn '#' 'password={MASK}'"]
+    assert mask_argv(["sh", "-c", "echo 'unbalanced password=x"]) == \
+        ["sh", "-c", f"echo 'unbalanced password={MASK}"]
+    assert mask_argv(["gunicorn", "-c", "password=x"]) == ["gunicorn", "-c", f"password={MASK}"]
+    assert mask_argv(["gunicorn", "-e"]) == ["gunicorn", "-e"]
+    assert mask_argv(["gunicorn", "-e", "JUSTANAME", "-w", "2"]) == \
+        ["gunicorn", "-e", "JUSTANAME", "-w", "2"]
+    assert mask_argv(["gunicorn", "--env", f"TOKEN={PW}", "--ENV", f"TOKEN={PW}"]) == \
+        ["gunicorn", "--env", f"TOKEN={MASK}", "--ENV", f"TOKEN={MASK}"]
+    assert mask_argv(["gunicorn", f"--envx=TOKEN={PW}"]) == ["gunicorn", f"--envx=TOKEN={MASK}"]
