@@ -535,3 +535,20 @@ def test_drift_messages_in_full() -> None:
         {"kind": "missing_table", "table": "", "name": "", "detail": ""}]
     assert drift_items([{"table": "t"}]) == [
         {"kind": "other", "table": "t", "name": "", "detail": ""}]
+
+
+def test_pending_order_keeps_script_order_for_ties() -> None:
+    # Two branches off a, merged by m: ties in upgrade order follow the scripts' order,
+    # not the alphabet.
+    graph = [Revision("a"), Revision("zz", ("a",)), Revision("bb", ("a",)),
+             Revision("m", ("zz", "bb")), Revision("top", ("m",))]
+    assert evaluate(UNIT, ["a"], graph).pending == ("zz", "bb", "m", "top")
+
+
+def test_ancestry_through_a_diamond() -> None:
+    from agent.checks.migrations import ancestry
+    graph = [Revision("a"), Revision("b", ("a",)), Revision("c", ("a",)),
+             Revision("d", ("b", "c")), Revision("e", ("d",))]
+    assert ancestry(graph, ["e"]) == {"a", "b", "c", "d", "e"}
+    assert ancestry(graph, ["d", "b", "zz"]) == {"a", "b", "c", "d"}
+    assert evaluate(UNIT, ["b", "c"], graph).pending == ("d", "e")
