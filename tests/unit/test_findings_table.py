@@ -552,3 +552,13 @@ def test_ancestry_through_a_diamond() -> None:
     assert ancestry(graph, ["e"]) == {"a", "b", "c", "d", "e"}
     assert ancestry(graph, ["d", "b", "zz"]) == {"a", "b", "c", "d"}
     assert evaluate(UNIT, ["b", "c"], graph).pending == ("d", "e")
+
+
+def test_declared_venv_compared_by_its_realpath() -> None:
+    # ExecStart names a 'current' venv link; the processes run the release it points to.
+    facts = UnitFacts(realpaths={VENV: "/srv/releases/3/venv", "/srv/releases/3/venv":
+                                 "/srv/releases/3/venv", "/srv/app": "/srv/app"}, now=2000.0)
+    assert findings_of(procs=[proc(venv="/srv/releases/3/venv")], facts=facts) == []
+    f = only(findings_of(procs=[proc(venv="/srv/releases/2/venv")], facts=facts),
+             "venv_mismatch")
+    assert f.message.endswith("master 10 uses /srv/releases/2/venv")

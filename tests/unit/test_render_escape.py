@@ -118,3 +118,16 @@ def test_agentctl_env(monkeypatch: pytest.MonkeyPatch) -> None:
     out = io.StringIO()
     assert cli.main(["env", "gunicorn"], out=out, systemd=NoSystemd()) == 0  # type: ignore[arg-type]
     assert_clean(out.getvalue())
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("\U000e0001", "\\U000e0001"), ("\U000f0000", "\\U000f0000"), ("\ufeff", "\\ufeff"),
+    ("\u00ad", "\\xad"), ("\x00", "\\x00")])
+def test_escape_forms_by_code_point(raw: str, shown: str) -> None:
+    assert escape_terminal(raw) == shown
+
+
+def test_unknown_severity_is_marked() -> None:
+    out = io.StringIO()
+    render_findings([{"check": "x", "severity": "odd", "message": "m", "remedy": ""}], out)
+    assert out.getvalue() == "    ? [odd] x: m\n"
