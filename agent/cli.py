@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG_PATH
+from agent.config import DEFAULT_CONFIG_PATH, seconds_argument
 from agent.errors import AccessDenied, ConfigError, DriftwatchError
 from agent.inspection import inspect_unit
 from agent.secrets import mask_url, mask_value
@@ -25,6 +25,7 @@ from agent.render import (
     EXIT_PROBLEMS,
     SEVERITY_MARK,
     check_json,
+    escape_terminal,
     exit_code,
     exit_code_of_dicts,
     has_problems,
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agentctl",
         description="Inspect gunicorn units the way the 'migrations not applied' runbook does.")
     parser.add_argument("--version", action="version", version=f"agentctl {__version__}")
-    parser.add_argument("--bus-timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--bus-timeout", type=seconds_argument, default=5.0, metavar="SECONDS",
                         help="timeout of each D-Bus call (default 5)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -152,9 +153,9 @@ def positive_seconds(text: str) -> float:
 
 def add_inspection_options(parser: argparse.ArgumentParser) -> None:
     """The options of a local inspection run (check, status without agent, upgrade)."""
-    parser.add_argument("--probe-timeout", type=float, default=20.0, metavar="SECONDS",
+    parser.add_argument("--probe-timeout", type=seconds_argument, default=20.0, metavar="SECONDS",
                         help="how long the app may take to load (default 20)")
-    parser.add_argument("--db-timeout", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--db-timeout", type=seconds_argument, default=5.0, metavar="SECONDS",
                         help="database connect/statement timeout (default 5)")
     parser.add_argument("--state-dir", default="/var/lib/driftwatch", metavar="DIR",
                         help="where applied-migration hashes are remembered")
@@ -190,16 +191,21 @@ def cmd_env(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> in
     out.write(f"# {ctx.unit}: environment of a new process, in systemd's order ({note})\n")
     for state in ctx.environment_files:
         status = "present" if state.exists else (state.error or "missing")
-        out.write(f"# EnvironmentFile={'-' if state.optional else ''}{state.path} ({status})\n")
+        out.write(escape_terminal(f"# EnvironmentFile={'-' if state.optional else ''}"
+                                  f"{state.path} ({status})") + "\n")
     if ctx.unset_variables:
-        out.write(f"# UnsetEnvironment={' '.join(ctx.unset_variables)} (removed last)\n")
-    width = max((len(f"{n}={shlex.quote(v)}") for n, v in shown.items()), default=0)
+        out.write(escape_terminal(f"# UnsetEnvironment={' '.join(ctx.unset_variables)} "
+                                  "(removed last)") + "\n")
+    width = max((len(escape_terminal(f"{n}={shlex.quote(v)}")) for n, v in shown.items()),
+                default=0)
     for name, value in shown.items():
-        line = f"{name}={shlex.quote(value)}"
-        out.write(f"{line:<{min(width, 70)}}  # {ctx.environment_sources.get(name, '')}\n")
+        # Values come from files the app's user may write: never raw control characters.
+        line = escape_terminal(f"{name}={shlex.quote(value)}")
+        source = escape_terminal(ctx.environment_sources.get(name, ""))
+        out.write(f"{line:<{min(width, 70)}}  # {source}\n")
     for finding in report.findings:
         if finding.check.startswith("env_file"):
-            out.write(f"# {SEVERITY_MARK[finding.severity]} {finding.message}\n")
+            out.write(f"# {SEVERITY_MARK[finding.severity]} {escape_terminal(finding.message)}\n")
     return EXIT_OK
 
 

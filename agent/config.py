@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import ipaddress
 import math
@@ -14,6 +15,11 @@ from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/driftwatch/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# 30 days: longer than any sane interval or timeout; beyond it a typo (1e12) is likelier.
+MAX_SECONDS = 30 * 86400.0
+# The durations in [agent]; only the interval may be 0 (inspect on every scrape).
+SECONDS_KEYS = ("min_interval_seconds", "probe_timeout_seconds", "db_timeout_seconds",
+                "journal_window_seconds", "scrape_wait_seconds", "request_timeout_seconds")
 
 
 @dataclass(frozen=True)
@@ -138,22 +144,53 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def seconds_problem(value: object, zero_ok: bool = False) -> str:
+    """'' for a usable duration, else what is wrong with it (nan, inf, negative, huge)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number of seconds, not {type(value).__name__} {value!r}"
+    # nan compares false with everything: without this a nan interval froze the snapshot
+    # and an inf timeout disabled the probe kill (#8).
+    if not math.isfinite(value):
+        return f"must be a finite number of seconds, not {value!r}"
+    if value < 0 or (value == 0 and not zero_ok):
+        return "must be positive" if not zero_ok else "must not be negative"
+    if value > MAX_SECONDS:
+        return f"must be at most {MAX_SECONDS:.0f} seconds (30 days), not {value!r}"
+    return ""
+
+
+def seconds_argument(text: str) -> float:
+    """argparse type for --probe-timeout and friends: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    problem = seconds_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return value
+
+
 def _validate(config: Config, where: str) -> None:
     """Checks on values (not types): ranges, address syntax, TLS completeness."""
     try:
         parse_listen_address(config.listen_address)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    for name in ("min_interval_seconds", "probe_timeout_seconds", "db_timeout_seconds",
-                 "journal_window_seconds", "scrape_wait_seconds", "max_connections",
-                 "request_timeout_seconds"):
-        if getattr(config, name) < 0 or (name != "min_interval_seconds"
-                                         and getattr(config, name) == 0):
-            raise ConfigError(f"{where}: '{name}' must be positive")
+        raise ConfigError(f"{where}: 'listen_address': {exc}") from None
+    for name in SECONDS_KEYS:
+        problem = seconds_problem(getattr(config, name), zero_ok=name == "min_interval_seconds")
+        if problem:
+            raise ConfigError(f"{where}: '{name}' {problem}")
+    if config.max_connections <= 0:
+        raise ConfigError(f"{where}: 'max_connections' must be positive")
     if config.probe_memory_max_mb < 64:
         raise ConfigError(f"{where}: 'probe_memory_max_mb' must be at least 64")
     if config.probe_user in ("root", "0"):
         raise ConfigError(f"{where}: 'probe_user' must not be root: app code never runs as root")
+    if not config.state_dir.startswith("/"):
+        # Relative to what? The daemon's cwd is / under systemd, a shell's anywhere else.
+        raise ConfigError(f"{where}: 'state_dir' must be an absolute path, "
+                          f"not {config.state_dir!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"{where}: 'log_level' must be one of {', '.join(LOG_LEVELS)}, "
                           f"not {config.log_level!r}")

@@ -10,7 +10,7 @@ from typing import Any
 from agent.envfile import EnvFileError, parse_env_file
 from agent.execstart import LaunchSpec, analyse_exec_start, split_env_assignment
 from agent.model import UnitProperties
-from agent.secrets import mask_environment
+from agent.secrets import mask_argv, mask_environment
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class AppContext:
             "unit": self.unit, "user": self.user or ("(dynamic)" if self.dynamic_user else "root"), "group": self.group,
             "supplementary_groups": list(self.supplementary_groups),
             "working_directory": self.working_directory,
-            "exec_start": list(self.exec_start),
+            "exec_start": list(self.exec_start) if reveal else mask_argv(self.exec_start),
             "app": self.launch.app_spec, "chdir": self.launch.chdir,
             "venv": self.venv, "venv_source": self.venv_source, "python": self.python,
             "environment_files": [f.as_dict() for f in self.environment_files],

@@ -70,14 +70,16 @@ def _venv_from_bin(path: str) -> str:
 def _shell_segments(script: str) -> list[list[str]]:
     """Split a 'sh -c' script into simple commands on &&, ||, ; and newlines."""
     try:
-        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|")
+        # A newline ends a command like ';' does (outside quotes).
+        lexer = shlex.shlex(script, posix=True, punctuation_chars=";&|\n")
+        lexer.whitespace = " \t\r"
         lexer.whitespace_split = True
         words = list(lexer)
     except ValueError:
         return [script.split()]
     segments: list[list[str]] = [[]]
     for word in words:
-        if word in (";", "&&", "||", "&", "|", ";;"):
+        if word in (";", "&&", "||", "&", "|", ";;") or (word and not word.strip("\n;")):
             segments.append([])
         else:
             segments[-1].append(word)
@@ -94,7 +96,8 @@ def _strip_prefixes(argv: list[str]) -> list[str]:
         elif head == "env":
             out = out[1:]
             while out and (out[0].startswith("-") or ASSIGNMENT.match(out[0])):
-                out = out[1:]
+                # -u NAME and -C DIR take the next word as their value.
+                out = out[2:] if out[0] in ("-u", "-C", "--unset", "--chdir") else out[1:]
         elif ASSIGNMENT.match(out[0]):
             out = out[1:]
         else:
@@ -113,13 +116,40 @@ def _gunicorn_args(argv: Sequence[str]) -> list[str] | None:
     if _basename(argv[0]).startswith("gunicorn"):
         return list(argv[1:])
     if _is_python(argv[0]):
-        args = list(argv[1:])
-        while args and args[0].startswith("-") and args[0] != "-m":
-            args = args[1:]
-        if len(args) >= 2 and args[0] == "-m" and args[1] == "gunicorn":
-            return args[2:]
-        if args and args[0].startswith("-mgunicorn"):
-            return args[1:]
+        return _python_m_gunicorn(list(argv[1:]))
+    return None
+
+
+def _python_m_gunicorn(args: list[str]) -> list[str] | None:
+    """The arguments after 'python [options] -m gunicorn', read with Python's own option
+    grammar: grouped flags (-uB), options with a value (-W x, -X dev, glued -Wignore),
+    -m MODULE or -mMODULE; a script or -c ends the options without gunicorn."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if not arg.startswith("-") or arg == "-":
+            return None                       # a script (or stdin): not python -m
+        if arg.startswith("--"):
+            i += 1
+            continue
+        letters = arg[1:]
+        for j, letter in enumerate(letters):
+            glued = letters[j + 1:]
+            if letter == "m":
+                module = glued or (args[i + 1] if i + 1 < len(args) else "")
+                if module != "gunicorn":
+                    return None
+                return args[i + 1:] if glued else args[i + 2:]
+            if letter == "c":
+                return None
+            if letter in "WX":
+                if not glued:
+                    i += 1                    # its value is the next word
+                break
+        i += 1
     return None
 
 

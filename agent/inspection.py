@@ -11,6 +11,7 @@ from typing import Any
 from agent.checks.unit import UnitFacts, ignored_variables, stale_variables, unit_findings
 from agent.context import AppContext, ContextInputs, build_context, wanted_paths
 from agent.model import Finding, ProcessInfo, UnitProperties
+from agent.secrets import mask_argv
 from agent.sources import files, procs
 from agent.sources.systemd import SystemdSource
 
@@ -36,7 +37,8 @@ class UnitReport:
         data["drop_in_paths"] = list(self.props.drop_in_paths)
         data["need_daemon_reload"] = self.props.need_daemon_reload
         data["started_at"] = self.props.exec_main_start_timestamp
-        data["processes"] = [p.as_dict() for p in self.processes]
+        # argv may carry gunicorn -e SECRET=... values: masked like ExecStart.
+        data["processes"] = [{**p.as_dict(), "argv": mask_argv(p.argv)} for p in self.processes]
         data["findings"] = [f.as_dict() for f in self.findings]
         return data
 
@@ -61,23 +63,34 @@ def gather_inputs(props: UnitProperties) -> ContextInputs:
                          shebangs=shebangs)
 
 
-def gather_facts(ctx: AppContext, processes: list[ProcessInfo]) -> UnitFacts:
-    """Realpaths and the newest code file, for the pure unit checks."""
+def gather_facts(ctx: AppContext, processes: list[ProcessInfo],
+                 props: UnitProperties | None = None,
+                 previous_restarts: int | None = None) -> UnitFacts:
+    """Realpaths, the newest code file and which ExecStart programs exist, for the checks."""
     paths = {ctx.app_directory, ctx.venv, *(p.venv or "" for p in processes),
              *(p.cwd for p in processes)}
     realpaths = {p: files.realpath(p) for p in paths if p}
     app_dir = ctx.app_directory
     # Walking "/" would be slow and meaningless: only a real app directory is scanned.
     newest = files.newest_file(app_dir) if app_dir and app_dir != "/" else None
-    return UnitFacts(realpaths=realpaths, newest_code=newest, now=time.time())
+    programs = [c.path for c in props.exec_start] if props is not None else []
+    if ctx.python:
+        programs.append(ctx.python)
+    root = props.root_directory if props is not None and props.root_directory else ""
+    # os.path.exists follows links: a venv python linked to a removed system Python is False.
+    exists = {p: os.path.exists(root + p) for p in programs if p.startswith("/")}
+    return UnitFacts(realpaths=realpaths, newest_code=newest, now=time.time(), exists=exists,
+                     previous_restarts=previous_restarts)
 
 
-def inspect_unit(systemd: SystemdSource, name: str) -> UnitReport:
-    """Read one unit and its processes and return its report (raises UnitNotFound)."""
+def inspect_unit(systemd: SystemdSource, name: str,
+                 previous_restarts: int | None = None) -> UnitReport:
+    """Read one unit and its processes and return its report (raises UnitNotFound).
+    PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising."""
     props = systemd.read_unit(name)
     ctx = build_context(props, gather_inputs(props))
     processes = procs.unit_processes(props.main_pid) if props.main_pid else []
-    facts = gather_facts(ctx, processes)
+    facts = gather_facts(ctx, processes, props, previous_restarts)
     report = UnitReport(props, ctx, processes)
     report.findings = unit_findings(props, ctx, processes, facts)
     master = next((p for p in processes if p.role == "master"), None)

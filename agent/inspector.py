@@ -139,6 +139,7 @@ class Inspector:
         self._cursor_file = cursors
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
+        self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -240,7 +241,8 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
-                report = inspect_unit(self.systemd, name)
+                report = inspect_unit(self.systemd, name, self._restarts.get(name))
+                self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)
                 findings.append(Finding("unit_not_found", "critical", str(exc),
@@ -267,7 +269,14 @@ class Inspector:
         fields["stale_variable_names"] = tuple(sorted(report.stale_variables))
         fields["unit_file"] = report.props.fragment_path
 
-        probe = self._run_probe(report, timer)
+        missing = next((f for f in report.findings if f.check == "exec_start_missing"), None)
+        if missing is not None:
+            # Nothing to load the app with: say what is missing instead of probing blind.
+            with timer.check("app_load") as res:
+                res["error"] = missing.message
+            probe = ProbeResult(ok=False, error=missing.message, error_kind="app_load")
+        else:
+            probe = self._run_probe(report, timer)
         if probe.app_chdir and probe.app_chdir != report.context.app_directory:
             # gunicorn's own config (a chdir in gunicorn.conf.py) knows better than ExecStart.
             findings = [f for f in findings if f.check != "cwd_stale"]
@@ -308,9 +317,13 @@ class Inspector:
         # The agent's own database check already says "unreachable" more precisely; and while
         # a migration runs, a comparison that gave up on its locks is expected.
         migrating = fields.get("migrations") is not None and fields["migrations"].in_progress
+        # A missing ExecStart program already says why the app cannot load: no second,
+        # vaguer "interpreter unknown" finding.
+        missing_program = any(f.check == "exec_start_missing" for f in findings)
         if probe_finding and not (probe.error_kind == "database" and
                                   (fields.get("db_up") is False or migrating
-                                   or (backend and backend not in INSPECTED_BACKENDS))):
+                                   or (backend and backend not in INSPECTED_BACKENDS))) \
+                and not (missing_program and probe.error_kind == "app_load"):
             findings.append(probe_finding)
         self._journal_check(unit, timer, fields, findings)
         if probe.migrations_dir and any(f.check == "code_newer_than_process" for f in findings):
@@ -427,7 +440,8 @@ class Inspector:
                 res["error"] = probe.revisions_error
             graph = migration_checks.revisions_from_dicts(probe.revisions)
             current = version.revisions if version.exists else None
-            state = migration_checks.evaluate(unit, current, graph, table) \
+            state = migration_checks.evaluate(unit, current, graph, table,
+                                              graph_error=probe.revisions_error) \
                 if (graph or current) and readable else None
             if not readable:
                 heads = migration_checks.heads_of(graph)

@@ -38,6 +38,8 @@ class UnitProperties:
     # Seconds since the epoch, None when the main process never started.
     exec_main_start_timestamp: float | None = None
     result: str = ""
+    # Automatic restarts since the unit was last started by hand (systemd's NRestarts).
+    n_restarts: int = 0
     unit_file_state: str = ""
     description: str = ""
     # UnsetEnvironment= entries ("VAR" or "VAR=value") and PassEnvironment= names.

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 from agent.checks.schema import describe as describe_drift
 from agent.inspection import UnitReport
+from agent.secrets import mask_argv
 from agent.snapshot import UnitSnapshot
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -17,10 +18,43 @@ SEVERITY_MARK = {"critical": "✗", "warning": "!", "info": "·"}
 ESSENTIAL_CHECKS = ("unit", "app_load", "database", "migrations")
 
 
+_C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v",
+              "\f": "\\f", "\r": "\\r"}
+
+
+def escape_terminal(text: str) -> str:
+    """TEXT with every non-printable character C-escaped, as systemctl shows unit text: an
+    app-controlled string (a message, a path, a revision id) never drives root's terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+        elif char in _C_ESCAPES:
+            out.append(_C_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _escaped(data: Any) -> Any:
+    """Every string inside DATA (dicts, lists, tuples) escaped for the terminal."""
+    if isinstance(data, str):
+        return escape_terminal(data)
+    if isinstance(data, dict):
+        return {k: _escaped(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_escaped(v) for v in data)
+    return data
+
+
 def render_findings(findings: Iterable[Mapping[str, Any]], out: TextIO, indent: str = "    ",
                     prefix: str = "") -> None:
     """Each finding on one line, its remedy on the next."""
-    for f in findings:
+    for f in _escaped([dict(f) for f in findings]):
         out.write(f"{prefix}{indent}{SEVERITY_MARK.get(f['severity'], '?')} [{f['severity']}] "
                   f"{f['check']}: {f['message']}\n")
         if f.get("remedy"):
@@ -44,7 +78,7 @@ def render_context(report: UnitReport, out: TextIO) -> None:
          + (f", groups {' '.join(c.supplementary_groups)}" if c.supplementary_groups else "")),
         ("working dir", c.working_directory + (" (optional)" if c.working_directory_optional
                                                else "")),
-        ("exec start", shlex.join(c.exec_start)),
+        ("exec start", shlex.join(mask_argv(c.exec_start))),
         ("app", c.launch.app_spec or "?"),
         ("venv", f"{c.venv} ({c.venv_source})" if c.venv else "none found"),
         ("python", c.python or "?"),
@@ -58,9 +92,10 @@ def render_context(report: UnitReport, out: TextIO) -> None:
     for proc in report.processes:
         detail = f"{proc.role} {proc.pid}: venv {proc.venv or '?'}, cwd {proc.cwd or '?'}"
         rows.append(("process", detail + (f" ({proc.error})" if proc.error else "")))
-    out.write(f"● {c.unit}\n")
+    out.write(f"● {escape_terminal(c.unit)}\n")
     for label, value in rows:
-        lines = value.splitlines() or [""]
+        # Only our own "\n+ drop-in" joins are line breaks; everything else is escaped.
+        lines = [escape_terminal(line) for line in value.split("\n")]
         out.write(f"  {label:>12}: {lines[0]}\n")
         for extra in lines[1:]:
             out.write(f"  {'':>12}  {extra}\n")
@@ -124,15 +159,17 @@ def render_check(units: Sequence[UnitSnapshot], out: TextIO) -> None:
             "yes" if u.needs_restart else "no",
             "cannot inspect" if not_inspectable(u) else
             ("problems" if u.has_problems else "ok")))
+    rows = [tuple(escape_terminal(cell) for cell in row) for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
     for u in units:
         for check in u.checks:
             if not check.success:
-                out.write(f"{u.unit}: could not run check {check.name}: {check.error}\n")
+                out.write(escape_terminal(f"{u.unit}: could not run check {check.name}: "
+                                          f"{check.error}") + "\n")
         render_findings((f.as_dict() for f in u.findings), out, indent="",
-                        prefix=f"{u.unit}: ")
+                        prefix=f"{escape_terminal(u.unit)}: ")
 
 
 def format_age(seconds: float) -> str:
@@ -240,6 +277,7 @@ def status_rows(unit: dict[str, Any], now: float) -> list[tuple[str, str]]:
 def render_status(data: dict[str, Any], source: dict[str, Any], out: TextIO,
                   now: float) -> None:
     """systemctl-status-like blocks, one per unit, each finding with its remedy."""
+    data, source = _escaped(data), _escaped(source)
     if source["kind"] == "agent":
         agent = data.get("agent") or {}
         version = f" {agent['version']}" if agent.get("version") else ""

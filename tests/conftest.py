@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real-systemd sandbox and the CI skip-or-fail rule."""
+"""Shared pytest fixtures: the real-systemd sandbox; the skip rule lives in tests/skiprule.py."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.harness.sandbox import Sandbox, sandbox_unavailable_reason
+from tests.skiprule import must_run, skip_or_fail
 
-pytest_plugins = ["tests.harness.pg_fixtures", "tests.harness.app_fixtures"]
+pytest_plugins = ["tests.skiprule", "tests.harness.pg_fixtures", "tests.harness.app_fixtures",
+                  "pytester"]
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+__all__ = ["must_run", "skip_or_fail"]
 
-
-def skip_or_fail(reason: str) -> None:
-    """Skip with a clear reason outside CI; inside CI a missing capability is a failure."""
-    if IN_CI:
-        pytest.fail(f"CI=true but this test cannot run: {reason}")
-    pytest.skip(reason)
+# Property-based tests: 300 examples each in normal runs; the mutation run (tests/mutation/run)
+# selects the smaller "mutation" profile, since it repeats the tests once per mutant.
+settings.register_profile("default", max_examples=300, deadline=None)
+settings.register_profile("mutation", max_examples=40, deadline=None, derandomize=True,
+                          database=None)
+settings.load_profile(os.environ.get("DRIFTWATCH_HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

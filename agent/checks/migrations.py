@@ -141,12 +141,18 @@ def graph_problems(graph: Sequence[Revision]) -> tuple[str, ...]:
 
 
 def evaluate(unit: str, current: Sequence[str] | None, graph: Sequence[Revision],
-             version_table: str = "alembic_version") -> MigrationState:
-    """Current revisions (None: no version table) + revision graph -> state and findings."""
+             version_table: str = "alembic_version", graph_error: str = "") -> MigrationState:
+    """Current revisions (None: no version table) + revision graph -> state and findings.
+
+    GRAPH_ERROR: the scripts could not be read at all (reported as migration_scripts_broken
+    by the probe); with no graph nothing can be said about the database's revisions."""
     heads = heads_of(graph)
     problems = graph_problems(graph)
     exists = current is not None
     current_t = tuple(dict.fromkeys(current or ()))  # several rows, order kept, dupes dropped
+    if graph_error and not graph:
+        state = MigrationState(unit, exists, current_t, (), None, ())
+        return state
     known = {rev.revision for rev in graph}
     unknown = tuple(r for r in current_t if r not in known)
     pending: tuple[str, ...] | None
@@ -255,9 +261,8 @@ def activity_findings(unit: str, sessions: Sequence[tuple[int, float, str, str]]
         return []
     described = [f"pid {pid} {reason} for {secs:.0f}s: {query}"
                  for pid, secs, reason, query in sessions] or [f"{table} is locked"]
-    now = (f"; current revision not readable now ({table} is locked), so pending "
-           "migrations and drift are held back until it finishes") if locked else \
-        "; drift is held back until it finishes"
+    now = ("; current revision not readable now, so pending migrations and drift are held "
+           "back until it finishes") if locked else "; drift is held back until it finishes"
     return [Finding(
         "migration_in_progress", "info",
         f"a migration is in progress on the database of {unit}: "

@@ -35,12 +35,63 @@ class UnitFacts:
     # The newest code or migration file under the app directory and its mtime.
     newest_code: tuple[str, float] | None = None
     now: float = field(default_factory=time.time)
+    # path -> whether it exists: ExecStart programs and their '#!' interpreters.
+    exists: Mapping[str, bool] = field(default_factory=dict)
+    # NRestarts seen by the previous inspection of this unit (None: first look).
+    previous_restarts: int | None = None
 
 
-def check_unit_state(props: UnitProperties) -> list[Finding]:
-    """Not active, failed, or needing a daemon-reload."""
+def _crash_loop(props: UnitProperties, previous_restarts: int | None) -> Finding | None:
+    """systemd restarting the unit again and again: in the auto-restart pause, given up
+    (start-limit-hit), or NRestarts risen since the last inspection."""
+    if props.sub_state == "auto-restart":
+        what = (f"its main process exited ({props.result or 'unknown'}) and systemd restarts it "
+                f"again and again ({props.n_restarts} automatic restart(s) so far)")
+    elif props.active_state == "failed" and props.result == "start-limit-hit":
+        what = (f"systemd gave up after {props.n_restarts} automatic restart(s) "
+                "(start-limit-hit)")
+    elif previous_restarts is not None and props.n_restarts > previous_restarts:
+        what = (f"it restarted {props.n_restarts - previous_restarts} time(s) since the last "
+                f"inspection ({props.n_restarts} in all)")
+    else:
+        return None
+    return Finding(
+        "unit_crash_loop", "critical", f"{props.name} is crash-looping: {what}",
+        f"journalctl -u {props.name} -n 100 (the same error on every start); fix the cause, "
+        f"then systemctl restart {props.name}")
+
+
+def check_exec_start(props: UnitProperties, ctx: AppContext, facts: UnitFacts) -> list[Finding]:
+    """An ExecStart program (or the '#!' interpreter of a script) that does not exist: the
+    next start fails with 203/EXEC; said as such, not as an unknown interpreter."""
     findings = []
-    if props.active_state == "failed":
+    for command in props.exec_start:
+        if facts.exists.get(command.path) is False:
+            findings.append(Finding(
+                "exec_start_missing", "critical",
+                f"ExecStart program {command.path} of {props.name} does not exist: the unit "
+                "cannot start (status=203/EXEC)",
+                f"restore {command.path} (was the virtualenv rebuilt or removed?) or fix "
+                f"ExecStart= of {props.name}"))
+    program, interpreter = ctx.launch.program, ctx.python
+    if (not findings and interpreter and facts.exists.get(program) is not False
+            and facts.exists.get(interpreter) is False):
+        findings.append(Finding(
+            "exec_start_missing", "critical",
+            f"the Python interpreter {interpreter} of {program} ({props.name}'s ExecStart) "
+            "does not exist (a dangling venv link?): the unit cannot start (status=203/EXEC)",
+            f"recreate the virtualenv of {program} or fix ExecStart= of {props.name}"))
+    return findings
+
+
+def check_unit_state(props: UnitProperties, previous_restarts: int | None = None
+                     ) -> list[Finding]:
+    """Crash-looping, not active, failed, or needing a daemon-reload."""
+    findings = []
+    loop = _crash_loop(props, previous_restarts)
+    if loop is not None:
+        findings.append(loop)
+    elif props.active_state == "failed":
         findings.append(Finding(
             "unit_failed", "critical",
             f"{props.name} has failed (result: {props.result or 'unknown'})",
@@ -193,7 +244,8 @@ def check_code_newer(ctx: AppContext, procs: Sequence[ProcessInfo],
 def unit_findings(props: UnitProperties, ctx: AppContext, procs: Sequence[ProcessInfo],
                   facts: UnitFacts) -> list[Finding]:
     """Every unit-level finding, in runbook order."""
-    findings = check_unit_state(props)
+    findings = check_unit_state(props, facts.previous_restarts)
+    findings += check_exec_start(props, ctx, facts)
     findings += check_environment_files(ctx)
     if props.active_state in ("active", "reloading") and procs:
         findings += check_environment_drift(ctx, procs)

@@ -470,7 +470,7 @@ def read_revisions(config, report):
     script_dir = ScriptDirectory.from_config(config)
     report["script_location"] = script_dir.dir
     revisions = []
-    for script in script_dir.walk_revisions():
+    for script in _scripts(script_dir):
         revisions.append({
             "revision": script.revision,
             "down_revisions": as_list(script.down_revision),
@@ -483,7 +483,28 @@ def read_revisions(config, report):
         if len(revisions) >= MAX_REVISIONS:
             break
     report["revisions"] = revisions
-    report["heads"] = sorted(script_dir.get_heads())
+    try:
+        report["heads"] = sorted(script_dir.get_heads())
+    except Exception:  # a cycle: the agent's own graph check names it
+        report["heads"] = []
+
+
+def _scripts(script_dir):
+    """Every revision script, duplicates and cycles included: Alembic's walk keeps one of two
+    scripts with the same id (or fails with an unrelated message) and refuses a cycle, which
+    would leave an empty graph and a false "unknown revision"; the raw listing keeps them
+    for the agent's graph check (migration_graph_invalid)."""
+    load = getattr(script_dir, "_load_revisions", None)
+    raw = list(load()) if load is not None else None
+    try:
+        walked = list(script_dir.walk_revisions())
+    except Exception:
+        if raw is None:
+            raise
+        return raw
+    if raw is not None and len(raw) != len(walked):
+        return raw
+    return walked
 
 
 # -- schema drift ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from agent.daemon import Daemon
 from agent.server import AgentHTTPServer, ListenError
 from agent.snapshot import Snapshot
 from tests.unit.test_metrics import SECRET, broken_unit, unknown_unit
+from tests.conftest import skip_or_fail
 
 
 class FakeInspect:
@@ -163,11 +164,11 @@ def test_port_in_use_is_a_clear_error() -> None:
 
 def test_ipv6_loopback() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        skip_or_fail("no IPv6")
     try:
         server = AgentHTTPServer("[::1]:0", None, None, lambda: (True, ""))  # type: ignore[arg-type]
     except ListenError as exc:
-        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+        skip_or_fail(f"IPv6 loopback unavailable: {exc}")
     server.start()
     try:
         conn = http.client.HTTPConnection("::1", server.port, timeout=5)
@@ -186,7 +187,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throwaway CA, a server cert for 127.0.0.1 and a client cert, via the openssl CLI."""
     if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
+        skip_or_fail("openssl CLI not installed")
     d = tmp_path_factory.mktemp("pki")
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",

@@ -36,9 +36,10 @@ def test_query_password_masked() -> None:
         f"postgresql://db/prod?user=a&password={MASK}&sslmode=require"
 
 
-def test_secret_name_masks_whole_value_but_dsn_url_keeps_shape() -> None:
+def test_secret_name_masks_whole_value_urls_included() -> None:
     assert mask_value("SECRET_KEY", "abc") == MASK
-    assert mask_value("SENTRY_DSN", "https://k:v@sentry/1") == f"https://k:{MASK}@sentry/1"
+    # A Sentry DSN's key is its user part: a secret-named variable is masked whole (#8).
+    assert mask_value("SENTRY_DSN", "https://k:v@sentry/1") == MASK
     assert mask_value("SECRET_KEY", "") == ""
 
 

@@ -11,12 +11,15 @@ session, DNS, the journal); everything between them is the real code.
 from __future__ import annotations
 
 import contextlib
+import atexit
+import shutil
 import io
 import json
 import os
 import string
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +39,21 @@ from agent.state import StateStore
 
 HEALTHY, HOSTILE = "healthy.service", "hostile.service"
 HEALTHY_URL = "postgresql+psycopg2://app:s3cret-pw@127.0.0.1:5432/app"
-VENV = "/nonexistent/venv"
+
+
+def _fake_venv() -> str:
+    """A directory whose bin/gunicorn and bin/python exist: a missing ExecStart program is a
+    finding of its own (exec_start_missing), which these tests are not about."""
+    root = Path(tempfile.mkdtemp(prefix="driftwatch-fake-venv-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "bin").mkdir()
+    for name in ("gunicorn", "python"):
+        (root / "bin" / name).write_text("#!/bin/sh\nexit 0\n")
+        (root / "bin" / name).chmod(0o755)
+    return str(root)
+
+
+VENV = _fake_venv()
 REVISIONS = [{"revision": r, "down_revisions": [d] if d else [], "branch_labels": [],
               "path": f"/srv/app/migrations/versions/{r}.py", "sha256": ""}
              for r, d in (("r1", None), ("r2", "r1"), ("r3", "r2"))]
