@@ -17,6 +17,7 @@ Root bounds every line it reads; a statement's rows are capped at MAX_ROWS.
 import json
 import os
 import re
+import urllib.parse
 import sys
 
 DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
@@ -96,17 +97,21 @@ def pyformat(sql):
 
 def driver_connect(url):
     """A psycopg2 (else psycopg 3) connection to url, or None when neither is importable."""
-    uri = libpq_uri(url)
+    base, _, query = libpq_uri(url).partition("?")
+    # The query string as the app's SQLAlchemy reads it (parse_qsl: '+' is a space, as in
+    # `options=-c+search_path=app`), handed to the driver as keywords the way SQLAlchemy's
+    # dialects do; libpq would read a '+' literally.
+    params = dict(urllib.parse.parse_qsl(query))
     try:
         import psycopg2
-        return psycopg2.connect(uri)
+        return psycopg2.connect(base, **params)
     except ImportError:
         pass
     try:
         import psycopg
     except ImportError:
         return None
-    return psycopg.connect(uri)
+    return psycopg.connect(base, **params)
 
 
 def serve_driver(conn, request, fd_out, lines):

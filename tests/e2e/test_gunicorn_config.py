@@ -86,7 +86,7 @@ def test_app_and_database_only_in_a_gunicorn_config_file(
     proc = agentctl(sb, "upgrade", "gunicorn", "--yes", "--restart", "--probe-timeout", "30")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert pg_database.alembic_versions() == ["r3"]
-    assert f"Running flask db upgrade as www-data in {app.root}:" in proc.stdout
+    assert f"Running flask db upgrade r3 as www-data in {app.root} (" in proc.stdout
     assert "Running upgrade r2 -> r3" in proc.stdout
     new_pid = sb.main_pid(UNIT)
     assert new_pid not in (0, old_pid)
