@@ -106,9 +106,10 @@ def test_signals_call_back_and_reconnect() -> None:
         with lock:
             seen.append(unit)
 
+    backoffs = BackoffClock(limit=100)     # the reconnect sits out its backoff at once
     watcher = UnitWatcher(on_change, units=["app.service"],
                           is_candidate=lambda n: n.startswith("web"), bus_factory=factory,
-                          max_backoff_seconds=0.05)
+                          max_backoff_seconds=0.05, backoff_wait=backoffs)
     watcher.start()
     try:
         assert watcher.connected.wait(2)
@@ -131,6 +132,7 @@ def test_signals_call_back_and_reconnect() -> None:
         assert wait_for(lambda: len(buses) == 2 and watcher.connections == 2)
         assert wait_for(lambda: seen[-1] is None)
         assert bus.closed
+        assert backoffs.waits == [1.0]           # one backoff for the one drop
 
         # New unit set: fresh connection with a match on the new unit's path.
         watcher.set_units(["api.service"])
