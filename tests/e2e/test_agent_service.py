@@ -122,7 +122,7 @@ def test_live_exposition_passes_promtool(deployment: Deployment) -> None:
         skip_or_fail(f"{PROMTOOL} missing: run .ci/setup")
     text = deployment.metrics_text()
     assert 'driftwatch_pending_revisions{unit="gunicorn.service"} 1.0' in text
-    assert deployment.db.password not in text and "postgresql" not in text
+    assert deployment.db.password not in text and "postgresql://" not in text
     # Under the unit's hardening every check still manages to look (journal, /proc, sockets).
     checks = {s.labels["check"]: s.value for f in text_string_to_metric_families(text)
               for s in f.samples if s.name == "driftwatch_check_success"}
