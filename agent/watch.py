@@ -66,13 +66,16 @@ class UnitWatcher:
     def __init__(self, on_change: Callable[[str | None], None], units: Sequence[str] = (),
                  is_candidate: Callable[[str], bool] = lambda name: False,
                  bus_factory: Callable[[], Bus] = default_bus_factory,
-                 max_backoff_seconds: float = 60.0) -> None:
+                 max_backoff_seconds: float = 60.0,
+                 backoff_wait: Callable[[float], object] | None = None) -> None:
         self._on_change = on_change
         self._units = frozenset(units)
         self._is_candidate = is_candidate
         self._bus_factory = bus_factory
         self._max_backoff = max_backoff_seconds
         self._stop = threading.Event()
+        # Sits out a reconnect backoff; injectable so tests run the backoff on their own clock.
+        self._backoff_wait = backoff_wait or self._stop.wait
         self._resubscribe = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -139,7 +142,7 @@ class UnitWatcher:
                 level = logging.WARNING if backoff <= 1.0 else logging.DEBUG
                 log.log(level, "systemd signal watch unavailable (%s); retrying in %.0fs",
                         exc, backoff)
-                self._stop.wait(backoff)
+                self._backoff_wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
             finally:
                 if bus is not None:

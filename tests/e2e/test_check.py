@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from tests.harness.agent import agentctl
 from tests.harness.apps import (
     AppDir,
     AppSpec,
@@ -317,9 +316,16 @@ def test_upgrade_in_progress(site: Callable[..., Site]) -> None:
         cur = conn.cursor()
         cur.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
         cur.execute("ALTER TABLE users ADD COLUMN migrating int")
-        started = time.monotonic()
+        cur.execute("SELECT pg_backend_pid()")
+        holder = cur.fetchone()[0]
         code, unit = s.check()
-        assert time.monotonic() - started < 30
+        # No elapsed-time bound: this session holds the lock until `finally`, so a check that
+        # waited on it would never return (the harness ends agentctl after 60 s). It returned,
+        # and the lock is still held (asked from a third session):
+        assert s.db.execute("SELECT count(*) FROM pg_locks l JOIN pg_class c ON "
+                            "c.oid = l.relation WHERE l.pid = %s AND l.granted AND "
+                            "l.mode = 'AccessExclusiveLock' AND c.relname = 'alembic_version'",
+                            (holder,))[0][0] == 1
         assert unit["migrations"]["in_progress"] is True
         # A lock is never a state: not "holds no revision", not "every revision pending".
         assert unit["migrations"]["current_readable"] is False
@@ -403,26 +409,80 @@ def _fingerprint(db: PgDatabase) -> list[tuple[Any, ...]]:
     return [*rows, *db.execute("SELECT version_num FROM alembic_version")]
 
 
+#: The key of the advisory lock the gated migration waits on (held by the test).
+GATE_KEY = 812_000_012
+
+
+def gated_revision(base: Revision) -> Revision:
+    """BASE's migration, then it locks alembic_version ACCESS EXCLUSIVE and waits on the
+    test's advisory lock, inside the upgrade's transaction: the test decides when it ends."""
+    return Revision(base.id, base.down_revision, message=base.message, downgrade=base.downgrade,
+                    upgrade=(f"{base.upgrade}\n"
+                             "op.execute('LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE')\n"
+                             f"op.execute('SELECT pg_advisory_lock({GATE_KEY})')\n"
+                             f"op.execute('SELECT pg_advisory_unlock({GATE_KEY})')"))
+
+
+def _migration_locks(db: PgDatabase) -> tuple[int, set[str]] | None:
+    """From a third session: (pid, the relations it holds ACCESS EXCLUSIVE) of the backend
+    waiting on the gate, or None while nobody waits on it."""
+    waiting = db.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                         "AND objid = %s AND database = (SELECT oid FROM pg_database WHERE "
+                         "datname = current_database())", (GATE_KEY,))
+    if not waiting:
+        return None
+    pid = waiting[0][0]
+    held = db.execute("SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                      "WHERE l.pid = %s AND l.granted AND l.mode = 'AccessExclusiveLock'", (pid,))
+    return pid, {r[0] for r in held}
+
+
 def test_upgrade_running_while_checking_is_never_blocked(site: Callable[..., Site]) -> None:
-    s = site(AppSpec(models_at=5, revisions=standard_revisions(5)), upgrade_to="r1",
-             start_unit=False)
-    stop = threading.Event()
-    runs = []
-
-    def loop() -> None:
-        while not stop.is_set():
-            runs.append(agentctl(s.sb, "check", UNIT, "--json").returncode)
-
-    checker = threading.Thread(target=loop)
-    checker.start()
+    """agentctl check runs while flask db upgrade holds ACCESS EXCLUSIVE on alembic_version
+    (proved from pg_locks before and after the check), says so, and the upgrade then ends."""
+    revisions = standard_revisions(5)
+    gated = (*revisions[:2], gated_revision(revisions[2]), *revisions[3:])
+    s = site(AppSpec(models_at=5, revisions=gated), upgrade_to="r1")
+    gate = s.db.cluster.connect(s.db.name)           # superuser, autocommit
+    gate.cursor().execute("SELECT pg_advisory_lock(%s)", (GATE_KEY,))
+    result: list[Any] = []
+    upgrade = threading.Thread(target=lambda: result.append(
+        db_upgrade(s.app, s.venv, s.db.url, "head", check=False)))
+    upgrade.start()
     try:
-        time.sleep(1)
-        started = time.monotonic()
-        db_upgrade(s.app, s.venv, s.db.url, "head")
-        upgrade_seconds = time.monotonic() - started
+        deadline = time.monotonic() + 60   # a wait for the upgrade to get there, not a bound
+        while (during := _migration_locks(s.db)) is None:
+            assert upgrade.is_alive() and time.monotonic() < deadline, \
+                f"the upgrade never reached the gate: {result}"
+            time.sleep(0.05)
+        pid, held = during
+        # The version table, and users (r2 altered it in the same transaction).
+        assert {"alembic_version", "users"} <= held, held
+
+        code, unit = s.check()
+
+        # The check has returned, and the migration still holds its locks and waits: the
+        # whole check ran inside the upgrade's transaction.
+        assert _migration_locks(s.db) == (pid, held)
+        assert upgrade.is_alive()
+        # What it returned: a migration in progress, no revision read, nothing pending, no
+        # drift: a lock is never a state.
+        assert checks(unit) == ["migration_in_progress"], unit["findings"]
+        assert code == 0                                      # an info finding only
+        assert "current revision not readable now" in unit["findings"][0]["message"]
+        m = unit["migrations"]
+        assert m["in_progress"] is True and m["current_readable"] is False
+        assert m["current"] == [] and m["pending"] == []
+        assert unit["schema_drift"] is None
+        # Nothing of the check is left in the database to hold the migration up.
+        assert s.db.execute("SELECT count(*) FROM pg_stat_activity "
+                            "WHERE application_name = 'driftwatch'")[0][0] == 0
     finally:
-        stop.set()
-        checker.join(60)
+        gate.cursor().execute("SELECT pg_advisory_unlock(%s)", (GATE_KEY,))
+        gate.close()
+        upgrade.join(120)
+    assert not upgrade.is_alive() and result and result[0].returncode == 0, result
     assert s.db.alembic_versions() == ["r5"]
-    assert upgrade_seconds < 20
-    assert runs, "the checker never ran"
+    code, unit = s.check()
+    assert code == 0, unit["findings"]
+    assert unit["migrations"]["current"] == ["r5"] and unit["migrations"]["in_progress"] is False

@@ -6,18 +6,18 @@ import threading
 import time
 from collections.abc import Sequence
 
-import pytest
 
 from agent.collector_cache import ALL_UNITS, SnapshotCache, mark_running, merge_snapshots
 from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
 
 
 class FakeInspector:
-    """Counts runs; each run takes `delay` seconds and returns units a.service and b.service."""
+    """Counts runs; a run waits for `gate` (when given) and returns a.service and b.service."""
 
-    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
-        self.delay = delay
+    def __init__(self, fail: bool = False, gate: threading.Event | None = None) -> None:
         self.fail = fail
+        self.gate = gate
+        self.entered = threading.Event()
         self.calls: list[Sequence[str] | None] = []
         self.lock = threading.Lock()
 
@@ -25,7 +25,9 @@ class FakeInspector:
         with self.lock:
             self.calls.append(units)
             run = len(self.calls)
-        time.sleep(self.delay)
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the gate"
         if self.fail:
             raise RuntimeError("systemd unreachable")
         names = units if units is not None else ["a.service", "b.service"]
@@ -44,20 +46,27 @@ class Clock:
 
 
 def test_fifty_concurrent_scrapes_share_one_inspection() -> None:
-    inspector = FakeInspector(delay=0.3)
-    cache = SnapshotCache(inspector, min_interval_seconds=30)
-    barrier = threading.Barrier(50)
+    gate = threading.Event()
+    inspector = FakeInspector(gate=gate)
+    waiting: list[float] = []
+    lock = threading.Lock()
+
+    def wait(event: threading.Event, timeout: float) -> bool:
+        # The run is held until all fifty scrapes wait on it: they provably overlap.
+        with lock:
+            waiting.append(timeout)
+            if len(waiting) == 50:
+                gate.set()
+        return event.wait(30)
+
+    cache = SnapshotCache(inspector, min_interval_seconds=30, clock=Clock(), wait=wait)
     results: list[Snapshot | None] = []
-
-    def scrape() -> None:
-        barrier.wait()
-        results.append(cache.get())
-
-    threads = [threading.Thread(target=scrape) for _ in range(50)]
+    threads = [threading.Thread(target=lambda: results.append(cache.get())) for _ in range(50)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(30)
+    assert len(waiting) == 50
     assert len(inspector.calls) == 1
     assert cache.inspections_total == 1
     assert len(results) == 50 and all(r is results[0] and r is not None for r in results)
@@ -118,13 +127,16 @@ def test_invalidation_storm_is_rate_limited() -> None:
 
 
 def test_invalidate_during_inflight_run_triggers_another() -> None:
-    inspector = FakeInspector(delay=0.3)
-    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=0)
+    gate = threading.Event()
+    inspector = FakeInspector(gate=gate)
+    cache = SnapshotCache(inspector, min_interval_seconds=30, min_rerun_seconds=0,
+                          clock=Clock())
     t = threading.Thread(target=cache.get)
     t.start()
-    time.sleep(0.1)
+    assert inspector.entered.wait(30)
     cache.invalidate()          # the unit restarted while we were looking
-    t.join()
+    gate.set()
+    t.join(30)
     cache.get()
     assert len(inspector.calls) == 2
 
@@ -166,14 +178,24 @@ def test_merge_snapshots() -> None:
     assert merged.errors == ("new", "old")
 
 
-@pytest.mark.parametrize("threads", [200])
-def test_cached_scrape_is_cheap(threads: int) -> None:
-    cache = SnapshotCache(FakeInspector(), min_interval_seconds=30)
-    cache.get()
-    start = time.perf_counter()
-    for _ in range(threads):
-        cache.get()
-    assert (time.perf_counter() - start) / threads < 0.001
+def test_cached_scrape_never_inspects_or_waits() -> None:
+    """A scrape inside the interval is served from the cache: no inspection, no waiting."""
+    clock = Clock()
+    inspector = FakeInspector()
+    waits: list[float] = []
+
+    def wait(event: threading.Event, timeout: float) -> bool:
+        waits.append(timeout)
+        return event.wait(30)
+
+    cache = SnapshotCache(inspector, min_interval_seconds=30, clock=clock, wait=wait)
+    first = cache.get()
+    assert first is not None and waits == [cache.max_wait_seconds]
+    for _ in range(200):
+        clock.now += 0.1                       # 200 scrapes over 20 s of the 30 s interval
+        assert cache.get() is first
+    assert waits == [cache.max_wait_seconds] and len(inspector.calls) == 1
+    assert cache.stats().inspections_total == 1 and cache.running() is None
 
 
 # -- a scrape never waits past max_wait_seconds (issue #8 point 3) ---------------------------

@@ -7,6 +7,9 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
+from agent import watch
 from agent.watch import UnitWatcher, relevant_change, unit_object_path
 
 
@@ -103,9 +106,10 @@ def test_signals_call_back_and_reconnect() -> None:
         with lock:
             seen.append(unit)
 
+    backoffs = BackoffClock(limit=100)     # the reconnect sits out its backoff at once
     watcher = UnitWatcher(on_change, units=["app.service"],
                           is_candidate=lambda n: n.startswith("web"), bus_factory=factory,
-                          max_backoff_seconds=0.05)
+                          max_backoff_seconds=0.05, backoff_wait=backoffs)
     watcher.start()
     try:
         assert watcher.connected.wait(2)
@@ -128,6 +132,7 @@ def test_signals_call_back_and_reconnect() -> None:
         assert wait_for(lambda: len(buses) == 2 and watcher.connections == 2)
         assert wait_for(lambda: seen[-1] is None)
         assert bus.closed
+        assert backoffs.waits == [1.0]           # one backoff for the one drop
 
         # New unit set: fresh connection with a match on the new unit's path.
         watcher.set_units(["api.service"])
@@ -135,23 +140,80 @@ def test_signals_call_back_and_reconnect() -> None:
         assert (unit_object_path("api.service"), b"PropertiesChanged") in buses[2].matches
         assert (unit_object_path("app.service"), b"PropertiesChanged") not in buses[2].matches
     finally:
-        start = time.monotonic()
         watcher.stop()
-        assert time.monotonic() - start < 1.5
     assert not watcher.is_alive()
+
+
+def test_stop_wakes_the_thread_out_of_select(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() wakes the select() through the pipe: it never sits out the poll interval."""
+    # An hour-long poll: without the wake-up the thread would still be in select() when
+    # stop()'s join gives up, whatever the machine's load (no elapsed-time assertion).
+    monkeypatch.setattr(watch, "POLL_SECONDS", 3600.0)
+    bus = FakeBus()
+    watcher = UnitWatcher(lambda unit: None, units=["a.service"], bus_factory=lambda: bus)
+    watcher.start()
+    assert watcher.connected.wait(30)
+    watcher.stop(timeout=30)
+    assert not watcher.is_alive()
+    assert bus.closed
+
+
+class BackoffClock:
+    """Records each backoff the watcher sits out, instantly; stops it after `limit` waits."""
+
+    def __init__(self, limit: int) -> None:
+        self.waits: list[float] = []
+        self.limit = limit
+        self.watcher: UnitWatcher | None = None
+
+    def __call__(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        if len(self.waits) >= self.limit and self.watcher is not None:
+            self.watcher._stop.set()
+        return False
 
 
 def test_backs_off_when_bus_unavailable() -> None:
-    attempts: list[float] = []
+    attempts = 0
 
     def factory() -> FakeBus:
-        attempts.append(time.monotonic())
+        nonlocal attempts
+        attempts += 1
         raise OSError("No such file or directory")
 
+    clock = BackoffClock(limit=9)
     watcher = UnitWatcher(lambda unit: None, units=["a.service"], bus_factory=factory,
-                          max_backoff_seconds=60)
+                          max_backoff_seconds=60, backoff_wait=clock)
+    clock.watcher = watcher
     watcher.start()
-    time.sleep(1.5)
-    watcher.stop()
+    assert wait_for(lambda: not watcher.is_alive(), 30)   # the clock stopped it
+    watcher.stop(timeout=30)
+    # Doubling from 1 s, capped at max_backoff_seconds; one connect attempt per wait.
+    assert clock.waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert attempts == 9
+
+
+def test_backoff_resets_after_a_successful_connect() -> None:
+    buses: list[FakeBus] = []
+    failures = iter([True, True, False, True, True])
+
+    def factory() -> FakeBus:
+        if next(failures, False):
+            raise OSError("No such file or directory")
+        bus = FakeBus()
+        buses.append(bus)
+        if len(buses) == 1:
+            bus.dead = True   # connects, then drops at the first process()
+            os.write(bus.w, b"x")
+        return bus
+
+    clock = BackoffClock(limit=100)
+    watcher = UnitWatcher(lambda unit: None, units=["a.service"], bus_factory=factory,
+                          max_backoff_seconds=60, backoff_wait=clock)
+    clock.watcher = watcher
+    watcher.start()
+    assert wait_for(lambda: len(buses) == 2 and watcher.connected.is_set(), 30)
+    watcher.stop(timeout=30)
     assert not watcher.is_alive()
-    assert len(attempts) == 2     # t=0 and t=1s; the next one would be at t=3s
+    # fail, fail, connect then drop (back to 1 s), fail, fail, connect.
+    assert clock.waits == [1, 2, 1, 2, 4]
