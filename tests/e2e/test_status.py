@@ -54,7 +54,7 @@ def test_without_an_agent_checks_locally_and_says_so(site: SiteFactory) -> None:
     assert "; checked locally\n" in out
     assert "✗ gunicorn.service - problems" in out
     assert "revision: r2, head r3: 1 pending (r3)" in out
-    assert f"database: 127.0.0.1:{s.db.cluster.port}/{s.db.name}, reachable" in out
+    assert f"database: 127.0.0.1:{s.db.cluster.port}/{s.db.name} (postgresql), reachable" in out
     assert "pending_migrations" in out and "fix: " in out
     assert s.db.password not in out
     data = json.loads(s.agentctl("status", "gunicorn", "--json", "--web.listen-address",
