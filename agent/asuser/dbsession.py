@@ -90,6 +90,19 @@ def libpq_uri(url):
     return "postgresql://" + rest
 
 
+def one_statement(line):
+    """A request line -> (sql, params); refuses more than one statement.
+
+    One statement per transaction: "COMMIT; BEGIN READ WRITE; ..." in one simple-protocol
+    string would end the guarded transaction.
+    """
+    ask = json.loads(line)
+    sql = str(ask["sql"])
+    if ";" in sql.strip().rstrip(";"):
+        raise ValueError("one statement at a time (no ';')")
+    return sql, ask.get("params") or {}
+
+
 def pyformat(sql):
     """':name' parameters (SQLAlchemy text style) -> '%(name)s' (psycopg); '%' escaped."""
     return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
@@ -135,11 +148,8 @@ def serve_driver(conn, request, fd_out, lines):
     _write(fd_out, {"ok": True})
     for line in lines:
         try:
-            ask = json.loads(line)
-            sql = str(ask["sql"])
-            if ";" in sql.strip().rstrip(";"):
-                raise ValueError("one statement at a time (no ';')")
-            answer = {"rows": run(sql, ask.get("params") or {})}
+            sql, params = one_statement(line)
+            answer = {"rows": run(sql, params)}
         except Exception as exc:
             answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
             try:
@@ -249,13 +259,8 @@ def serve_sqlalchemy(request, fd_out, lines):
         _write(fd_out, {"ok": True})
         for line in lines:
             try:
-                ask = json.loads(line)
-                sql = str(ask["sql"])
-                # One statement per transaction: "COMMIT; BEGIN READ WRITE; ..." in one
-                # simple-protocol string would end the guarded transaction.
-                if ";" in sql.strip().rstrip(";"):
-                    raise ValueError("one statement at a time (no ';')")
-                result = conn.execute(text(sql), ask.get("params") or {})
+                sql, params = one_statement(line)
+                result = conn.execute(text(sql), params)
                 rows = [[_plain(v) for v in row] for row in result.fetchmany(MAX_ROWS)] \
                     if result.returns_rows else []
                 answer = {"rows": rows}
