@@ -180,6 +180,24 @@ class RemoteConnection:
             raise DBAPIError(sql, params, RemoteError(str(exc))) from None
 
 
+@contextmanager
+def _greeted(conn: RemoteConnection, label: str, secrets: list[str],
+             grace_s: float) -> Iterator[RemoteConnection]:
+    """The child's hello first (its connect error, masked, if it has none); then the
+    connection, with driver errors raised as DatabaseProblem."""
+    try:
+        hello = conn.read_line(grace_s)
+    except RemoteError as exc:
+        raise DatabaseProblem(f"database {label} error: {exc}") from None
+    if not hello.get("ok"):
+        reason = scrub(str(hello.get("error") or "no session"), secrets)
+        raise DatabaseProblem(describe_error(label, RemoteError(reason)))
+    try:
+        yield conn
+    except DBAPIError as exc:
+        raise DatabaseProblem(describe_error(label, exc)) from None
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     """End the child's whole process group (it leads its own session) and reap it."""
     try:
@@ -242,17 +260,8 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
         assert proc.stdin is not None
         conn = RemoteConnection(proc.stdin, read_fd, settings, secrets)
         try:
-            try:
-                hello = conn.read_line(START_GRACE_S + timeouts.connect_s)
-            except RemoteError as exc:
-                raise DatabaseProblem(f"database {label} error: {exc}") from None
-            if not hello.get("ok"):
-                reason = scrub(str(hello.get("error") or "no session"), secrets)
-                raise DatabaseProblem(describe_error(label, RemoteError(reason)))
-            try:
+            with _greeted(conn, label, secrets, START_GRACE_S + timeouts.connect_s):
                 yield conn
-            except DBAPIError as exc:
-                raise DatabaseProblem(describe_error(label, exc)) from None
         finally:
             if proc.stdin is not None:
                 try:
@@ -306,17 +315,8 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
         with os.fdopen(req_w, "wb", buffering=0) as writer:
             writer.write(request.encode() + b"\n")
             conn = RemoteConnection(writer, ans_r, settings, secrets)
-            try:
-                hello = conn.read_line(START_GRACE_S + settings.timeouts.connect_s)
-            except RemoteError as exc:
-                raise DatabaseProblem(f"database {label} error: {exc}") from None
-            if not hello.get("ok"):
-                reason = scrub(str(hello.get("error") or "no session"), secrets)
-                raise DatabaseProblem(describe_error(label, RemoteError(reason)))
-            try:
+            with _greeted(conn, label, secrets, START_GRACE_S + settings.timeouts.connect_s):
                 yield conn
-            except DBAPIError as exc:
-                raise DatabaseProblem(describe_error(label, exc)) from None
     finally:
         if unit is not None:
             # stdin is closed by now (EOF): the child ends by itself; then nothing is left.
