@@ -36,6 +36,7 @@ STOP_GRACE_SECONDS = 8.0     # > the bus timeout: SIGTERM is handled once sd_bus
 # Silence from the worker this long past the probe timeout means it hangs (every check it
 # starts is reported, so a healthy worker is never this quiet during an inspection).
 HANG_MARGIN_SECONDS = 60.0
+WATCH_READY_SECONDS = 2.0
 
 Running = tuple[str, str, float]
 # Watch signals? True: on systemd's bus; a (picklable) bus factory: on that bus (tests).
@@ -88,6 +89,9 @@ def worker_main(conn: Connection) -> None:
                           ) if watch else None
     if watcher is not None:
         watcher.start()
+        # Subscribed before "ready": no change after it is missed. Bounded, because a frozen
+        # PID 1 must not keep the worker from serving the inspections it still can.
+        watcher.connected.wait(WATCH_READY_SECONDS)
     send(("ready",))
     try:
         while True:
@@ -163,12 +167,22 @@ class WorkerInspect:
                                 stdin=subprocess.DEVNULL)
         theirs.close()
         parent = Connection(ours.detach())
+        early: list[str | None] = []
         try:
             parent.send(sys.path)
             parent.send((self._factory, self._config, self._units, self._watch))
-            if not parent.poll(START_TIMEOUT_SECONDS):
-                raise WorkerError(f"worker did not start within {START_TIMEOUT_SECONDS:g}s")
-            message = parent.recv()
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while True:
+                if not parent.poll(max(0.0, deadline - time.monotonic())):
+                    raise WorkerError(
+                        f"worker did not start within {START_TIMEOUT_SECONDS:g}s")
+                message = parent.recv()
+                # The watcher starts before "ready" (so no change is missed), and its first
+                # signals can overtake it: keep them, forward once the worker is ours.
+                if message[0] == "changed":
+                    early.append(message[1])
+                elif message[0] != "current":
+                    break
         except (EOFError, OSError):
             message = ("failed", f"worker exited with code {proc.poll()}")
         except WorkerError as exc:
@@ -184,6 +198,8 @@ class WorkerInspect:
             self.starts += 1
         threading.Thread(target=self._read, args=(parent, proc), daemon=True,
                          name="driftwatch-worker-pipe").start()
+        for unit in early:
+            self._on_change(unit)
         log.debug("worker %d started", proc.pid)
 
     def stop(self, graceful: bool = False) -> None:

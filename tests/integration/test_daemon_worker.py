@@ -95,6 +95,21 @@ def signalling_bus() -> SignallingBus:
     return SignallingBus()
 
 
+class EagerBus(SignallingBus):
+    """A bus whose first signal arrives during the subscription, before the worker is ready."""
+
+    def match_signal(self, sender: Any, path: bytes, interface: bytes, member: bytes,
+                     callback: Any, userdata: Any = None) -> None:
+        if member == b"PropertiesChanged":
+            callback(_Message((b"org.freedesktop.systemd1.Unit",
+                               {b"ActiveState": b"activating"}, [])))
+
+
+def eager_bus() -> EagerBus:
+    """Bus factory the worker's watcher imports by name."""
+    return EagerBus()
+
+
 @pytest.fixture
 def changes() -> list[str | None]:
     return []
@@ -203,6 +218,19 @@ def test_watcher_signals_invalidate_units(changes: list[str | None]) -> None:
         # A new unit set renews the matches: the new unit's signal comes through too.
         w.set_units([UNIT, "other.service"])
         assert wait_for(lambda: "other.service" in changes), changes
+    finally:
+        w.stop()
+
+
+def test_a_signal_before_ready_is_delivered_not_taken_for_a_failure(
+        changes: list[str | None]) -> None:
+    # The CI failure of 2026-11-29: a change that overtook "ready" failed the start with
+    # WorkerError("gunicorn.service").
+    w = WorkerInspect(make_stand_in, Config(), changes.append, units=[UNIT], watch=eager_bus)
+    w.start()
+    try:
+        assert changes == [UNIT]
+        assert w([UNIT]).units[0].unit == UNIT
     finally:
         w.stop()
 
