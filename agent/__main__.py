@@ -2,6 +2,6 @@
 
 import sys
 
-from agent.daemon import main
+from agent.daemon.main import main
 
 sys.exit(main())

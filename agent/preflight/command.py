@@ -7,10 +7,10 @@ from collections.abc import Callable
 from typing import TextIO
 
 from agent.errors import DriftwatchError
-from agent.inspection import inspect_unit
+from agent.privileged.inspection import inspect_unit
 from agent.preflight.plan import Plan, make_plan, render
 from agent.snapshot import UnitSnapshot
-from agent.sources.systemd import SystemdSource
+from agent.privileged.sources.systemd import SystemdSource
 
 EXIT_OK, EXIT_RISK, EXIT_ERROR = 0, 1, 2
 # Checks without which no plan can be made.

@@ -1,6 +1,6 @@
 """The live database, read-only: how big each affected table is, and what a lock would queue behind.
 
-One short read-only session (the agent's own, agent/sources/database.py) and three catalog
+One short read-only session (the agent's own, agent/privileged/sources/database.py) and three catalog
 queries: sizes from pg_class, locks held or awaited on those tables from pg_locks joined to
 pg_stat_activity, and sessions with an old or idle open transaction. None of them takes a lock
 on a user table (to_regclass and pg_total_relation_size do not), so the preflight itself can
@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from agent.context import AppContext
 from agent.privileged.dbclient import user_session
-from agent.sources import database
+from agent.privileged.sources import database
 
 # A transaction open longer than this is reported even if it holds no lock on the tables yet.
 LONG_TRANSACTION_SECONDS = 60.0

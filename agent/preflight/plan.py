@@ -26,7 +26,7 @@ from agent.preflight.risk import (
 )
 from agent.preflight.rules import analyze
 from agent.snapshot import UnitSnapshot
-from agent.sources.database import db_label
+from agent.privileged.sources.database import db_label
 
 POSTGRES_ONLY = ("the migration preflight is PostgreSQL-only: a {backend} database gets no "
                  "lock analysis (metadata locks and ALGORITHM=INPLACE/INSTANT are not "

@@ -1,6 +1,6 @@
 """Agent side of the offline-SQL probe: each pending revision's SQL, rendered as the unit's user.
 
-The probe child (agent/probe/child.py) runs with agent/probe/offline.py's text in front of
+The probe child (agent/asuser/probe_child.py) runs with agent/asuser/offline_sql.py's text in front of
 its own, in the app's interpreter and context, exactly as the inspection probe does; the
 request says ``mode: offline_sql`` and which revisions the database is at. Nothing here
 parses SQL: the text comes back and is read by rules.py.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.context import AppContext
-from agent.probe.runner import (
+from agent.privileged.probe_runner import (
     CHILD_SOURCE_PATH,
     PROTOCOL,
     ProbeRequest,
@@ -27,7 +27,7 @@ from agent.probe.runner import (
     secret_values,
 )
 
-OFFLINE_SOURCE_PATH = Path(__file__).resolve().parent.parent / "probe" / "offline.py"
+OFFLINE_SOURCE_PATH = Path(__file__).resolve().parent.parent / "asuser" / "offline_sql.py"
 # The child's report is hostile input: bounds on what is kept (and later parsed as root).
 MAX_TEXT = 200_000            # SQL per revision
 MAX_TOTAL_TEXT = 2_000_000    # SQL over all revisions
@@ -68,7 +68,7 @@ class OfflineResult:
 
 
 def probe_source() -> str:
-    """offline.py, then child.py: one source; child.py's main() runs last and dispatches."""
+    """offline_sql.py, then probe_child.py: one source; probe_child.py's main() runs last and dispatches."""
     return OFFLINE_SOURCE_PATH.read_text() + "\n\n" + CHILD_SOURCE_PATH.read_text()
 
 

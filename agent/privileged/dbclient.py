@@ -2,7 +2,7 @@
 running as the unit's user (agent/asuser/dbsession.py); root only sends SQL and parses
 bounded JSON rows.
 
-``user_session(ctx, url, timeouts)`` is a drop-in for ``agent.sources.database.session``:
+``user_session(ctx, url, timeouts)`` is a drop-in for ``agent.privileged.sources.database.session``:
 it yields an object with the small part of SQLAlchemy's Connection API the query functions
 use (execute -> scalar/scalars/first/one/iteration) and raises DatabaseProblem with a masked
 one-line reason when the session cannot be had.
@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from agent.context import AppContext
 from agent.privileged import transient
 from agent.privileged.launch import DBSESSION, bundle
-from agent.probe.runner import (
+from agent.privileged.probe_runner import (
     SYSTEMD_DEFAULT_PATH,
     ProbeSetupError,
     build_unit_env,
@@ -36,8 +36,8 @@ from agent.probe.runner import (
     scrub,
     secret_values,
 )
-from agent.sources.database import DatabaseProblem, Timeouts, db_label, describe_error
-from agent.sources.systemd import SystemdSource
+from agent.privileged.sources.database import DatabaseProblem, Timeouts, db_label, describe_error
+from agent.privileged.sources.systemd import SystemdSource
 
 DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
 APPLICATION_NAME = "driftwatch"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASUSER = Path(__file__).resolve().parent.parent / "asuser"
-PROBE_CHILD = Path(__file__).resolve().parent.parent / "probe" / "child.py"
+PROBE_CHILD = ASUSER / "probe_child.py"
 GUARD = ASUSER / "readonly.py"
 DBSESSION = ASUSER / "dbsession.py"
 

@@ -4,7 +4,7 @@ systemd itself then builds the child's context exactly as for the app: User=/Gro
 SupplementaryGroups=/DynamicUser=, Environment=/EnvironmentFile=/UnsetEnvironment=/
 PassEnvironment=, WorkingDirectory=, LoadCredential=/SetCredential=, PrivateTmp=,
 ProtectSystem=/ProtectHome=, Read*Paths=/BindPaths=, UMask= (see CARRIED_SETTINGS in
-agent/sources/systemd.py). Limits of our own are added (MemoryMax=, TasksMax=, LimitAS=,
+agent/privileged/sources/systemd.py). Limits of our own are added (MemoryMax=, TasksMax=, LimitAS=,
 RuntimeMaxSec=), and a stop kills the whole cgroup with SIGKILL, so nothing the app started
 (a grandchild in its own session included) outlives the probe. The child's stdin, stdout and
 stderr are file descriptors passed over D-Bus (StandardInputFileDescriptor= and friends),
@@ -147,7 +147,7 @@ class TransientUnit:
 
     def _unit_path(self) -> bytes:
         if self._path is None:
-            from agent.sources.systemd import MANAGER_IFACE, MANAGER_PATH
+            from agent.privileged.sources.systemd import MANAGER_IFACE, MANAGER_PATH
             self._path = self.source._call(MANAGER_PATH, MANAGER_IFACE, b"LoadUnit", b"s",
                                            [self.name.encode()])
         return self._path
@@ -155,7 +155,7 @@ class TransientUnit:
     def state(self) -> UnitState:
         """The unit's state; active "gone" once systemd forgot it."""
         from agent.errors import DriftwatchError
-        from agent.sources.systemd import PROPERTIES_IFACE, SERVICE_IFACE, UNIT_IFACE
+        from agent.privileged.sources.systemd import PROPERTIES_IFACE, SERVICE_IFACE, UNIT_IFACE
         try:
             path = self._unit_path()
             unit = self.source._call(path, PROPERTIES_IFACE, b"GetAll", b"s", [UNIT_IFACE])
@@ -177,7 +177,7 @@ class TransientUnit:
 
     def _manager(self, method: bytes, sig: bytes, args: list[Any]) -> None:
         from agent.errors import DriftwatchError
-        from agent.sources.systemd import MANAGER_IFACE, MANAGER_PATH
+        from agent.privileged.sources.systemd import MANAGER_IFACE, MANAGER_PATH
         try:
             self.source._call(MANAGER_PATH, MANAGER_IFACE, method, sig, args)
         except DriftwatchError:

@@ -7,10 +7,10 @@
     inspection is a fake costing --inspect-ms. Baseline: an uncached collector (every scrape
     inspects, the naive "collect on scrape"); driftwatch: SnapshotCache(min_interval_seconds=30).
     SnapshotCache(min_interval_seconds=0), single-flight only, is printed below the table.
-(b) probe memo: the app-context probe (agent.probe.runner.run_probe: a real Flask-Migrate app
+(b) probe memo: the app-context probe (agent.privileged.probe_runner.run_probe: a real Flask-Migrate app
     loaded in its own venv as www-data against a throwaway PostgreSQL) plus the agent's own
     database session, as an inspection without the memo does it, against the memo-hit path of
-    agent.inspector (fingerprint() + database.inspect()). Needs root and PostgreSQL 15.
+    agent.privileged.inspector (fingerprint() + database.inspect()). Needs root and PostgreSQL 15.
 (c) memory: peak RSS of the agent process (VmHWM; ru_maxrss where /proc is missing) after 1
     scrape and after 1000 cached ones.
 
@@ -111,9 +111,9 @@ def serve(mode: str, inspect_ms: float) -> None:
     """
     from prometheus_client.registry import CollectorRegistry
 
-    from agent.collector_cache import SnapshotCache
-    from agent.metrics import CollectorStats, DriftwatchCollector
-    from agent.server import AgentHTTPServer
+    from agent.daemon.collector_cache import SnapshotCache
+    from agent.daemon.metrics import CollectorStats, DriftwatchCollector
+    from agent.daemon.server import AgentHTTPServer
 
     inspect = FakeInspect(inspect_ms / 1000)
     if mode == "uncached":
@@ -297,9 +297,9 @@ def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
 
 
 def probe_memo(args: argparse.Namespace) -> ProbeBench:
-    from agent.probe import ProbeRequest, run_probe
-    from agent.probe.runner import fingerprint
-    from agent.sources import database
+    from agent.privileged.probe_runner import ProbeRequest, run_probe
+    from agent.privileged.probe_runner import fingerprint
+    from agent.privileged.sources import database
     from tests.harness.apps import app_venv, db_upgrade, new_workspace, write_app
     from tests.harness.postgres import PostgresCluster
 

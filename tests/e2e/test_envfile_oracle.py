@@ -502,8 +502,8 @@ ExecStart=/bin/sleep infinity
 }
 PREDICT = """
 import json
-from agent.inspection import inspect_unit
-from agent.sources.systemd import SystemdSource
+from agent.privileged.inspection import inspect_unit
+from agent.privileged.sources.systemd import SystemdSource
 s = SystemdSource()
 out = {{}}
 for name in {names!r}:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.upgrade import UPGRADE_LOCK_KEY
+from agent.cli.upgrade import UPGRADE_LOCK_KEY
 from tests.faults.terminal import INJECTOR, first_line_after
 from tests.harness.agent import AGENTCTL
 from tests.harness.apps import AppDir, AppSpec, Revision, db_upgrade, two_heads_spec
@@ -239,7 +239,11 @@ def test_upgrade_refused_while_another_holds_the_lock(site: SiteFactory) -> None
 
 
 def test_two_upgrades_at_once_one_is_refused(site: SiteFactory) -> None:
-    slow = Revision("r4", "r3", upgrade="op.execute('SELECT pg_sleep(6)')")
+    # r4 runs until the test releases it (a schema appears; at most 2 min), so the second
+    # upgrade surely comes while the first holds the lock, however loaded the machine is.
+    slow = Revision("r4", "r3", upgrade=(
+        "op.execute(\"DO $$ BEGIN FOR i IN 1..1200 LOOP EXIT WHEN EXISTS (SELECT "
+        "FROM pg_namespace WHERE nspname = 'release_r4'); PERFORM pg_sleep(0.1); END LOOP; END $$\")"))
     s = site(AppSpec().with_revisions(slow), upgrade_to="r3")
     argv = s.sb.nsenter_argv([AGENTCTL, "upgrade", "gunicorn", "--yes", "--probe-timeout", "30"])
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -256,6 +260,7 @@ def test_two_upgrades_at_once_one_is_refused(site: SiteFactory) -> None:
         assert holder, "the first upgrade never took the lock"
         second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     finally:
+        s.db.execute("CREATE SCHEMA release_r4")
         out, err = first.communicate(timeout=120)
     print(f"\nfirst: exit {first.returncode}; second: exit {second.returncode}: "
           f"{second.stderr.strip()}")

@@ -27,9 +27,9 @@ CONF = "/etc/site/gunicorn.conf.py"
 
 PROBE = """
 import json
-from agent.inspection import inspect_unit
-from agent.probe import ProbeRequest, run_probe
-from agent.sources.systemd import SystemdSource
+from agent.privileged.inspection import inspect_unit
+from agent.privileged.probe_runner import ProbeRequest, run_probe
+from agent.privileged.sources.systemd import SystemdSource
 ctx = inspect_unit(SystemdSource(), "gunicorn.service").context
 print(json.dumps(run_probe(ctx, ProbeRequest(), 30).as_dict()))
 """

@@ -16,7 +16,7 @@ UNIT = "dw-journal.service"
 ERROR = "psycopg2.errors.UndefinedColumn: column users.email does not exist"
 READER = (
     "import json, sys\n"
-    "from agent.sources.journal import JournalReader\n"
+    "from agent.privileged.sources.journal import JournalReader\n"
     "reader = JournalReader(sys.argv[1], cursor=sys.argv[2] or None)\n"
     "print(json.dumps({**reader.read().as_dict(), 'cursor': reader.cursor}))\n"
 )

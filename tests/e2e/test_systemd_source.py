@@ -15,7 +15,7 @@ pytestmark = pytest.mark.systemd
 FAKE_GUNICORN = "#!/bin/sh\nexec sleep infinity\n"
 READ = """
 import json, dataclasses
-from agent.sources.systemd import SystemdSource
+from agent.privileged.sources.systemd import SystemdSource
 s = SystemdSource()
 print(json.dumps(dataclasses.asdict(s.read_unit({name!r}))))
 """
@@ -77,7 +77,7 @@ def test_need_daemon_reload_after_editing_the_unit_file(sb: Sandbox) -> None:
     assert agent_python(sb, READ.format(name="gunicorn.service"))["need_daemon_reload"] is False
 
 
-DISCOVER = ("import json\nfrom agent.sources.systemd import SystemdSource\n"
+DISCOVER = ("import json\nfrom agent.privileged.sources.systemd import SystemdSource\n"
             "print(json.dumps(SystemdSource().discover({args})))")
 
 

@@ -1,4 +1,4 @@
-"""agent.watch against a real systemd in a sandbox: a restart reaches the callback at once."""
+"""agent.daemon.watch against a real systemd in a sandbox: a restart reaches the callback at once."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.systemd
 # Runs inside the sandbox with the checkout's venv: watch, restart, report what was seen.
 SCRIPT = r"""
 import json, subprocess, threading, time
-from agent.watch import UnitWatcher
+from agent.daemon.watch import UnitWatcher
 seen, hit = [], threading.Event()
 def on_change(unit):
     seen.append((unit, time.monotonic()))

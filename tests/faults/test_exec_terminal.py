@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # What agentctl exec does once the plan is made: run_exec as uid 65534 (nobody).
 RUN_EXEC = """
 import sys
-from agent.unitexec import ExecPlan, run_exec
+from agent.cli.unitexec import ExecPlan, run_exec
 plan = ExecPlan(unit="t.service", argv=tuple(sys.argv[1:]), cwd="/",
                 env={"PATH": "/usr/bin:/bin"}, user="nobody", uid=65534,
                 drop={"user": 65534, "group": 65534, "extra_groups": []})

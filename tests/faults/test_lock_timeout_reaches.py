@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from agent import upgrade_child
+from agent.asuser import upgrade_child
 from tests.harness.postgres import PgDatabase
 
 pytestmark = pytest.mark.postgres

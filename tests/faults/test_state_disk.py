@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import FULL, OK, READ_ONLY, StateStore
+from agent.privileged.state import FULL, OK, READ_ONLY, StateStore
 from tests.faults.mounts import fill, read_only_bind, tmpfs
 
 UNIT = "gunicorn.service"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state import OK, StateStore
+from agent.privileged.state import OK, StateStore
 
 UNIT = "gunicorn.service"
 

@@ -91,7 +91,7 @@ def readable_agentctl() -> str:
     shutil.copytree(REPO_ROOT / "agent", dest / "agent", copy_function=shutil.copy2,
                     ignore=shutil.ignore_patterns("__pycache__"))
     (tmp / "bin" / "agentctl").write_text(
-        f"#!{target}/bin/python\nimport sys\nfrom agent.cli import main\nsys.exit(main())\n")
+        f"#!{target}/bin/python\nimport sys\nfrom agent.cli.main import main\nsys.exit(main())\n")
     (tmp / "bin" / "agentctl").chmod(0o755)
     for path in (READABLE_ROOT.parent, READABLE_ROOT, tmp):
         path.chmod(0o755)

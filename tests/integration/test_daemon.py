@@ -289,12 +289,12 @@ def test_sigterm_outside_systemd_stops_the_probes_it_started(tmp_path: Path) -> 
 
 
 def worker_pids(proc: subprocess.Popen[bytes]) -> list[int]:
-    """The agent's worker processes (its children running agent.daemon_worker)."""
+    """The agent's worker processes (its children running agent.daemon.worker)."""
     import psutil
     pids = []
     for child in psutil.Process(proc.pid).children():
         try:
-            if "agent.daemon_worker" in " ".join(child.cmdline()):
+            if "agent.daemon.worker" in " ".join(child.cmdline()):
                 pids.append(child.pid)
         except psutil.Error:   # a zombie not reaped yet is no worker
             pass

@@ -1,4 +1,4 @@
-"""agent.daemon_worker: the worker protocol with real worker processes (stand-in inspectors
+"""agent.daemon.worker: the worker protocol with real worker processes (stand-in inspectors
 and a stand-in bus; the real systemd side is covered by tests/faults/test_pid1_frozen.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.config import Config
-from agent.daemon_worker import WorkerError, WorkerInspect
+from agent.daemon.worker import WorkerError, WorkerInspect
 from agent.snapshot import MigrationState, Snapshot, UnitSnapshot
 
 UNIT = "gunicorn.service"
@@ -245,7 +245,7 @@ def make_picky(config: Config) -> StandInInspector:
 def test_reload_starts_a_new_worker_and_a_refused_config_keeps_the_running_one(
         tmp_path: Any) -> None:
     from agent.config import load_config
-    from agent.daemon import Daemon
+    from agent.daemon.main import Daemon
 
     path = tmp_path / "agent.toml"
     base = '[agent]\nlisten_address = "127.0.0.1:0"\n'

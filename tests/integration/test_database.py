@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from agent.checks.migrations import privilege_findings
-from agent.sources import connections, database
+from agent.privileged.sources import connections, database
 from tests.harness.postgres import PgDatabase, PostgresCluster, free_port
 
 pytestmark = pytest.mark.postgres

@@ -20,8 +20,8 @@ import pytest
 from agent.checks import migrations as migration_checks
 from agent.context import ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties
-from agent.probe import ProbeRequest, ProbeResult, run_probe
-from agent.sources import database
+from agent.privileged.probe_runner import ProbeRequest, ProbeResult, run_probe
+from agent.privileged.sources import database
 from tests.harness.apps import (
     APP_USER,
     SQLALCHEMY_14_REQUIREMENTS,

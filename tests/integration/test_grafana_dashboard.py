@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from agent.config import Config
-from agent.daemon import Daemon
-from agent.metrics import ALL_SPECS
+from agent.daemon.main import Daemon
+from agent.daemon.metrics import ALL_SPECS
 from tests.conftest import skip_or_fail
 from tests.harness.prometheus import PrometheusServer, prometheus_unavailable_reason
 from tests.integration.test_server import FakeInspect
@@ -181,7 +181,7 @@ def test_every_expression_uses_only_existing_metrics() -> None:
         names = metric_names(expr)
         assert names, f"{where}: no metric in {expr}"
         unknown += [f"{where}: {name}" for name in sorted(names - KNOWN_METRICS)]
-    assert not unknown, "metrics not defined in agent.metrics.ALL_SPECS:\n" + "\n".join(unknown)
+    assert not unknown, "metrics not defined in agent.daemon.metrics.ALL_SPECS:\n" + "\n".join(unknown)
 
 
 def test_rates_only_over_counters() -> None:

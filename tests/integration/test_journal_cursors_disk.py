@@ -16,7 +16,7 @@ CURSOR = "s=0a1b;i=2f;b=9c;m=1e;t=5d;x=77"
 NEWER = "s=0a1b;i=30;b=9c;m=1e;t=5e;x=78"
 SAVE = (
     "import json, os, sys\n"
-    "from agent.journal_cursors import CursorFile\n"
+    "from agent.privileged.journal_cursors import CursorFile\n"
     "files = CursorFile(sys.argv[1])\n"
     "before = files.load()\n"
     "ok = files.save({'app.service': sys.argv[2]})\n"

@@ -18,8 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from agent.privileged.dbclient import user_session
-from agent.probe import ProbeRequest, run_probe
-from agent.sources import database
+from agent.privileged.probe_runner import ProbeRequest, run_probe
+from agent.privileged.sources import database
 from tests.conftest import skip_or_fail
 from tests.harness.apps import AppDir, AppSpec, db_upgrade, db_write_hook
 from tests.harness.pgbouncer import PgBouncer, pgbouncer_unavailable_reason

@@ -12,8 +12,8 @@ import pytest
 
 from agent.context import AppContext, ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties
-from agent.probe import ProbeRequest, ProbeResult, run_probe
-from agent.probe.runner import fingerprint
+from agent.privileged.probe_runner import ProbeRequest, ProbeResult, run_probe
+from agent.privileged.probe_runner import fingerprint
 from tests.harness.apps import (
     APP_USER,
     SQLALCHEMY_14_REQUIREMENTS,
@@ -514,8 +514,8 @@ def test_without_gunicorn_the_execstart_parse_still_works(
 def test_resolve_only_gives_chdir_pythonpath_and_raw_env_without_importing_the_app(
         make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
         pg_database: PgDatabase, capfd: pytest.CaptureFixture[str]) -> None:
-    from agent.probe.runner import resolve_gunicorn_config
-    from agent.unitexec import plan_exec, run_captured
+    from agent.privileged.probe_runner import resolve_gunicorn_config
+    from agent.cli.unitexec import plan_exec, run_captured
 
     # Importing the app would fail: resolve-only must never do it.
     app = make_app(AppSpec(on_import="raise RuntimeError('the app was imported')\n"))
@@ -557,8 +557,8 @@ def test_resolve_only_gives_chdir_pythonpath_and_raw_env_without_importing_the_a
 def test_resolve_only_broken_config_is_a_scrubbed_one_line_error(
         make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path,
         pg_database: PgDatabase) -> None:
-    from agent.probe.runner import resolve_gunicorn_config
-    from agent.unitexec import GunicornConfigError, plan_exec
+    from agent.privileged.probe_runner import resolve_gunicorn_config
+    from agent.cli.unitexec import GunicornConfigError, plan_exec
 
     app = make_app()
     conf = write_file(app_workspace / "etc" / "gunicorn.conf.py", (
@@ -578,8 +578,8 @@ def test_resolve_only_broken_config_is_a_scrubbed_one_line_error(
 
 def test_resolve_only_without_gunicorn_falls_back_to_execstart(
         make_app: Callable[..., AppDir], flask_venv: Path, app_workspace: Path) -> None:
-    from agent.probe.runner import resolve_gunicorn_config
-    from agent.unitexec import plan_exec
+    from agent.privileged.probe_runner import resolve_gunicorn_config
+    from agent.cli.unitexec import plan_exec
 
     app = make_app()
     venv = venv_without_gunicorn(flask_venv, app_workspace)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config
-from agent.daemon import Daemon
+from agent.daemon.main import Daemon
 from tests.conftest import skip_or_fail
 from tests.integration.test_server import FakeInspect
 
@@ -91,7 +91,7 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
 def test_every_alert_has_severity_summary_description_and_metric_exists() -> None:
     text = RULES.read_text()
     blocks = re.split(r"^\s*-\s*alert:", text, flags=re.MULTILINE)[1:]
-    from agent.metrics import ALL_SPECS
+    from agent.daemon.metrics import ALL_SPECS
     names = {s.full_name for s in ALL_SPECS} | {"up"}
     for block in blocks:
         name = block.split()[0]
@@ -112,7 +112,7 @@ def test_every_alert_has_a_runbook_anchor_in_the_readme() -> None:
 
 def test_rule_tests_use_the_label_values_the_agent_exports() -> None:
     """Every series in the promtool tests: a real metric, its real labels, real values."""
-    from agent.metrics import ALL_SPECS, LABEL_VALUES
+    from agent.daemon.metrics import ALL_SPECS, LABEL_VALUES
     specs = {s.full_name: s for s in ALL_SPECS}
     series = re.findall(r'series:\s*"?([a-z_]+)\{(.*?)\}"?\s*$',
                         RULE_TESTS.read_text(), re.MULTILINE)

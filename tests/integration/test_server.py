@@ -1,4 +1,4 @@
-"""agent.server over real HTTP on 127.0.0.1: /metrics, gzip, /status, /healthz, 404, TLS."""
+"""agent.daemon.server over real HTTP on 127.0.0.1: /metrics, gzip, /status, /healthz, 404, TLS."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import Config, TLSConfig
-from agent.daemon import Daemon
-from agent.server import AgentHTTPServer, ListenError
+from agent.daemon.main import Daemon
+from agent.daemon.server import AgentHTTPServer, ListenError
 from agent.snapshot import Snapshot
 from tests.unit.test_metrics import SECRET, broken_unit, unknown_unit
 from tests.conftest import skip_or_fail

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent.privileged.dbclient import user_session
-from agent.probe import ProbeRequest, ProbeResult, run_probe
-from agent.sources import sqlite
-from agent.sources.database import backend_of, db_label
+from agent.privileged.probe_runner import ProbeRequest, ProbeResult, run_probe
+from agent.privileged.sources import sqlite
+from agent.privileged.sources.database import backend_of, db_label
 from tests.harness.apps import (
     APP_USER,
     AppDir,

@@ -21,8 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from agent.context import AppContext, ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties
 from agent.privileged.dbclient import user_session
-from agent.probe import ProbeRequest, run_probe
-from agent.sources import database
+from agent.privileged.probe_runner import ProbeRequest, run_probe
+from agent.privileged.sources import database
 from tests.harness.apps import APP_USER, AppDir, AppSpec, db_upgrade, db_write_hook, new_workspace
 from tests.harness.postgres import PgDatabase, sqlalchemy_url
 from tests.integration.test_probe import make_ctx

@@ -27,9 +27,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import Config
-from agent.daemon import Daemon
+from agent.daemon.main import Daemon
 from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
-from agent.statusclient import fetch_status_unix
+from agent.cli.statusclient import fetch_status_unix
 from tests.conftest import skip_or_fail
 from tests.harness.prometheus import PrometheusServer, prometheus_unavailable_reason
 from tests.integration.test_server import FakeInspect
@@ -520,9 +520,9 @@ def test_a_version_table_of_90000_rows_is_one_series(pg_database: object) -> Non
     """The app's role controls alembic_version: 90,000 rows once gave 90,000 series."""
     from prometheus_client.registry import CollectorRegistry
 
-    from agent.metrics import DriftwatchCollector
+    from agent.daemon.metrics import DriftwatchCollector
     from agent.snapshot import MigrationState
-    from agent.sources import database
+    from agent.privileged.sources import database
 
     db = pg_database
     db.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)",  # type: ignore[attr-defined]

@@ -6,10 +6,10 @@ import pytest
 
 from agent.asuser.readonly import ReadOnlyGuardError, open_sqlite_read_only, sqlite_uri
 from agent.asuser.dbsession import sqlite_path
-from agent.inspector import not_inspected_finding
-from agent.probe.child import absolute_sqlite
-from agent.sources.database import backend_of, db_label, url_host_port
-from agent.sources.sqlite import OpenFile, database_path_of, file_verdict, is_missing
+from agent.privileged.inspector import not_inspected_finding
+from agent.asuser.probe_child import absolute_sqlite
+from agent.privileged.sources.database import backend_of, db_label, url_host_port
+from agent.privileged.sources.sqlite import OpenFile, database_path_of, file_verdict, is_missing
 
 
 @pytest.mark.parametrize("url,backend,label", [

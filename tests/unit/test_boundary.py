@@ -9,8 +9,8 @@ from agent.context import ContextInputs, build_context, unset_names
 from agent.model import ExecCommand, UnitProperties
 from agent.privileged import transient
 from agent.privileged.dbclient import parse_answer, rows_of
-from agent.probe.runner import ProbeRequest, ProbeResult, unreadable_as_stand_in
-from agent.sources.systemd import exec_settings_from_dbus
+from agent.privileged.probe_runner import ProbeRequest, ProbeResult, unreadable_as_stand_in
+from agent.privileged.sources.systemd import exec_settings_from_dbus
 
 
 def props(**kw: object) -> UnitProperties:
@@ -193,7 +193,7 @@ def test_bundle_puts_the_guard_first() -> None:
 
 def test_probe_settings_in_the_config() -> None:
     from agent.config import ConfigError, parse_config
-    from agent.inspector import InspectorSettings
+    from agent.privileged.inspector import InspectorSettings
 
     config = parse_config('[agent]\nprobe_user = "driftprobe"\nprobe_memory_max_mb = 1024\n')
     settings = InspectorSettings.from_config(config)

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from agent.cli import build_parser
+from agent.cli.main import build_parser
 from agent.context import AppContext
 from agent.errors import AccessDenied
 from agent.execstart import LaunchSpec
 from agent.model import UnitProperties
 from agent.snapshot import CheckRun, MigrationState, UnitSnapshot
-from agent.unitexec import (
+from agent.cli.unitexec import (
     ExecError,
     GunicornConfigError,
     apply_gunicorn_config,
@@ -22,8 +22,8 @@ from agent.unitexec import (
     prepend_path,
     unit_environment,
 )
-from agent.probe.runner import Identity, ResolvedConfig
-from agent.upgrade import (
+from agent.privileged.probe_runner import Identity, ResolvedConfig
+from agent.cli.upgrade import (
     Decision,
     Upgrader,
     UpgradeError,
@@ -206,7 +206,7 @@ def test_broken_config_is_one_line_exec_error_125() -> None:
 
 
 def test_broken_config_stops_upgrade_with_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.upgrade as upgrade_mod
+    import agent.cli.upgrade as upgrade_mod
 
     monkeypatch.setattr(upgrade_mod, "inspect_unit",
                         lambda systemd, name: type("I", (), {"context": make_ctx()})())
@@ -392,7 +392,7 @@ def test_upgrade_cli_options() -> None:
 
 
 def test_child_reports_and_pgoptions() -> None:
-    from agent.upgrade import child_event, describe_holders, with_lock_timeout
+    from agent.cli.upgrade import child_event, describe_holders, with_lock_timeout
 
     assert with_lock_timeout("", 5000) == "-c lock_timeout=5000"
     assert with_lock_timeout("-c search_path=app ", 250) == \
@@ -407,7 +407,7 @@ def test_child_reports_and_pgoptions() -> None:
 
 
 def test_child_helpers_are_pure() -> None:
-    from agent import upgrade_child as child
+    from agent.asuser import upgrade_child as child
 
     assert [child.to_ms(v) for v in ("5s", "250ms", "1min", "0", "2h")] == [
         5000, 250, 60000, 0, 7200000]
@@ -422,7 +422,7 @@ def test_child_helpers_are_pure() -> None:
 
 
 def test_upgrade_bounds_from_agent_toml() -> None:
-    from agent.cli import pick
+    from agent.cli.main import pick
     from agent.config import Config, parse_config
     from agent.errors import ConfigError
 

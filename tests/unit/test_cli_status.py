@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from agent.render import exit_code_of_dicts, format_age, render_status
+from agent.cli.render import exit_code_of_dicts, format_age, render_status
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.model import Finding
-from agent.statusclient import client_address, fetch_status, status_url
+from agent.cli.statusclient import client_address, fetch_status, status_url
 
 NOW = 1_700_000_100.0
 

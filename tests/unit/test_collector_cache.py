@@ -1,4 +1,4 @@
-"""agent.collector_cache: single-flight, minimum interval, invalidation."""
+"""agent.daemon.collector_cache: single-flight, minimum interval, invalidation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 
-from agent.collector_cache import ALL_UNITS, SnapshotCache, mark_running, merge_snapshots
+from agent.daemon.collector_cache import ALL_UNITS, SnapshotCache, mark_running, merge_snapshots
 from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.collector_cache import SnapshotCache
+from agent.daemon.collector_cache import SnapshotCache
 from agent.snapshot import Snapshot, UnitSnapshot
 
 

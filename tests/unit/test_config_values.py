@@ -79,7 +79,7 @@ def test_command_line_seconds_accepted(text: str, value: float) -> None:
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
 def test_agentctl_refuses_bad_timeouts(flag: str, value: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from agent.cli import build_parser
+    from agent.cli.main import build_parser
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["check", f"{flag}={value}"])
     assert exit_info.value.code == 2

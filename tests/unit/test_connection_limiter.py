@@ -1,10 +1,10 @@
-"""agent.server.ConnectionLimiter with an injected clock: cap, eviction, refusal, deadlines."""
+"""agent.daemon.server.ConnectionLimiter with an injected clock: cap, eviction, refusal, deadlines."""
 
 from __future__ import annotations
 
 import socket
 
-from agent.server import ConnectionLimiter
+from agent.daemon.server import ConnectionLimiter
 
 
 class Clock:

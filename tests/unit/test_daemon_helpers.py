@@ -1,4 +1,4 @@
-"""agent.daemon's pure helpers: STATUS line, watchdog interval, log format, sd_notify."""
+"""agent.daemon.main's pure helpers: STATUS line, watchdog interval, log format, sd_notify."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from agent.config import Config
-from agent.daemon import (_Formatter, _socket_notify, candidate_predicate, sd_notify,
+from agent.daemon.main import (_Formatter, _socket_notify, candidate_predicate, sd_notify,
                           status_line, watchdog_interval)
 from agent.model import Finding
 from agent.snapshot import MigrationState, Snapshot, UnitSnapshot

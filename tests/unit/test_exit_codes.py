@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from agent import cli
+from agent.cli import main as cli
 from agent.checks.unit import UnitFacts, unit_findings
 from agent.context import ContextInputs, build_context
-from agent.inspection import UnitReport
+from agent.privileged.inspection import UnitReport
 from agent.model import ExecCommand, Finding, UnitProperties
-from agent.render import ESSENTIAL_CHECKS, exit_code, exit_code_of_dicts, has_problems
+from agent.cli.render import ESSENTIAL_CHECKS, exit_code, exit_code_of_dicts, has_problems
 from agent.snapshot import CheckRun, Snapshot, UnitSnapshot
 
 UNIT = "gunicorn.service"
@@ -91,7 +91,7 @@ def test_status_exit_code(monkeypatch: pytest.MonkeyPatch, label: str,
 def test_status_exit_code_from_the_agent(monkeypatch: pytest.MonkeyPatch, label: str,
                                          findings: tuple[Finding, ...],
                                          failed: tuple[str, ...], code: int) -> None:
-    from agent import statusclient
+    from agent.cli import statusclient
 
     data = Snapshot((snap(findings, failed),)).as_dict()
 

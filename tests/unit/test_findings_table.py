@@ -12,7 +12,7 @@ from agent.checks.schema import BREAKING, KINDS, describe, drift_findings, drift
 from agent.checks.unit import UnitFacts, unit_findings
 from agent.context import ContextInputs, build_context
 from agent.model import ExecCommand, Finding, ProcessInfo, UnitProperties
-from agent.probe.runner import ProbeResult
+from agent.privileged.probe_runner import ProbeResult
 
 UNIT = "gunicorn.service"
 VENV = "/srv/app/venv"

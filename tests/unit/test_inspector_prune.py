@@ -3,7 +3,7 @@ goes away, so a host that churns units does not grow the agent forever."""
 
 from __future__ import annotations
 
-from agent.inspector import Inspector, InspectorSettings
+from agent.privileged.inspector import Inspector, InspectorSettings
 from agent.snapshot import UnitSnapshot
 
 

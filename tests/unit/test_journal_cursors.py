@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.inspector import Inspector, InspectorSettings, _Timer
-from agent.journal_cursors import FILE_NAME, CursorFile, parse, valid_cursor
-from agent.sources.journal import UNDEFINED_TABLE, JournalReader
+from agent.privileged.inspector import Inspector, InspectorSettings, _Timer
+from agent.privileged.journal_cursors import FILE_NAME, CursorFile, parse, valid_cursor
+from agent.privileged.sources.journal import UNDEFINED_TABLE, JournalReader
 from tests.unit.test_journal_parse import FakeJournalctl, entry
 
 CURSOR = "s=0a1b;i=2f;b=9c;m=1e;t=5d;x=77"

@@ -6,7 +6,7 @@ import json
 import subprocess
 from typing import Any
 
-from agent.sources.journal import (
+from agent.privileged.sources.journal import (
     UNDEFINED_COLUMN,
     UNDEFINED_TABLE,
     ErrorWindow,

@@ -1,10 +1,10 @@
-"""Last known values through an outage: agent.inspector.last_known, pure."""
+"""Last known values through an outage: agent.privileged.inspector.last_known, pure."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agent.inspector import last_known
+from agent.privileged.inspector import last_known
 from agent.model import Finding
 from agent.snapshot import CheckRun, DriftItem, MigrationState, UnitSnapshot
 
@@ -79,7 +79,7 @@ def test_nothing_known_before_stays_unknown() -> None:
 def test_newest_file_can_leave_the_migrations_directory_out(tmp_path: Path) -> None:
     import os
 
-    from agent.sources.files import newest_file
+    from agent.privileged.sources.files import newest_file
     (tmp_path / "migrations" / "versions").mkdir(parents=True)
     app, rev = tmp_path / "app.py", tmp_path / "migrations" / "versions" / "r2.py"
     app.write_text("x = 1\n")
@@ -91,7 +91,7 @@ def test_newest_file_can_leave_the_migrations_directory_out(tmp_path: Path) -> N
 
 
 def test_modified_files_names_only_applied_revisions_whose_file_changed() -> None:
-    from agent.inspector import modified_files
+    from agent.privileged.inspector import modified_files
     revisions = [{"revision": "r1", "path": "/app/migrations/versions/r1_users.py", "sha256": "a"},
                  {"revision": "r2", "path": "/app/migrations/versions/r2_name.py", "sha256": "B"},
                  {"revision": "r3", "path": "/app/migrations/versions/r3_posts.py", "sha256": "c"}]

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.inspector import Inspector, InspectorSettings
-from agent.metrics import snapshot_families
+from agent.privileged.inspector import Inspector, InspectorSettings
+from agent.daemon.metrics import snapshot_families
 from agent.snapshot import UnitSnapshot
-from agent.sources import database
+from agent.privileged.sources import database
 from tests.unit.test_unit_independence import (
     HEALTHY,
     HEALTHY_REPORT,

@@ -189,9 +189,9 @@ def test_agentctl_context_shows_no_exec_start_secret() -> None:
     import io
     import json
 
-    from agent import cli
+    from agent.cli import main as cli
     from agent.context import ContextInputs, build_context
-    from agent.inspection import UnitReport
+    from agent.privileged.inspection import UnitReport
     from agent.model import ExecCommand, ProcessInfo, UnitProperties
 
     argv = ("/srv/venv/bin/gunicorn", "-e", f"SECRET_KEY={PW}", f"--env=DB_PASSWORD={PW}",

@@ -1,4 +1,4 @@
-"""agent.metrics: literal Snapshots in, samples out (fresh registry, get_sample_value)."""
+"""agent.daemon.metrics: literal Snapshots in, samples out (fresh registry, get_sample_value)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
-from agent.metrics import (ALL_SPECS, CollectorStats, DriftwatchCollector, safe_database_label)
+from agent.daemon.metrics import (ALL_SPECS, CollectorStats, DriftwatchCollector, safe_database_label)
 from agent.model import Finding
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 
@@ -200,9 +200,9 @@ def test_the_check_catalogue_is_the_inspectors() -> None:
     import re
     from pathlib import Path
 
-    import agent.inspector
-    from agent.metrics import CHECKS
-    source = Path(agent.inspector.__file__).read_text()
+    import agent.privileged.inspector
+    from agent.daemon.metrics import CHECKS
+    source = Path(agent.privileged.inspector.__file__).read_text()
     used = set(re.findall(r'timer\.check\("(\w+)"\)|name = "(\w+)"|CheckRun\("(\w+)"', source))
     assert {a or b or c for a, b, c in used} == set(CHECKS)
 

@@ -8,17 +8,17 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.cli import build_parser
-from agent.metrics import CollectorStats, DriftwatchCollector
+from agent.cli.main import build_parser
+from agent.daemon.metrics import CollectorStats, DriftwatchCollector
 from agent.model import UnitProperties
 from agent.preflight.plan import Plan
 from agent.preflight.risk import RevisionRisk
 from agent.preflight.watch import PreflightWatch, finding, summary
 from agent.preflight.probe import OfflineResult, OfflineRevision
 from agent.preflight.live import LiveState, TableSize
-from agent.render import status_rows
+from agent.cli.render import status_rows
 from agent.snapshot import CheckRun, MigrationState, Snapshot, UnitSnapshot
-from agent.upgrade import Upgrader, UpgradeError, UpgradeOptions
+from agent.cli.upgrade import Upgrader, UpgradeError, UpgradeOptions
 
 AT_R1 = MigrationState(True, current=("r1",), heads=("r3",), pending=("r2", "r3"))
 CHECKS = tuple(CheckRun(n, True, 0.01) for n in ("unit", "app_load", "database", "migrations"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-CHILD = Path(__file__).resolve().parents[2] / "agent" / "probe" / "child.py"
+CHILD = Path(__file__).resolve().parents[2] / "agent" / "asuser" / "probe_child.py"
 
 # Runs child.main() in a fresh interpreter, as if it were uid/euid 0 (or not).
 WRAPPER = """
@@ -20,7 +20,7 @@ uid = int(sys.argv[1])
 os.getuid = lambda: uid
 os.geteuid = lambda: uid
 sys.path.insert(0, sys.argv[2])
-import child
+import probe_child as child
 child.main(sys.argv[3:])
 """
 

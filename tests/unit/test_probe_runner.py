@@ -11,8 +11,8 @@ import pytest
 
 from agent.context import AppContext
 from agent.execstart import LaunchSpec
-from agent.probe import child
-from agent.probe.runner import (
+from agent.asuser import probe_child as child
+from agent.privileged.probe_runner import (
     CHILD_SOURCE_PATH,
     Identity,
     ProbeRequest,

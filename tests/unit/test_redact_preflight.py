@@ -3,8 +3,8 @@ and agentctl renders that redacted view (it once crashed with KeyError: 'risk').
 
 from __future__ import annotations
 
-from agent.redact import REDACTED, redact_status
-from agent.render import status_rows
+from agent.daemon.redact import REDACTED, redact_status
+from agent.cli.render import status_rows
 
 
 def status_with_preflight() -> dict:

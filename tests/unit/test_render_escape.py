@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.context import ContextInputs, build_context
-from agent.inspection import UnitReport
+from agent.privileged.inspection import UnitReport
 from agent.model import ExecCommand, Finding, UnitProperties
-from agent.render import (
+from agent.cli.render import (
     escape_terminal,
     render_check,
     render_context,
@@ -102,7 +102,7 @@ def test_status(source: dict[str, str]) -> None:
 
 
 def test_agentctl_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import cli
+    from agent.cli import main as cli
 
     p = UnitProperties(name="gunicorn.service", load_state="loaded", active_state="active",
                        sub_state="running", environment=(f"GREETING={HOSTILE}",),

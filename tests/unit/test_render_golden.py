@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from agent.context import ContextInputs, build_context
-from agent.inspection import UnitReport
+from agent.privileged.inspection import UnitReport
 from agent.model import ExecCommand, Finding, ProcessInfo, UnitProperties
-from agent.render import check_json, not_inspectable, render_check, render_context
+from agent.cli.render import check_json, not_inspectable, render_check, render_context
 from agent.snapshot import CheckRun, DriftItem, MigrationState, UnitSnapshot
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.checks.migrations import evaluate, revisions_from_dicts
-from agent.probe import child
+from agent.asuser import probe_child as child
 
 UNIT = "gunicorn.service"
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.sql.elements import TextClause
 
 from agent.preflight import live
-from agent.sources import database
+from agent.privileged.sources import database
 
 
 def _sql_constants() -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ import stat
 import threading
 from pathlib import Path
 
-from agent.state import StateStore
+from agent.privileged.state import StateStore
 
 UNIT = "gunicorn.service"
 HASHES = {"a": "1" * 64, "b": "2" * 64, "c": "3" * 64}
@@ -109,7 +109,7 @@ def test_only_sqlite_verdicts_mean_corruption(tmp_path: Path) -> None:
     import errno
     import sqlite3
 
-    from agent.state import CORRUPT, ERROR, FULL, READ_ONLY, Corrupt, classify
+    from agent.privileged.state import CORRUPT, ERROR, FULL, READ_ONLY, Corrupt, classify
 
     def sqlite_error(code: int) -> sqlite3.Error:
         exc = sqlite3.OperationalError("x")
@@ -131,7 +131,7 @@ def test_only_sqlite_verdicts_mean_corruption(tmp_path: Path) -> None:
 def test_condition_is_exported_as_a_gauge() -> None:
     from prometheus_client import CollectorRegistry
 
-    from agent.metrics import DriftwatchCollector
+    from agent.daemon.metrics import DriftwatchCollector
     from agent.snapshot import Snapshot
 
     registry = CollectorRegistry()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.render import format_age, render_status, status_rows, unit_state_word
+from agent.cli.render import format_age, render_status, status_rows, unit_state_word
 from agent.snapshot import CheckRun, DriftItem, MigrationState, UnitSnapshot
 
 NOW = 10000.0

@@ -1,10 +1,10 @@
-"""agent.statusclient: who owns the TCP listener agentctl would ask, from literal /proc/net."""
+"""agent.cli.statusclient: who owns the TCP listener agentctl would ask, from literal /proc/net."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agent.statusclient import listener_uids, untrusted_listener
+from agent.cli.statusclient import listener_uids, untrusted_listener
 
 HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
           "timeout inode\n")

@@ -26,16 +26,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import cli
-from agent.inspector import Inspector, InspectorSettings
-from agent.metrics import snapshot_families
+from agent.cli import main as cli
+from agent.privileged.inspector import Inspector, InspectorSettings
+from agent.daemon.metrics import snapshot_families
 from agent.model import ExecCommand, UnitProperties
-from agent.probe.runner import ProbeResult, parse_report
-from agent.render import render_check
+from agent.privileged.probe_runner import ProbeResult, parse_report
+from agent.cli.render import render_check
 from agent.snapshot import Snapshot
-from agent.sources import connections, database
-from agent.sources.journal import JournalScan
-from agent.state import StateStore
+from agent.privileged.sources import connections, database
+from agent.privileged.sources.journal import JournalScan
+from agent.privileged.state import StateStore
 
 HEALTHY, HOSTILE = "healthy.service", "hostile.service"
 HEALTHY_URL = "postgresql+psycopg2://app:s3cret-pw@127.0.0.1:5432/app"
@@ -141,7 +141,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, rows: dict[str, Any]) -> Iterator[Non
         # No DNS for hostile host names: only literals resolve.
         m.setattr(connections, "resolve_host", lambda host, port=5432:
                   connections.literal_addresses(host))
-        m.setattr("agent.inspector.JournalReader", FakeJournal)
+        m.setattr("agent.privileged.inspector.JournalReader", FakeJournal)
         yield
 
 

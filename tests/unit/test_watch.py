@@ -1,4 +1,4 @@
-"""agent.watch: signal handling against a fake bus (the real bus is covered by e2e tests)."""
+"""agent.daemon.watch: signal handling against a fake bus (the real bus is covered by e2e tests)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent import watch
-from agent.watch import UnitWatcher, relevant_change, unit_object_path
+from agent.daemon import watch
+from agent.daemon.watch import UnitWatcher, relevant_change, unit_object_path
 
 
 class FakeMessage:

@@ -1,4 +1,4 @@
-"""agent.webconfig (exporter-toolkit's web config format) and agent.redact, on literal inputs."""
+"""agent.daemon.webconfig (exporter-toolkit's web config format) and agent.daemon.redact, on literal inputs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import bcrypt
 import pytest
 
 from agent.errors import ConfigError
-from agent.redact import REDACTED, redact_status
+from agent.daemon.redact import REDACTED, redact_status
 from agent.snapshot import Snapshot
-from agent.webconfig import BasicAuth, parse_basic, parse_web_config, peer_san_allowed
+from agent.daemon.webconfig import BasicAuth, parse_basic, parse_web_config, peer_san_allowed
 from tests.unit.test_metrics import SECRET, broken_unit, unknown_unit
 
 # htpasswd -nBC 10 "" output style ($2y$), as exporter-toolkit's docs show; password "s3cret".
@@ -115,7 +115,7 @@ def test_client_auth_types_map_to_ssl() -> None:
     web = parse_web_config("tls_server_config: {cert_file: a, key_file: b, "
                            "client_auth_type: VerifyClientCertIfGiven}")
     assert web.tls is not None and web.tls.verifies_clients
-    from agent.webconfig import CLIENT_AUTH
+    from agent.daemon.webconfig import CLIENT_AUTH
     assert CLIENT_AUTH[web.tls.client_auth_type] == ssl.CERT_OPTIONAL
 
 

@@ -9,8 +9,8 @@ from agent.checks.workers_database import (
     mismatch_findings,
     restart_verdict,
 )
-from agent.sources.connections import ObservedConnection, name_connections
-from agent.sources.database import RoleSession
+from agent.privileged.sources.connections import ObservedConnection, name_connections
+from agent.privileged.sources.database import RoleSession
 
 GRAPH = [Revision("r1"), Revision("r2", ("r1",)), Revision("r3", ("r2",))]
 

@@ -3,7 +3,7 @@
 pystemd holds the GIL during sd_bus_call(), so while systemd (PID 1) does not answer, every
 D-Bus call stalls its whole process for the bus timeout. Run in the daemon's own process, that
 stalled the HTTP threads too; here only this worker stalls, and the daemon keeps answering
-scrapes from the last snapshot. The worker is a fresh `python -m agent.daemon_worker` (never a
+scrapes from the last snapshot. The worker is a fresh `python -m agent.daemon.worker` (never a
 fork of the threaded daemon), talking over a socketpair with multiprocessing's Connection.
 
 Daemon -> worker: sys.path, then (factory, config, units, watch), then any of
@@ -50,15 +50,15 @@ class WorkerError(DriftwatchError):
 # -- the worker process -------------------------------------------------------------------
 def _terminate(*_: Any) -> None:
     """SIGTERM in the worker: stop every probe this worker started, then exit at once."""
-    from agent.daemon import stop_children
+    from agent.daemon.main import stop_children
     stop_children()
     os._exit(0)
 
 
 def worker_main(conn: Connection) -> None:
     """Entry point of the worker process: build the inspector and watcher, serve requests."""
-    from agent.daemon import candidate_predicate, setup_logging, stop_children
-    from agent.watch import UnitWatcher, default_bus_factory
+    from agent.daemon.main import candidate_predicate, setup_logging, stop_children
+    from agent.daemon.watch import UnitWatcher, default_bus_factory
 
     signal.signal(signal.SIGTERM, _terminate)
     # The daemon's import path first: the inspector factory is unpickled by its name.
@@ -162,7 +162,7 @@ class WorkerInspect:
     def start(self) -> None:
         """Spawn the worker and wait until its inspector is built (raises WorkerError)."""
         ours, theirs = socket.socketpair()
-        proc = subprocess.Popen([sys.executable, "-m", "agent.daemon_worker",
+        proc = subprocess.Popen([sys.executable, "-m", "agent.daemon.worker",
                                  str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                 stdin=subprocess.DEVNULL)
         theirs.close()

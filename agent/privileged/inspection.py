@@ -12,8 +12,8 @@ from agent.checks.unit import UnitFacts, ignored_variables, stale_variables, uni
 from agent.context import AppContext, ContextInputs, build_context, wanted_paths
 from agent.model import Finding, ProcessInfo, UnitProperties
 from agent.secrets import mask_argv
-from agent.sources import files, procs
-from agent.sources.systemd import SystemdSource
+from agent.privileged.sources import files, procs
+from agent.privileged.sources.systemd import SystemdSource
 
 
 @dataclass

@@ -19,20 +19,20 @@ from typing import Any, NoReturn
 from prometheus_client.registry import CollectorRegistry
 
 from agent import __version__
-from agent.collector_cache import Inspect, SnapshotCache
+from agent.daemon.collector_cache import Inspect, SnapshotCache
 from agent.config import LOG_LEVELS, Config, load_config
-from agent.daemon_worker import WorkerInspect
+from agent.daemon.worker import WorkerInspect
 from agent.errors import ConfigError, DriftwatchError
-from agent.metrics import DriftwatchCollector
-from agent.server import AgentHTTPServer, AgentUnixServer, mask_text
+from agent.daemon.metrics import DriftwatchCollector
+from agent.daemon.server import AgentHTTPServer, AgentUnixServer, mask_text
 from agent.snapshot import Snapshot
-from agent.watch import UnitWatcher
-from agent.webconfig import WebConfig, load_web_config
+from agent.daemon.watch import UnitWatcher
+from agent.daemon.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("driftwatch")
 
 PROG = "driftwatch-agent"
-DEFAULT_INSPECTOR = "agent.inspector:make_inspector"
+DEFAULT_INSPECTOR = "agent.privileged.inspector:make_inspector"
 # Root-only: `agentctl status` prefers it (full detail, and no other user can answer on it).
 DEFAULT_UNIX_SOCKET = "/run/driftwatch/agent.sock"
 TICK_SECONDS = 1.0
@@ -148,7 +148,7 @@ def check_web_limits(config: Config) -> None:
 
 def configured_units(config: Config) -> list[str]:
     """The configured unit names as systemd spells them (gunicorn -> gunicorn.service)."""
-    from agent.sources.systemd import DEFAULT_UNIT, normalize_unit_name
+    from agent.privileged.sources.systemd import DEFAULT_UNIT, normalize_unit_name
     return [normalize_unit_name(n) for n in config.units] or [DEFAULT_UNIT]
 
 
@@ -349,8 +349,8 @@ class Daemon:
     def _make_server_web(self, config: Config, web: WebConfig) -> WebConfig:
         """The web config the TCP server would use (agent.toml's [tls] folded in), checked:
         its TLS files are loaded now."""
-        from agent.server import web_from_agent_tls
-        from agent.webconfig import make_ssl_context
+        from agent.daemon.server import web_from_agent_tls
+        from agent.daemon.webconfig import make_ssl_context
         if web.tls is not None and config.tls.enabled:
             raise ConfigError(f"TLS is configured twice: in {config.source or 'agent.toml'} "
                               f"[tls] and in {web.source}; keep one")

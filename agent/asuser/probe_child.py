@@ -930,7 +930,7 @@ def main(argv):
         gunicorn_app = prepare(request, report)
         # resolve_only (agentctl exec/upgrade): gunicorn's settings are all that is wanted;
         # the app is not imported and nothing else runs.
-        if request.get("mode") == "offline_sql":  # agentctl plan: agent/probe/offline.py
+        if request.get("mode") == "offline_sql":  # agentctl plan: agent/asuser/offline_sql.py
             globals()["offline_report"](request, report, gunicorn_app, globals())
         elif not request.get("resolve_only"):
             probe(request, report, gunicorn_app)

@@ -28,9 +28,9 @@ from prometheus_client.registry import CollectorRegistry
 from agent import __version__
 from agent.config import TLSConfig, parse_listen_address
 from agent.errors import ConfigError, DriftwatchError
-from agent.redact import redact_status
+from agent.daemon.redact import redact_status
 from agent.secrets import MASK, is_secret_name, mask_url
-from agent.webconfig import BasicAuth, WebConfig, WebTLS, make_ssl_context, peer_san_allowed
+from agent.daemon.webconfig import BasicAuth, WebConfig, WebTLS, make_ssl_context, peer_san_allowed
 
 log = logging.getLogger(__name__)
 

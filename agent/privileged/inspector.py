@@ -14,26 +14,26 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.checks import migrations as migration_checks
-from agent.collector_cache import ALL_UNITS
+from agent.daemon.collector_cache import ALL_UNITS
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
-from agent.inspection import UnitReport, inspect_unit
+from agent.privileged.inspection import UnitReport, inspect_unit
 from agent.model import Finding
-from agent.probe.alembic_env import AlembicEnv
+from agent.privileged.alembic_env import AlembicEnv
 from agent.secrets import mask_url
 from agent.preflight.plan import stale_workers
 from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
-from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
+from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.sources import connections, database, files, sqlite
-from agent.journal_cursors import CursorFile
-from agent.sources.journal import ErrorWindow, JournalReader
-from agent.sources.systemd import SystemdSource
-from agent.state import OK as STATE_OK
-from agent.state import StateStore, store_finding
+from agent.privileged.sources import connections, database, files, sqlite
+from agent.privileged.journal_cursors import CursorFile
+from agent.privileged.sources.journal import ErrorWindow, JournalReader
+from agent.privileged.sources.systemd import SystemdSource
+from agent.privileged.state import OK as STATE_OK
+from agent.privileged.state import StateStore, store_finding
 
 log = logging.getLogger("driftwatch.inspector")
 

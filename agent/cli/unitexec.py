@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.context import AppContext
 from agent.errors import AccessDenied, DriftwatchError
-from agent.probe.runner import (
+from agent.privileged.probe_runner import (
     ProbeSetupError,
     ResolvedConfig,
     build_unit_env,
@@ -22,7 +22,7 @@ from agent.probe.runner import (
     scrub,
     secret_values,
 )
-from agent.session import Finished, Launch, SessionError, run_interactive, run_output
+from agent.cli.session import Finished, Launch, SessionError, run_interactive, run_output
 
 # Conventions of env(1), chroot(1) and docker run: the command's own codes stay free.
 EXIT_EXEC_FAILED, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127

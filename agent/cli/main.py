@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, seconds_argument
 from agent.errors import AccessDenied, ConfigError, DriftwatchError
-from agent.inspection import inspect_unit
+from agent.privileged.inspection import inspect_unit
 from agent.secrets import mask_url, mask_value
-from agent.render import (
+from agent.cli.render import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -34,10 +34,10 @@ from agent.render import (
     render_status,
 )
 from agent.snapshot import Snapshot, UnitSnapshot
-from agent.sources.systemd import SystemdSource, normalize_unit_name
+from agent.privileged.sources.systemd import SystemdSource, normalize_unit_name
 
 if TYPE_CHECKING:
-    from agent.inspector import Inspector
+    from agent.privileged.inspector import Inspector
 
 
 
@@ -222,7 +222,7 @@ def cmd_context(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
 
 def make_inspector(args: argparse.Namespace, systemd: SystemdSource) -> Inspector:
     """An Inspector with the command line's timeouts and state directory."""
-    from agent.inspector import Inspector, InspectorSettings
+    from agent.privileged.inspector import Inspector, InspectorSettings
 
     settings = InspectorSettings(probe_timeout_seconds=args.probe_timeout,
                                  db_timeout_seconds=args.db_timeout,
@@ -274,7 +274,7 @@ def cmd_status(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) ->
 
 def status_address(args: argparse.Namespace) -> tuple[str, int]:
     """The client address of the agent, from the flag or the config file."""
-    from agent.statusclient import client_address
+    from agent.cli.statusclient import client_address
 
     listen = args.listen_address
     if not listen:
@@ -289,7 +289,7 @@ def status_address(args: argparse.Namespace) -> tuple[str, int]:
 def agent_reply(args: argparse.Namespace) -> tuple[Any, str]:
     """(AgentReply or None, why none): the root-only unix socket first; TCP only when the
     socket cannot be used, said so, and never from a listener that is not root's."""
-    from agent.statusclient import (
+    from agent.cli.statusclient import (
         DEFAULT_SOCKET,
         display_address,
         fetch_status,
@@ -324,7 +324,7 @@ class AgentReplyView:
 def status_data(args: argparse.Namespace, systemd: SystemdSource,
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(snapshot as JSON-ready dict, where it came from)."""
-    from agent.server import mask_strings
+    from agent.daemon.server import mask_strings
 
     reason = "--local given"
     address = ""
@@ -345,7 +345,7 @@ def status_data(args: argparse.Namespace, systemd: SystemdSource,
 def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl exec UNIT -- CMD...: CMD in the unit's context, in its own session, scope and
     (when interactive) pseudo-terminal relayed by agentctl; exits with CMD's exit code."""
-    from agent.unitexec import EXIT_EXEC_FAILED, ExecError, plan_exec, run_exec
+    from agent.cli.unitexec import EXIT_EXEC_FAILED, ExecError, plan_exec, run_exec
 
     try:
         ctx = inspect_unit(systemd, args.unit).context
@@ -367,8 +367,8 @@ def cmd_exec(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> i
 def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl upgrade UNIT [--restart] [--yes]."""
     from agent.config import load_config
-    from agent.unitexec import default_resolver
-    from agent.upgrade import Upgrader, UpgradeOptions, unit_snapshot
+    from agent.cli.unitexec import default_resolver
+    from agent.cli.upgrade import Upgrader, UpgradeOptions, unit_snapshot
 
     config = load_config(args.config_file)  # the upgrade_* keys; flags win over them
     inspector = make_inspector(args, systemd)
@@ -399,7 +399,7 @@ def cmd_upgrade(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -
 def cmd_plan(args: argparse.Namespace, systemd: SystemdSource, out: TextIO) -> int:
     """agentctl plan UNIT [--json]: the migration preflight (agent/preflight/)."""
     from agent.preflight.command import plan_unit, write_plan
-    from agent.upgrade import unit_snapshot
+    from agent.cli.upgrade import unit_snapshot
 
     inspector = make_inspector(args, systemd)
     inspector.preflight = None  # rendered once, below, not also inside the inspection

@@ -14,9 +14,9 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.checks.schema import KINDS as schema_kinds
-from agent.sources.journal import KINDS as JOURNAL_KINDS
+from agent.privileged.sources.journal import KINDS as JOURNAL_KINDS
 from agent.snapshot import Snapshot, UnitSnapshot
-from agent.state import CONDITIONS as STATE_STORE_CONDITIONS
+from agent.privileged.state import CONDITIONS as STATE_STORE_CONDITIONS
 
 PREFIX = "driftwatch_"
 
@@ -154,7 +154,7 @@ DRIFT_KINDS = ("missing_table", "extra_table", "missing_column", "extra_column",
                "column_nullable", "missing_index", "extra_index")
 SEVERITIES = ("critical", "warning", "info")
 RISK_LEVELS = ("low", "high", "critical")  # agent/preflight/risk.py LEVELS
-# The checks of agent.inspector, each a `check` label value.
+# The checks of agent.privileged.inspector, each a `check` label value.
 CHECKS = ("unit", "app_load", "database", "migrations", "schema", "privileges", "connections",
           "workers_database", "integrity", "journal", "inspection", "preflight")
 # Every value a bounded label can take, per metric: what alert rules and their tests may match.

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from agent.sources.database import (
+from agent.privileged.sources.database import (
     DEFAULT_TIMEOUTS,
     DatabaseInspection,
     DatabaseProblem,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from agent.metrics import CollectorStats
+from agent.daemon.metrics import CollectorStats
 from agent.snapshot import CheckRun, Snapshot
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Probe child extension: the SQL each pending revision would run (Alembic offline mode).
 
 Runs INSIDE the app's interpreter as the unit's user, as part of the probe child: the runner
-sends this file's text followed by child.py's as one ``python -c`` source, so the names of
-child.py (``prepare``, ``load_app``, ``migrations_config``, ``engines``, ...) are reached
-through the namespace child.py hands in, never imported. Stdlib only at module level.
+sends this file's text followed by probe_child.py's as one ``python -c`` source, so the names of
+probe_child.py (``prepare``, ``load_app``, ``migrations_config``, ``engines``, ...) are reached
+through the namespace probe_child.py hands in, never imported. Stdlib only at module level.
 
 For every pending revision, one at a time (``upgrade DOWN:REV --sql``), so an object created
 earlier in the range never hides a finding on a later one; env.py's offline branch runs, it

@@ -53,7 +53,7 @@ def relevant_change(changed: Mapping[bytes, Any], invalidated: Iterable[bytes]) 
 
 def default_bus_factory() -> Bus:
     """A new, dedicated connection to systemd (system bus, else its private socket as root)."""
-    from agent.sources.systemd import SystemdSource
+    from agent.privileged.sources.systemd import SystemdSource
     return SystemdSource().bus
 
 

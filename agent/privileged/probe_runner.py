@@ -1,4 +1,4 @@
-"""Agent side of the probe: start child.py in the unit's exact context, read its JSON report."""
+"""Agent side of the probe: start probe_child.py in the unit's exact context, read its JSON report."""
 
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ from urllib.parse import unquote, urlsplit
 from agent.context import AppContext
 from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
-from agent.probe.alembic_env import AlembicEnv
-from agent.probe.alembic_env import from_report as alembic_env_from
+from agent.privileged.alembic_env import AlembicEnv
+from agent.privileged.alembic_env import from_report as alembic_env_from
 from agent.privileged import transient
-from agent.privileged.launch import bundle
+from agent.privileged.launch import PROBE_CHILD, bundle
 from agent.secrets import MASK, is_secret_name, mask_url
-from agent.sources.systemd import SystemdSource
+from agent.privileged.sources.systemd import SystemdSource
 
 PROTOCOL = 1
-CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
+CHILD_SOURCE_PATH = PROBE_CHILD
 # systemd's default PATH for system services (the manager's, when the unit sets none).
 SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Keep this much of the child's stdout+stderr for the failure reason.
@@ -119,7 +119,7 @@ class ProbeResult:
     pythonpath: tuple[str, ...] = ()       # gunicorn pythonpath entries put on sys.path
     raw_env_names: tuple[str, ...] = ()    # gunicorn raw_env / -e names (never the values)
     versions: dict[str, str | None] = field(default_factory=dict)
-    # What env.py configured (version table, options); see agent/probe/alembic_env.py.
+    # What env.py configured (version table, options); see agent/privileged/alembic_env.py.
     alembic_env: AlembicEnv = field(default_factory=AlembicEnv)
     duration: float = 0.0
     returncode: int | None = None
@@ -541,7 +541,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
                    timeout: float, secrets: list[str], source_text: str | None = None,
                    ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
-    """child.py as a transient systemd unit carrying the app unit's execution settings;
+    """probe_child.py as a transient systemd unit carrying the app unit's execution settings;
     request on stdin, report on stdout, output tail from stderr, all pipes root owns."""
     started = time.monotonic()
     try:
@@ -610,7 +610,7 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
 def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], timeout: float,
                secrets: list[str], source_text: str | None = None,
                ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
-    """Start child.py as the unit's user with doc as its request, in its own process group,
+    """Start probe_child.py as the unit's user with doc as its request, in its own process group,
     and collect (report bytes, returncode, output tail, timed out); a setup failure comes
     back as a failed ProbeResult. The whole group is killed at the end, whatever happens.
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 from agent.checks.schema import describe as describe_drift
-from agent.inspection import UnitReport
+from agent.privileged.inspection import UnitReport
 from agent.secrets import mask_argv
 from agent.snapshot import UnitSnapshot
 

@@ -11,13 +11,13 @@ from typing import Any, TextIO
 
 from agent.context import AppContext
 from agent.errors import DriftwatchError
-from agent.inspection import inspect_unit
+from agent.privileged.inspection import inspect_unit
 from agent.preflight.command import Preflight
 from agent.preflight.command import refusal as preflight_refusal
 from agent.preflight.plan import render as render_preflight
 from agent.snapshot import MigrationState, UnitSnapshot
-from agent.sources.systemd import SystemdSource
-from agent.unitexec import (
+from agent.privileged.sources.systemd import SystemdSource
+from agent.cli.unitexec import (
     GunicornConfigError,
     Resolver,
     describe_returncode,
@@ -33,7 +33,7 @@ UPGRADE_LOCK_KEY = int.from_bytes(b"dwupgrad", "big")
 # The upgrade child's exit code when another session holds the lock (EX_TEMPFAIL).
 LOCKED_EXIT = 75
 CHILD_MARK = "driftwatch-upgrade:"
-CHILD_SOURCE = Path(__file__).with_name("upgrade_child.py")
+CHILD_SOURCE = Path(__file__).resolve().parent.parent / "asuser" / "upgrade_child.py"
 # Checks without which nobody can say what an upgrade would do.
 ESSENTIAL_CHECKS = ("unit", "app_load", "database", "migrations")
 

@@ -1,1 +1,0 @@
-"""The I/O edges: each returns plain data."""
