@@ -188,7 +188,14 @@ def test_manual_schema_change_reaches_the_running_agent(deployment: Deployment) 
 # signal invalidated it, never because it aged out (no elapsed-time assertion needed).
 @pytest.mark.parametrize("deployment", [3600], indirect=True)
 def test_restart_reaches_the_agent_through_systemds_signal(deployment: Deployment) -> None:
-    old = deployment.sample("driftwatch_unit_start_timestamp_seconds", unit=APP_UNIT)
+    # The first scrape starts the first inspection; on a loaded machine it can outlast the
+    # scrape's wait (scrape_wait_seconds), so wait for the first snapshot.
+    deadline = time.monotonic() + 60
+    old = None
+    while old is None and time.monotonic() < deadline:
+        old = deployment.sample("driftwatch_unit_start_timestamp_seconds", unit=APP_UNIT)
+        if old is None:
+            time.sleep(0.2)
     assert old is not None
     inspections = deployment.sample("driftwatch_inspections_total")
     assert deployment.sample("driftwatch_inspections_total") == inspections   # cached

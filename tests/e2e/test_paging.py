@@ -223,6 +223,11 @@ def test_one_page_per_cause_and_no_false_resolved(chain: Chain) -> None:
         assert f"`agentctl upgrade {APP} --restart`" in alert["annotations"]["description"]
         assert alert["annotations"]["runbook_url"].endswith("#finding-pending_migrations")
         assert 500 in traffic.codes
+        # The 500s reach the journal, the agent and then Prometheus (a wait, not a bound).
+        deadline = time.monotonic() + 60
+        while (time.monotonic() < deadline and not
+               (c.value(f'sum(driftwatch_journal_schema_errors_total{{unit="{APP}"}})') or 0)):
+            time.sleep(1)
         assert (c.value(f'sum(driftwatch_journal_schema_errors_total{{unit="{APP}"}})')
                 or 0) > 0
         assert "DriftwatchJournalSchemaErrors" not in c.firing()  # held back by its cause
