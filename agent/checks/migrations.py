@@ -168,7 +168,7 @@ def evaluate(unit: str, current: Sequence[str] | None, graph: Sequence[Revision]
 
 def _findings(s: MigrationState, graph: Sequence[Revision], table: str) -> list[Finding]:
     unit = s.unit
-    upgrade = f"run `agentctl exec {unit} -- flask db upgrade` then restart {unit}"
+    upgrade = f"run `agentctl upgrade {unit} --restart`"
     out: list[Finding] = []
     if s.graph_errors:
         out.append(Finding(

@@ -16,7 +16,7 @@ from agent.privileged.probe_runner import ProbeResult
 
 UNIT = "gunicorn.service"
 VENV = "/srv/app/venv"
-UPGRADE = f"run `agentctl exec {UNIT} -- flask db upgrade` then restart {UNIT}"
+UPGRADE = f"run `agentctl upgrade {UNIT} --restart`"
 
 
 def props(**overrides: object) -> UnitProperties:

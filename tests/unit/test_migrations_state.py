@@ -48,7 +48,7 @@ def test_linear_pending_in_upgrade_order() -> None:
     assert finding.severity == "critical"
     assert "2 migration(s) not applied" in finding.message
     assert "c, d" in finding.message
-    assert finding.remedy == f"run `agentctl exec {UNIT} -- flask db upgrade` then restart {UNIT}"
+    assert finding.remedy == f"run `agentctl upgrade {UNIT} --restart`"
 
 
 def test_stamped_at_middle_revision() -> None:
