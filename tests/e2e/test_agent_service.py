@@ -17,17 +17,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import skip_or_fail
-from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text, agentctl
+from tests.harness.agent import agentctl, deploy_app_and_agent
 from tests.harness.apps import (
     AppDir,
     db_upgrade,
-    env_file_text,
-    gunicorn_pids,
-    gunicorn_unit,
-    http_get,
-    unit_diagnostics,
 )
-from tests.harness.postgres import PgDatabase, free_port
+from tests.harness.postgres import PgDatabase
 from tests.harness.prometheus import PROMTOOL, PrometheusServer, prometheus_unavailable_reason
 from tests.harness.sandbox import Sandbox
 
@@ -71,21 +66,11 @@ def deployment(request: pytest.FixtureRequest, make_sandbox: Callable[[], Sandbo
     min_interval = getattr(request, "param", 3)
     app = make_app()
     db_upgrade(app, flask_venv, pg_database.url, "r2")  # r3 is deployed but not applied
-    app_port, agent_port = free_port(), free_port()
     sb = make_sandbox()
-    sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": pg_database.url}), mode=0o640)
-    sb.add_unit(APP_UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=app_port,
-                                        environment={"FLASK_APP": "wsgi.py"},
-                                        environment_files=[ENV_FILE]))
-    sb.add_file("/etc/driftwatch/agent.toml",
-                agent_config(f"127.0.0.1:{agent_port}", min_interval_seconds=min_interval))
-    sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
-    sb.boot()
-    sb.systemctl("start", APP_UNIT)
-    http_get(f"http://127.0.0.1:{app_port}/healthz", describe=lambda: unit_diagnostics(sb, APP_UNIT))
-    gunicorn_pids(sb, APP_UNIT)
-    sb.systemctl("start", AGENT_UNIT)  # Type=notify: returns once the agent said READY=1
-    sb.wait_active(AGENT_UNIT)
+    _, agent_port = deploy_app_and_agent(
+        sb, app=app, venv=flask_venv, env={"DATABASE_URL": pg_database.url},
+        app_unit=APP_UNIT, env_file=ENV_FILE,
+        agent_settings={"min_interval_seconds": min_interval})
     yield Deployment(sb, app, pg_database, agent_port)
 
 

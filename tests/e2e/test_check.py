@@ -77,7 +77,7 @@ def test_upgrade_skipped(site: Callable[..., Site], at: str, pending: list[str])
     drift = next(f for f in unit["findings"] if f["check"] == "schema_drift")
     assert "pending migration" in drift["message"]
     text = s.check_text().stdout
-    assert "pending_migrations" in text and "flask db upgrade" in text
+    assert "pending_migrations" in text and "agentctl upgrade gunicorn.service --restart" in text
     s.assert_flask_db_check_agrees(unit)
 
 

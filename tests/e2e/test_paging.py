@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import skip_or_fail
-from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text, agentctl
+from tests.harness.agent import agentctl, deploy_app_and_agent
 from tests.harness.alertmanager import (
     AlertmanagerServer,
     WebhookReceiver,
@@ -35,13 +35,8 @@ from tests.harness.alertmanager import (
 from tests.harness.apps import (
     AppDir,
     db_upgrade,
-    env_file_text,
-    gunicorn_pids,
-    gunicorn_unit,
-    http_get,
-    unit_diagnostics,
 )
-from tests.harness.postgres import PgDatabase, PostgresCluster, free_port, postgres_unavailable_reason
+from tests.harness.postgres import PgDatabase, PostgresCluster, postgres_unavailable_reason
 from tests.harness.prometheus import (
     RULES,
     PrometheusServer,
@@ -151,22 +146,11 @@ def chain(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
     db = cluster.new_database()
     app = make_app()
     db_upgrade(app, flask_venv, db.url, "r2")  # r3 deployed, not applied
-    app_port, agent_port = free_port(), free_port()
     sb = make_sandbox()
-    sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": db.url}), mode=0o640)
-    sb.add_unit(APP, gunicorn_unit(venv=flask_venv, app_dir=app, port=app_port,
-                                   environment={"FLASK_APP": "wsgi.py"},
-                                   environment_files=[ENV_FILE]))
-    sb.add_file("/etc/driftwatch/agent.toml",
-                agent_config(f"127.0.0.1:{agent_port}", min_interval_seconds=1,
-                             journal_window_seconds=600))
-    sb.add_unit(AGENT, agent_unit_text(), agent_unit_dropins())
-    sb.boot()
-    sb.systemctl("start", APP)
-    http_get(f"http://127.0.0.1:{app_port}/healthz", describe=lambda: unit_diagnostics(sb, APP))
-    gunicorn_pids(sb, APP)
-    sb.systemctl("start", AGENT)
-    sb.wait_active(AGENT)
+    app_port, agent_port = deploy_app_and_agent(
+        sb, app=app, venv=flask_venv, env={"DATABASE_URL": db.url}, app_unit=APP,
+        env_file=ENV_FILE,
+        agent_settings={"min_interval_seconds": 1, "journal_window_seconds": 600})
     hook = WebhookReceiver()
     am = AlertmanagerServer(config_text(hook.url)).start()
     rules = rules_configure().render(RULES.read_text(), CONFIG, FOR)

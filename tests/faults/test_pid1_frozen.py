@@ -14,17 +14,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text
+from tests.harness.agent import deploy_app_and_agent
 from tests.harness.apps import (
     AppDir,
     db_upgrade,
-    env_file_text,
-    gunicorn_pids,
-    gunicorn_unit,
-    http_get,
-    unit_diagnostics,
 )
-from tests.harness.postgres import PgDatabase, free_port
+from tests.harness.postgres import PgDatabase
 from tests.harness.sandbox import Sandbox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
@@ -57,23 +52,12 @@ def agent_port(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppD
                flask_venv: Path, pg_database: PgDatabase) -> Iterator[tuple[Sandbox, int]]:
     app = make_app()
     db_upgrade(app, flask_venv, pg_database.url, "head")
-    app_port, port = free_port(), free_port()
     sb = make_sandbox()
-    sb.add_file("/etc/site/env", env_file_text({"DATABASE_URL": pg_database.url}), mode=0o640)
-    sb.add_unit(APP_UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=app_port,
-                                        environment={"FLASK_APP": "wsgi.py"},
-                                        environment_files=["/etc/site/env"]))
-    sb.add_file("/etc/driftwatch/agent.toml", agent_config(
-        f"127.0.0.1:{port}", min_interval_seconds=1, scrape_wait_seconds=SCRAPE_WAIT,
-        request_timeout_seconds=10, log_level="debug"))
-    sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
-    sb.boot()
-    sb.systemctl("start", APP_UNIT)
-    http_get(f"http://127.0.0.1:{app_port}/healthz",
-             describe=lambda: unit_diagnostics(sb, APP_UNIT))
-    gunicorn_pids(sb, APP_UNIT)
-    sb.systemctl("start", AGENT_UNIT)
-    sb.wait_active(AGENT_UNIT)
+    _, port = deploy_app_and_agent(
+        sb, app=app, venv=flask_venv, env={"DATABASE_URL": pg_database.url},
+        app_unit=APP_UNIT, agent_settings={
+            "min_interval_seconds": 1, "scrape_wait_seconds": SCRAPE_WAIT,
+            "request_timeout_seconds": 10, "log_level": "debug"})
     yield sb, port
 
 

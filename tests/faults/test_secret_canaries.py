@@ -14,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text, agentctl
+from tests.harness.agent import agentctl, deploy_app_and_agent
 from tests.harness.apps import (
     AppDir,
     db_upgrade,
-    env_file_text,
-    gunicorn_pids,
-    gunicorn_unit,
-    http_get,
-    unit_diagnostics,
 )
-from tests.harness.postgres import PgDatabase, free_port
+from tests.harness.postgres import PgDatabase
 from tests.harness.sandbox import Sandbox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
@@ -43,25 +38,14 @@ def site(make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
          flask_venv: Path, pg_database: PgDatabase) -> Iterator[tuple[Sandbox, int, list[str]]]:
     app = make_app()
     db_upgrade(app, flask_venv, pg_database.url, "r2")
-    app_port, port = free_port(), free_port()
     sb = make_sandbox()
-    sb.add_file("/etc/site/env", env_file_text({
-        "DATABASE_URL": pg_database.url,
-        "REPORTING_DSN": f"host=127.0.0.1 user=report password={KEYVALUE_CANARY} dbname=r",
-        "SECRET_KEY": SECRET_CANARY}), mode=0o640)
-    sb.add_unit(UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=app_port,
-                                    environment={"FLASK_APP": "wsgi.py"},
-                                    environment_files=["/etc/site/env"],
-                                    extra_args=["-e", f"API_TOKEN={EXEC_CANARY}"]))
-    sb.add_file("/etc/driftwatch/agent.toml", agent_config(f"127.0.0.1:{port}",
-                                                           min_interval_seconds=1))
-    sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
-    sb.boot()
-    sb.systemctl("start", UNIT)
-    http_get(f"http://127.0.0.1:{app_port}/healthz", describe=lambda: unit_diagnostics(sb, UNIT))
-    gunicorn_pids(sb, UNIT)
-    sb.systemctl("start", AGENT_UNIT)
-    sb.wait_active(AGENT_UNIT)
+    _, port = deploy_app_and_agent(
+        sb, app=app, venv=flask_venv, app_unit=UNIT, env={
+            "DATABASE_URL": pg_database.url,
+            "REPORTING_DSN": f"host=127.0.0.1 user=report password={KEYVALUE_CANARY} dbname=r",
+            "SECRET_KEY": SECRET_CANARY},
+        extra_args=("-e", f"API_TOKEN={EXEC_CANARY}"),
+        agent_settings={"min_interval_seconds": 1})
     yield sb, port, [pg_database.password, KEYVALUE_CANARY, SECRET_CANARY, EXEC_CANARY]
 
 

@@ -19,7 +19,8 @@ from tests.harness.sandbox import REPO_ROOT, Sandbox
 VENV_BIN = Path(sys.executable).parent
 AGENTCTL = str(VENV_BIN / "agentctl")
 PYTHON = sys.executable
-AGENT_UNIT_SOURCE = REPO_ROOT / "systemd" / "driftwatch-agent.service"
+AGENT_UNIT = "driftwatch-agent.service"
+AGENT_UNIT_SOURCE = REPO_ROOT / "systemd" / AGENT_UNIT
 
 
 def agent_unit_text() -> str:
@@ -125,3 +126,35 @@ def agent_python(sb: Sandbox, code: str) -> Any:
     proc = sb.run([PYTHON, "-c", code], check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def deploy_app_and_agent(sb: Sandbox, *, app: Path | Any, venv: Path, env: dict[str, str],
+                         app_unit: str, agent_settings: dict[str, object],
+                         env_file: str = "/etc/site/env",
+                         extra_args: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Boot sb with the app's gunicorn unit (its env file holding env) and the agent's own
+    unit; start both and wait until the app answers and the agent said READY=1.
+
+    Returns (app_port, agent_port). The e2e and fault tests that need "a host running the
+    app and driftwatch-agent" all start here, so they all test the same deployment.
+    """
+    from tests.harness.apps import env_file_text, gunicorn_pids, gunicorn_unit, http_get
+    from tests.harness.apps import unit_diagnostics
+    from tests.harness.postgres import free_port
+
+    app_port, agent_port = free_port(), free_port()
+    sb.add_file(env_file, env_file_text(env), mode=0o640)
+    sb.add_unit(app_unit, gunicorn_unit(venv=venv, app_dir=app, port=app_port,
+                                        environment={"FLASK_APP": "wsgi.py"},
+                                        environment_files=[env_file], extra_args=extra_args))
+    sb.add_file("/etc/driftwatch/agent.toml",
+                agent_config(f"127.0.0.1:{agent_port}", **agent_settings))
+    sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
+    sb.boot()
+    sb.systemctl("start", app_unit)
+    http_get(f"http://127.0.0.1:{app_port}/healthz",
+             describe=lambda: unit_diagnostics(sb, app_unit))
+    gunicorn_pids(sb, app_unit)
+    sb.systemctl("start", AGENT_UNIT)  # Type=notify: returns once the agent said READY=1
+    sb.wait_active(AGENT_UNIT)
+    return app_port, agent_port
