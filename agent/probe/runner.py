@@ -322,6 +322,8 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "start_dir": launch.start_dir or ctx.working_directory,
             "gunicorn_args": list(launch.gunicorn_args) if launch.runs_gunicorn else None,
             "gunicorn_env": list(launch.gunicorn_env),
+            # uvicorn run directly: --app-dir on sys.path, --env-file loaded (child.py)
+            "pythonpath": list(launch.pythonpath), "env_file": launch.env_file,
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
             "allow_root": request.allow_root, "resolve_only": False,
