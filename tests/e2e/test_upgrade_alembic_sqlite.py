@@ -6,6 +6,7 @@ flock on its database file."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +16,9 @@ import pytest
 from agent.upgrade import UPGRADE_LOCK_KEY
 from tests.e2e.test_fastapi_alembic import alembic, check, fastapi_venv, run_site  # noqa: F401
 from tests.e2e.test_sqlite_check import SqliteSite, sqlite_site  # noqa: F401
-from tests.harness.agent import agentctl
+from tests.harness.agent import AGENTCTL, agentctl
 from tests.harness.app_fixtures import new_workspace
-from tests.harness.apps import APP_USER
+from tests.harness.apps import APP_USER, AppSpec, Revision
 from tests.harness.fastapi_app import write_fastapi_app
 from tests.harness.postgres import PgDatabase
 from tests.harness.sandbox import Sandbox
@@ -131,3 +132,45 @@ def test_sqlite_upgrade_is_serialised_by_flock_on_the_database_file(
     assert f"holding the upgrade lock flock({s.folder}/app.db)" in proc.stdout
     assert "Running upgrade r2 -> r3" in proc.stdout
     assert versions(s) == ["r3"]
+
+
+GO = "/run/dw-test-go-r4"  # inside the sandbox: root writes it, www-data sees it
+
+
+@pytest.mark.systemd
+def test_two_sqlite_upgrades_at_once_one_is_refused(
+        sqlite_site: Callable[..., SqliteSite]) -> None:  # noqa: F811
+    # r4 works until the test says go, outside any SQLite transaction (Alembic's SQLite DDL
+    # is not transactional): SQLite's own write lock does not keep a second upgrade out then.
+    slow = Revision("r4", "r3", upgrade=(
+        "[__import__('time').sleep(0.1) for _ in "
+        f"iter(lambda: __import__('os').path.exists({GO!r}), True)]"))
+    s = sqlite_site(AppSpec().with_revisions(slow), files={"app.db": "r3"})
+    db = str(s.folder / "app.db")
+    argv = s.sb.nsenter_argv([AGENTCTL, "upgrade", "gunicorn", "--yes", "--probe-timeout",
+                              "30"])
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        deadline = time.monotonic() + 150  # its checks and preflight come first
+        held = False
+        while time.monotonic() < deadline and not held and first.poll() is None:
+            # flock(1), as a deploy script would use it: fails while the upgrade holds it.
+            held = s.sb.run(["flock", "-n", db, "true"], check=False).returncode == 1
+            time.sleep(0.1)
+        if not held:
+            out, err = first.communicate(timeout=120)
+            raise AssertionError(f"the first upgrade never took the flock: {out}{err}")
+        second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        s.sb.write_file(GO, "go\n")
+        out, err = first.communicate(timeout=120)
+    print(f"\nfirst: exit {first.returncode}; second: exit {second.returncode}: "
+          f"{second.stderr.strip()}")
+    assert first.returncode == 0, out + err
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert (f"another upgrade holds the upgrade lock on sqlite:{db} (held by pid "
+            in second.stderr)
+    assert "Running upgrade r3 -> r4" not in second.stdout
+    assert versions(s) == ["r4"]
