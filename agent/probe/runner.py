@@ -818,7 +818,8 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
                 lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"credential {source} missing")
-    for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
+    # gunicorn's config files (settings, raw_env, chdir) and uvicorn's --env-file
+    for path in [*gunicorn_config_files(ctx), *filter(None, [ctx.launch.env_file])]:
         try:
             st = os.stat(path)
             lines.append(f"{path} {st.st_mtime_ns} {st.st_size}")

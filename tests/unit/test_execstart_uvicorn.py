@@ -60,3 +60,44 @@ def test_uvicorn_options_and_flags() -> None:
     assert spec.server == "gunicorn" and spec.app_spec == "m:app"
     # Something else named in a wrapper is neither.
     assert not runs_app_server([cmd("/usr/bin/python3", "-m", "http.server")])
+
+
+def test_probe_does_what_uvicorn_does_before_the_import(tmp_path: object) -> None:
+    import sys
+
+    from agent.probe import child
+
+    report: dict[str, object] = {}
+    saved = list(sys.path)
+    try:
+        child.uvicorn_setup({"pythonpath": ["/srv/shop/src"]}, report)
+        assert sys.path[0] == "/srv/shop/src" and report["pythonpath"] == ["/srv/shop/src"]
+    finally:
+        sys.path[:] = saved
+    try:
+        import dotenv  # noqa: F401
+    except ImportError:  # the agent's venv has no python-dotenv: the app's error, named
+        with pytest.raises(child.ProbeError, match="--env-file /srv/.env needs python-dotenv"
+                           ) as err:
+            child.uvicorn_setup({"env_file": "/srv/.env"}, {})
+        assert err.value.kind == "app_load"
+
+
+def test_env_file_is_in_the_probe_fingerprint(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from agent.context import AppContext
+    from agent.probe.runner import fingerprint
+
+    env = Path(str(tmp_path)) / ".env"
+    env.write_text("A=1\n")
+    launch = analyse_exec_start([cmd("/v/bin/uvicorn", "--env-file", str(env), "m:app")],
+                                str(tmp_path))
+    ctx = AppContext(unit="shop.service", user="", group="", supplementary_groups=(),
+                     working_directory=str(tmp_path), working_directory_optional=False,
+                     exec_start=launch.argv, launch=launch, venv="", venv_source="",
+                     python="", environment={}, environment_sources={},
+                     environment_files=(), main_pid=0)
+    before = fingerprint(ctx)
+    env.write_text("A=22\n")
+    assert fingerprint(ctx) != before
