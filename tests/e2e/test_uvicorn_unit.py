@@ -20,6 +20,7 @@ from tests.harness.apps import (
     gunicorn_unit,
     http_get,
     unit_diagnostics,
+    writable_dir,
 )
 from tests.harness.fastapi_app import write_fastapi_app
 from tests.harness.postgres import PgDatabase, free_port
@@ -84,3 +85,41 @@ def test_uvicorn_unit_is_found_checked_and_upgraded_with_alembic(
     unit = json.loads(proc.stdout)["units"][0]
     assert proc.returncode == 0, unit["findings"]
     assert unit["migrations"]["pending"] == [] and unit["schema_drift"]["count"] == 0
+
+
+@pytest.mark.systemd
+def test_uvicorn_unit_on_sqlite_upgraded_with_alembic_under_flock(
+        make_sandbox: Callable[[], Sandbox], fastapi_venv: Path,  # noqa: F811
+        ) -> None:
+    import os
+    import pwd
+
+    root = write_fastapi_app(new_workspace() / "shop")
+    data = writable_dir(root / "data")
+    db = data / "app.db"
+    url = f"sqlite:///{db}"
+    assert alembic(fastapi_venv, root, url, "upgrade", "a1").returncode == 0
+    www = pwd.getpwnam(APP_USER)
+    os.chown(db, www.pw_uid, www.pw_gid)
+    port = free_port()
+    sb = make_sandbox()
+    sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
+    sb.add_unit(UNIT, uvicorn_unit(fastapi_venv, root, port))
+    sb.boot()
+    sb.systemctl("start", UNIT)
+    http_get(f"http://127.0.0.1:{port}/healthz", describe=lambda: unit_diagnostics(sb, UNIT))
+
+    proc = agentctl(sb, "check", UNIT, "--json", "--probe-timeout", "30")
+    unit = json.loads(proc.stdout)["units"][0]
+    assert unit["backend"] == "sqlite" and unit["database"] == f"sqlite:{db}", unit
+    assert unit["migrations"]["current"] == ["a1"] and unit["migrations"]["pending"] == ["a2"]
+
+    up = agentctl(sb, "upgrade", "shop", "--yes", "--probe-timeout", "30")
+    print(f"\n$ agentctl upgrade shop --yes\n{up.stdout}{up.stderr}")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "pinned: alembic upgrade a2" in up.stdout
+    assert f"holding the upgrade lock flock({db}) in pid " in up.stdout
+    assert f"sqlite:{db} is now at head a2" in up.stdout
+    proc = agentctl(sb, "check", UNIT, "--json", "--probe-timeout", "30")
+    unit = json.loads(proc.stdout)["units"][0]
+    assert unit["migrations"]["pending"] == [] and unit["schema_drift"]["count"] == 0, unit
