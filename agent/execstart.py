@@ -1,4 +1,5 @@
-"""Pure: what an ExecStart= command line launches (gunicorn, its app, its virtualenv)."""
+"""Pure: what an ExecStart= command line launches (gunicorn or uvicorn, its app, its
+virtualenv)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ GUNICORN_FLAGS = {
     "--casefold-http-method", "--header-map",
 }
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# uvicorn's options that take no value (uvicorn/main.py, click is_flag / --x/--no-x pairs);
+# every other option consumes one (unless "--x=y"). uvicorn has no short options.
+UVICORN_FLAGS = {
+    "--reload", "--factory", "--version", "--help",
+    "--use-colors", "--no-use-colors", "--proxy-headers", "--no-proxy-headers",
+    "--server-header", "--no-server-header", "--date-header", "--no-date-header",
+    "--access-log", "--no-access-log",
+}
+# The app servers whose command line names the app: their module names for "python -m".
+SERVERS = ("gunicorn", "uvicorn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class LaunchSpec:
 
     argv: tuple[str, ...]              # the gunicorn-running argv after unwrapping shells
     runs_gunicorn: bool
+    runs_uvicorn: bool = False         # uvicorn run directly (not as gunicorn's worker)
     program: str = ""                  # the executable named on the command line
     python: str = ""                   # the interpreter when run as "python -m gunicorn"
     venv: str = ""                     # the virtualenv the command line points into
@@ -44,6 +56,13 @@ class LaunchSpec:
                                        # WorkingDirectory= (before any --chdir)
     shell_wrapped: bool = False
     notes: tuple[str, ...] = field(default=())
+    pythonpath: tuple[str, ...] = ()   # uvicorn --app-dir (first on sys.path, no chdir)
+    env_file: str = ""                 # uvicorn --env-file (loaded by uvicorn, python-dotenv)
+
+    @property
+    def server(self) -> str:
+        """The app server the unit runs: "gunicorn", "uvicorn" or ""."""
+        return "gunicorn" if self.runs_gunicorn else "uvicorn" if self.runs_uvicorn else ""
 
 
 def _basename(word: str) -> str:
@@ -111,19 +130,33 @@ def _is_python(word: str) -> bool:
 
 def _gunicorn_args(argv: Sequence[str]) -> list[str] | None:
     """The arguments after gunicorn itself, or None when argv does not run gunicorn."""
+    found = _server_args(argv)
+    return found[1] if found and found[0] == "gunicorn" else None
+
+
+def _server_args(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(server, the arguments after it) when argv runs gunicorn or uvicorn, directly or as
+    'python -m SERVER', else None."""
     if not argv:
         return None
-    if _basename(argv[0]).startswith("gunicorn"):
-        return list(argv[1:])
+    for server in SERVERS:
+        if _basename(argv[0]).startswith(server):
+            return server, list(argv[1:])
     if _is_python(argv[0]):
-        return _python_m_gunicorn(list(argv[1:]))
+        return _python_m(list(argv[1:]))
     return None
 
 
 def _python_m_gunicorn(args: list[str]) -> list[str] | None:
-    """The arguments after 'python [options] -m gunicorn', read with Python's own option
-    grammar: grouped flags (-uB), options with a value (-W x, -X dev, glued -Wignore),
-    -m MODULE or -mMODULE; a script or -c ends the options without gunicorn."""
+    """The arguments after 'python [options] -m gunicorn' (None for anything else)."""
+    found = _python_m(args)
+    return found[1] if found and found[0] == "gunicorn" else None
+
+
+def _python_m(args: list[str]) -> tuple[str, list[str]] | None:
+    """(server, the arguments after 'python [options] -m SERVER'), read with Python's own
+    option grammar: grouped flags (-uB), options with a value (-W x, -X dev, glued
+    -Wignore), -m MODULE or -mMODULE; a script or -c ends the options without a server."""
     i = 0
     while i < len(args):
         arg = args[i]
@@ -140,9 +173,9 @@ def _python_m_gunicorn(args: list[str]) -> list[str] | None:
             glued = letters[j + 1:]
             if letter == "m":
                 module = glued or (args[i + 1] if i + 1 < len(args) else "")
-                if module != "gunicorn":
+                if module not in SERVERS:
                     return None
-                return args[i + 1:] if glued else args[i + 2:]
+                return module, (args[i + 1:] if glued else args[i + 2:])
             if letter == "c":
                 return None
             if letter in "WX":
@@ -192,14 +225,57 @@ def parse_gunicorn_args(args: Sequence[str]) -> dict[str, object]:
     return result
 
 
+def parse_uvicorn_args(args: Sequence[str]) -> dict[str, object]:
+    """Pure: the app, --app-dir, --env-file and --factory from uvicorn's own arguments.
+
+    With --factory the app is a factory uvicorn calls without arguments: given as
+    'module:factory()', the syntax gunicorn and Flask read the same way.
+    """
+    result: dict[str, object] = {"app_spec": "", "app_dir": "", "env_file": "",
+                                 "factory": False}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest = args[i + 1:]
+            if rest and not result["app_spec"]:
+                result["app_spec"] = rest[0]
+            break
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg.split("=", 1)
+            i += 1
+        elif arg in UVICORN_FLAGS:
+            if arg == "--factory":
+                result["factory"] = True
+            i += 1
+            continue
+        elif arg.startswith("-") and len(arg) > 1:
+            key, value = arg, (args[i + 1] if i + 1 < len(args) else "")
+            i += 2
+        else:
+            if not result["app_spec"]:
+                result["app_spec"] = arg
+            i += 1
+            continue
+        if key == "--app-dir":
+            result["app_dir"] = value
+        elif key == "--env-file":
+            result["env_file"] = value
+    spec = str(result["app_spec"])
+    if result["factory"] and spec and not spec.endswith(")"):
+        result["app_spec"] = spec + "()"
+    return result
+
+
 def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str = "",
                        ) -> LaunchSpec:
-    """Find the gunicorn launch in ExecStart (shell wrappers included) and what it implies."""
+    """Find the gunicorn (or uvicorn) launch in ExecStart (shell wrappers included) and what
+    it implies."""
     if not commands:
         return LaunchSpec(argv=(), runs_gunicorn=False, notes=("the unit has no ExecStart",))
     main = commands[-1]
     for command in commands:
-        if _gunicorn_args(_strip_prefixes(list(command.argv))) is not None or _wrapped(command):
+        if _server_args(_strip_prefixes(list(command.argv))) is not None or _wrapped(command):
             main = command
             break
     argv = list(main.argv) or [main.path]
@@ -218,7 +294,7 @@ def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str =
                 cwd = _absolute(segment[1], cwd)
             elif segment[0] in (".", "source") and len(segment) > 1:
                 activate = _absolute(segment[1], cwd)
-            elif _gunicorn_args(segment) is not None:
+            elif _server_args(segment) is not None:
                 chosen = segment
                 break
         if not chosen:
@@ -228,9 +304,12 @@ def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str =
         argv = chosen
     else:
         argv = _strip_prefixes(argv)
-    gargs = _gunicorn_args(argv)
+    found = _server_args(argv)
+    server = found[0] if found else ""
+    gargs = found[1] if found and server == "gunicorn" else None
     program = _absolute(argv[0], cwd) if "/" in argv[0] else argv[0]
     parsed = parse_gunicorn_args(gargs or [])
+    uvicorn = parse_uvicorn_args(found[1]) if found and server == "uvicorn" else {}
     venv, source = "", ""
     python = program if _is_python(argv[0]) else ""
     if "/" in argv[0]:
@@ -240,33 +319,44 @@ def analyse_exec_start(commands: Sequence[ExecCommand], working_directory: str =
         venv = _venv_from_bin(activate)
         source = "activate script sourced in ExecStart" if venv else ""
     chdir = str(parsed["chdir"])
+    app_dir, env_file = str(uvicorn.get("app_dir") or ""), str(uvicorn.get("env_file") or "")
     return LaunchSpec(
         argv=tuple(argv),
         runs_gunicorn=gargs is not None,
+        runs_uvicorn=server == "uvicorn",
         program=program,
         python=python,
         venv=venv,
         venv_source=source,
-        app_spec=str(parsed["app_spec"]),
+        app_spec=str(uvicorn.get("app_spec") or "") if uvicorn else str(parsed["app_spec"]),
         chdir=_absolute(chdir, cwd) if chdir else (cwd if cwd != working_directory else ""),
         config_file=_absolute(str(parsed["config_file"]), cwd) if parsed["config_file"] else "",
         gunicorn_env=tuple(parsed["env"]),  # type: ignore[arg-type]
         gunicorn_args=tuple(gargs or ()),
         start_dir=cwd,
         shell_wrapped=shell_wrapped,
+        # uvicorn puts --app-dir first on sys.path and reads --env-file relative to where it
+        # starts (it never changes directory).
+        pythonpath=(_absolute(app_dir, cwd),) if app_dir else (),
+        env_file=_absolute(env_file, cwd) if env_file else "",
     )
 
 
 def _wrapped(command: ExecCommand) -> bool:
-    """True for 'sh -c SCRIPT' commands whose script mentions gunicorn."""
+    """True for 'sh -c SCRIPT' commands whose script mentions gunicorn or uvicorn."""
     argv = command.argv
     return bool(argv) and _basename(argv[0]) in SHELLS and "-c" in argv[1:] and any(
-        "gunicorn" in a for a in argv)
+        server in a for a in argv for server in SERVERS)
 
 
 def runs_gunicorn(commands: Sequence[ExecCommand]) -> bool:
     """True when any ExecStart command starts gunicorn, directly, via python -m or a shell."""
     return analyse_exec_start(commands).runs_gunicorn
+
+
+def runs_app_server(commands: Sequence[ExecCommand]) -> bool:
+    """True when ExecStart starts gunicorn or uvicorn (a unit the agent watches unasked)."""
+    return analyse_exec_start(commands).server in SERVERS
 
 
 def venv_of_interpreter(path: str) -> str:

@@ -370,8 +370,28 @@ def prepare(request, report):
         name, sep, value = assignment.partition("=")
         if name and sep:
             os.environ[name] = value
+    uvicorn_setup(request, report)
     report["chdir"] = os.getcwd()
     return None
+
+
+def uvicorn_setup(request, report):
+    """What uvicorn run directly does before importing the app: --app-dir first on
+    sys.path, --env-file loaded with python-dotenv (variables already set win)."""
+    for path in reversed(request.get("pythonpath") or ()):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    if request.get("pythonpath"):
+        report["pythonpath"] = list(request["pythonpath"])
+    env_file = request.get("env_file") or ""
+    if not env_file:
+        return
+    try:
+        from dotenv import load_dotenv
+    except ImportError:
+        raise ProbeError("app_load", "uvicorn --env-file %s needs python-dotenv, which the "
+                                     "app's interpreter cannot import" % env_file)
+    load_dotenv(dotenv_path=env_file)
 
 
 # -- what the app knows -----------------------------------------------------------------------

@@ -1,23 +1,35 @@
-"""`flask db upgrade TARGET` as agentctl upgrade runs it: serialised, lock waits bounded.
+"""The upgrade as agentctl upgrade runs it: pinned to TARGET, serialised, lock waits bounded.
 
 This file is not imported by the agent: agentctl reads it and runs it with `python -c` in
 the app's own virtualenv, as the unit's user, in the unit's context (so the unit's user
-never needs to read the checkout). It loads the app the way `flask` does (FLASK_APP,
-.flaskenv/.env), then, before any migration runs:
-- takes the session-level advisory lock UPGRADE_LOCK_KEY on a connection of the app's own
+never needs to read the checkout). MODE says which tool migrates:
+- "flask": loads the app the way `flask` does (FLASK_APP, .flaskenv/.env) and calls
+  Flask-Migrate's own upgrade(TARGET), as `flask db upgrade TARGET` does;
+- "alembic": a plain Alembic project (FastAPI, Starlette, ...): Alembic's own command line,
+  `alembic -c ./alembic.ini upgrade TARGET`, so env.py decides the URL as it always does.
+Before any migration runs, on the database the migration really uses (Flask-SQLAlchemy's
+engine; for plain Alembic, the first engine env.py connects with):
+- PostgreSQL: the session-level advisory lock UPGRADE_LOCK_KEY on a connection of that
   engine, held until the process ends; if another session holds it, says who (pid,
   application_name, since) and exits LOCKED_EXIT without migrating anything;
-- sets lock_timeout on every new connection of every engine (also given in PGOPTIONS, but
-  an `options=` in the app's URL replaces PGOPTIONS entirely, so it is SET and checked),
-  and client_connection_check_interval, so a stopped upgrade's statement ends with it;
-then calls Flask-Migrate's own upgrade(TARGET), retrying a bounded number of times when a
-migration gave up waiting for a lock (SQLSTATE 55P03); each attempt is one transaction on
-PostgreSQL, rolled back whole when it gives up.
-Arguments: TARGET LOCK_TIMEOUT_MS RETRIES RETRY_DELAY_SECONDS KEY APPLICATION_NAME.
+- SQLite: flock(2) LOCK_EX on the database file itself (SQLite locks with fcntl byte ranges,
+  which flock does not touch on local filesystems), held until the process ends; if
+  another process holds it, says which (from /proc/locks) and exits LOCKED_EXIT. A deploy
+  script takes the same lock with `flock -n /path/app.db CMD`;
+- PostgreSQL connections get lock_timeout (also given in PGOPTIONS, but an `options=` in
+  the app's URL replaces PGOPTIONS entirely, so it is SET and checked) and
+  client_connection_check_interval, so a stopped upgrade's statement ends with it; SQLite
+  connections get busy_timeout = lock_timeout, read back.
+A PostgreSQL migration that gave up waiting for a lock (SQLSTATE 55P03) is rolled back whole
+and retried a bounded number of times. On SQLite nothing is retried: Alembic runs SQLite's
+DDL outside one transaction, so a revision stopped half-way is not undone.
+Arguments: TARGET LOCK_TIMEOUT_MS RETRIES RETRY_DELAY_SECONDS KEY APPLICATION_NAME [MODE].
 """
 
+import fcntl
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -51,11 +63,15 @@ def is_postgres(dbapi_conn):
 
 
 def bound_lock_waits(lock_timeout_ms):
-    """Every new PostgreSQL connection gets lock_timeout, set and read back."""
+    """Every new PostgreSQL connection gets lock_timeout, every SQLite one busy_timeout,
+    set and read back."""
     from sqlalchemy import event
     from sqlalchemy.pool import Pool
 
     def on_connect(dbapi_conn, _record):
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            bound_sqlite_waits(dbapi_conn, lock_timeout_ms)
+            return
         if not is_postgres(dbapi_conn):
             return
         saved = dbapi_conn.autocommit
@@ -81,6 +97,26 @@ def bound_lock_waits(lock_timeout_ms):
     return on_connect
 
 
+def bound_sqlite_waits(dbapi_conn, lock_timeout_ms):
+    """busy_timeout: how long a statement waits for another connection's lock on the file."""
+    dbapi_conn.execute("PRAGMA busy_timeout = %d" % int(lock_timeout_ms))
+    shown = dbapi_conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    if int(shown) != int(lock_timeout_ms):
+        raise RuntimeError(f"busy_timeout is {shown} after PRAGMA, not {lock_timeout_ms}")
+
+
+def is_sqlite_locked(exc):
+    """True for SQLite's "database is locked" / "database table is locked" (SQLITE_BUSY)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for candidate in (exc, getattr(exc, "orig", None)):
+            if isinstance(candidate, sqlite3.OperationalError) and "locked" in str(candidate):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def to_ms(shown):
     """PostgreSQL's display of a duration ('5s', '500ms', '1min', '0') in milliseconds."""
     units = (("ms", 1), ("min", 60000), ("s", 1000), ("h", 3600000), ("d", 86400000))
@@ -98,12 +134,75 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 """
 
 
+def sqlite_file(url, cwd):
+    """The file a SQLite URL opens, absolute as sqlite3 resolves it; '' for memory."""
+    database = url.database or ""
+    if database.startswith("file:"):  # a URI filename (?uri=true): file:/path?mode=...
+        database = database[len("file:"):].split("?", 1)[0]
+        if database.startswith("//"):
+            database = database[2:]
+    if not database or database == ":memory:" or "mode=memory" in str(url):
+        return ""
+    return os.path.normpath(os.path.join(cwd, database))
+
+
+def flock_holders(st, proc_locks="/proc/locks"):
+    """[{pid, command}] of the processes holding a flock on the file with stat st."""
+    holders = []
+    try:
+        with open(proc_locks) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return holders
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters have "->" first
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        inode = fields[5].rsplit(":", 1)[-1]
+        if inode != str(st.st_ino):
+            continue
+        pid = int(fields[4]) if fields[4].isdigit() else 0
+        command = ""
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                command = fh.read().strip()
+        except OSError:
+            pass
+        holders.append({"pid": pid, "command": command})
+    return holders
+
+
+def take_file_lock(path):
+    """flock LOCK_EX on the SQLite file (a descriptor kept open), or exit LOCKED_EXIT."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        say("no_lock", reason=f"{path} does not exist yet (the upgrade creates it)")
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("locked", path=path, holders=flock_holders(os.fstat(fd)))
+        sys.exit(LOCKED_EXIT)
+    say("locked_by_us", path=path, pid=os.getpid())
+    return fd
+
+
 def take_lock(engine, key, application_name):
-    """The advisory lock on a held connection of the app's engine, or exit LOCKED_EXIT."""
+    """The upgrade lock for the engine's database (PostgreSQL: an advisory lock on a held
+    connection; SQLite: flock on the file), or exit LOCKED_EXIT."""
     from sqlalchemy import text
 
+    if engine.dialect.name == "sqlite":
+        path = sqlite_file(engine.url, os.getcwd())
+        if not path:
+            say("no_lock", reason="an in-memory SQLite database")
+            return None
+        return take_file_lock(path)
     if engine.dialect.name != "postgresql":
-        say("no_lock", reason=f"the database is {engine.dialect.name}, not PostgreSQL")
+        say("no_lock", reason=f"the database is {engine.dialect.name}, not PostgreSQL or "
+                              "SQLite")
         return None
     holder = engine.connect()
     holder.execute(text("SELECT set_config('application_name', :n, false)"),
@@ -123,11 +222,38 @@ def take_lock(engine, key, application_name):
     return holder
 
 
-def main(argv):
-    """Load the app as flask does, lock, upgrade with bounded retries."""
-    target, lock_timeout_ms, retries = argv[0], int(argv[1]), int(argv[2])
-    delay, key, application_name = float(argv[3]), int(argv[4]), argv[5]
-    bound_lock_waits(lock_timeout_ms)
+def with_retries(upgrade, retries, delay, lock_timeout_ms):
+    """upgrade(), again after a PostgreSQL lock_timeout (rolled back whole), at most
+    retries more times; SQLite's "database is locked" is said and never retried."""
+    for attempt in range(1, retries + 2):
+        try:
+            upgrade()
+            return
+        except Exception as exc:
+            if is_sqlite_locked(exc):
+                say("sqlite_locked", wait_ms=lock_timeout_ms)
+                raise
+            if sqlstate(exc) != LOCK_NOT_AVAILABLE or attempt > retries:
+                raise
+            say("lock_timeout", attempt=attempt, of=retries + 1, wait_ms=lock_timeout_ms,
+                retry_in=delay)
+            time.sleep(delay)
+            delay *= 2
+
+
+def release(holder):
+    """Close the held lock connection or descriptor (the process ending would, too)."""
+    try:
+        if isinstance(holder, int):
+            os.close(holder)
+        elif holder is not None:
+            holder.close()
+    except Exception:  # an async engine's connection cannot close outside its loop
+        pass
+
+
+def flask_upgrade(target, retries, delay, lock_timeout_ms, key, application_name):
+    """Load the app as flask does, lock, Flask-Migrate's upgrade(TARGET)."""
     from flask.cli import ScriptInfo, load_dotenv
     from flask_migrate import upgrade
 
@@ -139,19 +265,43 @@ def main(argv):
             print("the app has no Flask-Migrate extension (Migrate(app, db))", file=sys.stderr)
             sys.exit(2)
         holder = take_lock(migrate.db.engine, key, application_name)
-        for attempt in range(1, retries + 2):
-            try:
-                upgrade(revision=target)
-                break
-            except Exception as exc:
-                if sqlstate(exc) != LOCK_NOT_AVAILABLE or attempt > retries:
-                    raise
-                say("lock_timeout", attempt=attempt, of=retries + 1, wait_ms=lock_timeout_ms,
-                    retry_in=delay)
-                time.sleep(delay)
-                delay *= 2
-        if holder is not None:
-            holder.close()
+        with_retries(lambda: upgrade(revision=target), retries, delay, lock_timeout_ms)
+        release(holder)
+
+
+def alembic_upgrade(target, retries, delay, lock_timeout_ms, key, application_name):
+    """Alembic's own `alembic -c ./alembic.ini upgrade TARGET`, locked on the first engine
+    env.py connects with (before env.py runs any migration on it)."""
+    from alembic.config import CommandLine
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    state = {"taken": False, "holder": None}
+
+    def on_engine_connect(conn, *_branch):  # SQLAlchemy 1.4 also passes "branch"
+        if state["taken"]:
+            return
+        state["taken"] = True  # before take_lock: its own connect comes back here
+        state["holder"] = take_lock(conn.engine, key, application_name)
+
+    event.listen(Engine, "engine_connect", on_engine_connect)
+    config = os.path.abspath("alembic.ini")
+    if not os.path.exists(config):
+        print(f"no alembic.ini in {os.getcwd()}", file=sys.stderr)
+        sys.exit(2)
+    with_retries(lambda: CommandLine(prog="alembic").main(
+        argv=["-c", config, "upgrade", target]), retries, delay, lock_timeout_ms)
+    release(state["holder"])
+
+
+def main(argv):
+    """Bound lock waits, then the upgrade with the tool MODE names."""
+    target, lock_timeout_ms, retries = argv[0], int(argv[1]), int(argv[2])
+    delay, key, application_name = float(argv[3]), int(argv[4]), argv[5]
+    mode = argv[6] if len(argv) > 6 else "flask"
+    bound_lock_waits(lock_timeout_ms)
+    upgrade = alembic_upgrade if mode == "alembic" else flask_upgrade
+    upgrade(target, retries, delay, lock_timeout_ms, key, application_name)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the command and its arguments, after --")
 
     upgrade = sub.add_parser(
-        "upgrade", help="check, show the plan, run flask db upgrade in UNIT's context, "
+        "upgrade", help="check, show the plan, run flask db upgrade (plain Alembic apps: "
+                        "alembic upgrade) in UNIT's context, "
                         "verify the head, optionally restart (exit 0 done or nothing to do, "
                         "1 refused by the migration state, 2 could not inspect, not "
                         "confirmed or failed)")
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: upgrade_lock_retries, else 3; at most "
                                            "100)")
     upgrade.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
-                         help="stop flask db upgrade after this long (default: "
+                         help="stop the upgrade command after this long (default: "
                               "upgrade_timeout_seconds, else 600)")
     upgrade.add_argument("--config.file", dest="config_file", metavar="PATH", default=None,
                          help=f"the agent's config file (default {DEFAULT_CONFIG_PATH})")

@@ -1,8 +1,10 @@
-"""agentctl upgrade: check, plan, confirm, `flask db upgrade` in the unit's context, verify, restart."""
+"""agentctl upgrade: check, plan, confirm, `flask db upgrade` (or, for a plain Alembic app,
+`alembic upgrade`) in the unit's context, verify, restart."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +36,8 @@ UPGRADE_LOCK_KEY = int.from_bytes(b"dwupgrad", "big")
 LOCKED_EXIT = 75
 CHILD_MARK = "driftwatch-upgrade:"
 CHILD_SOURCE = Path(__file__).resolve().parent.parent / "asuser" / "upgrade_child.py"
+# The two tools agentctl upgrade runs (agent/asuser/upgrade_child.py's MODE "flask" / "alembic").
+FLASK_TOOL, ALEMBIC_TOOL = "flask db upgrade", "alembic upgrade"
 # Checks without which nobody can say what an upgrade would do.
 ESSENTIAL_CHECKS = ("unit", "app_load", "database", "migrations")
 
@@ -103,7 +107,17 @@ def decide(unit: UnitSnapshot, target: str = "") -> Decision:
     return Decision("upgrade", pending=pending, warnings=warnings, target=target)
 
 
-def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
+def upgrade_tool(has_alembic_ini: bool, environment: Mapping[str, str]) -> str:
+    """Pure: which command migrates the unit's app. A plain Alembic project (alembic.ini in
+    the app's directory, as the probe finds it) gets `alembic upgrade`, unless the unit names
+    a Flask app (FLASK_APP): Flask-Migrate apps keep alembic.ini under migrations/."""
+    if has_alembic_ini and not environment.get("FLASK_APP"):
+        return ALEMBIC_TOOL
+    return FLASK_TOOL
+
+
+def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool,
+                tool: str = FLASK_TOOL) -> str:
     """The plan shown before asking: database, revisions in order, and the restart."""
     m = unit.migrations
     current = ", ".join(m.current) if m and m.current else "(empty)"
@@ -114,7 +128,7 @@ def render_plan(unit: UnitSnapshot, decision: Decision, restart: bool) -> str:
              f"  pending:   {len(decision.pending)} revision(s), applied in this order:"]
     lines += [f"    {n}. {rev}" for n, rev in enumerate(decision.pending, 1)]
     if decision.target:
-        lines.append(f"  target:    {decision.target} (pinned: flask db upgrade "
+        lines.append(f"  target:    {decision.target} (pinned: {tool} "
                      f"{decision.target}; refused if the revisions change before it runs)")
     lines.append(f"  then:      {'restart ' + unit.unit if restart else 'no restart (--restart not given)'}")
     lines += [f"  warning:   {w}" for w in decision.warnings]
@@ -170,11 +184,13 @@ class Upgrader:
 
     def __init__(self, options: UpgradeOptions, systemd: SystemdSource, inspect: Inspect,
                  confirm: Confirm | None, out: TextIO, euid: int,
-                 resolve: Resolver | None = None, preflight: Preflight | None = None) -> None:
+                 resolve: Resolver | None = None, preflight: Preflight | None = None,
+                 tool: str | None = None) -> None:
         self.options, self.systemd, self.inspect = options, systemd, inspect
         self.confirm, self.out, self.euid = confirm, out, euid
         self.resolve = resolve  # gunicorn's config resolution (None: the real one)
         self.preflight = preflight  # agentctl plan's preflight (None: not shown)
+        self.tool = tool  # flask db upgrade / alembic upgrade (None: found from the unit)
 
     def run(self) -> int:
         """check -> plan -> confirm -> still as shown? -> flask db upgrade TARGET -> verify
@@ -190,7 +206,7 @@ class Upgrader:
                 self.out.write(f"{unit.unit}: the running processes are stale; restarting.\n")
                 self._restart(unit.main_pid)
             return EXIT_OK
-        self.out.write(render_plan(unit, decision, self.options.restart))
+        self.out.write(render_plan(unit, decision, self.options.restart, self._tool()))
         self._preflight(unit)
         self._confirm(unit.unit)
         self._still_as_shown(unit)
@@ -199,7 +215,7 @@ class Upgrader:
         m = after.migrations
         if m is None or m.unknown or tuple(m.current) != (decision.target,):
             now = ", ".join(m.current) if m else "unknown"
-            raise UpgradeError(f"flask db upgrade finished but {after.database or 'the database'}"
+            raise UpgradeError(f"{self._tool()} finished but {after.database or 'the database'}"
                                f" is at {now or '(empty)'}, not at {decision.target}; "
                                "not restarting")
         where = "head " if decision.target in m.heads else ""
@@ -246,26 +262,47 @@ class Upgrader:
                                f"{state(after)}); nothing changed: run agentctl upgrade again",
                                EXIT_PROBLEMS)
 
+    def _tool(self) -> str:
+        """flask db upgrade or alembic upgrade for the unit, found once: alembic.ini in the
+        directory the unit's app runs in (a stat, nothing read)."""
+        if self.tool is None:
+            ctx = inspect_unit(self.systemd, self.options.unit).context
+            has_ini = os.path.lexists(os.path.join(ctx.app_directory or "/", "alembic.ini"))
+            self.tool = upgrade_tool(has_ini, ctx.environment)
+        return self.tool
+
     def _flask_upgrade(self, unit: UnitSnapshot, target: str) -> None:
+        """Run the upgrade to target: flask db upgrade, or alembic upgrade for plain Alembic."""
         o = self.options
+        tool = self._tool()
         ctx = inspect_unit(self.systemd, o.unit).context
         lock_ms = max(1, int(o.lock_timeout * 1000))
+        mode = "alembic" if tool == ALEMBIC_TOOL else "flask"
         # The child is sent as -c text: the unit's user never reads this checkout.
         argv = ("python", "-c", CHILD_SOURCE.read_text(), target, str(lock_ms),
                 str(o.lock_retries), str(o.retry_delay), str(UPGRADE_LOCK_KEY),
-                f"driftwatch upgrade {o.unit}")
+                f"driftwatch upgrade {o.unit}", mode)
         try:
             plan = plan_exec(ctx, argv, self.euid, resolve=self.resolve)
         except GunicornConfigError as exc:
             raise UpgradeError(f"{exc}; nothing changed", EXIT_ERROR) from None
-        # FLASK_APP after gunicorn's raw_env is applied: a config file may set it, or wsgi_app.
-        env = {**plan.env, "FLASK_APP": flask_app_value(
-            ctx, plan.env, plan.app_uri if plan.config_source == "gunicorn config" else None)}
+        env = dict(plan.env)
+        if mode == "flask":
+            # FLASK_APP after gunicorn's raw_env is applied: a config file may set it, or
+            # wsgi_app.
+            env["FLASK_APP"] = flask_app_value(
+                ctx, plan.env,
+                plan.app_uri if plan.config_source == "gunicorn config" else None)
+        elif not os.path.lexists(os.path.join(plan.cwd, "alembic.ini")):
+            # gunicorn's config file moved the app elsewhere than the plan said.
+            raise UpgradeError(f"refusing to upgrade {unit.unit}: no alembic.ini in "
+                               f"{plan.cwd}, where {unit.unit}'s app runs; nothing changed",
+                               EXIT_ERROR)
         # Also SET and checked on each connection by the child: options= in a URL
         # replaces PGOPTIONS entirely.
         env["PGOPTIONS"] = with_lock_timeout(env.get("PGOPTIONS", ""), lock_ms)
         plan = replace(plan, env=env)
-        self.out.write(f"Running flask db upgrade {target} as {plan.user} in {plan.cwd} "
+        self.out.write(f"Running {tool} {target} as {plan.user} in {plan.cwd} "
                        f"(lock_timeout {o.lock_timeout:g} s, {o.lock_retries} retries, "
                        f"stopped after {o.timeout:g} s):\n")
         self.out.flush()
@@ -286,18 +323,19 @@ class Upgrader:
                          if child_event(line) is None)
         last = f". Last output:\n{tail}" if tail else ""
         if result.timed_out:
-            raise UpgradeError(f"flask db upgrade did not finish within {o.timeout:g} s and "
-                               f"was stopped (PostgreSQL rolls back its open transaction); "
+            raise UpgradeError(f"{tool} did not finish within {o.timeout:g} s and "
+                               f"was stopped ({stopped_note(unit.backend)}); "
                                f"{unit.database} was not verified and {unit.unit} was not "
                                f"restarted{last}")
         locked = [e for e in events if e.get("kind") == "locked"]
         if result.returncode == LOCKED_EXIT and locked:
+            holders = describe_holders(locked[-1].get("holders") or [],
+                                       file_lock=bool(locked[-1].get("path")))
             raise UpgradeError(f"refusing to upgrade {unit.unit}: another upgrade holds the "
-                               f"upgrade lock on {unit.database} "
-                               f"({describe_holders(locked[-1].get('holders') or [])}); "
+                               f"upgrade lock on {unit.database} ({holders}); "
                                "nothing changed", EXIT_PROBLEMS)
         if result.returncode != 0:
-            raise UpgradeError(f"flask db upgrade {describe_returncode(result.returncode)}; "
+            raise UpgradeError(f"{tool} {describe_returncode(result.returncode)}; "
                                f"{unit.database} was not verified and {unit.unit} was not "
                                f"restarted{last}")
 
@@ -339,10 +377,23 @@ def child_event(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def describe_holders(holders: Sequence[Mapping[str, Any]]) -> str:
-    """'held by pid 4242 (application_name 'x', user app, since 2026-...)' for each holder."""
+def stopped_note(backend: str) -> str:
+    """What became of a migration stopped at the overall timeout, per backend."""
+    if backend == "sqlite":
+        return ("Alembic's SQLite DDL is not one transaction: a revision stopped half-way "
+                "is not undone, agentctl check shows where it stopped")
+    return "PostgreSQL rolls back its open transaction"
+
+
+def describe_holders(holders: Sequence[Mapping[str, Any]], file_lock: bool = False) -> str:
+    """'held by pid 4242 (application_name 'x', user app, since 2026-...)' for each holder
+    of PostgreSQL's advisory lock; 'held by pid 4242 (flock)' for a SQLite file's flock."""
     if not holders:
-        return "held by a session that has since ended"
+        return ("held by a process /proc/locks does not show" if file_lock else
+                "held by a session that has since ended")
+    if all("command" in h for h in holders):
+        return "; ".join(f"held by pid {h.get('pid') or '?'} ({h.get('command') or '?'})"
+                         for h in holders)
     return "; ".join(f"held by pid {h.get('pid')} (application_name "
                      f"{str(h.get('application_name') or '')!r}, user {h.get('user') or '?'}, "
                      f"since {h.get('since') or '?'})" for h in holders)
@@ -351,9 +402,15 @@ def describe_holders(holders: Sequence[Mapping[str, Any]]) -> str:
 def describe_event(event: Mapping[str, Any]) -> str:
     """One line for the admin about what the child did, '' for nothing worth saying."""
     kind = event.get("kind")
+    if kind == "locked_by_us" and event.get("path"):
+        return f"holding the upgrade lock flock({event.get('path')}) in pid {event.get('pid')}"
     if kind == "locked_by_us":
         return (f"holding the upgrade lock pg_advisory_lock({event.get('key')}) in backend "
                 f"pid {event.get('pid')}")
+    if kind == "sqlite_locked":
+        return (f"the SQLite database stayed locked longer than busy_timeout "
+                f"({event.get('wait_ms')} ms); not retried: Alembic's SQLite DDL is not one "
+                "transaction")
     if kind == "lock_timeout":
         return (f"a migration waited longer than lock_timeout ({event.get('wait_ms')} ms); "
                 f"attempt {event.get('attempt')} of {event.get('of')} rolled back, retrying "

@@ -322,6 +322,8 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "start_dir": launch.start_dir or ctx.working_directory,
             "gunicorn_args": list(launch.gunicorn_args) if launch.runs_gunicorn else None,
             "gunicorn_env": list(launch.gunicorn_env),
+            # uvicorn run directly: --app-dir on sys.path, --env-file loaded (child.py)
+            "pythonpath": list(launch.pythonpath), "env_file": launch.env_file,
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
             "allow_root": request.allow_root, "resolve_only": False,
@@ -816,7 +818,8 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
                 lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"credential {source} missing")
-    for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
+    # gunicorn's config files (settings, raw_env, chdir) and uvicorn's --env-file
+    for path in [*gunicorn_config_files(ctx), *filter(None, [ctx.launch.env_file])]:
         try:
             st = os.stat(path)
             lines.append(f"{path} {st.st_mtime_ns} {st.st_size}")

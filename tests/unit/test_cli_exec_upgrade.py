@@ -313,7 +313,8 @@ def upgrader(unit: UnitSnapshot, confirm: Any = None, resolve: Any = None,
              **opts: Any) -> tuple[Upgrader, FakeSystemd, io.StringIO]:
     systemd, out = FakeSystemd(), io.StringIO()
     return Upgrader(UpgradeOptions("gunicorn.service", **opts), systemd,  # type: ignore[arg-type]
-                    lambda name: unit, confirm, out, euid=0, resolve=resolve), systemd, out
+                    lambda name: unit, confirm, out, euid=0, resolve=resolve,
+                    tool="flask db upgrade"), systemd, out
 
 
 def test_without_terminal_and_yes_nothing_runs() -> None:
@@ -368,7 +369,8 @@ def test_revisions_changed_after_the_plan_was_shown_refuses() -> None:
     seen = iter([shown, later])
     systemd, out = FakeSystemd(), io.StringIO()
     up = Upgrader(UpgradeOptions("gunicorn.service", assume_yes=True, restart=True),
-                  systemd, lambda name: next(seen), None, out, euid=0)  # type: ignore[arg-type]
+                  systemd, lambda name: next(seen), None, out, euid=0,  # type: ignore[arg-type]
+                  tool="flask db upgrade")
     with pytest.raises(UpgradeError) as err:
         up.run()
     assert err.value.exit_code == 1 and systemd.restarts == []

@@ -48,7 +48,7 @@ def run_upgrade(plan: Plan, **opts: Any) -> tuple[io.StringIO, list[str]]:
     out, upgraded = io.StringIO(), []
     up = Upgrader(UpgradeOptions("gunicorn.service", assume_yes=True, **opts),
                   FakeSystemd(), lambda name: unit(), None, out, euid=0,  # type: ignore[arg-type]
-                  preflight=lambda snap: plan)
+                  preflight=lambda snap: plan, tool="flask db upgrade")
     up._flask_upgrade = lambda snap, target: upgraded.append(snap.unit)  # type: ignore[method-assign]
     try:
         up.run()

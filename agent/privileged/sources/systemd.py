@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.execstart import runs_gunicorn
+from agent.execstart import runs_app_server
 from agent.errors import AccessDenied, BusUnavailable, DriftwatchError, UnitNotFound
 from agent.model import ExecCommand, UnitProperties
 
@@ -244,7 +244,7 @@ class SystemdSource:
                                     [SERVICE_IFACE, b"ExecStart"])
             commands = [ExecCommand(_text(e[0]), tuple(_text(a) for a in e[1]))
                         for e in exec_start]
-            loaded.append((name, runs_gunicorn(commands)))
+            loaded.append((name, runs_app_server(commands)))  # uvicorn too
         names = [normalize_unit_name(n) for n in names]
         chosen = select_units(loaded, names, patterns, discover_gunicorn)
         if not names:
