@@ -146,8 +146,9 @@ def test_generated_url_passwords_never_shown(scheme: str, user: str, password: s
     except Exception:
         pass
     shown = _shown_everywhere("DATABASE_URL", url)
+    public = f"{scheme}://{user}:@{host}{db}{query}"   # a password like "applic" is in "application_name"
     for secret in secrets:
-        if len(secret) >= 4:
+        if len(secret) >= 4 and not _leaks(secret, [public]):
             assert not _leaks(secret, shown), (url, shown)
 
 
