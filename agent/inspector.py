@@ -17,6 +17,7 @@ from agent.checks import migrations as migration_checks
 from agent.collector_cache import ALL_UNITS
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
+from agent.checks.mysql_privileges import mysql_privilege_findings
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.inspection import UnitReport, inspect_unit
@@ -28,7 +29,7 @@ from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.sources import connections, database, files, sqlite
+from agent.sources import connections, database, files, mysql, sqlite
 from agent.journal_cursors import CursorFile
 from agent.sources.journal import ErrorWindow, JournalReader
 from agent.sources.systemd import SystemdSource
@@ -38,7 +39,7 @@ from agent.state import StateStore, store_finding
 log = logging.getLogger("driftwatch.inspector")
 
 # Backends whose database driftwatch reads; any other gets backend_not_inspected.
-INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite"})
+INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
 # Unit findings that mean "the running processes are not what a restart would give".
 # Revision-state findings a running migration explains (it is applying them right now).
 IN_PROGRESS_EXPLAINS = {"pending_migrations", "version_table_missing", "version_table_empty"}
@@ -140,6 +141,8 @@ class Inspector:
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
+        # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
+        self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -410,6 +413,12 @@ class Inspector:
                     findings.append(missing_file_finding(unit, sqlite.sqlite_file(url)))
                     fields["db_up"] = False
                     return None
+            elif database.backend_of(url) in mysql.MYSQL_BACKENDS:
+                found = mysql.inspect_mysql(url, env.version_table,
+                                            env.version_table_schema or None,
+                                            timeouts=timeouts, opener=opener)
+                inspection = found.inspection
+                self._mysql_privileges[unit] = found.privileges
             else:
                 # The version table env.py names (version_table / version_table_schema).
                 inspection = database.inspect(url, env.version_table,
@@ -418,9 +427,11 @@ class Inspector:
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
+                server = "MySQL/MariaDB" if database.backend_of(url) in mysql.MYSQL_BACKENDS \
+                    else "PostgreSQL"
                 findings.append(Finding(
                     "database_unreachable", "critical", f"{unit}: {inspection.error}",
-                    "check that PostgreSQL runs and that the unit's DATABASE_URL is right"))
+                    f"check that {server} runs and that the unit's DATABASE_URL is right"))
                 return None
             return inspection
         return None
@@ -486,6 +497,8 @@ class Inspector:
             fields["notes"] = tuple(fields.get("notes", ())) + (
                 "privileges: not applicable to SQLite (the file's permissions decide who "
                 "may migrate)",)
+        elif fields.get("backend") in mysql.MYSQL_BACKENDS:
+            self._mysql_privileges_check(unit, timer, fields, findings)
         else:
             self._privileges_check(unit, inspection, timer, fields, findings)
         with timer.check("integrity") as res:
@@ -504,6 +517,17 @@ class Inspector:
                 findings += migration_checks.privilege_findings(
                     unit, priv.user, priv.schema, priv.superuser, priv.can_create,
                     priv.not_owned)
+
+    def _mysql_privileges_check(self, unit: str, timer: _Timer, fields: dict[str, Any],
+                                findings: list[Finding]) -> None:
+        """May the app's MySQL user run migrations (SHOW GRANTS on its database)."""
+        with timer.check("privileges") as res:
+            priv = self._mysql_privileges.pop(unit, None)
+            if priv is None or priv.error:
+                res["error"] = priv.error if priv else "privileges not read"
+                return
+            fields["migration_privileges_ok"] = not priv.missing
+            findings += mysql_privilege_findings(unit, priv.user, priv.database, priv.missing)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                            fields: dict[str, Any], findings: list[Finding],

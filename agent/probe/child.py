@@ -768,7 +768,7 @@ def _describe_runs(runs, found, info):
 def _is_db_error(exc):
     """True for SQLAlchemy/DBAPI errors (the database answered badly or not at all)."""
     for cls in type(exc).__mro__:
-        if cls.__module__.startswith(("sqlalchemy.exc", "psycopg")) and \
+        if cls.__module__.startswith(("sqlalchemy.exc", "psycopg", "pymysql", "MySQLdb")) and \
                 cls.__name__ in ("DBAPIError", "OperationalError", "Error"):
             return True
     return False

@@ -1,0 +1,113 @@
+"""agentctl check on a real Flask-Migrate app on PyMySQL under gunicorn.service (real
+systemd), against a throwaway MariaDB (Debian's mariadb-server, tests/harness/mariadb.py).
+
+The sandbox shares the host's network namespace: the unit reaches the server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.agent import agentctl
+from tests.harness.apps import (
+    APP_USER,
+    AppDir,
+    AppSpec,
+    db_upgrade,
+    env_file_text,
+    flask_db_check,
+    gunicorn_pids,
+    gunicorn_unit,
+    http_get,
+    unit_diagnostics,
+)
+from tests.harness.mariadb import MariaDatabase
+from tests.harness.postgres import free_port
+from tests.harness.sandbox import Sandbox
+
+pytestmark = [pytest.mark.systemd]
+
+UNIT = "gunicorn.service"
+ENV_FILE = "/etc/site/env"
+
+
+def boot_site(make_sandbox: Callable[[], Sandbox], app: AppDir, venv: Path, url: str,
+              ) -> tuple[Sandbox, int]:
+    """The app under gunicorn.service with DATABASE_URL=url; the workers have connected."""
+    port = free_port()
+    sb = make_sandbox()
+    sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
+    sb.add_unit(UNIT, gunicorn_unit(venv=venv, app_dir=app, port=port,
+                                    environment={"FLASK_APP": "wsgi.py"},
+                                    environment_files=[ENV_FILE]))
+    sb.boot()
+    sb.systemctl("start", UNIT)
+    http_get(f"http://127.0.0.1:{port}/healthz", describe=lambda: unit_diagnostics(sb, UNIT))
+    gunicorn_pids(sb, UNIT)
+    for _ in range(4):  # each worker opens its pooled connection (a 500 is fine: it connected)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/db", timeout=10).read()
+        except urllib.error.HTTPError:
+            pass
+    return sb, port
+
+
+def check(sb: Sandbox) -> tuple[int, dict[str, Any], str]:
+    proc = agentctl(sb, "check", UNIT, "--json", "--probe-timeout", "30")
+    assert proc.returncode in (0, 1, 2), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)["units"][0], proc.stdout + proc.stderr
+
+
+def test_pending_revision_and_drift_on_mariadb(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    app = make_app()
+    url = maria_database.url
+    db_upgrade(app, pymysql_venv, url, "r2", user=APP_USER)
+    sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+    code, unit, output = check(sb)
+    found = {f["check"]: f for f in unit["findings"]}
+    assert unit["backend"] == "mysql", unit
+    assert unit["database"] == f"127.0.0.1:{maria_database.server.port}/{maria_database.name}"
+    assert "backend_not_inspected" not in found and "database_unreachable" not in found
+    assert unit["db_up"] is True
+    m = unit["migrations"]
+    assert m["current"] == ["r2"] and m["heads"] == ["r3"] and m["pending"] == ["r3"], m
+    assert "pending_migrations" in found and found["pending_migrations"]["severity"] == \
+        "critical"
+    # The table r3 adds (`flask db check` only says "not up to date" while r3 is pending).
+    assert "schema_drift" in found, unit["findings"]
+    assert flask_db_check(app, pymysql_venv, url).not_up_to_date
+    assert [(d["kind"], d["table"]) for d in unit["schema_drift"]["items"]] == \
+        [("missing_table", "posts")]
+    assert unit["migration_privileges_ok"] is True
+    # The workers are connected to that server (their own sockets), by database name.
+    assert unit["database_mismatch"] is False, unit["database_connections"]
+    assert maria_database.name in unit["database_connections"], unit["database_connections"]
+    assert code == 1
+    assert maria_database.password not in output
+    text = agentctl(sb, "check", UNIT).stdout
+    assert "mysql" in text and maria_database.password not in text
+    # Read-only: nothing was written by the check.
+    assert maria_database.alembic_versions() == ["r2"]
+
+
+def test_at_head_and_clean_is_healthy(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    app = make_app(AppSpec(models_at=3))
+    url = maria_database.url
+    db_upgrade(app, pymysql_venv, url, "head", user=APP_USER)
+    sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+    code, unit, _ = check(sb)
+    assert unit["migrations"]["current"] == ["r3"] and unit["migrations"]["pending"] == []
+    assert unit["schema_drift"]["count"] == 0, unit["schema_drift"]
+    assert not [f for f in unit["findings"] if f["severity"] != "info"], unit["findings"]
+    assert code == 0
