@@ -17,6 +17,7 @@ from agent.checks import migrations as migration_checks
 from agent.collector_cache import ALL_UNITS
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
+from agent.checks.half_applied import LiveObjects, half_applied, half_applied_findings
 from agent.checks.mysql_privileges import mysql_privilege_findings
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
@@ -143,6 +144,8 @@ class Inspector:
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
         # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
         self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
+        # ... and the objects the revisions after the current one name (unit -> objects).
+        self._mysql_live: dict[str, LiveObjects] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -299,7 +302,7 @@ class Inspector:
             else:
                 verdict = self._connections_check(unit, url, report, timer, fields, findings)
             inspection = self._database_check(unit, url, report, timer, fields, findings,
-                                              probe.alembic_env)
+                                              probe.alembic_env, probe.revisions)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
                     and inspection.schema_fingerprint
@@ -393,7 +396,9 @@ class Inspector:
 
     def _database_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                         fields: dict[str, Any], findings: list[Finding],
-                        env: AlembicEnv | None = None) -> database.DatabaseInspection | None:
+                        env: AlembicEnv | None = None,
+                        revisions: Sequence[dict[str, Any]] = (),
+                        ) -> database.DatabaseInspection | None:
         """One short read-only session: version table, activity, privileges, schema hash.
 
         The session is held by a child running as the unit's user in the unit's environment
@@ -402,6 +407,7 @@ class Inspector:
         """
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         env = env or AlembicEnv()
+        self._mysql_live.pop(unit, None)  # only this inspection's objects count
         with timer.check("database") as res:
             opener = functools.partial(user_session, report.context,
                                        probe_user=self.settings.probe_user)
@@ -416,9 +422,12 @@ class Inspector:
             elif database.backend_of(url) in mysql.MYSQL_BACKENDS:
                 found = mysql.inspect_mysql(url, env.version_table,
                                             env.version_table_schema or None,
-                                            timeouts=timeouts, opener=opener)
+                                            timeouts=timeouts, opener=opener,
+                                            revisions=revisions)
                 inspection = found.inspection
                 self._mysql_privileges[unit] = found.privileges
+                if found.live is not None:
+                    self._mysql_live[unit] = found.live
             else:
                 # The version table env.py names (version_table / version_table_schema).
                 inspection = database.inspect(url, env.version_table,
@@ -443,6 +452,7 @@ class Inspector:
         activity = inspection.activity
         version = inspection.version
         in_progress = activity.in_progress
+        half_done = False
         # A lock is never a state: the current revision is unknown now, not empty or missing.
         readable = not version.locked
         table = probe.alembic_env.qualified_version_table
@@ -470,6 +480,15 @@ class Inspector:
                     if in_progress and finding.check in IN_PROGRESS_EXPLAINS:
                         continue
                     findings.append(finding)
+                live = self._mysql_live.pop(unit, None)
+                if live is not None and state.pending and not in_progress:
+                    partly = half_applied(state.current, probe.revisions, live)
+                    if partly:
+                        # Said exactly, instead of "pending" (a retry fails) or "drift".
+                        half_done = True
+                        findings[:] = [f for f in findings if f.check != "pending_migrations"]
+                        findings += half_applied_findings(unit, state.current, partly, table,
+                                                          len(state.pending))
         if in_progress:
             findings += migration_checks.activity_findings(
                 unit, [(s.pid, s.duration_s, s.reason, s.query) for s in activity.sessions],
@@ -491,7 +510,8 @@ class Inspector:
                 fields["schema_drift"] = tuple(DriftItem(**i) for i in items)
                 pending = len(fields["migrations"].pending) if fields.get("migrations") \
                     else 0
-                findings += drift_findings(unit, items, pending)
+                if not half_done:  # the half-applied finding already names the objects
+                    findings += drift_findings(unit, items, pending)
         if fields.get("backend") == "sqlite":
             # No roles or grants in a file: who may migrate is the file's permissions.
             fields["notes"] = tuple(fields.get("notes", ())) + (

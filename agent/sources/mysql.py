@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from agent.checks.half_applied import LiveObjects, next_revisions, tables_named
 from agent.sources.database import (
     DDL,
     DEFAULT_TIMEOUTS,
@@ -276,6 +277,29 @@ def query_schema_fingerprint(conn: Any) -> str:
         if row else ""
 
 
+# -- the objects a half-applied revision leaves ------------------------------------------------
+MAX_TABLES = 200
+
+
+def query_live_objects(conn: Any, tables: set[str]) -> LiveObjects:
+    """Which of these tables, their columns and indexes exist in the database now."""
+    names = sorted(tables)[:MAX_TABLES]
+    if not names:
+        return LiveObjects()
+    params = {f"t{i}": n for i, n in enumerate(names)}
+    among = ", ".join(f":t{i}" for i in range(len(names)))
+    where = f"table_schema = DATABASE() AND table_name IN ({among})"
+    found = frozenset(str(r[0]) for r in conn.execute(text(
+        f"SELECT table_name FROM information_schema.tables WHERE {where}"), params))
+    columns = frozenset((str(r[0]), str(r[1])) for r in conn.execute(text(
+        f"SELECT table_name, column_name FROM information_schema.columns WHERE {where}"),
+        params))
+    indexes = frozenset((str(r[0]), str(r[1])) for r in conn.execute(text(
+        f"SELECT DISTINCT table_name, index_name FROM information_schema.statistics "
+        f"WHERE {where}"), params))
+    return LiveObjects(found, columns, indexes)
+
+
 # -- one round trip for everything -----------------------------------------------------------
 @dataclass(frozen=True)
 class MysqlInspection:
@@ -284,13 +308,17 @@ class MysqlInspection:
     inspection: DatabaseInspection
     privileges: MysqlPrivileges
     processes: tuple[Process, ...] = ()
+    # The tables, columns and indexes the revisions right after the current one name.
+    live: LiveObjects | None = None
 
 
 def inspect_mysql(url: str, table: str = "alembic_version", schema: str | None = None,
                   timeouts: Timeouts = DEFAULT_TIMEOUTS,
-                  opener: Callable[[Any, Timeouts], Any] | None = None) -> MysqlInspection:
+                  opener: Callable[[Any, Timeouts], Any] | None = None,
+                  revisions: Sequence[Mapping[str, Any]] = ()) -> MysqlInspection:
     """Version table, activity, privileges, identity, sessions: one session as the unit's
-    user (opener: agent.privileged.dbclient.user_session)."""
+    user (opener: agent.privileged.dbclient.user_session). revisions: the probe's, with
+    the operations of each; the objects the next revision names are read too."""
     started, label = time.monotonic(), db_label(url)
     if opener is None:
         raise ValueError("MySQL is only read through the session child (an opener)")
@@ -298,10 +326,14 @@ def inspect_mysql(url: str, table: str = "alembic_version", schema: str | None =
         with opener(url, timeouts) as conn:
             ident = query_identity(conn)
             processes = query_processlist(conn)
-            exists, revisions, locked = query_version_table(conn, table, schema)
+            exists, revisions_, locked = query_version_table(conn, table, schema)
             row_locked = exists and not locked and version_row_locked(conn, table, schema)
             priv = query_privileges(conn)
             fingerprint = query_schema_fingerprint(conn)
+            live = None
+            if exists and revisions and not locked:
+                live = query_live_objects(conn, tables_named(next_revisions(revisions_,
+                                                                            revisions)))
     except DatabaseProblem as exc:
         error = str(exc)
         ms = round((time.monotonic() - started) * 1000, 1)
@@ -317,9 +349,9 @@ def inspect_mysql(url: str, table: str = "alembic_version", schema: str | None =
     activity = MigrationActivity(label, bool(sessions) or locked, tuple(sessions),
                                  elapsed_ms=ms)
     inspection = DatabaseInspection(
-        label, VersionTable(label, table, exists, revisions, locked, elapsed_ms=ms), activity,
+        label, VersionTable(label, table, exists, revisions_, locked, elapsed_ms=ms), activity,
         Privileges(label, user=priv.user, schema=priv.database, can_create=not priv.missing,
                    can_use=True),
         ServerIdentity(**{**ident.__dict__, "label": label}), role_sessions(processes),
         elapsed_ms=ms, schema_fingerprint=fingerprint)
-    return MysqlInspection(inspection, priv, processes)
+    return MysqlInspection(inspection, priv, processes, live)

@@ -29,6 +29,7 @@ from tests.harness.apps import (
     unit_diagnostics,
 )
 from tests.harness.mariadb import MariaDatabase
+from tests.integration.test_mysql import half_applied_spec
 from tests.harness.postgres import free_port
 from tests.harness.sandbox import Sandbox
 
@@ -111,3 +112,31 @@ def test_at_head_and_clean_is_healthy(
     assert unit["schema_drift"]["count"] == 0, unit["schema_drift"]
     assert not [f for f in unit["findings"] if f["severity"] != "info"], unit["findings"]
     assert code == 0
+
+
+def test_a_revision_that_failed_halfway_is_said_exactly(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    """r3 created posts and then failed: not "1 pending" (a retry fails on posts) and not
+    "drift", but the revision, what it did, what it did not, and finish-then-stamp."""
+    app = make_app(half_applied_spec())
+    url = maria_database.url
+    failed = db_upgrade(app, pymysql_venv, url, "head", user=APP_USER, check=False)
+    assert failed.returncode != 0
+    assert maria_database.alembic_versions() == ["r2"] and "posts" in maria_database.tables()
+    sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+    code, unit, output = check(sb)
+    found = {f["check"]: f for f in unit["findings"]}
+    assert "half_applied_revision" in found, unit["findings"]
+    assert "pending_migrations" not in found and "schema_drift" not in found
+    half = found["half_applied_revision"]
+    assert half["severity"] == "critical"
+    assert "alembic_version of gunicorn.service says r2, but revision r3 ran in part and " \
+        "failed: already done: table posts exists; not done: column users.bio, index " \
+        "ix_posts_title on posts" in half["message"], half["message"]
+    assert half["remedy"].startswith("finish revision r3 by hand") and \
+        "flask db stamp r3" in half["remedy"]
+    assert unit["migrations"]["current"] == ["r2"] and unit["migrations"]["pending"] == ["r3"]
+    assert code == 1 and maria_database.password not in output
+    text = agentctl(sb, "check", UNIT).stdout
+    assert "half_applied_revision" in text

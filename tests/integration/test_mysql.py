@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from agent.checks.half_applied import half_applied
 from agent.privileged.dbclient import user_session
 from agent.probe import ProbeRequest, ProbeResult, run_probe
 from agent.sources import mysql
@@ -200,3 +202,50 @@ def test_unreachable_server_is_a_clear_error(make_app: Callable[..., AppDir],
     with pytest.raises(DatabaseProblem):
         with user_session(ctx, url, Timeouts()):
             pass
+
+
+# r3 creates posts, then fails (a statement MariaDB rejects), before adding users.bio and an
+# index: DDL is not transactional there, so posts stays while alembic_version stays at r2.
+HALF_R3 = """\
+op.create_table('posts',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('title', sa.String(length=200), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ),
+    sa.PrimaryKeyConstraint('id')
+)
+op.execute("SELECT no_such_function()")
+op.add_column('users', sa.Column('bio', sa.String(length=200), nullable=True))
+op.create_index('ix_posts_title', 'posts', ['title'])"""
+
+
+def half_applied_spec() -> AppSpec:
+    """The standard app whose r3 fails halfway (see HALF_R3)."""
+    r1, r2, r3 = standard_revisions(3)
+    return AppSpec(models_at=3, revisions=(r1, r2, replace(r3, upgrade=HALF_R3)))
+
+
+def test_a_revision_that_failed_halfway_is_seen_with_its_objects(
+        make_app: Callable[..., AppDir], pymysql_venv: Path,
+        maria_database: MariaDatabase) -> None:
+    app = make_app(half_applied_spec())
+    url = maria_database.url
+    failed = db_upgrade(app, pymysql_venv, url, "head", user=APP_USER, check=False)
+    assert failed.returncode != 0 and "no_such_function" in failed.stdout + failed.stderr
+    assert maria_database.alembic_versions() == ["r2"] and "posts" in maria_database.tables()
+    # Every retry fails on the table r3 already made: the outage the finding explains.
+    retry = db_upgrade(app, pymysql_venv, url, "head", user=APP_USER, check=False)
+    assert "already exists" in retry.stdout + retry.stderr
+    ctx = make_ctx(app, pymysql_venv, {"DATABASE_URL": url})
+    result = run_probe(ctx, ProbeRequest(), TIMEOUT)
+    ops = {r["revision"]: r.get("ops") for r in result.revisions}
+    assert ops["r3"] == [["create_table", "posts", ""], ["other", "", "ExecuteSQLOp"],
+                         ["add_column", "users", "bio"],
+                         ["create_index", "posts", "ix_posts_title"]], ops
+    found = mysql.inspect_mysql(url, opener=functools.partial(user_session, ctx),
+                                revisions=result.revisions)
+    assert found.live is not None and "posts" in found.live.tables
+    (h,) = half_applied(["r2"], result.revisions, found.live)
+    assert h.revision == "r3" and [op.describe() for op in h.done] == ["table posts"]
+    assert [op.describe() for op in h.left] == ["column users.bio",
+                                                "index ix_posts_title on posts"]
