@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
+from agent.checks.half_applied import LiveObjects
 from agent.inspector import Inspector, InspectorSettings
 from agent.snapshot import UnitSnapshot
 from agent.sources import database, mysql
 from tests.unit.test_unit_independence import (
     HEALTHY,
     HEALTHY_REPORT,
+    REVISIONS,
     FakeSystemd,
     fake_probe,
     fakes,
@@ -24,22 +26,24 @@ from tests.unit.test_unit_independence import (
 MYSQL_URL = "mysql+pymysql://shop:s3cret@127.0.0.1:3306/shop"
 
 
-def inspect_with(monkeypatch: pytest.MonkeyPatch, url: str, revisions: tuple[str, ...],
-                 missing: tuple[str, ...] = ()) -> UnitSnapshot:
+def inspect_with(monkeypatch: pytest.MonkeyPatch, url: str, current: tuple[str, ...],
+                 missing: tuple[str, ...] = (), live: LiveObjects | None = None,
+                 report: dict[str, Any] = HEALTHY_REPORT) -> UnitSnapshot:
     """One unit whose app reports url; MySQL's session answers as given."""
     asked: list[str] = []
 
     def inspect_mysql(url: str, table: str = "alembic_version", schema: str | None = None,
-                      timeouts: Any = None, opener: Any = None) -> mysql.MysqlInspection:
+                      timeouts: Any = None, opener: Any = None,
+                      revisions: Any = ()) -> mysql.MysqlInspection:
         asked.append(url)
         label = database.db_label(url)
         return mysql.MysqlInspection(database.DatabaseInspection(
-            label, database.VersionTable(label, table, True, revisions),
+            label, database.VersionTable(label, table, True, current),
             database.MigrationActivity(label), database.Privileges(label),
             database.ServerIdentity(label, database="shop")),
-            mysql.MysqlPrivileges("shop@%", "shop", missing))
+            mysql.MysqlPrivileges("shop@%", "shop", missing), live=live)
 
-    report = {**HEALTHY_REPORT, "urls": {"default": url}}
+    report = {**report, "urls": {"default": url}}
     with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
         monkeypatch.setattr(mysql, "inspect_mysql", inspect_mysql)
         inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
@@ -77,3 +81,20 @@ def test_other_backends_still_get_backend_not_inspected(
     checks = {f.check for f in unit.findings}
     assert "backend_not_inspected" in checks and "database_unreachable" not in checks
     assert unit.db_up is None and unit.backend == "mssql"
+
+
+def test_half_applied_revision_replaces_pending_and_drift(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    revisions = [dict(r, ops=[["create_table", "t", ""]]) for r in REVISIONS]
+    revisions[2]["ops"] = [["create_table", "posts", ""], ["add_column", "users", "bio"]]
+    report = {**HEALTHY_REPORT, "revisions": revisions, "schema_diff": [
+        {"kind": "add_table", "table": "posts", "name": "", "detail": ""}]}
+    clean = inspect_with(monkeypatch, MYSQL_URL, ("r2",), report=report,
+                         live=LiveObjects(frozenset({"users"})))
+    assert {"pending_migrations", "schema_drift"} <= {f.check for f in clean.findings}
+    unit = inspect_with(monkeypatch, MYSQL_URL, ("r2",), report=report,
+                        live=LiveObjects(frozenset({"users", "posts"})))
+    checks = {f.check for f in unit.findings}
+    assert "half_applied_revision" in checks, unit.findings
+    assert not {"pending_migrations", "schema_drift"} & checks
+    assert unit.migrations is not None and unit.migrations.pending == ("r3",)
