@@ -647,8 +647,9 @@ class Inspector:
         """The revision state of database `name` on the unit's server: through the URL the
         running processes were started with when it names that database, else the unit's
         URL with the database name replaced (same role and credentials)."""
+        backend = database.backend_of(url)
         candidates = [v for p in report.processes for v in (p.environ or {}).values()
-                      if "://" in v and v.split("://", 1)[0].startswith("postgres")
+                      if "://" in v and database.backend_of(v) == backend
                       and database.db_label(v).rsplit("/", 1)[-1] == name]
         try:
             candidates.append(database.with_database(url, name))
@@ -660,9 +661,10 @@ class Inspector:
                                    probe_user=self.settings.probe_user)
         error = "no URL to reach it"
         for candidate in dict.fromkeys(candidates):
-            version = database.read_version_table(candidate, env.version_table,
-                                                  env.version_table_schema or None, timeouts,
-                                                  opener=opener)
+            reader = mysql.read_version_table if backend in mysql.MYSQL_BACKENDS \
+                else database.read_version_table
+            version = reader(candidate, env.version_table, env.version_table_schema or None,
+                             timeouts, opener=opener)
             if version.error:
                 error = version.error
                 continue

@@ -88,6 +88,23 @@ def query_version_table(conn: Any, table: str = "alembic_version",
     return True, tuple(sorted(str(r) for r in rows)), False
 
 
+def read_version_table(url: str, table: str = "alembic_version", schema: str | None = None,
+                       timeouts: Timeouts = DEFAULT_TIMEOUTS,
+                       opener: Callable[[Any, Timeouts], Any] | None = None) -> VersionTable:
+    """database.read_version_table() for MySQL: one session through opener."""
+    started, label = time.monotonic(), db_label(url)
+    if opener is None:
+        raise ValueError("MySQL is only read through the session child (an opener)")
+    try:
+        with opener(url, timeouts) as conn:
+            exists, revisions, locked = query_version_table(conn, table, schema)
+    except DatabaseProblem as exc:
+        return VersionTable(label, table, error=str(exc),
+                            elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+    return VersionTable(label, table, exists, revisions, locked,
+                        elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+
+
 # -- a migration in progress -----------------------------------------------------------------
 PROCESSLIST_SQL = """
 SELECT id, COALESCE(user, ''), COALESCE(host, ''), COALESCE(db, ''), COALESCE(command, ''),

@@ -140,3 +140,36 @@ def test_a_revision_that_failed_halfway_is_said_exactly(
     assert code == 1 and maria_database.password not in output
     text = agentctl(sb, "check", UNIT).stdout
     assert "half_applied_revision" in text
+
+
+def test_workers_on_one_database_while_the_env_file_names_another_on_the_same_server(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    """Workers serve from the app's database (r2, r3 pending) while the env file now names
+    a staging database on the same server that was never migrated: both states, by name
+    (the server's processlist names the workers' database from their own sockets)."""
+    app = make_app()
+    url = maria_database.url
+    db_upgrade(app, pymysql_venv, url, "r2", user=APP_USER)
+    staging = f"{maria_database.name}_staging"
+    server = maria_database.server
+    server.execute(f"CREATE DATABASE `{staging}`")
+    server.execute(f"GRANT ALL PRIVILEGES ON `{staging}`.* TO '{maria_database.user}'@'%'")
+    try:
+        sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+        sb.write_file(ENV_FILE, env_file_text({"DATABASE_URL": url.rsplit("/", 1)[0]
+                                               + "/" + staging}))
+        code, unit, output = check(sb)
+        assert unit["database_mismatch"] is True, unit["database_connections"]
+        assert unit["database"].endswith(f"/{staging}")
+        found = next(f for f in unit["findings"] if f["check"] == "database_mismatch")
+        message = found["message"]
+        assert f"connected to database {maria_database.name} as role {maria_database.user}" \
+            in message, message
+        assert f"not to {staging} that the unit's environment names" in message
+        assert f"Running now: {maria_database.name} at r2, 1 pending (r3)" in message
+        assert f"After a restart: {staging} never migrated (no alembic_version table)" \
+            in message
+        assert code == 1 and maria_database.password not in output
+    finally:
+        server.execute(f"DROP DATABASE IF EXISTS `{staging}`")
