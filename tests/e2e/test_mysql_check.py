@@ -7,9 +7,12 @@ The sandbox shares the host's network namespace: the unit reaches the server on 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from tests.harness.apps import (
     gunicorn_pids,
     gunicorn_unit,
     http_get,
+    standard_revisions,
     unit_diagnostics,
 )
 from tests.harness.mariadb import MariaDatabase
@@ -173,3 +177,48 @@ def test_workers_on_one_database_while_the_env_file_names_another_on_the_same_se
         assert code == 1 and maria_database.password not in output
     finally:
         server.execute(f"DROP DATABASE IF EXISTS `{staging}`")
+
+
+SLOW_R3 = """\
+op.execute("CREATE TABLE slow_copy AS SELECT SLEEP(15) AS x")
+op.create_table('posts',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('title', sa.String(length=200), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], ),
+    sa.PrimaryKeyConstraint('id')
+)"""
+
+
+def test_an_upgrade_running_ddl_is_in_progress_not_pending(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    """A real `flask db upgrade` whose r3 runs a long DDL statement: migration_in_progress
+    (from the processlist), nothing pending paged, drift held back; the upgrade finishes."""
+    r1, r2, r3 = standard_revisions(3)
+    app = make_app(AppSpec(models_at=3, revisions=(r1, r2, replace(r3, upgrade=SLOW_R3))))
+    url = maria_database.url
+    db_upgrade(app, pymysql_venv, url, "r2", user=APP_USER)
+    sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+    upgrade: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: upgrade.update(proc=db_upgrade(
+        app, pymysql_venv, url, "head", user=APP_USER, check=False)), daemon=True)
+    runner.start()
+    try:
+        for _ in range(100):
+            if maria_database.execute("SELECT COUNT(*) FROM information_schema.processlist "
+                                      "WHERE info LIKE 'CREATE TABLE slow_copy%%'")[0][0]:
+                break
+            time.sleep(0.1)
+        code, unit, output = check(sb)
+        found = {f["check"]: f for f in unit["findings"]}
+        assert "migration_in_progress" in found, unit["findings"]
+        assert "running DDL" in found["migration_in_progress"]["message"]
+        assert "slow_copy" in found["migration_in_progress"]["message"]
+        assert "pending_migrations" not in found and "schema_drift" not in found
+        assert unit["migrations"]["in_progress"] is True
+        assert unit["schema_drift"] is None
+    finally:
+        runner.join(timeout=60)
+    assert upgrade["proc"].returncode == 0, upgrade["proc"].stderr
+    assert maria_database.alembic_versions() == ["r3"]

@@ -249,3 +249,29 @@ def test_a_revision_that_failed_halfway_is_seen_with_its_objects(
     assert h.revision == "r3" and [op.describe() for op in h.done] == ["table posts"]
     assert [op.describe() for op in h.left] == ["column users.bio",
                                                 "index ix_posts_title on posts"]
+
+
+def test_version_row_held_by_an_open_upgrade_is_in_progress_without_waiting(
+        make_app: Callable[..., AppDir], pymysql_venv: Path,
+        maria_database: MariaDatabase) -> None:
+    """An upgrade that updated alembic_version and has not committed: said at once (NOWAIT),
+    the agent never queues behind it, and the upgrade's transaction is unharmed."""
+    app = make_app()
+    url = maria_database.url
+    db_upgrade(app, pymysql_venv, url, "r2", user=APP_USER)
+    holder = maria_database.server.connect(maria_database.name, maria_database.user,
+                                           maria_database.password, autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("UPDATE alembic_version SET version_num = 'r3'")
+        ctx = make_ctx(app, pymysql_venv, {"DATABASE_URL": url})
+        found = mysql.inspect_mysql(url, opener=functools.partial(user_session, ctx))
+        activity = found.inspection.activity
+        assert activity.in_progress, found
+        assert any("holds the row of alembic_version" in s.reason for s in activity.sessions)
+        # The consistent read still sees the committed revision.
+        assert found.inspection.version.revisions == ("r2",)
+        holder.commit()
+    finally:
+        holder.close()
+    assert maria_database.alembic_versions() == ["r3"]
