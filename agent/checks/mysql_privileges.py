@@ -14,7 +14,8 @@ def mysql_privilege_findings(unit: str, user: str, database: str,
     if not missing:
         return []
     listed = ", ".join(missing)
-    host_user = user if "@" in user else f"{user}@'%'"
+    name, _, host = user.rpartition("@") if "@" in user else (user, "", "%")
+    host_user = f"'{name}'@'{host}'"  # CURRENT_USER() is user@host; GRANT wants quotes
     return [Finding(
         "insufficient_db_privileges", "warning",
         f"database user {user} of {unit} lacks {listed} on {database}.* (SHOW GRANTS): "

@@ -222,3 +222,32 @@ def test_an_upgrade_running_ddl_is_in_progress_not_pending(
         runner.join(timeout=60)
     assert upgrade["proc"].returncode == 0, upgrade["proc"].stderr
     assert maria_database.alembic_versions() == ["r3"]
+
+
+def test_a_user_that_may_not_migrate_gets_the_grant_to_run(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    """The app's user has only SELECT/INSERT/UPDATE/DELETE (SHOW GRANTS): a warning with
+    what is missing and the GRANT; the migrations were run by another user."""
+    app = make_app()
+    db_upgrade(app, pymysql_venv, maria_database.url, "head", user=APP_USER)
+    server = maria_database.server
+    limited, password = f"{maria_database.name}_ro", "Lim1ted-pw"
+    server.execute(f"CREATE USER '{limited}'@'%' IDENTIFIED BY '{password}'")
+    server.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{maria_database.name}`.* "
+                   f"TO '{limited}'@'%'")
+    try:
+        url = server.url(limited, password, maria_database.name)
+        sb, _port = boot_site(make_sandbox, app, pymysql_venv, url)
+        code, unit, output = check(sb)
+        found = {f["check"]: f for f in unit["findings"]}
+        priv = found["insufficient_db_privileges"]
+        assert f"database user {limited}@% of gunicorn.service lacks CREATE, DROP, ALTER, " \
+            f"INDEX, REFERENCES on {maria_database.name}.*" in priv["message"], priv
+        assert f"GRANT CREATE, DROP, ALTER, INDEX, REFERENCES ON `{maria_database.name}`.* " \
+            f"TO '{limited}'@'%'" in priv["remedy"]
+        assert unit["migration_privileges_ok"] is False
+        assert unit["migrations"]["current"] == ["r3"] and code == 1
+        assert password not in output
+    finally:
+        server.execute(f"DROP USER IF EXISTS '{limited}'@'%'")

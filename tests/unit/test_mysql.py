@@ -44,7 +44,7 @@ def test_privilege_finding_names_what_is_missing_and_the_grant() -> None:
     (f,) = mysql_privilege_findings("u.service", "shop@%", "shop", ("CREATE", "ALTER"))
     assert f.check == "insufficient_db_privileges" and f.severity == "warning"
     assert "shop@% of u.service lacks CREATE, ALTER on shop.*" in f.message
-    assert "GRANT CREATE, ALTER ON `shop`.* TO shop@%" in f.remedy
+    assert "GRANT CREATE, ALTER ON `shop`.* TO 'shop'@'%'" in f.remedy
 
 
 @pytest.mark.parametrize("host,expected", [
