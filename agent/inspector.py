@@ -845,7 +845,8 @@ def _env_database_ports(report: UnitReport) -> set[int]:
     ports = set()
     for proc in report.processes:
         for value in (proc.environ or {}).values():
-            if "://" in value and value.split("://", 1)[0].startswith("postgres"):
+            if "://" in value and value.split("://", 1)[0].startswith(
+                    ("postgres", "mysql", "mariadb")):
                 try:
                     ports.add(database.url_host_port(value)[1])
                 except Exception:  # a malformed URL in the environment is not our problem

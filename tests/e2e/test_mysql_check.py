@@ -32,7 +32,7 @@ from tests.harness.apps import (
     standard_revisions,
     unit_diagnostics,
 )
-from tests.harness.mariadb import MariaDatabase
+from tests.harness.mariadb import MariaDatabase, MariaDBServer
 from tests.integration.test_mysql import half_applied_spec
 from tests.harness.postgres import free_port
 from tests.harness.sandbox import Sandbox
@@ -251,3 +251,27 @@ def test_a_user_that_may_not_migrate_gets_the_grant_to_run(
         assert password not in output
     finally:
         server.execute(f"DROP USER IF EXISTS '{limited}'@'%'")
+
+
+def test_workers_connected_to_another_server_than_the_unit_says(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        pymysql_venv: Path, maria_database: MariaDatabase) -> None:
+    """The env file now names a second MariaDB; the running workers still hold connections
+    to the first (their own sockets): database_mismatch, and the restart finding."""
+    app = make_app()
+    db_upgrade(app, pymysql_venv, maria_database.url, "head", user=APP_USER)
+    other = MariaDBServer().start()
+    try:
+        moved = other.new_database()
+        db_upgrade(app, pymysql_venv, moved.url, "head", user=APP_USER)
+        sb, _port = boot_site(make_sandbox, app, pymysql_venv, maria_database.url)
+        sb.write_file(ENV_FILE, env_file_text({"DATABASE_URL": moved.url}))
+        code, unit, output = check(sb)
+        found = {f["check"]: f for f in unit["findings"]}
+        assert unit["database_mismatch"] is True, unit["database_connections"]
+        assert "database_mismatch" in found and "environment_stale" in found
+        assert f"127.0.0.1:{maria_database.server.port}" in found["database_mismatch"]["message"]
+        assert unit["database"] == f"127.0.0.1:{other.port}/{moved.name}"
+        assert maria_database.password not in output and moved.password not in output
+    finally:
+        other.stop()
