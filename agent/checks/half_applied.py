@@ -172,25 +172,26 @@ def half_applied_findings(unit: str, current: Sequence[str], found: Sequence[Hal
     at = ", ".join(current) or "(empty)"
     for h in found:
         did = "; ".join(f"{op.describe()} {VERB_DONE.get(op.kind, 'done')}" for op in h.done)
+        name = f"revision {h.revision}" + (f" ({h.doc})" if h.doc else "")
         if h.left:
-            state = (f"revision {h.revision} ran in part and failed: already done: {did}; "
-                     f"not done: {_listed(h.left)}")
+            state = f"{name} ran in part and failed: already done: {did}; not done: " \
+                f"{_listed(h.left)}"
             remedy = (f"finish revision {h.revision} by hand ({_listed(h.left)}), then "
                       f"`flask db stamp {h.revision}` (agentctl exec {unit} -- flask db stamp "
                       f"{h.revision})")
         else:
-            state = (f"revision {h.revision} is applied but was not recorded: {did}")
+            state = f"{name} is applied but was not recorded: {did}"
             remedy = (f"check the objects of revision {h.revision}, then `flask db stamp "
                       f"{h.revision}` (agentctl exec {unit} -- flask db stamp {h.revision})")
         if h.unknown:
-            state += f" ({h.unknown} step(s) of it, e.g. data changes, cannot be checked)"
+            state += f" ({h.unknown} step(s) of it, e.g. raw SQL or data changes, cannot be " \
+                "checked)"
         rest = pending - 1
         after = f"; then `flask db upgrade` for the {rest} revision(s) after it" if rest > 0 \
             else ""
-        doc = f" ({h.doc})" if h.doc else ""
         out.append(Finding(
             "half_applied_revision", "critical",
-            f"{table} of {unit} says {at}, but {state}{doc}: `flask db upgrade` would fail "
-            "on the objects that already exist (MySQL/MariaDB cannot roll DDL back)",
+            f"{table} of {unit} says {at}, but {state}: `flask db upgrade` would fail on the "
+            "objects that already exist (MySQL/MariaDB cannot roll DDL back)",
             remedy + after))
     return out

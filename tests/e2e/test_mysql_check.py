@@ -135,14 +135,15 @@ def test_a_revision_that_failed_halfway_is_said_exactly(
     assert "pending_migrations" not in found and "schema_drift" not in found
     half = found["half_applied_revision"]
     assert half["severity"] == "critical"
-    assert "alembic_version of gunicorn.service says r2, but revision r3 ran in part and " \
-        "failed: already done: table posts exists; not done: column users.bio, index " \
+    assert "alembic_version of gunicorn.service says r2, but revision r3 (create posts) ran " \
+        "in part and failed: already done: table posts exists; not done: column users.bio, index " \
         "ix_posts_title on posts" in half["message"], half["message"]
     assert half["remedy"].startswith("finish revision r3 by hand") and \
         "flask db stamp r3" in half["remedy"]
     assert unit["migrations"]["current"] == ["r2"] and unit["migrations"]["pending"] == ["r3"]
     assert code == 1 and maria_database.password not in output
     text = agentctl(sb, "check", UNIT).stdout
+    print(text)  # the README's example (pytest -s)
     assert "half_applied_revision" in text
 
 
