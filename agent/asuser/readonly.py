@@ -14,6 +14,10 @@ behind a transaction-pooling PgBouncer (the whole transaction runs on one server
 connection, and PgBouncer refuses the ``options`` startup parameter anyway), and they never
 leak into a pooled server connection the app's workers share afterwards, as a session-level
 ``SET`` would. Autocommit statements (no transaction to mark) are refused.
+
+MySQL/MariaDB (PyMySQL, mysqlclient) have no transaction-scoped settings: the session is made
+read-only (``SET SESSION TRANSACTION READ ONLY``, which also refuses DDL and autocommit
+writes) and bounded when it connects, and checked before every statement.
 """
 
 import os
