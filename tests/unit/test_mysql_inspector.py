@@ -98,3 +98,19 @@ def test_half_applied_revision_replaces_pending_and_drift(
     assert "half_applied_revision" in checks, unit.findings
     assert not {"pending_migrations", "schema_drift"} & checks
     assert unit.migrations is not None and unit.migrations.pending == ("r3",)
+
+
+def test_half_applied_revision_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 while the next revision ran halfway (the alert's input), 0 otherwise."""
+    from agent.metrics import snapshot_families
+    from agent.snapshot import Snapshot
+
+    revisions = [dict(r, ops=[["create_table", "t", ""]]) for r in REVISIONS]
+    revisions[2]["ops"] = [["create_table", "posts", ""]]
+    report = {**HEALTHY_REPORT, "revisions": revisions}
+    values = []
+    for live in (LiveObjects(frozenset({"users"})), LiveObjects(frozenset({"users", "posts"}))):
+        unit = inspect_with(monkeypatch, MYSQL_URL, ("r2",), report=report, live=live)
+        values.append([s.value for f in snapshot_families(Snapshot((unit,)))
+                       for s in f.samples if s.name == "driftwatch_half_applied_revision"])
+    assert values == [[0.0], [1.0]]
