@@ -44,8 +44,9 @@ def inspect_with(monkeypatch: pytest.MonkeyPatch, url: str, current: tuple[str, 
             mysql.MysqlPrivileges("shop@%", "shop", missing), live=live)
 
     report = {**report, "urls": {"default": url}}
-    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
-        monkeypatch.setattr(mysql, "inspect_mysql", inspect_mysql)
+    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp, \
+            monkeypatch.context() as m:
+        m.setattr(mysql, "inspect_mysql", inspect_mysql)
         inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
                               systemd=FakeSystemd({HEALTHY: props(HEALTHY)}),  # type: ignore
                               probe=fake_probe({HEALTHY: json.dumps(report).encode()}))
