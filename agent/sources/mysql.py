@@ -137,6 +137,17 @@ def query_processlist(conn: Any) -> tuple[Process, ...]:
                  for r in conn.execute(text(PROCESSLIST_SQL)))
 
 
+# MySQL's ways of carrying a password in a statement: IDENTIFIED BY 'x' (and VIA ... USING
+# 'x', PASSWORD('x')), masked before a query text leaves (short_query masks PASSWORD 'x').
+_SECRET_SQL = re.compile(r"(?i)(\b(?:IDENTIFIED\s+(?:WITH\s+\S+\s+)?BY|USING|PASSWORD)\s*\(?\s*)"
+                         r"('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.)*\")")
+
+
+def mask_statement(query: str) -> str:
+    """Pure: a statement with its password literals replaced by '****'."""
+    return _SECRET_SQL.sub(r"\1'****'", query)
+
+
 def activity_of(processes: tuple[Process, ...], database: str,
                 table: str = "alembic_version") -> tuple[ActiveSession, ...]:
     """Pure: threads running DDL on the database, or waiting for a metadata lock there."""
@@ -152,7 +163,7 @@ def activity_of(processes: tuple[Process, ...], database: str,
         else:
             continue
         found.append(ActiveSession(p.id, p.user, p.state, round(p.seconds, 1),
-                                   short_query(p.info), reason))
+                                   short_query(mask_statement(p.info)), reason))
     return tuple(found)
 
 

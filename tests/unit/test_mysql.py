@@ -12,6 +12,7 @@ from agent.sources.mysql import (
     Process,
     activity_of,
     client_of,
+    mask_statement,
     granted_on,
     role_sessions,
 )
@@ -99,3 +100,18 @@ def test_connect_args_as_sqlalchemy_builds_them() -> None:
                                              "unix_socket": "/run/mysqld/mysqld.sock"}
     with pytest.raises(ValueError):
         mysql_connect_args("postgresql://u@h/d", "pymysql")
+
+
+@pytest.mark.parametrize("sql", [
+    "CREATE USER 'a'@'%' IDENTIFIED BY 's3cret'",
+    "ALTER USER a IDENTIFIED WITH mysql_native_password BY 's3cret'",
+    "SET PASSWORD FOR a = PASSWORD('s3cret')",
+    "GRANT ALL ON *.* TO a IDENTIFIED VIA ed25519 USING PASSWORD('s3cret')",
+    "CREATE USER a IDENTIFIED BY \"s3cret\"",
+    "ALTER USER a IDENTIFIED BY 'it''s s3cret'",
+])
+def test_passwords_in_statements_are_masked(sql: str) -> None:
+    masked = mask_statement(sql)
+    assert "s3cret" not in masked and "'****'" in masked
+    procs = (Process(5, "root", "localhost", "shop", "Query", 1, "", sql),)
+    assert "s3cret" not in repr(activity_of(procs, "shop"))
