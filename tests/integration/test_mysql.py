@@ -275,3 +275,43 @@ def test_version_row_held_by_an_open_upgrade_is_in_progress_without_waiting(
     finally:
         holder.close()
     assert maria_database.alembic_versions() == ["r3"]
+
+
+def test_an_option_file_named_by_the_url_is_read_as_the_units_user(
+        make_app: Callable[..., AppDir], pymysql_venv: Path,
+        maria_database: MariaDatabase) -> None:
+    """`read_default_file=` in the URL names the option file the driver reads (like
+    libpq's passfile=): a root-only one logs root in (the reproduction), not the agent's
+    session, which runs as www-data; the same file owned by www-data works."""
+    import os
+    import pwd
+
+    import pymysql
+
+    from tests.harness.apps import new_workspace
+
+    folder = new_workspace() / "rootonly"
+    folder.mkdir(mode=0o700)
+    option_file = folder / "my.cnf"
+    option_file.write_text(f"[client]\nuser={maria_database.user}\n"
+                           f"password={maria_database.password}\n")
+    option_file.chmod(0o600)
+    server = maria_database.server
+    url = (f"mysql+pymysql://{server.host}:{server.port}/{maria_database.name}"
+           f"?read_default_file={option_file}")
+    # The reproduction: root's own process reads the file and logs in.
+    pymysql.connect(host=server.host, port=server.port, database=maria_database.name,
+                    read_default_file=str(option_file)).close()
+    app = make_app()
+    ctx = make_ctx(app, pymysql_venv, {"DATABASE_URL": url})
+    denied = mysql.inspect_mysql(url, opener=functools.partial(user_session, ctx))
+    assert not denied.inspection.reachable
+    assert "Access denied" in denied.inspection.error, denied.inspection.error
+    assert maria_database.user not in denied.inspection.error
+    # Owned by the unit's user, in a folder it may enter: the same URL works.
+    www = pwd.getpwnam(APP_USER)
+    os.chown(folder, www.pw_uid, www.pw_gid)
+    os.chown(option_file, www.pw_uid, www.pw_gid)
+    allowed = mysql.inspect_mysql(url, opener=functools.partial(user_session, ctx))
+    assert allowed.inspection.reachable, allowed.inspection.error
+    assert allowed.privileges.user.startswith(maria_database.user + "@")
