@@ -274,6 +274,9 @@ def mysql_driver_connect(url, connect_s):
             continue
         opts = mysql_connect_args(url, driver)
         opts.setdefault("connect_timeout", int(connect_s))
+        if driver == "mysqldb":
+            # mysqlclient turns multi-statements on by default: one statement per string.
+            opts["multi_statements"] = False
         return module.connect(**opts)
     return None
 

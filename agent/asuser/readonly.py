@@ -125,8 +125,6 @@ def verify_sqlite(dbapi_conn):
 # which also covers autocommit statements and DDL (ERROR 1792 "Cannot execute statement in a
 # READ ONLY transaction"), and verified before every statement.
 _MYSQL_MODULES = ("pymysql", "MySQLdb")
-# CLIENT_MULTI_STATEMENTS: "SET SESSION TRANSACTION READ WRITE; INSERT ..." in one string.
-_CLIENT_MULTI_STATEMENTS = 1 << 16
 
 
 def _is_mysql(dbapi_conn):
@@ -167,8 +165,6 @@ _MYSQL_RO_VARIABLE = {}
 
 def open_mysql_read_only(dbapi_conn, settings):
     """Make a fresh MySQL/MariaDB connection's session read-only and bounded; verify it."""
-    if int(getattr(dbapi_conn, "client_flag", 0) or 0) & _CLIENT_MULTI_STATEMENTS:
-        raise ReadOnlyGuardError("%s: multi-statement connections are refused" % GUARD_ERROR)
     version = str(_mysql_scalar(dbapi_conn, "SELECT VERSION()") or "")
     cur = dbapi_conn.cursor()
     try:

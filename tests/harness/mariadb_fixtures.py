@@ -3,7 +3,8 @@
 - ``mariadb`` (session): a running :class:`MariaDBServer` on 127.0.0.1, stopped at the end.
 - ``maria_database`` (function): a fresh database and a user with every privilege on it
   (random password), dropped after the test.
-- ``pymysql_venv`` (session): the default app venv plus PyMySQL.
+- ``pymysql_venv`` / ``mysqlclient_venv`` (session): the default app venv plus PyMySQL /
+  mysqlclient.
 
 Where the server cannot run, tests using these skip with the reason, or fail when CI=true.
 """
@@ -19,6 +20,8 @@ from tests.harness.apps import DEFAULT_REQUIREMENTS
 from tests.harness.mariadb import MariaDatabase, MariaDBServer, mariadb_unavailable_reason
 
 PYMYSQL_REQUIREMENTS = (*DEFAULT_REQUIREMENTS, "pymysql==1.1.1")
+# mysqlclient (MySQLdb) builds against libmariadb-dev (pkg-config), installed by .ci/setup.
+MYSQLCLIENT_REQUIREMENTS = (*DEFAULT_REQUIREMENTS, "mysqlclient==2.2.7")
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -55,3 +58,9 @@ def maria_database(mariadb: MariaDBServer) -> Iterator[MariaDatabase]:
 def pymysql_venv(make_venv: Callable[[tuple[str, ...]], Path]) -> Path:
     """The default test app venv with PyMySQL added."""
     return make_venv(PYMYSQL_REQUIREMENTS)
+
+
+@pytest.fixture(scope="session")
+def mysqlclient_venv(make_venv: Callable[[tuple[str, ...]], Path]) -> Path:
+    """The default test app venv with mysqlclient (MySQLdb) added."""
+    return make_venv(MYSQLCLIENT_REQUIREMENTS)

@@ -315,3 +315,28 @@ def test_an_option_file_named_by_the_url_is_read_as_the_units_user(
     allowed = mysql.inspect_mysql(url, opener=functools.partial(user_session, ctx))
     assert allowed.inspection.reachable, allowed.inspection.error
     assert allowed.privileges.user.startswith(maria_database.user + "@")
+
+
+def test_mysqlclient_app_with_a_plain_mysql_url(make_app: Callable[..., AppDir],
+                                                mysqlclient_venv: Path,
+                                                maria_database: MariaDatabase) -> None:
+    """`mysql://` means mysqlclient (MySQLdb) to SQLAlchemy: the probe and the session use
+    it, read-only the same way."""
+    app = make_app()
+    url = maria_database.url.replace("mysql+pymysql://", "mysql://")
+    db_upgrade(app, mysqlclient_venv, url, "r2", user=APP_USER)
+    result, found = look(app, mysqlclient_venv, url)
+    assert result.ok, result.error
+    assert found.inspection.reachable, found.inspection.error
+    assert found.inspection.version.revisions == ("r2",)
+    assert check_ops(result.schema_diff or ()) == (("add_table", "posts"),)
+    assert found.privileges.missing == ()
+    ctx = make_ctx(app, mysqlclient_venv, {"DATABASE_URL": url})
+    with user_session(ctx, url, Timeouts()) as conn:
+        assert conn.execute("SELECT @@session.tx_read_only").scalar() == 1
+        with pytest.raises(Exception, match="READ ONLY"):
+            conn.execute("DELETE FROM alembic_version")
+        with pytest.raises(Exception, match="one statement"):
+            conn.execute("SET SESSION TRANSACTION READ WRITE; DELETE FROM alembic_version")
+        assert conn.execute("SELECT @@session.tx_read_only").scalar() == 1
+    assert maria_database.alembic_versions() == ["r2"]
