@@ -12,6 +12,7 @@ from tests.harness.sandbox import Sandbox, sandbox_unavailable_reason
 from tests.skiprule import must_run, skip_or_fail
 
 pytest_plugins = ["tests.skiprule", "tests.harness.pg_fixtures", "tests.harness.app_fixtures",
+                  "tests.harness.mariadb_fixtures",
                   "pytester"]
 
 __all__ = ["must_run", "skip_or_fail"]

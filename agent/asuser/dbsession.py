@@ -214,6 +214,121 @@ def serve_sqlite(request, fd_out, lines):
         conn.close()
 
 
+MYSQL_BACKENDS = ("mysql", "mariadb")
+_MYSQL_INT = ("connect_timeout", "read_timeout", "write_timeout", "client_flag")
+_MYSQL_BOOL = ("compress", "local_infile", "use_unicode", "ssl_check_hostname")
+
+
+def _truthy(value):
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def mysql_connect_args(url, driver):
+    """A SQLAlchemy MySQL URL -> the keywords its dialect hands PyMySQL / mysqlclient (pure).
+
+    As SQLAlchemy's mysqldb dialect does: user, password, host, port, database, then the
+    query string (ints and booleans coerced, ssl_* gathered into ssl={...}).
+    """
+    scheme, sep, _rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] not in MYSQL_BACKENDS:
+        raise ValueError("not a MySQL URL")
+    parts = urllib.parse.urlsplit(url)
+    names = {"user": "user", "password": "password", "database": "database"} \
+        if driver == "pymysql" else {"user": "user", "password": "passwd", "database": "db"}
+    opts = {}
+    if parts.username is not None:
+        opts[names["user"]] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        opts[names["password"]] = urllib.parse.unquote(parts.password)
+    if parts.hostname:
+        opts["host"] = parts.hostname
+    if parts.port:
+        opts["port"] = parts.port
+    database = urllib.parse.unquote(parts.path.lstrip("/"))
+    if database:
+        opts[names["database"]] = database
+    ssl = {}
+    for key, value in urllib.parse.parse_qsl(parts.query):
+        if key.startswith("ssl_"):
+            ssl[key[4:]] = _truthy(value) if key in _MYSQL_BOOL else value
+        elif key in _MYSQL_INT:
+            opts[key] = int(value)
+        elif key in _MYSQL_BOOL:
+            opts[key] = _truthy(value)
+        else:
+            opts[key] = value
+    if ssl:
+        opts["ssl"] = ssl
+    return opts
+
+
+def mysql_driver_connect(url, connect_s):
+    """A PyMySQL (else mysqlclient) connection to url: the driver the app's URL names
+    first; None when neither is importable."""
+    named = url.split("://", 1)[0].partition("+")[2]
+    order = ["mysqldb", "pymysql"] if named == "mysqldb" else ["pymysql", "mysqldb"]
+    for driver in order:
+        try:
+            module = __import__("pymysql" if driver == "pymysql" else "MySQLdb")
+        except ImportError:
+            continue
+        opts = mysql_connect_args(url, driver)
+        opts.setdefault("connect_timeout", int(connect_s))
+        if driver == "mysqldb":
+            # mysqlclient turns multi-statements on by default: one statement per string.
+            opts["multi_statements"] = False
+        return module.connect(**opts)
+    return None
+
+
+def serve_mysql(request, fd_out, lines):
+    """Answer statements on a MySQL/MariaDB session made read-only and bounded at once
+    (SET SESSION TRANSACTION READ ONLY, lock_wait_timeout, max_statement_time /
+    max_execution_time), verified before every statement."""
+    settings = request.get("guard") or {}
+    try:
+        conn = mysql_driver_connect(request["url"], settings.get("connect_timeout_s", 5))
+        if conn is None:
+            raise ImportError("the app's interpreter has neither PyMySQL nor mysqlclient")
+        try:
+            open_mysql_read_only(conn, settings)  # noqa: F821 (bundled readonly.py)
+        except BaseException:
+            conn.close()
+            raise
+    except Exception as exc:
+        _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
+    try:
+        _write(fd_out, {"ok": True})
+        for line in lines:
+            try:
+                sql, params = one_statement(line)
+                verify_mysql(conn)  # noqa: F821 (bundled readonly.py)
+                cur = conn.cursor()
+                try:
+                    cur.execute(pyformat(sql), dict(params or {}))
+                    rows = [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
+                        if cur.description is not None else []
+                finally:
+                    cur.close()
+                answer = {"rows": rows}
+            except Exception as exc:
+                answer = {"error": _message(exc), "sqlstate": _mysql_errno(exc)}
+            try:
+                conn.rollback()  # never a transaction held open between statements
+            except Exception:
+                pass
+            _write(fd_out, answer)
+    finally:
+        conn.close()
+
+
+def _mysql_errno(exc):
+    """MySQL's error number ('1205' lock wait timeout, '1969'/'3024' statement time)."""
+    args = getattr(exc, "args", ())
+    return str(args[0]) if args and isinstance(args[0], int) else ""
+
+
 def serve(request, fd_in, fd_out, lines=None):
     """Connect, then answer statements until EOF (lines: an already started reader).
 
@@ -221,8 +336,12 @@ def serve(request, fd_in, fd_out, lines=None):
     interpreter has neither psycopg2 nor psycopg.
     """
     lines = lines if lines is not None else _lines(fd_in)
-    if str(request.get("url", "")).split("://", 1)[0].split("+", 1)[0] == "sqlite":
+    backend = str(request.get("url", "")).split("://", 1)[0].split("+", 1)[0]
+    if backend == "sqlite":
         serve_sqlite(request, fd_out, lines)
+        return
+    if backend in MYSQL_BACKENDS:
+        serve_mysql(request, fd_out, lines)
         return
     try:
         conn = driver_connect(request["url"])

@@ -484,12 +484,72 @@ def as_list(value):
         [str(v) for v in value]
 
 
+# Backends without transactional DDL, where a failed revision leaves its first objects
+# behind: the probe records what each revision's upgrade() does (agent/checks/half_applied.py).
+RECORD_OPS_BACKENDS = ("mysql", "mariadb")
+MAX_OPS = 200
+
+
+def _op_entry(operation):
+    """One recorded Alembic operation -> [kind, table, name] (plain text, bounded)."""
+    kind = type(operation).__name__
+    table = getattr(operation, "table_name", None) or ""
+    if kind == "CreateTableOp":
+        return ["create_table", table, ""]
+    if kind == "DropTableOp":
+        return ["drop_table", table, ""]
+    if kind == "AddColumnOp":
+        return ["add_column", table, getattr(operation.column, "name", "") or ""]
+    if kind == "DropColumnOp":
+        return ["drop_column", table, operation.column_name]
+    if kind == "CreateIndexOp":
+        return ["create_index", table, operation.index_name or ""]
+    if kind == "DropIndexOp":
+        return ["drop_index", table, operation.index_name or ""]
+    if kind == "RenameTableOp":
+        return ["rename_table", table, operation.new_table_name]
+    if kind == "AlterColumnOp" and getattr(operation, "modify_name", None):
+        return ["rename_column", table, "%s>%s" % (operation.column_name,
+                                                   operation.modify_name)]
+    return ["other", table, kind]
+
+
+def revision_ops(script, dialect_name):
+    """What script's upgrade() asks Alembic to do, recorded without running any of it
+    (an Operations whose invoke() only records), or None when it cannot be told (the
+    upgrade needs a live connection, or fails)."""
+    import io
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+    recorded = []
+    context = MigrationContext.configure(
+        dialect_name=dialect_name, opts={"as_sql": True, "output_buffer": io.StringIO()})
+    # Alembic's proxies (alembic.op) are set up per class: a plain Operations whose
+    # invoke() only records; every op.* builds its operation and hands it to invoke().
+    recorder = Operations(context)
+    recorder.invoke = recorded.append
+    recorder._install_proxy()
+    try:
+        script.module.upgrade()
+    except Exception:
+        return None
+    finally:
+        recorder._remove_proxy()
+    return [[str(v)[:MAX_NAME] for v in _op_entry(o)] for o in recorded[:MAX_OPS]]
+
+
+def _backend_of(report):
+    url = str((report.get("urls") or {}).get("default") or "")
+    return url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+
+
 def read_revisions(config, report):
     """Fill revisions and heads from the ScriptDirectory; errors name the file and line."""
     from alembic.script import ScriptDirectory
     script_dir = ScriptDirectory.from_config(config)
     report["script_location"] = script_dir.dir
     revisions = []
+    backend = _backend_of(report)
     for script in _scripts(script_dir):
         revisions.append({
             "revision": script.revision,
@@ -500,6 +560,8 @@ def read_revisions(config, report):
             "sha256": file_sha256(script.path),
             "doc": (script.doc or "").strip().splitlines()[0][:200] if script.doc else "",
         })
+        if backend in RECORD_OPS_BACKENDS:
+            revisions[-1]["ops"] = revision_ops(script, "mysql")
         if len(revisions) >= MAX_REVISIONS:
             break
     report["revisions"] = revisions
@@ -788,7 +850,7 @@ def _describe_runs(runs, found, info):
 def _is_db_error(exc):
     """True for SQLAlchemy/DBAPI errors (the database answered badly or not at all)."""
     for cls in type(exc).__mro__:
-        if cls.__module__.startswith(("sqlalchemy.exc", "psycopg")) and \
+        if cls.__module__.startswith(("sqlalchemy.exc", "psycopg", "pymysql", "MySQLdb")) and \
                 cls.__name__ in ("DBAPIError", "OperationalError", "Error"):
             return True
     return False

@@ -14,6 +14,10 @@ behind a transaction-pooling PgBouncer (the whole transaction runs on one server
 connection, and PgBouncer refuses the ``options`` startup parameter anyway), and they never
 leak into a pooled server connection the app's workers share afterwards, as a session-level
 ``SET`` would. Autocommit statements (no transaction to mark) are refused.
+
+MySQL/MariaDB (PyMySQL, mysqlclient) have no transaction-scoped settings: the session is made
+read-only (``SET SESSION TRANSACTION READ ONLY``, which also refuses DDL and autocommit
+writes) and bounded when it connects, and checked before every statement.
 """
 
 import os
@@ -115,10 +119,89 @@ def verify_sqlite(dbapi_conn):
                                  "anything" % GUARD_ERROR)
 
 
+# -- MySQL / MariaDB ---------------------------------------------------------------------------
+# No transaction-scoped settings there (and no pooler that hands one server session to many
+# clients in the common setups): the session itself is made read-only right after connecting,
+# which also covers autocommit statements and DDL (ERROR 1792 "Cannot execute statement in a
+# READ ONLY transaction"), and verified before every statement.
+_MYSQL_MODULES = ("pymysql", "MySQLdb")
+
+
+def _is_mysql(dbapi_conn):
+    return type(dbapi_conn).__module__.split(".")[0] in _MYSQL_MODULES
+
+
+def mysql_guard_statements(settings, mariadb):
+    """The session settings of a MySQL/MariaDB connection, in order (pure).
+
+    lock_wait_timeout bounds metadata locks (a running ALTER), innodb_lock_wait_timeout row
+    locks; MariaDB's max_statement_time and MySQL's max_execution_time (SELECT only) bound
+    the statement itself.
+    """
+    lock_s = max(1, -(-int(settings.get("lock_timeout_ms", 1000)) // 1000))
+    statement_ms = max(1, int(settings.get("statement_timeout_ms", 5000)))
+    timeout = ("SET SESSION max_statement_time = %.3f" % (statement_ms / 1000.0)) if mariadb \
+        else "SET SESSION max_execution_time = %d" % statement_ms
+    return ["SET SESSION TRANSACTION READ ONLY",
+            "SET SESSION lock_wait_timeout = %d" % lock_s,
+            "SET SESSION innodb_lock_wait_timeout = %d" % lock_s,
+            timeout]
+
+
+def _mysql_scalar(dbapi_conn, sql):
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(sql)
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    return row[0] if row else None
+
+
+# id(connection) -> the variable that says "read only" there (tx_read_only on MariaDB
+# before 11.1, transaction_read_only on MySQL 8); weakly tied to the connection's life.
+_MYSQL_RO_VARIABLE = {}
+
+
+def open_mysql_read_only(dbapi_conn, settings):
+    """Make a fresh MySQL/MariaDB connection's session read-only and bounded; verify it."""
+    version = str(_mysql_scalar(dbapi_conn, "SELECT VERSION()") or "")
+    cur = dbapi_conn.cursor()
+    try:
+        for sql in mysql_guard_statements(settings, "mariadb" in version.lower()):
+            cur.execute(sql)
+    finally:
+        cur.close()
+    for variable in ("transaction_read_only", "tx_read_only"):
+        try:
+            _mysql_scalar(dbapi_conn, "SELECT @@session.%s" % variable)
+        except Exception:
+            continue
+        _MYSQL_RO_VARIABLE[id(dbapi_conn)] = variable
+        break
+    verify_mysql(dbapi_conn)
+
+
+def verify_mysql(dbapi_conn):
+    """Refuse unless the MySQL/MariaDB session is still read-only (the app may have SET it)."""
+    variable = _MYSQL_RO_VARIABLE.get(id(dbapi_conn))
+    value = _mysql_scalar(dbapi_conn, "SELECT @@session.%s" % variable) if variable else None
+    if value is None or int(value) != 1:
+        raise ReadOnlyGuardError("%s: the MySQL session is not read-only (%s=%r); refusing to "
+                                 "run anything" % (GUARD_ERROR, variable, value))
+
+
 def check_before_statement(dbapi_conn, settings, state):
     """Called before every statement: make sure it runs in a verified read-only transaction."""
     if _is_sqlite(dbapi_conn):
         verify_sqlite(dbapi_conn)  # opened mode=ro by the do_connect hook below
+        return
+    if _is_mysql(dbapi_conn):
+        state["guarding"] = True
+        try:
+            verify_mysql(dbapi_conn)  # made read-only by the do_connect hook below
+        finally:
+            state["guarding"] = False
         return
     if _autocommit(dbapi_conn):
         raise ReadOnlyGuardError("%s: autocommit statements are refused (every statement must "
@@ -152,7 +235,19 @@ def install_readonly_guard(settings):
 
     def do_connect(dialect, conn_rec, cargs, cparams):
         # SQLite: the app's engine (and Alembic's) opens its file read-only, never creating
-        # it or a journal; other drivers connect as usual and meet the statement guard.
+        # it or a journal; MySQL/MariaDB: a read-only, bounded session from the start; other
+        # drivers connect as usual and meet the statement guard.
+        if getattr(dialect, "name", "") in ("mysql", "mariadb"):
+            conn = dialect.connect(*cargs, **cparams)
+            try:
+                if not _is_mysql(conn):
+                    raise ReadOnlyGuardError("%s: only the PyMySQL and mysqlclient drivers are "
+                                             "supported for MySQL" % GUARD_ERROR)
+                open_mysql_read_only(conn, settings)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
         if getattr(dialect, "name", "") != "sqlite":
             return None
         if getattr(dialect, "driver", "") != "pysqlite" or cparams.get("uri"):

@@ -99,6 +99,10 @@ DB_REVISION_UNKNOWN = Spec("db_revision_unknown",
                            "1 if the database is at a revision the deployed code does not know.")
 MIGRATION_IN_PROGRESS = Spec("migration_in_progress",
                              "1 if a migration appears to be running right now.")
+HALF_APPLIED_REVISION = Spec("half_applied_revision",
+                             "1 if the revision after the database's current one ran in part "
+                             "and failed (MySQL/MariaDB: its objects exist, the version table "
+                             "does not say so); a retried upgrade fails.")
 SCHEMA_DRIFT_OBJECTS = Spec("schema_drift_objects",
                             "Schema objects that differ between the database and the models.",
                             ("unit", "kind"))
@@ -229,6 +233,8 @@ def _unit_samples(u: UnitSnapshot) -> Iterator[tuple[Spec, tuple[str, ...], floa
         yield MIGRATION_HEADS, (n,), float(len(m.heads))
         yield DB_REVISION_UNKNOWN, (n,), _b(bool(m.unknown))
         yield MIGRATION_IN_PROGRESS, (n,), _b(m.in_progress)
+        yield HALF_APPLIED_REVISION, (n,), _b(any(f.check == "half_applied_revision"
+                                                  for f in u.findings))
     if u.schema_drift is not None:
         counts = Counter(item.kind for item in u.schema_drift)
         for kind in (*DRIFT_KINDS, *sorted(set(counts) - set(DRIFT_KINDS))):

@@ -70,7 +70,7 @@ class SessionSettings:
         t = self.timeouts
         return {"statement_timeout_ms": t.statement_ms, "lock_timeout_ms": t.lock_ms,
                 "idle_in_transaction_timeout_ms": t.idle_in_transaction_ms,
-                "application_name": APPLICATION_NAME}
+                "application_name": APPLICATION_NAME, "connect_timeout_s": t.connect_s}
 
 
 class _Result:

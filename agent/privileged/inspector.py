@@ -17,6 +17,8 @@ from agent.checks import migrations as migration_checks
 from agent.daemon.collector_cache import ALL_UNITS
 from agent.checks.schema import drift_findings, drift_items
 from agent.checks.unit import UnitFacts, check_code_newer, check_working_directory
+from agent.checks.half_applied import LiveObjects, half_applied, half_applied_findings
+from agent.checks.mysql_privileges import mysql_privilege_findings
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
 from agent.privileged.inspection import UnitReport, inspect_unit
@@ -28,7 +30,7 @@ from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
 from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.privileged.sources import connections, database, files, sqlite
+from agent.privileged.sources import connections, database, files, mysql, sqlite
 from agent.privileged.journal_cursors import CursorFile
 from agent.privileged.sources.journal import ErrorWindow, JournalReader
 from agent.privileged.sources.systemd import SystemdSource
@@ -38,7 +40,7 @@ from agent.privileged.state import StateStore, store_finding
 log = logging.getLogger("driftwatch.inspector")
 
 # Backends whose database driftwatch reads; any other gets backend_not_inspected.
-INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite"})
+INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
 # Unit findings that mean "the running processes are not what a restart would give".
 # Revision-state findings a running migration explains (it is applying them right now).
 IN_PROGRESS_EXPLAINS = {"pending_migrations", "version_table_missing", "version_table_empty"}
@@ -140,6 +142,10 @@ class Inspector:
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
+        # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
+        self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
+        # ... and the objects the revisions after the current one name (unit -> objects).
+        self._mysql_live: dict[str, LiveObjects] = {}
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -296,7 +302,7 @@ class Inspector:
             else:
                 verdict = self._connections_check(unit, url, report, timer, fields, findings)
             inspection = self._database_check(unit, url, report, timer, fields, findings,
-                                              probe.alembic_env)
+                                              probe.alembic_env, probe.revisions)
             memo = self._probe_memo.get(unit)
             if (inspection is not None and memo is not None and memo.result is probe
                     and inspection.schema_fingerprint
@@ -390,7 +396,9 @@ class Inspector:
 
     def _database_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                         fields: dict[str, Any], findings: list[Finding],
-                        env: AlembicEnv | None = None) -> database.DatabaseInspection | None:
+                        env: AlembicEnv | None = None,
+                        revisions: Sequence[dict[str, Any]] = (),
+                        ) -> database.DatabaseInspection | None:
         """One short read-only session: version table, activity, privileges, schema hash.
 
         The session is held by a child running as the unit's user in the unit's environment
@@ -399,6 +407,7 @@ class Inspector:
         """
         timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
         env = env or AlembicEnv()
+        self._mysql_live.pop(unit, None)  # only this inspection's objects count
         with timer.check("database") as res:
             opener = functools.partial(user_session, report.context,
                                        probe_user=self.settings.probe_user)
@@ -410,6 +419,15 @@ class Inspector:
                     findings.append(missing_file_finding(unit, sqlite.sqlite_file(url)))
                     fields["db_up"] = False
                     return None
+            elif database.backend_of(url) in mysql.MYSQL_BACKENDS:
+                found = mysql.inspect_mysql(url, env.version_table,
+                                            env.version_table_schema or None,
+                                            timeouts=timeouts, opener=opener,
+                                            revisions=revisions)
+                inspection = found.inspection
+                self._mysql_privileges[unit] = found.privileges
+                if found.live is not None:
+                    self._mysql_live[unit] = found.live
             else:
                 # The version table env.py names (version_table / version_table_schema).
                 inspection = database.inspect(url, env.version_table,
@@ -418,9 +436,11 @@ class Inspector:
             fields["db_up"] = inspection.reachable
             if not inspection.reachable:
                 res["error"] = inspection.error
+                server = "MySQL/MariaDB" if database.backend_of(url) in mysql.MYSQL_BACKENDS \
+                    else "PostgreSQL"
                 findings.append(Finding(
                     "database_unreachable", "critical", f"{unit}: {inspection.error}",
-                    "check that PostgreSQL runs and that the unit's DATABASE_URL is right"))
+                    f"check that {server} runs and that the unit's DATABASE_URL is right"))
                 return None
             return inspection
         return None
@@ -432,6 +452,7 @@ class Inspector:
         activity = inspection.activity
         version = inspection.version
         in_progress = activity.in_progress
+        half_done = False
         # A lock is never a state: the current revision is unknown now, not empty or missing.
         readable = not version.locked
         table = probe.alembic_env.qualified_version_table
@@ -459,6 +480,15 @@ class Inspector:
                     if in_progress and finding.check in IN_PROGRESS_EXPLAINS:
                         continue
                     findings.append(finding)
+                live = self._mysql_live.pop(unit, None)
+                if live is not None and state.pending and not in_progress:
+                    partly = half_applied(state.current, probe.revisions, live)
+                    if partly:
+                        # Said exactly, instead of "pending" (a retry fails) or "drift".
+                        half_done = True
+                        findings[:] = [f for f in findings if f.check != "pending_migrations"]
+                        findings += half_applied_findings(unit, state.current, partly, table,
+                                                          len(state.pending))
         if in_progress:
             findings += migration_checks.activity_findings(
                 unit, [(s.pid, s.duration_s, s.reason, s.query) for s in activity.sessions],
@@ -480,12 +510,15 @@ class Inspector:
                 fields["schema_drift"] = tuple(DriftItem(**i) for i in items)
                 pending = len(fields["migrations"].pending) if fields.get("migrations") \
                     else 0
-                findings += drift_findings(unit, items, pending)
+                if not half_done:  # the half-applied finding already names the objects
+                    findings += drift_findings(unit, items, pending)
         if fields.get("backend") == "sqlite":
             # No roles or grants in a file: who may migrate is the file's permissions.
             fields["notes"] = tuple(fields.get("notes", ())) + (
                 "privileges: not applicable to SQLite (the file's permissions decide who "
                 "may migrate)",)
+        elif fields.get("backend") in mysql.MYSQL_BACKENDS:
+            self._mysql_privileges_check(unit, timer, fields, findings)
         else:
             self._privileges_check(unit, inspection, timer, fields, findings)
         with timer.check("integrity") as res:
@@ -504,6 +537,17 @@ class Inspector:
                 findings += migration_checks.privilege_findings(
                     unit, priv.user, priv.schema, priv.superuser, priv.can_create,
                     priv.not_owned)
+
+    def _mysql_privileges_check(self, unit: str, timer: _Timer, fields: dict[str, Any],
+                                findings: list[Finding]) -> None:
+        """May the app's MySQL user run migrations (SHOW GRANTS on its database)."""
+        with timer.check("privileges") as res:
+            priv = self._mysql_privileges.pop(unit, None)
+            if priv is None or priv.error:
+                res["error"] = priv.error if priv else "privileges not read"
+                return
+            fields["migration_privileges_ok"] = not priv.missing
+            findings += mysql_privilege_findings(unit, priv.user, priv.database, priv.missing)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                            fields: dict[str, Any], findings: list[Finding],
@@ -603,8 +647,9 @@ class Inspector:
         """The revision state of database `name` on the unit's server: through the URL the
         running processes were started with when it names that database, else the unit's
         URL with the database name replaced (same role and credentials)."""
+        backend = database.backend_of(url)
         candidates = [v for p in report.processes for v in (p.environ or {}).values()
-                      if "://" in v and v.split("://", 1)[0].startswith("postgres")
+                      if "://" in v and database.backend_of(v) == backend
                       and database.db_label(v).rsplit("/", 1)[-1] == name]
         try:
             candidates.append(database.with_database(url, name))
@@ -616,9 +661,10 @@ class Inspector:
                                    probe_user=self.settings.probe_user)
         error = "no URL to reach it"
         for candidate in dict.fromkeys(candidates):
-            version = database.read_version_table(candidate, env.version_table,
-                                                  env.version_table_schema or None, timeouts,
-                                                  opener=opener)
+            reader = mysql.read_version_table if backend in mysql.MYSQL_BACKENDS \
+                else database.read_version_table
+            version = reader(candidate, env.version_table, env.version_table_schema or None,
+                             timeouts, opener=opener)
             if version.error:
                 error = version.error
                 continue
@@ -799,7 +845,8 @@ def _env_database_ports(report: UnitReport) -> set[int]:
     ports = set()
     for proc in report.processes:
         for value in (proc.environ or {}).values():
-            if "://" in value and value.split("://", 1)[0].startswith("postgres"):
+            if "://" in value and value.split("://", 1)[0].startswith(
+                    ("postgres", "mysql", "mariadb")):
                 try:
                     ports.add(database.url_host_port(value)[1])
                 except Exception:  # a malformed URL in the environment is not our problem

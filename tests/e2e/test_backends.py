@@ -1,5 +1,7 @@
-"""Backends driftwatch does not read: one honest finding with the right label, never
-"unreachable" (a real Flask app with PyMySQL under gunicorn.service, real systemd)."""
+"""A MySQL app whose server is down: it is tried, so "unreachable" with the right label and
+the MySQL remedy, and no password anywhere (a real Flask app with PyMySQL under
+gunicorn.service, real systemd). Backends driftwatch does not read keep one honest
+`backend_not_inspected` finding (tests/unit/test_mysql_inspector.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ ENV_FILE = "/etc/site/env"
 PYMYSQL_REQUIREMENTS = (*DEFAULT_REQUIREMENTS, "pymysql==1.1.1")
 
 
-def test_mysql_app_gets_backend_not_inspected_never_unreachable(
+def test_mysql_app_with_its_server_down_is_unreachable_with_the_right_label(
         make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
         make_venv: Callable[[tuple[str, ...]], Path]) -> None:
     venv = make_venv(PYMYSQL_REQUIREMENTS)
@@ -48,13 +50,14 @@ def test_mysql_app_gets_backend_not_inspected_never_unreachable(
     proc = agentctl(sb, "check", UNIT, "--json", "--probe-timeout", "30")
     unit = json.loads(proc.stdout)["units"][0]
     found = {f["check"]: f for f in unit["findings"]}
-    assert "backend_not_inspected" in found, unit["findings"]
-    assert found["backend_not_inspected"]["severity"] == "warning"
-    assert "backend mysql is not inspected" in found["backend_not_inspected"]["message"]
-    assert not {"database_unreachable", "app_load_failed"} & set(found), unit["findings"]
+    assert "backend_not_inspected" not in found, unit["findings"]
+    assert "database_unreachable" in found, unit["findings"]
+    message = found["database_unreachable"]["message"]
+    assert f"127.0.0.1:{db_port}/shop" in message and "connection refused" in message.lower()
+    assert "MySQL/MariaDB runs" in found["database_unreachable"]["remedy"]
     assert unit["database"] == f"127.0.0.1:{db_port}/shop" and unit["backend"] == "mysql"
-    assert unit["db_up"] is None and unit["migrations"] is None
-    assert proc.returncode == 1
+    assert unit["db_up"] is False
+    assert proc.returncode == 2
     assert "s3cret-pw" not in proc.stdout + proc.stderr
     metrics = agentctl(sb, "check", UNIT).stdout
     assert "mysql" in metrics and "s3cret-pw" not in metrics

@@ -33,7 +33,7 @@ from agent.model import ExecCommand, UnitProperties
 from agent.privileged.probe_runner import ProbeResult, parse_report
 from agent.cli.render import render_check
 from agent.snapshot import Snapshot
-from agent.privileged.sources import connections, database
+from agent.privileged.sources import connections, database, mysql
 from agent.privileged.sources.journal import JournalScan
 from agent.privileged.state import StateStore
 
@@ -99,6 +99,18 @@ class FakeJournal:
         return JournalScan(self.unit, {})
 
 
+def fake_mysql(url: str, table: str = "alembic_version", *args: Any,
+               **kwargs: Any) -> mysql.MysqlInspection:
+    """mysql.inspect_mysql for a server that does not answer."""
+    label = database.db_label(url)
+    error = f"database {label} unreachable: connection refused"
+    return mysql.MysqlInspection(database.DatabaseInspection(
+        label, database.VersionTable(label, table, error=error),
+        database.MigrationActivity(label, error=error), database.Privileges(label, error=error),
+        database.ServerIdentity(label, error=error), error=error),
+        mysql.MysqlPrivileges(error=error))
+
+
 def fake_database(rows: dict[str, Any]) -> Any:
     """database.inspect with the real URL handling and literal version-table rows."""
     def inspect(url: str, table: str = "alembic_version", schema: str | None = None,
@@ -138,6 +150,8 @@ def fake_probe(reports: dict[str, bytes]) -> Any:
 def fakes(monkeypatch: pytest.MonkeyPatch, rows: dict[str, Any]) -> Iterator[None]:
     with monkeypatch.context() as m:
         m.setattr(database, "inspect", fake_database(rows))
+        # MySQL is read through a session child: never started from a unit test.
+        m.setattr(mysql, "inspect_mysql", fake_mysql)
         # No DNS for hostile host names: only literals resolve.
         m.setattr(connections, "resolve_host", lambda host, port=5432:
                   connections.literal_addresses(host))
