@@ -88,15 +88,15 @@ def proc_ids(pid: int, proc: Path = Path("/proc")) -> tuple[list[int], list[int]
     return ids.get("Uid", []), ids.get("Gid", [])
 
 
-def describe_exit(returncode: int | None, limits: ParseLimits) -> str:
-    """Why the child stopped, for a revision's error."""
+def describe_exit(returncode: int | None, limits: ParseLimits, said: str = "") -> str:
+    """Why the child stopped, for a revision's error (said: its last line on stderr)."""
     if returncode is not None and returncode < 0:
         sig = -returncode
         if sig == signal.SIGXCPU:
             return f"{TIMED_OUT} (more than {limits.cpu_seconds} s of CPU)"
         name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
         return f"{CRASHED} (killed by {name})"
-    return f"{CRASHED} (it exited with status {returncode})"
+    return f"{CRASHED} (it exited with status {returncode}" + (f": {said})" if said else ")")
 
 
 class _Child:
@@ -232,7 +232,7 @@ def _batch(texts: Sequence[str], identity: tuple[int, int] | None, limits: Parse
         while len(done) < len(texts):
             doc = child.line(min(deadline, time.monotonic() + limits.revision_seconds))
             if doc is None:
-                raise _Failed(describe_exit(child.close(), limits))
+                raise _Failed(describe_exit(child.close(), limits, child.stderr_tail()))
             if doc.get("i") != len(done):
                 raise _Failed("the SQL parser's reply is out of order")
             try:

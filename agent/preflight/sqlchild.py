@@ -7,7 +7,8 @@ reads a byte of SQL: chroot into an empty directory, no supplementary groups, th
 uid/gid (the unit's user, else nobody), no_new_privs, not dumpable, only fds 0-2, and
 rlimits on memory (RLIMIT_AS), CPU per revision, files, processes and core dumps. As
 OpenSSH's pre-auth child does. It then says "ready", reads the SQL texts (one JSON document
-on stdin) and writes one JSON line per revision: the analysis, as plain data (wire.py).
+on stdin) and writes one JSON line per revision on fd 3 (stdout, moved there): the analysis,
+as plain data (wire.py).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ UPDATE alembic_version SET version_num = 'x'; DELETE FROM t; INSERT INTO t VALUE
 TRUNCATE t; SET lock_timeout = '1s'; SELECT 1; CREATE SEQUENCE s; COMMIT;"""
 
 
-def _write(doc: dict[str, Any]) -> None:
-    """One JSON line on stdout, unbuffered (root reads line by line, under a deadline)."""
+REPLY_FD = 3  # the reply channel: stdout moved here, so a C library's printf can't reach it
+
+
+def _write(doc: dict[str, Any], fd: int = REPLY_FD) -> None:
+    """One JSON line to root, unbuffered (root reads line by line, under a deadline)."""
     data = (json.dumps(doc) + "\n").encode()
     while data:
-        data = data[os.write(1, data):]
+        data = data[os.write(fd, data):]
 
 
 def warm_up() -> None:
@@ -75,9 +79,13 @@ def confine(config: dict[str, Any]) -> None:
         if libc.prctl(option, value, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl failed")
     os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    # libpg_query writes "Terminating process due to FATAL error" to stdout before exit(1):
+    # the replies get a descriptor of their own, and stdout goes where stderr goes.
+    os.dup2(1, REPLY_FD)
+    os.dup2(2, 1)
     for limit, value in ((resource.RLIMIT_AS, config["memory_bytes"]),
                          (resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, 0),
-                         (resource.RLIMIT_NOFILE, 3), (resource.RLIMIT_NPROC, 0)):
+                         (resource.RLIMIT_NOFILE, REPLY_FD + 1), (resource.RLIMIT_NPROC, 0)):
         resource.setrlimit(limit, (value, value))
 
 
@@ -108,7 +116,7 @@ def main(argv: list[str]) -> int:
         warm_up()
         confine(config)
     except (OSError, ValueError) as exc:
-        _write({"error": f"cannot confine the parser: {exc}"[:MAX_ERROR]})
+        _write({"error": f"cannot confine the parser: {exc}"[:MAX_ERROR]}, fd=1)
         return 1
     _write({"ready": True})
     request = json.loads(sys.stdin.buffer.read(config["max_input"] + 1))
@@ -118,7 +126,12 @@ def main(argv: list[str]) -> int:
         if analysis.error:
             analysis = Analysis(analysis.statements, analysis.hazards,
                                 analysis.created_tables, analysis.error[:MAX_ERROR])
-        _write({"i": i, "analysis": to_wire(analysis)})
+        try:
+            _write({"i": i, "analysis": to_wire(analysis)})
+        except MemoryError:  # the reply itself did not fit: say so in a small one
+            _write({"i": i, "analysis": to_wire(Analysis(
+                error=f"the SQL parser ran out of memory (its limit is "
+                      f"{config['memory_bytes'] // 2**20} MiB)"))})
     _write({"done": True})
     return 0
 

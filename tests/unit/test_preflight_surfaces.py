@@ -116,6 +116,7 @@ def test_watch_memoises_the_offline_sql_and_rereads_the_live_state() -> None:
     first, _ = watch.check("u", None, m, "code-1")  # type: ignore[arg-type]
     second, found = watch.check("u", None, m, "code-1")  # type: ignore[arg-type]
     assert len(runs) == 1  # same code, same revision: the SQL is not rendered again
+    assert watch.parser_runs == 1  # nor parsed again (the parser is a child process)
     assert first and second and (first["risk"], second["risk"]) == ("low", "critical")
     assert found is not None
     none, _ = watch.check("u", None, MigrationState(True, ("r2",), ("r2",)), "code-1")  # type: ignore
