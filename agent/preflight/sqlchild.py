@@ -86,14 +86,23 @@ def confine(config: dict[str, Any]) -> None:
     for limit, value in ((resource.RLIMIT_AS, config["memory_bytes"]),
                          (resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, 0),
                          (resource.RLIMIT_NOFILE, REPLY_FD + 1), (resource.RLIMIT_NPROC, 0)):
+        value = _within_hard(limit, value)
         resource.setrlimit(limit, (value, value))
+
+
+def _within_hard(limit: int, value: int) -> int:
+    """value, or the hard limit already set when that is lower (a limit can only go down)."""
+    hard = resource.getrlimit(limit)[1]
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
 
 
 def cpu_budget(seconds: int) -> None:
     """Let this revision use `seconds` more CPU, then SIGXCPU (default action: die)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = int(usage.ru_utime + usage.ru_stime) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (used + seconds, resource.RLIM_INFINITY))
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (_within_hard(resource.RLIMIT_CPU, used + seconds),
+                                             hard))
 
 
 def parse_one(sql: str, memory_bytes: int) -> Analysis:

@@ -144,3 +144,19 @@ def test_a_stopped_parser_times_out_and_root_does_not_wait_for_it() -> None:
     assert hung.error == f"{TIMED_OUT}: {UNCHECKED}"
     assert [h.rule for h in after.hazards] == ["ban-drop-column"]
     assert not Path(f"/proc/{stopped[0]}").exists()  # killed (a stopped process too), reaped
+
+
+def test_hard_limits_inherited_from_the_agent_do_not_stop_the_child() -> None:
+    """A unit's LimitCPU=/LimitAS= are hard limits the dropped child cannot raise: it stays
+    within them instead of failing to confine itself."""
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (300, 300))
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    code = ("from agent.preflight.parse import analyze_all\n"
+            "print([a.error or [h.rule for h in a.hazards] for a in "
+            "analyze_all(['DROP TABLE x;'], 'www-data')])\n")
+    run = subprocess.run([sys.executable, "-c", code], preexec_fn=limited, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[['ban-drop-table']]", run.stdout + run.stderr
