@@ -113,6 +113,11 @@ def affected_tables(analyses: Iterable[Any]) -> list[str]:
     return sorted(names)
 
 
+def parseable(offline: OfflineResult) -> bool:
+    """True when assemble() will parse offline's SQL (PostgreSQL, or a backend not known)."""
+    return offline.ok and backend_of(offline.url) in ("", "postgresql")
+
+
 def parse_revisions(offline: OfflineResult) -> list[Analysis]:
     """Each revision's SQL read by the rules, in the confined parser child (never in root)."""
     return analyze_all([r.sql for r in offline.revisions], offline.user)

@@ -1,8 +1,9 @@
 """The preflight inside every inspection: a summary for /status, the metric, and a finding.
 
 The offline SQL only changes with the code or the database's revision, so it is memoised by
-the probe's code fingerprint and the current revisions, and so is its parse (a child); the live part (sizes, lock holders)
-is read again on every inspection, since that is what changes minute by minute.
+the probe's code fingerprint and the current revisions, and so is its parse (a child process);
+the live part (sizes, lock holders) is read again on every inspection, since that is what
+changes minute by minute.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.preflight.analysis import Analysis
-
 from agent.context import AppContext
 from agent.model import Finding
+from agent.preflight.analysis import Analysis
 from agent.preflight.live import user_reader
 from agent.preflight.parse import settled
-from agent.preflight.plan import LiveReader, Plan, assemble, parse_revisions, printable
+from agent.preflight.plan import (
+    LiveReader,
+    Plan,
+    assemble,
+    parse_revisions,
+    parseable,
+    printable,
+)
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import LEVELS
 from agent.snapshot import MigrationState
@@ -92,7 +99,7 @@ class PreflightWatch:
                 if result.ok:
                     self._memo[unit] = memo
             analyses = memo.analyses
-            if analyses is None and memo.offline.ok:
+            if analyses is None and parseable(memo.offline):
                 analyses = parse_revisions(memo.offline)
                 self.parser_runs += 1
                 # A timeout may be the host's load, not the SQL: parsed again next time.

@@ -151,3 +151,15 @@ def test_watch_parses_again_after_a_parser_timeout_not_after_a_crash(
     assert watch.parser_runs == 2  # the timeout was tried again, the crash was kept
     assert reasons[0].startswith(TIMED_OUT) and reasons[1] == reasons[2]
     assert reasons[2].startswith(CRASHED)
+
+
+def test_watch_starts_no_parser_for_sql_it_will_not_analyse() -> None:
+    def offline(ctx: Any, current: list[str], heads: list[str], timeout: float) -> OfflineResult:
+        return OfflineResult(True, revisions=(OfflineRevision("r2", "r1", sql="SELECT 1;"),),
+                             urls={"default": "mysql+pymysql://a@h/d"})
+
+    watch = PreflightWatch(5.0, offline, lambda *a, **k: LiveState())
+    summary_, _ = watch.check("u", None, MigrationState(True, ("r1",), ("r2",), ("r2",)),  # type: ignore
+                              "code-1")
+    assert summary_ and summary_["error"].startswith("the migration preflight is PostgreSQL-only")
+    assert watch.parser_runs == 0
