@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +12,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from agent.context import AppContext
+from agent.preflight.analysis import Analysis
 from agent.preflight.live import LiveState, Session, TableSize, read_live, user_reader
 from agent.preflight.locks import sql_name
+from agent.preflight.parse import analyze_all
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import (
     LEVELS,
@@ -24,7 +26,6 @@ from agent.preflight.risk import (
     no_rewrite,
     worst,
 )
-from agent.preflight.rules import analyze
 from agent.snapshot import UnitSnapshot
 from agent.privileged.sources.database import db_label
 
@@ -112,12 +113,24 @@ def affected_tables(analyses: Iterable[Any]) -> list[str]:
     return sorted(names)
 
 
+def parseable(offline: OfflineResult) -> bool:
+    """True when assemble() will parse offline's SQL (PostgreSQL, or a backend not known)."""
+    return offline.ok and backend_of(offline.url) in ("", "postgresql")
+
+
+def parse_revisions(offline: OfflineResult) -> list[Analysis]:
+    """Each revision's SQL read by the rules, in the confined parser child (never in root)."""
+    return analyze_all([r.sql for r in offline.revisions], offline.user)
+
+
 def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
              offline: OfflineResult, reader: LiveReader = read_live,
-             stale_workers: bool = False) -> Plan:
+             stale_workers: bool = False, analyses: Sequence[Analysis] | None = None,
+             ) -> Plan:
     """Rules on each revision's SQL, the live database read once, risk per revision.
     stale_workers: the running workers started before the deployed code changed, so their
-    models may not be the ones the probe read."""
+    models may not be the ones the probe read. analyses: parse_revisions(offline), when the
+    caller has them already (memoised)."""
     database = db_label(offline.url) if offline.url else ""
     base = Plan(unit, database, current, heads, duration=offline.duration)
     if not offline.ok:
@@ -125,7 +138,8 @@ def assemble(unit: str, current: tuple[str, ...], heads: tuple[str, ...],
     backend = backend_of(offline.url)
     if backend and backend != "postgresql":
         return Plan(**{**base.__dict__, "error": POSTGRES_ONLY.format(backend=backend)})
-    analyses = [analyze(r.sql) for r in offline.revisions]
+    if analyses is None:
+        analyses = parse_revisions(offline)
     columns = [(h.table, h.column) for a in analyses for h in a.hazards
                if h.rule == "changing-column-type" and h.column]
     live = reader(offline.url, affected_tables(analyses), columns=columns) if offline.url \

@@ -3,7 +3,7 @@
 The probe child (agent/asuser/probe_child.py) runs with agent/asuser/offline_sql.py's text in front of
 its own, in the app's interpreter and context, exactly as the inspection probe does; the
 request says ``mode: offline_sql`` and which revisions the database is at. Nothing here
-parses SQL: the text comes back and is read by rules.py.
+parses SQL: the text comes back and is read by rules.py, in the confined child of parse.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from agent.privileged.probe_runner import (
 )
 
 OFFLINE_SOURCE_PATH = Path(__file__).resolve().parent.parent / "asuser" / "offline_sql.py"
-# The child's report is hostile input: bounds on what is kept (and later parsed as root).
+# The child's report is hostile input: bounds on what is kept (and later parsed, unprivileged).
 MAX_TEXT = 200_000            # SQL per revision
 MAX_TOTAL_TEXT = 2_000_000    # SQL over all revisions
 MAX_REVISIONS = 200
@@ -60,6 +60,7 @@ class OfflineResult:
     # False (Alembic's default): `upgrade` runs every pending revision in ONE transaction,
     # so a lock taken by one revision lasts through all later ones.
     transaction_per_migration: bool = False
+    user: str = ""  # the unit's User= the SQL was rendered as: the parser child runs as it
 
     @property
     def url(self) -> str:
@@ -137,4 +138,4 @@ def run_offline(ctx: AppContext, current: list[str], heads: list[str], timeout: 
                               duration=duration, secrets=secrets)
         return OfflineResult(ok=False, error=failed.error or "the probe's report is not usable",
                              duration=duration)
-    return replace(parsed, duration=duration)
+    return replace(parsed, duration=duration, user=ctx.user)

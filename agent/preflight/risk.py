@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent.preflight.analysis import BRIEF, DATA, REWRITE, Analysis, Hazard, Statement
 from agent.preflight.live import LiveState, Session, TableSize
 from agent.preflight.locks import blocks, blocks_traffic, conflicts, sql_name, stronger
-from agent.preflight.rules import BRIEF, DATA, REWRITE, Analysis, Hazard, Statement
 
 LEVELS = ("low", "high", "critical")
 # Table size classes: below SMALL a table-long lock is short; from LARGE on it is an outage.

@@ -1,8 +1,9 @@
 """The preflight inside every inspection: a summary for /status, the metric, and a finding.
 
 The offline SQL only changes with the code or the database's revision, so it is memoised by
-the probe's code fingerprint and the current revisions; the live part (sizes, lock holders)
-is read again on every inspection, since that is what changes minute by minute.
+the probe's code fingerprint and the current revisions, and so is its parse (a child process);
+the live part (sizes, lock holders) is read again on every inspection, since that is what
+changes minute by minute.
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from typing import Any
 
 from agent.context import AppContext
 from agent.model import Finding
+from agent.preflight.analysis import Analysis
 from agent.preflight.live import user_reader
-from agent.preflight.plan import LiveReader, Plan, assemble, printable
+from agent.preflight.parse import settled
+from agent.preflight.plan import (
+    LiveReader,
+    Plan,
+    assemble,
+    parse_revisions,
+    parseable,
+    printable,
+)
 from agent.preflight.probe import OfflineResult, run_offline
 from agent.preflight.risk import LEVELS
 from agent.snapshot import MigrationState
@@ -53,6 +63,7 @@ def finding(unit: str, plan: Plan) -> Finding | None:
 class _Memo:
     key: tuple[str, tuple[str, ...], tuple[str, ...]]
     offline: OfflineResult
+    analyses: list[Analysis] | None = None  # parsed once per SQL (the parser is a child)
 
 
 class PreflightWatch:
@@ -65,6 +76,7 @@ class PreflightWatch:
         self.probe_user = probe_user
         self._memo: dict[str, _Memo] = {}
         self.offline_runs = 0
+        self.parser_runs = 0
 
     def check(self, unit: str, ctx: AppContext, migrations: MigrationState | None,
               code_key: str, stale: bool = False,
@@ -86,9 +98,16 @@ class PreflightWatch:
                 memo = _Memo(key, result)
                 if result.ok:
                     self._memo[unit] = memo
+            analyses = memo.analyses
+            if analyses is None and parseable(memo.offline):
+                analyses = parse_revisions(memo.offline)
+                self.parser_runs += 1
+                # A timeout may be the host's load, not the SQL: parsed again next time.
+                if settled(analyses):
+                    memo.analyses = analyses
             reader = self.reader or user_reader(ctx, self.probe_user)
             plan = assemble(unit, key[1], key[2], memo.offline, reader,
-                            stale_workers=stale)
+                            stale_workers=stale, analyses=analyses)
         except Exception as exc:  # the preflight must never cost the rest of the inspection
             log.exception("preflight of %s failed", unit)
             return {"risk": "", "counts": {}, "error": f"preflight failed: {exc}",

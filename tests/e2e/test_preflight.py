@@ -214,3 +214,27 @@ def test_the_plan_never_shows_the_password(
     plan = plan_of(offline, "u_index")
     assert pg_database.password not in json.dumps(plan.as_dict()) + render(plan)
     assert plan.database.endswith("/" + pg_database.name)
+
+
+# 50,000 terms, 100 kB of SQL: pglast 8.8 segfaults on it (tests/e2e/test_preflight_parser.py).
+HOSTILE = 'op.execute("SELECT " + "1+" * 50000 + "1")\n'
+
+
+def test_a_revision_whose_sql_crashes_the_parser_is_a_finding_not_an_agent_crash(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    steps = [(rev, body) for rev, _, body in UNSAFE if rev == "u_index"]
+    steps += [("h_hostile", HOSTILE)]
+    steps += [(rev, body) for rev, _, body in UNSAFE if rev == "u_drop_col"]
+    offline = offline_for(make_app, flask_venv, pg_database, steps)
+    assert offline.user == "www-data"  # the parser child runs as the unit's user
+    plan = plan_of(offline, "u_drop_col")
+    risks = by_revision(plan)
+    hostile = risks["h_hostile"]
+    assert hostile.level == "high" and hostile.sql_available
+    assert hostile.reason == ("PostgreSQL's parser (pglast) crashed on this revision's SQL "
+                              "(killed by SIGSEGV): this revision's SQL was not analysed; "
+                              "review it by hand")
+    # The revisions before and after it are analysed as usual.
+    assert risks["u_index"].rules == ("require-concurrent-index-creation",)
+    assert risks["u_drop_col"].rules == ("ban-drop-column",)
+    print(render(plan))

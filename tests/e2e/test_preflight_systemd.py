@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness.apps import AppDir
-from tests.harness.postgres import PgDatabase
+from tests.harness.agent import agent_config, agent_unit_dropins, agent_unit_text
+from tests.harness.apps import AppDir, http_get
+from tests.harness.postgres import PgDatabase, free_port
 from tests.harness.preflight_apps import SAFE, UNSAFE, fill_items, preflight_spec
 from tests.harness.sandbox import Sandbox
 from tests.harness.site import SiteFactory, site_factory
 
 pytestmark = [pytest.mark.systemd, pytest.mark.postgres]
+AGENT = "driftwatch-agent.service"
 
 
 @pytest.fixture
@@ -67,3 +70,30 @@ def test_plan_status_and_upgrade_refusal(site: SiteFactory) -> None:
     assert s.db.alembic_versions() == ["u_drop_col"]
     done = s.agentctl("plan", "gunicorn")
     assert done.returncode == 0 and "nothing pending" in done.stdout
+
+
+def test_the_agent_service_parses_the_sql_in_its_confined_child(site: SiteFactory) -> None:
+    """Under the agent's own hardened unit (capability bounding set, system call filter), the
+    parser child still confines itself (chroot, setuid) and every revision is analysed."""
+    port = free_port()
+    files = {f"/etc/systemd/system/{AGENT}": agent_unit_text(),
+             "/etc/driftwatch/agent.toml": agent_config(f"127.0.0.1:{port}")}
+    files.update({f"/etc/systemd/system/{AGENT}.d/{name}": text
+                  for name, text in agent_unit_dropins().items()})
+    s = site(preflight_spec(steps("s_add_col", "u_drop_col")), upgrade_to="p1",
+             extra_files=files)
+    s.sb.systemctl("start", AGENT)
+    s.sb.wait_active(AGENT)
+    deadline = time.monotonic() + 120
+    code, body = http_get(f"http://127.0.0.1:{port}/status")
+    while code == 503 and time.monotonic() < deadline:  # the first inspection is running
+        time.sleep(1)
+        code, body = http_get(f"http://127.0.0.1:{port}/status")
+    assert code == 200, body
+    # From the agent itself, through its root-only socket: the detail /status redacts.
+    shown = s.agentctl("status", "gunicorn", "--json")
+    assert shown.stdout.startswith("{"), shown.stdout + shown.stderr
+    pre = json.loads(shown.stdout)["units"][0]["preflight"]
+    assert pre["error"] == "", pre
+    assert [(r["revision"], r["risk"], r["rules"]) for r in pre["revisions"]] == [
+        ("s_add_col", "low", []), ("u_drop_col", "critical", ["ban-drop-column"])], pre

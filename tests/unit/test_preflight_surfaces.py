@@ -116,6 +116,7 @@ def test_watch_memoises_the_offline_sql_and_rereads_the_live_state() -> None:
     first, _ = watch.check("u", None, m, "code-1")  # type: ignore[arg-type]
     second, found = watch.check("u", None, m, "code-1")  # type: ignore[arg-type]
     assert len(runs) == 1  # same code, same revision: the SQL is not rendered again
+    assert watch.parser_runs == 1  # nor parsed again (the parser is a child process)
     assert first and second and (first["risk"], second["risk"]) == ("low", "critical")
     assert found is not None
     none, _ = watch.check("u", None, MigrationState(True, ("r2",), ("r2",)), "code-1")  # type: ignore
@@ -127,3 +128,38 @@ def test_watch_is_quiet_while_a_migration_runs() -> None:
     watch = PreflightWatch(5.0, lambda *a: pytest.fail("no offline probe while migrating"))
     m = MigrationState(True, ("r1",), ("r2",), ("r2",), in_progress=True)
     assert watch.check("u", None, m, "k") == (None, None)  # type: ignore[arg-type]
+
+
+def test_watch_parses_again_after_a_parser_timeout_not_after_a_crash(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.preflight import watch as watch_module
+    from agent.preflight.analysis import Analysis
+    from agent.preflight.parse import CRASHED, TIMED_OUT
+
+    replies = iter([[Analysis(error=f"{TIMED_OUT}: x")], [Analysis(error=f"{CRASHED}: x")],
+                    [Analysis(error="unexpected third parse")]])
+    monkeypatch.setattr(watch_module, "parse_revisions", lambda offline: next(replies))
+
+    def offline(ctx: Any, current: list[str], heads: list[str], timeout: float) -> OfflineResult:
+        return OfflineResult(True, revisions=(OfflineRevision("r2", "r1", sql="SELECT 1;"),),
+                             urls={"default": "postgresql://a@h/d"})
+
+    watch = PreflightWatch(5.0, offline, lambda *a, **k: LiveState())
+    m = MigrationState(True, ("r1",), ("r2",), ("r2",))
+    reasons = [watch.check("u", None, m, "code-1")[0]["revisions"][0]["reason"]  # type: ignore
+               for _ in range(3)]
+    assert watch.parser_runs == 2  # the timeout was tried again, the crash was kept
+    assert reasons[0].startswith(TIMED_OUT) and reasons[1] == reasons[2]
+    assert reasons[2].startswith(CRASHED)
+
+
+def test_watch_starts_no_parser_for_sql_it_will_not_analyse() -> None:
+    def offline(ctx: Any, current: list[str], heads: list[str], timeout: float) -> OfflineResult:
+        return OfflineResult(True, revisions=(OfflineRevision("r2", "r1", sql="SELECT 1;"),),
+                             urls={"default": "mysql+pymysql://a@h/d"})
+
+    watch = PreflightWatch(5.0, offline, lambda *a, **k: LiveState())
+    summary_, _ = watch.check("u", None, MigrationState(True, ("r1",), ("r2",), ("r2",)),  # type: ignore
+                              "code-1")
+    assert summary_ and summary_["error"].startswith("the migration preflight is PostgreSQL-only")
+    assert watch.parser_runs == 0
