@@ -14,6 +14,7 @@ agent can name drops and renames the running code still uses.
 """
 
 import ast
+import contextlib
 import io
 import os
 
@@ -107,18 +108,29 @@ def offline_report(request, report, gunicorn_app, ns):
     report["app_source"] = source
     steps_out = []
     report["offline"] = steps_out
-    with app.app_context():
-        try:  # the database the plan weighs the SQL against: the app's own URL
-            found, _ = ns["engines"](app)
-            report["urls"] = {("default" if k is None else str(k)): ns["render_url"](e.url)
-                              for k, e in found.items()}
-        except Exception:
-            uri = app.config.get("SQLALCHEMY_DATABASE_URI")
-            report["urls"] = {"default": str(uri)} if uri else {}
-        report["model_tables"] = offline_model_tables(app, ns)
+    # A Flask app's extensions need its app context; a plain Alembic app (FastAPI, any
+    # ASGI/WSGI callable) has none, and its database is env.py's business.
+    flask = hasattr(app, "app_context")
+    with app.app_context() if flask else contextlib.nullcontext():
+        report["urls"] = {}
+        if flask:
+            try:  # the database the plan weighs the SQL against: the app's own URL
+                found, _ = ns["engines"](app)
+                report["urls"] = {("default" if k is None else str(k)): ns["render_url"](e.url)
+                                  for k, e in found.items()}
+            except Exception:
+                uri = app.config.get("SQLALCHEMY_DATABASE_URI")
+                report["urls"] = {"default": str(uri)} if uri else {}
+            report["model_tables"] = offline_model_tables(app, ns)
+        else:
+            report["model_tables"] = {}
         config, configure_args = ns["migrations_config"](app, report)
         if config is None:
             raise ns["ProbeError"]("migrations", "no migrations directory or alembic.ini found")
+        if not report["urls"]:
+            url = config.get_main_option("sqlalchemy.url") or ""
+            if url:
+                report["urls"] = {"default": ns["absolute_sqlite"](url)}
         from alembic.script import ScriptDirectory
         script_dir = ScriptDirectory.from_config(config)
         steps = offline_pending_steps(script_dir, request.get("current") or [],

@@ -448,7 +448,8 @@ def metadata_for(db, key):
 def migrations_config(app, report):
     """Alembic Config the way Flask-Migrate builds it, or from ./alembic.ini; None if none."""
     from alembic.config import Config
-    ext = app.extensions.get("migrate")
+    extensions = getattr(app, "extensions", None)   # a FastAPI app has none
+    ext = extensions.get("migrate") if isinstance(extensions, dict) else None
     if ext is not None:
         directory = os.path.abspath(str(getattr(ext, "directory", "migrations")))
         report["migrations_dir"] = directory

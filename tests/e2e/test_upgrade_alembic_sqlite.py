@@ -5,6 +5,8 @@ flock on its database file."""
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +51,10 @@ def test_plain_alembic_app_upgrades_with_alembic_to_the_pinned_head(
     print(f"\n$ agentctl upgrade gunicorn --yes   # lock held\n{refused.stdout}{refused.stderr}")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "pinned: alembic upgrade a2" in refused.stdout
+    # The preflight reads a plain Alembic app too (it failed on FastAPI's missing app_context).
+    assert "app_context" not in refused.stdout + refused.stderr
+    assert re.search(r"^  1\. a2  \[(low|medium|high|critical)\]", refused.stdout, re.M), \
+        refused.stdout
     assert f"(held by pid {pid} (application_name 'deploy-script'" in refused.stderr
     assert pg_database.alembic_versions() == ["a1"]
 
