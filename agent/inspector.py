@@ -443,6 +443,12 @@ class Inspector:
             state = migration_checks.evaluate(unit, current, graph, table,
                                               graph_error=probe.revisions_error) \
                 if (graph or current) and readable else None
+            if probe.revisions_error and not graph and readable and version.exists:
+                # The scripts are unreadable (e.g. to a stand-in user), the version table is
+                # not: its revision is still worth saying, heads and pending are not known.
+                fields["notes"] = (*fields.get("notes", ()), (
+                    f"current revision in {table}: {', '.join(version.revisions) or '(none)'}"
+                    f"; heads and pending unknown: {probe.revisions_error}"))
             if not readable:
                 heads = migration_checks.heads_of(graph)
                 fields["migrations"] = MigrationState(

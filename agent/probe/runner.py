@@ -325,6 +325,8 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
             "allow_root": request.allow_root, "resolve_only": False,
+            # A stand-in user that cannot load the app still reads the migration files.
+            "revisions_without_app": stands_in(ctx),
             "guard": guard_settings(request)}
 
 
@@ -676,6 +678,24 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
     return unreadable_as_stand_in(ctx, request, result)
 
 
+# Where a Flask app usually takes its URL from (the app itself could not say).
+URL_VARIABLES = ("DATABASE_URL", "SQLALCHEMY_DATABASE_URI")
+
+
+def stands_in(ctx: AppContext) -> bool:
+    """Pure: the unit has no User= (it runs as root), so per-unit work runs as a stand-in."""
+    return not ctx.user and not ctx.dynamic_user
+
+
+def environment_url(env: Mapping[str, str]) -> tuple[str, str]:
+    """Pure: (variable, URL) of the first database URL the unit's environment names."""
+    for name in URL_VARIABLES:
+        value = env.get(name, "").strip()
+        if "://" in value:
+            return name, value
+    return "", ""
+
+
 _DENIED = re.compile(r"Permission denied: '([^']+)'|cannot enter the working directory (\S+):")
 
 
@@ -683,7 +703,7 @@ def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: Probe
                            ) -> ProbeResult:
     """Pure: a unit without User= is probed as a stand-in user (a dynamic user, or
     probe_user); when that user cannot read a file the app needs, say which and the fix."""
-    if ctx.user or result.ok or ctx.dynamic_user:
+    if not stands_in(ctx) or result.ok:
         return result
     found = _DENIED.search(result.error) or _DENIED.search(result.output_tail)
     if not found:
@@ -691,9 +711,21 @@ def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: Probe
     path = found.group(1) or found.group(2)
     who = f"probe_user {request.probe_user}" if request.probe_user else \
         "a dynamic user (DynamicUser=yes)"
-    return replace(result, error_kind="privileges", error=(
-        f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as root "
-        f"and ran as {who}, which cannot read {path}"))
+    error = (f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as "
+             f"root and ran as {who}, which cannot read {path}")
+    urls = dict(result.urls)
+    if not urls:
+        # The revision state is still one query away: the database the unit's environment
+        # names, read by the agent's session as the same stand-in user (never as root).
+        name, url = environment_url(ctx.environment)
+        if url:
+            urls = {"default": url}
+            error += f"; revision state read from the database {name} names"
+    if result.revisions:
+        error += ", revisions from the migration files"
+    elif result.revisions_error:
+        error += f" ({result.revisions_error})"
+    return replace(result, error_kind="privileges", error=error, urls=urls)
 
 
 # -- gunicorn's configuration alone (agentctl exec / upgrade) ---------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.asuser import readonly
@@ -9,7 +11,8 @@ from agent.context import ContextInputs, build_context, unset_names
 from agent.model import ExecCommand, UnitProperties
 from agent.privileged import transient
 from agent.privileged.dbclient import parse_answer, rows_of
-from agent.probe.runner import ProbeRequest, ProbeResult, unreadable_as_stand_in
+from agent.probe.runner import (ProbeRequest, ProbeResult, environment_url,
+                                 unreadable_as_stand_in)
 from agent.sources.systemd import exec_settings_from_dbus
 
 
@@ -150,6 +153,33 @@ def test_unreadable_file_for_a_unit_without_user_names_file_and_fix() -> None:
     assert "probe_user" in finding.remedy
     with_user = build_context(props(user="www-data"), ContextInputs())
     assert unreadable_as_stand_in(with_user, ProbeRequest(), failed) is failed
+
+
+def test_stand_in_that_cannot_load_the_app_reads_the_environments_database() -> None:
+    ctx = build_context(props(environment=(
+        "FLASK_APP=wsgi.py", "DATABASE_URL=postgresql://app:s3cret@db:5432/app")),
+        ContextInputs())
+    failed = ProbeResult(ok=False, error_kind="app_load", revisions=(
+        {"revision": "r1", "down_revisions": []},), heads=("r1",), error=(
+        "the app could not be loaded: PermissionError: [Errno 13] Permission denied: "
+        "'/srv/app/app/settings.py'"))
+    got = unreadable_as_stand_in(ctx, ProbeRequest(), failed)
+    assert got.urls == {"default": "postgresql://app:s3cret@db:5432/app"}
+    assert got.heads == ("r1",) and got.error_kind == "privileges"
+    assert "DATABASE_URL names" in got.error and "s3cret" not in got.error
+    assert "revisions from the migration files" in got.error
+    # The app's own URL, when it got that far, wins over the environment's.
+    own = replace(failed, urls={"default": "postgresql://other/x"})
+    assert unreadable_as_stand_in(ctx, ProbeRequest(), own).urls == own.urls
+    # A DynamicUser= unit is not a stand-in: it is probed as itself.
+    dyn = build_context(props(dynamic_user=True), ContextInputs())
+    assert unreadable_as_stand_in(dyn, ProbeRequest(), failed) is failed
+
+
+def test_environment_url_takes_only_urls() -> None:
+    assert environment_url({"DATABASE_URL": "x"}) == ("", "")
+    assert environment_url({"SQLALCHEMY_DATABASE_URI": " sqlite:////a.db "}) == (
+        "SQLALCHEMY_DATABASE_URI", "sqlite:////a.db")
 
 
 def test_session_child_speaks_libpq_uris_and_pyformat() -> None:
