@@ -817,7 +817,9 @@ def _stat_files(root: str, want: Callable[[str], bool], limit: int) -> list[str]
                 continue
             path = os.path.join(dirpath, name)
             try:
-                st = os.stat(path)
+                # lstat: root never follows the app user's symlinks (whether the probe runs
+                # again would tell that user when a root-only file changed).
+                st = os.lstat(path)
             except OSError:
                 continue
             out.append(f"{path} {st.st_mtime_ns} {st.st_size}")
