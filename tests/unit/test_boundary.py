@@ -233,3 +233,26 @@ def test_probe_settings_in_the_config() -> None:
                       ("probe_memory_max_mb = true", "whole number")):
         with pytest.raises(ConfigError, match=what):
             parse_config(f"[agent]\n{bad}\n")
+
+
+def test_pgbouncer_console_rows_are_parsed_by_position() -> None:
+    from agent.sources import pooler
+    from agent.sources.connections import ObservedConnection
+
+    clients = pooler.parse_clients([
+        ("C", "app", "app", "active", "127.0.0.1", 40001, "127.0.0.1", 6432),
+        ("C", "admin", "pgbouncer", "active", "127.0.0.1", 40002),
+        ("C", "app", "app_staging", "idle", "unix", None)])
+    assert [(c.database, c.port) for c in clients] == [("app", 40001), ("app_staging", -1)]
+    with pytest.raises(ValueError):
+        pooler.parse_clients([("C", "app")])
+    view = pooler.PoolerView(clients, pooler.parse_databases(
+        [("app", "10.0.0.5", 5432, "app_prod", None), ("x", None, 5432, None)]))
+    assert view.target("app") == "10.0.0.5:5432/app_prod"
+    assert view.target("x") == "localhost:5432/x" and view.target("nope") == ""
+    worker = ObservedConnection(7, "tcp", "127.0.0.1", 40001, "127.0.0.1", 6432)
+    other = ObservedConnection(7, "tcp", "127.0.0.1", 49999, "127.0.0.1", 6432)
+    assert [c.database for _, c in pooler.name_clients([worker, other], view)] == ["app"]
+    assert pooler.refused_by_pgbouncer('... failed: FATAL:  not allowed')
+    assert not pooler.refused_by_pgbouncer('database "pgbouncer" does not exist')
+    assert pooler.url_database("postgresql://u:p@h:6432/app?sslmode=require") == "app"
