@@ -850,9 +850,11 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
                 lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"credential {source} missing")
+    # The app user's files below: lstat, never through that user's symlinks (as in
+    # _stat_files). Credential sources above are root's, read by systemd as root.
     for path in gunicorn_config_files(ctx):  # settings, raw_env, chdir may all live there
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
             lines.append(f"{path} {st.st_mtime_ns} {st.st_size}")
         except OSError:
             lines.append(f"{path} missing")
@@ -867,7 +869,7 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
     for extra in (ctx.venv and os.path.join(ctx.venv, "pyvenv.cfg"), ctx.python, *site):
         if extra:
             try:
-                st = os.stat(extra)
+                st = os.lstat(extra)
                 lines.append(f"{extra} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"{extra} missing")
