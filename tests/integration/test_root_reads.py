@@ -10,6 +10,7 @@ or stat a root-only file before.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import threading
 import time
@@ -41,7 +42,7 @@ def layout() -> Iterator[dict[str, Path]]:
         d.mkdir(parents=True)
     (ws / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     private.chmod(0o700)
-    uid = int(os.popen(f"id -u {APP_USER}").read())
+    uid = pwd.getpwnam(APP_USER).pw_uid
     for d in (app, venv_bin, ws / "venv"):
         os.chown(d, uid, uid)
     yield {"ws": ws, "app": app, "bin": venv_bin, "private": private}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import textwrap
@@ -94,9 +95,8 @@ def test_sslkey_alone_naming_a_root_only_key_gains_nothing(
     # above is the file's permissions, not the setup.
     own = ws / "own.key"
     shutil.copy(key, own)
-    os.chown(own, *(int(x) for x in subprocess.run(
-        ["id", "-u", APP_USER], capture_output=True, text=True).stdout.split()),
-        int(subprocess.run(["id", "-g", APP_USER], capture_output=True, text=True).stdout))
+    entry = pwd.getpwnam(APP_USER)
+    os.chown(own, entry.pw_uid, entry.pw_gid)
     own.chmod(0o600)
     mine = database.inspect(url.replace(str(key), str(own)), timeouts=TIMEOUTS, opener=opener)
     assert mine.reachable, mine.error
