@@ -323,6 +323,40 @@ def serve_mysql(request, fd_out, lines):
         conn.close()
 
 
+# PgBouncer's admin console: the only commands ever sent there (all read-only SHOWs).
+PGBOUNCER_SHOWS = ("SHOW CLIENTS", "SHOW DATABASES")
+
+
+def serve_pgbouncer_admin(request, fd_out, lines):
+    """PgBouncer's admin console (its "pgbouncer" database) with the app's credentials:
+    autocommit (the console knows no transactions, not even BEGIN) and nothing but the
+    fixed SHOW commands above; any other statement is refused here, never sent."""
+    conn = driver_connect(request["url"])
+    if conn is None:
+        raise ImportError("the app's interpreter has neither psycopg2 nor psycopg")
+    try:
+        conn.autocommit = True
+        _write(fd_out, {"ok": True})
+        for line in lines:
+            try:
+                sql, _params = one_statement(line)
+                if " ".join(sql.split()).upper() not in PGBOUNCER_SHOWS:
+                    raise ValueError("only %s on PgBouncer's console" % ", ".join(
+                        PGBOUNCER_SHOWS))
+                cur = conn.cursor()
+                try:
+                    cur.execute(sql)
+                    answer = {"rows": [[_plain(v) for v in row]
+                                       for row in cur.fetchmany(MAX_ROWS)]}
+                finally:
+                    cur.close()
+            except Exception as exc:
+                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+            _write(fd_out, answer)
+    finally:
+        conn.close()
+
+
 def _mysql_errno(exc):
     """MySQL's error number ('1205' lock wait timeout, '1969'/'3024' statement time)."""
     args = getattr(exc, "args", ())
@@ -336,6 +370,12 @@ def serve(request, fd_in, fd_out, lines=None):
     interpreter has neither psycopg2 nor psycopg.
     """
     lines = lines if lines is not None else _lines(fd_in)
+    if request.get("mode") == "pgbouncer_admin":
+        try:
+            serve_pgbouncer_admin(request, fd_out, lines)
+        except Exception as exc:
+            _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
+        return
     backend = str(request.get("url", "")).split("://", 1)[0].split("+", 1)[0]
     if backend == "sqlite":
         serve_sqlite(request, fd_out, lines)

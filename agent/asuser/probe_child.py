@@ -572,6 +572,38 @@ def read_revisions(config, report):
         report["heads"] = []
 
 
+def revisions_without_app(report):
+    """A stand-in user (unit without User=) could not load the app: the revision graph from
+    the migration files alone, where Flask-Migrate (./migrations) or Alembic (./alembic.ini)
+    keeps them by default, read as that same user; nothing of the app is imported."""
+    from alembic.config import Config
+    try:
+        if os.path.isfile(os.path.join("migrations", "env.py")):
+            directory = os.path.abspath("migrations")
+            config = Config(os.path.join(directory, "alembic.ini"))
+            config.set_main_option("script_location", directory)
+        elif os.path.isfile("alembic.ini"):
+            config = Config(os.path.abspath("alembic.ini"))
+            directory = os.path.abspath(config.get_main_option("script_location")
+                                        or "migrations")
+        else:
+            report["revisions_error"] = "no migrations directory found without loading " \
+                "the app (looked for ./migrations/env.py and ./alembic.ini in " + \
+                os.getcwd() + ")"
+            return
+        report["migrations_dir"] = directory
+        # Alembic lists an unreadable versions directory as empty (no revisions, no error).
+        versions_dir = os.path.join(directory, "versions")
+        if os.path.isdir(versions_dir):
+            os.listdir(versions_dir)
+        read_revisions(config, report)
+        report["revisions_source"] = "files"
+    except BaseException as exc:
+        report["revisions"], report["heads"] = [], []
+        report["revisions_error"] = "the migration scripts could not be read without the " \
+            "app: " + one_line(exc)
+
+
 def _scripts(script_dir):
     """Every revision script, duplicates and cycles included: Alembic's walk keeps one of two
     scripts with the same id (or fails with an unrelated message) and refuses a cycle, which
@@ -871,6 +903,8 @@ def probe(request, report, gunicorn_app=None):
     except BaseException as exc:  # SystemExit at import too: the app never loaded
         report["error_kind"] = "app_load"
         report["error"] = "the app could not be loaded: " + one_line(exc) + where(exc, roots)
+        if request.get("revisions_without_app") and request.get("include_revisions", True):
+            revisions_without_app(report)
         return
     if not _is_flask(app):
         probe_plain_alembic(request, report)

@@ -208,21 +208,23 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def session_env(ctx: AppContext, identity: Any, settings: SessionSettings, url: str,
-                ) -> dict[str, str]:
+                mode: str = "") -> dict[str, str]:
     """The unit's environment plus the session request (and a connect timeout default)."""
     env = build_unit_env(ctx, identity, gunicorn_env=False)
     env.setdefault("PGCONNECT_TIMEOUT", str(int(settings.timeouts.connect_s)))
     env.setdefault("PGAPPNAME", APPLICATION_NAME)
     env[DB_REQUEST_ENV] = json.dumps({"url": url, "guard": settings.guard(),
-                                      "allow_root": settings.allow_root})
+                                      "allow_root": settings.allow_root, "mode": mode})
     return env
 
 
 @contextmanager
 def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
-                 allow_root: bool = False, probe_user: str = "",
+                 allow_root: bool = False, probe_user: str = "", mode: str = "",
                  ) -> Iterator[RemoteConnection]:
     """The agent's read-only session on url, held as the unit's user (DatabaseProblem).
+
+    mode "pgbouncer_admin": PgBouncer's admin console instead, fixed SHOW commands only.
 
     Where systemd runs the machine, the child is a transient unit with the app unit's own
     execution settings (units without User= get a dynamic user, or probe_user); elsewhere
@@ -233,13 +235,13 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
                                allow_root=allow_root, probe_user=probe_user)
     secrets = secret_values(ctx.environment, [url])
     if transient.available(ctx.exec_settings):
-        with _transient_session(ctx, url, settings, secrets, label) as conn:
+        with _transient_session(ctx, url, settings, secrets, label, mode) as conn:
             yield conn
         return
     try:
         identity = unit_identity(ctx, probe_user)
         drop = privilege_plan(identity, os.geteuid(), allow_root)
-        env = session_env(ctx, identity, settings, url)
+        env = session_env(ctx, identity, settings, url, mode)
         python = interpreter(ctx, env)
     except ProbeSetupError as exc:
         raise DatabaseProblem(f"database {label}: no session as the unit's user: "
@@ -277,7 +279,8 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
 
 @contextmanager
 def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
-                       secrets: list[str], label: str) -> Iterator[RemoteConnection]:
+                       secrets: list[str], label: str, mode: str = "",
+                       ) -> Iterator[RemoteConnection]:
     """The session child as a transient unit with the app unit's execution settings
     (credentials, DynamicUser=, sandboxing as for the app); stdin/stdout are root's pipes."""
     try:
@@ -292,7 +295,8 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
         ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}",
         extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
         limits=limits, probe_user=settings.probe_user)
-    request = json.dumps({"url": url, "guard": settings.guard(), "allow_root": False})
+    request = json.dumps({"url": url, "guard": settings.guard(), "allow_root": False,
+                          "mode": mode})
     bus = SystemdSource()
     fds: list[int] = []
     unit = None

@@ -53,7 +53,10 @@ def gather_inputs(props: UnitProperties) -> ContextInputs:
         env_files[path] = read.data
         if read.error and not read.missing:
             errors[path] = read.error
-    shebangs = {script: files.shebang_interpreter(script) for script in scripts}
+    # '#!' lines are read as the unit's user (systemd execs the script as that user).
+    reader = files.reader_for(props.user, props.group, props.supplementary_groups,
+                              props.dynamic_user)
+    shebangs = {script: files.shebang_interpreter(script, reader) for script in scripts}
     for interpreter in shebangs.values():
         if interpreter.startswith("/"):
             venv_candidates.append(posixpath.dirname(posixpath.dirname(interpreter)))

@@ -30,7 +30,7 @@ from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
 from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.privileged.sources import connections, database, files, mysql, sqlite
+from agent.privileged.sources import connections, database, files, mysql, pooler, sqlite
 from agent.privileged.journal_cursors import CursorFile
 from agent.privileged.sources.journal import ErrorWindow, JournalReader
 from agent.privileged.sources.systemd import SystemdSource
@@ -464,6 +464,12 @@ class Inspector:
             state = migration_checks.evaluate(unit, current, graph, table,
                                               graph_error=probe.revisions_error) \
                 if (graph or current) and readable else None
+            if probe.revisions_error and not graph and readable and version.exists:
+                # The scripts are unreadable (e.g. to a stand-in user), the version table is
+                # not: its revision is still worth saying, heads and pending are not known.
+                fields["notes"] = (*fields.get("notes", ()), (
+                    f"current revision in {table}: {', '.join(version.revisions) or '(none)'}"
+                    f"; heads and pending unknown: {probe.revisions_error}"))
             if not readable:
                 heads = migration_checks.heads_of(graph)
                 fields["migrations"] = MigrationState(
@@ -608,13 +614,21 @@ class Inspector:
             if rest:  # hidden client addresses, unix sockets: ask who holds the other end
                 named += connections.name_connections(rest, inspection.sessions,
                                                       connections.backend_pids(rest))
+            configured = inspection.identity.database
+            server = inspection.label.rsplit("/", 1)[0]
+            by_pooler = None if named else self._through_pooler(url, report, inspection,
+                                                                conns, fields)
+            if by_pooler is not None:
+                # PgBouncer's own names: the database names clients ask it for.
+                named, configured, server, suffix = by_pooler
             if not named:
                 return
-            configured = inspection.identity.database
             counts = Counter(n.database for n in named)
             users = {n.database: n.user for n in named}
             described = ", ".join(f"{db} as {users[db] or '?'} ({n})"
                                   for db, n in counts.most_common())
+            if by_pooler is not None:
+                described += suffix
             fields["database_connections"] = (fields.get("database_connections", "")
                                               + f"; by name: {described}").lstrip("; ")
             others = [db for db in counts if db != configured]
@@ -635,11 +649,69 @@ class Inspector:
             if now.error and now.state is None:
                 res["error"] = now.error
             fields["database_mismatch"] = True
-            server = inspection.label.rsplit("/", 1)[0]
             findings[:] = [f for f in findings if f.check != "database_mismatch"]
             findings += mismatch_findings(
                 unit, server, now, restart, counts[now_db], env.qualified_version_table,
                 [db for db in counts if db not in (now_db, configured)])
+
+    def _through_pooler(self, url: str, report: UnitReport,
+                        inspection: database.DatabaseInspection,
+                        conns: list[connections.ObservedConnection], fields: dict[str, Any],
+                        ) -> tuple[list[connections.WorkerSession], str, str, str] | None:
+        """The workers reach the server through PgBouncer (the server names none of their
+        connections): PgBouncer's own view of them from its admin console, as the unit's user
+        with the app's credentials; else an honest "through PgBouncer, per its URL".
+
+        Returns (named sessions, the database the URL asks PgBouncer for, a label for
+        PgBouncer, a suffix for the description), or None when no pooler is seen."""
+        tcp = [c for c in conns if c.kind == "tcp"]
+        if not tcp:
+            return None
+        addr, port = tcp[0].remote_addr, tcp[0].remote_port
+        program = pooler.listener_name(addr, port)
+        _host, url_port = database.url_host_port(url)
+        moved = bool(inspection.identity.server_port) and inspection.identity.server_port != \
+            url_port  # the session landed on another port than the URL names: a proxy
+        if not program.startswith("pgbouncer") and not moved:
+            return None
+        where = f"{addr}:{port}"
+        asked = pooler.url_database(url)
+        try:
+            timeouts = database.Timeouts(connect_s=max(1, int(self.settings.db_timeout_seconds)))
+            with user_session(report.context, database.with_database(url, pooler.ADMIN_DATABASE),
+                              timeouts, probe_user=self.settings.probe_user,
+                              mode="pgbouncer_admin") as conn:
+                view = pooler.read_console(conn)
+        except database.DatabaseProblem as exc:
+            view = pooler.PoolerView(error=str(exc))
+        named = [connections.WorkerSession(conn, 0, client.database, client.user,
+                                           "PgBouncer console")
+                 for conn, client in pooler.name_clients(tcp, view)]
+        what = "PgBouncer" if program.startswith("pgbouncer") or not view.error or \
+            pooler.refused_by_pgbouncer(view.error) else "a pooler or proxy"
+        if not named:
+            reason = view.error or "its console lists none of the workers' connections"
+            # The URL the running processes were started with says more than the unit's
+            # current one (which a restart would use), when they differ.
+            started = sorted({pooler.url_database(v) for p in report.processes
+                              for v in (p.environ or {}).values()
+                              if "://" in v and v.split("://", 1)[0].startswith("postgres")
+                              and _same_endpoint(v, port)} - {""})
+            per = f"database {asked} per the unit's URL" if started in ([], [asked]) else (
+                f"database {', '.join(started)} per the URL the running workers were started "
+                f"with (the unit's environment now names {asked})")
+            fields["database_connections"] = (
+                fields.get("database_connections", "") +
+                f"; through {what} at {where}: {per} (the workers' own database not "
+                f"confirmed: {reason})").lstrip("; ")
+            fields["notes"] = (*fields.get("notes", ()), (
+                f"the workers connect through {what} at {where}; which database they use "
+                f"is named by PgBouncer's console when the app's role is in its stats_users "
+                f"(or admin_users): {reason}"))
+            return None
+        targets = sorted({f"{n.database} -> {view.target(n.database) or '?'}" for n in named})
+        return named, asked, f"PgBouncer at {where}", \
+            f" through PgBouncer at {where} ({', '.join(targets)})"
 
     def _database_side(self, unit: str, name: str, user: str, url: str, report: UnitReport,
                        env: AlembicEnv, graph: list[migration_checks.Revision],
@@ -852,6 +924,14 @@ def _env_database_ports(report: UnitReport) -> set[int]:
                 except Exception:  # a malformed URL in the environment is not our problem
                     continue
     return ports
+
+
+def _same_endpoint(url: str, port: int) -> bool:
+    """A URL naming the given port (the pooler's), malformed URLs never."""
+    try:
+        return database.url_host_port(url)[1] == port
+    except Exception:  # a malformed URL in the environment is not our problem
+        return False
 
 
 def make_inspector(config: Any) -> Inspector:

@@ -327,6 +327,8 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "compare_schema": request.compare_schema,
             "include_revisions": request.include_revisions,
             "allow_root": request.allow_root, "resolve_only": False,
+            # A stand-in user that cannot load the app still reads the migration files.
+            "revisions_without_app": stands_in(ctx),
             "guard": guard_settings(request)}
 
 
@@ -678,6 +680,24 @@ def run_probe(ctx: AppContext, request: ProbeRequest, timeout: float) -> ProbeRe
     return unreadable_as_stand_in(ctx, request, result)
 
 
+# Where a Flask app usually takes its URL from (the app itself could not say).
+URL_VARIABLES = ("DATABASE_URL", "SQLALCHEMY_DATABASE_URI")
+
+
+def stands_in(ctx: AppContext) -> bool:
+    """Pure: the unit has no User= (it runs as root), so per-unit work runs as a stand-in."""
+    return not ctx.user and not ctx.dynamic_user
+
+
+def environment_url(env: Mapping[str, str]) -> tuple[str, str]:
+    """Pure: (variable, URL) of the first database URL the unit's environment names."""
+    for name in URL_VARIABLES:
+        value = env.get(name, "").strip()
+        if "://" in value:
+            return name, value
+    return "", ""
+
+
 _DENIED = re.compile(r"Permission denied: '([^']+)'|cannot enter the working directory (\S+):")
 
 
@@ -685,7 +705,7 @@ def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: Probe
                            ) -> ProbeResult:
     """Pure: a unit without User= is probed as a stand-in user (a dynamic user, or
     probe_user); when that user cannot read a file the app needs, say which and the fix."""
-    if ctx.user or result.ok or ctx.dynamic_user:
+    if not stands_in(ctx) or result.ok:
         return result
     found = _DENIED.search(result.error) or _DENIED.search(result.output_tail)
     if not found:
@@ -693,9 +713,21 @@ def unreadable_as_stand_in(ctx: AppContext, request: ProbeRequest, result: Probe
     path = found.group(1) or found.group(2)
     who = f"probe_user {request.probe_user}" if request.probe_user else \
         "a dynamic user (DynamicUser=yes)"
-    return replace(result, error_kind="privileges", error=(
-        f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as root "
-        f"and ran as {who}, which cannot read {path}"))
+    error = (f"{ctx.unit} has no User= (it runs as root); the probe never loads app code as "
+             f"root and ran as {who}, which cannot read {path}")
+    urls = dict(result.urls)
+    if not urls:
+        # The revision state is still one query away: the database the unit's environment
+        # names, read by the agent's session as the same stand-in user (never as root).
+        name, url = environment_url(ctx.environment)
+        if url:
+            urls = {"default": url}
+            error += f"; revision state read from the database {name} names"
+    if result.revisions:
+        error += ", revisions from the migration files"
+    elif result.revisions_error:
+        error += f" ({result.revisions_error})"
+    return replace(result, error_kind="privileges", error=error, urls=urls)
 
 
 # -- gunicorn's configuration alone (agentctl exec / upgrade) ---------------------------------
@@ -787,7 +819,9 @@ def _stat_files(root: str, want: Callable[[str], bool], limit: int) -> list[str]
                 continue
             path = os.path.join(dirpath, name)
             try:
-                st = os.stat(path)
+                # lstat: root never follows the app user's symlinks (whether the probe runs
+                # again would tell that user when a root-only file changed).
+                st = os.lstat(path)
             except OSError:
                 continue
             out.append(f"{path} {st.st_mtime_ns} {st.st_size}")
@@ -818,10 +852,12 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
                 lines.append(f"credential {source} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"credential {source} missing")
+    # The app user's files below: lstat, never through that user's symlinks (as in
+    # _stat_files). Credential sources above are root's, read by systemd as root.
     # gunicorn's config files (settings, raw_env, chdir) and uvicorn's --env-file
     for path in [*gunicorn_config_files(ctx), *filter(None, [ctx.launch.env_file])]:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
             lines.append(f"{path} {st.st_mtime_ns} {st.st_size}")
         except OSError:
             lines.append(f"{path} missing")
@@ -836,7 +872,7 @@ def fingerprint(ctx: AppContext, migrations_dir: str = "", max_files: int = 2000
     for extra in (ctx.venv and os.path.join(ctx.venv, "pyvenv.cfg"), ctx.python, *site):
         if extra:
             try:
-                st = os.stat(extra)
+                st = os.lstat(extra)
                 lines.append(f"{extra} {st.st_mtime_ns} {st.st_size}")
             except OSError:
                 lines.append(f"{extra} missing")

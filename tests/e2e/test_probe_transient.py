@@ -213,3 +213,52 @@ def test_unit_without_user_unreadable_file_is_one_finding_naming_it(
     unit = json.loads(proc.stdout)["units"][0]
     assert unit["migrations"]["current"] == ["r3"], unit["findings"]
     assert not [f for f in unit["findings"] if f["check"] == "probe_privileges"]
+
+
+def test_unit_without_user_unloadable_app_still_gets_its_revision_state(
+        site: SiteFactory, make_app: Callable[..., AppDir], pg_database: PgDatabase) -> None:
+    """The stand-in cannot import the app, but it can read the migration files and the
+    database the unit's environment names: current, heads and pending are still reported,
+    beside the one finding naming the unreadable file and the fix."""
+    app = make_app(AppSpec(on_import="from . import settings_local\n",
+                           extra_files={"app/settings_local.py": "LOCAL = 1\n"}))
+    private = app.root / "app" / "settings_local.py"
+    private.chmod(0o600)  # root only: gunicorn (root) reads it, no stand-in can
+    s = site(app=app, user=None, group=None, upgrade_to="r2")
+    code, unit = s.check()
+    naming = [f for f in unit["findings"] if str(private) in f["message"]]
+    assert len(naming) == 1 and naming[0]["check"] == "probe_privileges", unit["findings"]
+    assert unit["migrations"] is not None, (unit["findings"], unit["checks"])
+    assert unit["migrations"]["current"] == ["r2"]
+    assert unit["migrations"]["heads"] == ["r3"]
+    assert unit["migrations"]["pending"] == ["r3"]
+    assert "probe_user" in naming[0]["remedy"]
+    assert "DATABASE_URL" in naming[0]["message"]
+    assert finding(unit, "pending_migrations") is not None
+    assert finding(unit, "app_load_failed") is None
+    assert unit["database"].endswith("/" + pg_database.name)
+    assert unit["app_loaded"] is False
+    assert pg_database.password not in json.dumps(unit)
+
+
+def test_unit_without_user_unreadable_migrations_still_gets_its_current_revision(
+        site: SiteFactory, make_app: Callable[..., AppDir]) -> None:
+    """Neither the app nor its migration files are readable by the stand-in: the current
+    revision still comes from the version table; heads and pending are said to be unknown,
+    not taken for "nothing pending"."""
+    app = make_app(AppSpec(on_import="from . import settings_local\n",
+                           extra_files={"app/settings_local.py": "LOCAL = 1\n"}))
+    private = app.root / "app" / "settings_local.py"
+    private.chmod(0o600)
+    app.versions.chmod(0o700)  # root only
+    s = site(app=app, user=None, group=None, upgrade_to="r2")
+    code, unit = s.check()
+    naming = [f for f in unit["findings"] if str(private) in f["message"]]
+    assert len(naming) == 1 and naming[0]["check"] == "probe_privileges", unit["findings"]
+    assert [f["check"] for f in unit["findings"]
+            if f["check"] in ("app_load_failed", "migration_scripts_broken")] == []
+    assert str(app.versions) in naming[0]["message"]
+    notes = " ".join(unit.get("notes") or [])
+    assert "current revision in alembic_version: r2" in notes, (notes, unit["checks"])
+    assert "heads and pending unknown" in notes
+    assert code != 0

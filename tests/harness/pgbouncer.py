@@ -50,6 +50,8 @@ class PgBouncer:
     cluster: PostgresCluster
     users: dict[str, str] = field(default_factory=dict)
     pool_mode: str = "transaction"
+    # Roles allowed on the admin console's SHOW commands (the "pgbouncer" database).
+    stats_users: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0
     base_dir: Path | None = None
@@ -82,7 +84,8 @@ class PgBouncer:
             "default_pool_size = 1\nmax_client_conn = 50\n"
             f"logfile = {self.base_dir}/pgbouncer.log\n"
             "server_reset_query =\n"
-            "ignore_startup_parameters = extra_float_digits\n")
+            "ignore_startup_parameters = extra_float_digits\n"
+            + (f"stats_users = {', '.join(self.stats_users)}\n" if self.stats_users else ""))
         argv = [PGBOUNCER, str(self.base_dir / "pgbouncer.ini")]
         if os.geteuid() == 0:
             user = pwd.getpwnam(PG_OS_USER)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.asuser import readonly
@@ -9,7 +11,8 @@ from agent.context import ContextInputs, build_context, unset_names
 from agent.model import ExecCommand, UnitProperties
 from agent.privileged import transient
 from agent.privileged.dbclient import parse_answer, rows_of
-from agent.privileged.probe_runner import ProbeRequest, ProbeResult, unreadable_as_stand_in
+from agent.privileged.probe_runner import (ProbeRequest, ProbeResult, environment_url,
+                                 unreadable_as_stand_in)
 from agent.privileged.sources.systemd import exec_settings_from_dbus
 
 
@@ -152,6 +155,33 @@ def test_unreadable_file_for_a_unit_without_user_names_file_and_fix() -> None:
     assert unreadable_as_stand_in(with_user, ProbeRequest(), failed) is failed
 
 
+def test_stand_in_that_cannot_load_the_app_reads_the_environments_database() -> None:
+    ctx = build_context(props(environment=(
+        "FLASK_APP=wsgi.py", "DATABASE_URL=postgresql://app:s3cret@db:5432/app")),
+        ContextInputs())
+    failed = ProbeResult(ok=False, error_kind="app_load", revisions=(
+        {"revision": "r1", "down_revisions": []},), heads=("r1",), error=(
+        "the app could not be loaded: PermissionError: [Errno 13] Permission denied: "
+        "'/srv/app/app/settings.py'"))
+    got = unreadable_as_stand_in(ctx, ProbeRequest(), failed)
+    assert got.urls == {"default": "postgresql://app:s3cret@db:5432/app"}
+    assert got.heads == ("r1",) and got.error_kind == "privileges"
+    assert "DATABASE_URL names" in got.error and "s3cret" not in got.error
+    assert "revisions from the migration files" in got.error
+    # The app's own URL, when it got that far, wins over the environment's.
+    own = replace(failed, urls={"default": "postgresql://other/x"})
+    assert unreadable_as_stand_in(ctx, ProbeRequest(), own).urls == own.urls
+    # A DynamicUser= unit is not a stand-in: it is probed as itself.
+    dyn = build_context(props(dynamic_user=True), ContextInputs())
+    assert unreadable_as_stand_in(dyn, ProbeRequest(), failed) is failed
+
+
+def test_environment_url_takes_only_urls() -> None:
+    assert environment_url({"DATABASE_URL": "x"}) == ("", "")
+    assert environment_url({"SQLALCHEMY_DATABASE_URI": " sqlite:////a.db "}) == (
+        "SQLALCHEMY_DATABASE_URI", "sqlite:////a.db")
+
+
 def test_session_child_speaks_libpq_uris_and_pyformat() -> None:
     from agent.asuser import dbsession
 
@@ -203,3 +233,26 @@ def test_probe_settings_in_the_config() -> None:
                       ("probe_memory_max_mb = true", "whole number")):
         with pytest.raises(ConfigError, match=what):
             parse_config(f"[agent]\n{bad}\n")
+
+
+def test_pgbouncer_console_rows_are_parsed_by_position() -> None:
+    from agent.privileged.sources import pooler
+    from agent.privileged.sources.connections import ObservedConnection
+
+    clients = pooler.parse_clients([
+        ("C", "app", "app", "active", "127.0.0.1", 40001, "127.0.0.1", 6432),
+        ("C", "admin", "pgbouncer", "active", "127.0.0.1", 40002),
+        ("C", "app", "app_staging", "idle", "unix", None)])
+    assert [(c.database, c.port) for c in clients] == [("app", 40001), ("app_staging", -1)]
+    with pytest.raises(ValueError):
+        pooler.parse_clients([("C", "app")])
+    view = pooler.PoolerView(clients, pooler.parse_databases(
+        [("app", "10.0.0.5", 5432, "app_prod", None), ("x", None, 5432, None)]))
+    assert view.target("app") == "10.0.0.5:5432/app_prod"
+    assert view.target("x") == "localhost:5432/x" and view.target("nope") == ""
+    worker = ObservedConnection(7, "tcp", "127.0.0.1", 40001, "127.0.0.1", 6432)
+    other = ObservedConnection(7, "tcp", "127.0.0.1", 49999, "127.0.0.1", 6432)
+    assert [c.database for _, c in pooler.name_clients([worker, other], view)] == ["app"]
+    assert pooler.refused_by_pgbouncer('... failed: FATAL:  not allowed')
+    assert not pooler.refused_by_pgbouncer('database "pgbouncer" does not exist')
+    assert pooler.url_database("postgresql://u:p@h:6432/app?sslmode=require") == "app"
