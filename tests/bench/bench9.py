@@ -526,6 +526,7 @@ def inspection_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) ->
             r1.ratios.append((cmd + pg_cmd) / single)
             cpu, pg_all, answer = inside.inspect(rig.units, max(1, k // 3), rig.pg)
             many = med(cpu) + pg_all
+            r2.anchor_values.append(single * 1000)
             r2.ours_values.append(many * 1000)
             r2.ratios.append(many / single)
             sockets = IdleSockets(args.sockets // 2)
