@@ -311,6 +311,9 @@ class DriftwatchCollector(Collector):
         self._get_snapshot = get_snapshot
         self._stats = stats
         self._version = version
+        # The families of the last snapshot: an unchanged snapshot hands out the same
+        # objects, so the exposition reuses their rendered text (agent/daemon/exposition.py).
+        self._last: tuple[Snapshot | None, list[Metric]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         """Nothing: registering must never trigger an inspection."""
@@ -323,7 +326,10 @@ class DriftwatchCollector(Collector):
         build.add_metric([self._version, platform.python_version()], 1.0)
         yield build
         snapshot = self._get_snapshot()
-        yield from snapshot_families(snapshot)
+        last = self._last
+        if last is None or last[0] is not snapshot:
+            last = self._last = (snapshot, snapshot_families(snapshot))
+        yield from last[1]
         stats = self._stats()
         for spec, value in ((INSPECTIONS, stats.inspections_total),
                             (INSPECTION_FAILURES, stats.failures_total)):

@@ -28,6 +28,7 @@ from prometheus_client.registry import CollectorRegistry
 from agent import __version__
 from agent.config import TLSConfig, parse_listen_address
 from agent.errors import ConfigError, DriftwatchError
+from agent.daemon.exposition import GZIP_MIN_BYTES, ExpositionCache, zlib_gzip
 from agent.daemon.redact import redact_status
 from agent.secrets import MASK, is_secret_name, mask_url
 from agent.daemon.webconfig import BasicAuth, WebConfig, WebTLS, make_ssl_context, peer_san_allowed
@@ -183,13 +184,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _metrics(self, query: dict[str, list[str]]) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept"))
-        body = encoder(self.server.registry)
-        extra = []
-        if gzip_accepted(self.headers.get("Accept-Encoding")):
-            import gzip
-            body = gzip.compress(body)
-            extra.append(("Content-Encoding", "gzip"))
-        self._send(200, body, content_type, extra)
+        body = self.server.exposition.render(self.server.registry, encoder, content_type)
+        self._send_maybe_compressed(200, body, content_type)
+
+    def _send_maybe_compressed(self, code: int, body: bytes, content_type: str) -> None:
+        """gzip only where it pays: a body that would not fill one TCP segment gains nothing
+        but CPU; level 1 gets most of the size at a fraction of level 9's cost."""
+        if len(body) >= GZIP_MIN_BYTES and gzip_accepted(self.headers.get("Accept-Encoding")):
+            self._send(code, zlib_gzip(body), content_type, [("Content-Encoding", "gzip")])
+        else:
+            self._send(code, body, content_type)
 
     def _healthz(self, query: dict[str, list[str]]) -> None:
         ok, reason = self.server.health()
@@ -203,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.detailed:
             data = redact_status(data)
         body = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
-        self._send(code, body, "application/json")
+        self._send_maybe_compressed(code, body, "application/json")
 
     def _landing(self, query: dict[str, list[str]]) -> None:
         body = LANDING.format(version=html.escape(__version__)).encode()
@@ -357,6 +361,7 @@ class _ServerBase(socketserver.ThreadingMixIn):
                      health: HealthSource, web: WebConfig, max_connections: int,
                      request_timeout_seconds: float) -> None:
         self.registry = registry
+        self.exposition = ExpositionCache()
         self.status = status
         self.health = health
         self.request_timeout_seconds = request_timeout_seconds

@@ -1,4 +1,5 @@
-"""agent.daemon.server over real HTTP on 127.0.0.1: /metrics, gzip, /status, /healthz, 404, TLS."""
+"""agent.daemon.server over real HTTP on 127.0.0.1: /metrics, gzip, /status, /healthz, 404, TLS, and
+the write path (one write per response, TCP_NODELAY, gzip only where it pays)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import http.client
 import json
 import shutil
 import socket
+import socketserver
 import ssl
 import statistics
 import subprocess
@@ -16,13 +18,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import Config, TLSConfig
 from agent.daemon.main import Daemon
-from agent.daemon.server import AgentHTTPServer, ListenError
+from agent.daemon.exposition import GZIP_MIN_BYTES
+from agent.daemon.server import AgentHTTPServer, ListenError, _Handler
 from agent.snapshot import Snapshot
 from tests.unit.test_metrics import SECRET, broken_unit, unknown_unit
 from tests.conftest import skip_or_fail
@@ -235,3 +240,77 @@ def test_tls_bad_cert_is_a_clear_error(tmp_path: Path) -> None:
     tls = TLSConfig(str(tmp_path / "missing.crt"), str(tmp_path / "missing.key"))
     with pytest.raises(ListenError, match="TLS setup failed"):
         AgentHTTPServer("127.0.0.1:0", None, None, None, tls)  # type: ignore[arg-type]
+
+
+# -- the write path: no keep-alive stall, compression only where it pays ----------------------
+def test_reused_connection_one_write_per_response_and_nodelay(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each response leaves in one socket write on a TCP_NODELAY socket: neither Nagle nor the
+    peer's delayed ACK can hold the next request of a keep-alive connection (~40 ms each)."""
+    writes: list[tuple[int, int]] = []          # (fileno, bytes) of each server-side write
+    nodelay: list[int] = []
+    real_write = socketserver._SocketWriter.write    # type: ignore[attr-defined]
+    real_setup = _Handler.setup
+
+    def counting_write(self: Any, data: bytes) -> int:
+        writes.append((self._sock.fileno(), len(data)))
+        return real_write(self, data)
+
+    def recording_setup(self: _Handler) -> None:
+        real_setup(self)
+        nodelay.append(self.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(socketserver._SocketWriter, "write", counting_write)  # type: ignore[attr-defined]
+    monkeypatch.setattr(_Handler, "setup", recording_setup)
+    get(daemon, "/metrics")                       # the inspection, outside the timing
+    writes.clear()
+    nodelay.clear()
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.server.port, timeout=10)
+    samples = []
+    try:
+        for i in range(20):
+            path = "/metrics" if i % 2 == 0 else "/status"
+            start = time.perf_counter()
+            conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+            resp = conn.getresponse()
+            resp.read()
+            samples.append(time.perf_counter() - start)
+            assert resp.status == 200 and not resp.will_close
+    finally:
+        conn.close()
+    assert len(nodelay) == 1 and nodelay[0] != 0          # one connection, NODELAY on it
+    assert len(writes) == 20 and len({fd for fd, _ in writes}) == 1
+    p50 = statistics.median(samples)
+    print(f"\n20 requests on one reused connection: 20 writes, p50 {p50 * 1000:.2f} ms "
+          f"(a Nagle + delayed-ACK stall is ~40 ms)")
+    assert p50 < 0.02
+
+
+def test_gzip_only_where_it_pays(daemon: Daemon) -> None:
+    gz = {"Accept-Encoding": "gzip"}
+    status, headers, body = get(daemon, "/metrics", gz)
+    assert len(gzip.decompress(body)) >= GZIP_MIN_BYTES and headers["content-encoding"] == "gzip"
+    status, headers, body = get(daemon, "/status", gz)
+    assert headers["content-encoding"] == "gzip" and json.loads(gzip.decompress(body))["units"]
+    status, headers, body = get(daemon, "/status?unit=nope.service", gz)   # a short 404
+    assert status == 404 and len(body) < GZIP_MIN_BYTES
+    assert "content-encoding" not in headers and json.loads(body)["error"]
+    status, headers, body = get(daemon, "/healthz", gz)
+    assert "content-encoding" not in headers and body == b"ok\n"
+
+
+def test_unchanged_snapshot_reuses_rendered_families(daemon: Daemon) -> None:
+    """A second scrape of the same snapshot renders only the per-scrape families, and its body
+    equals the full render but for the scrape duration."""
+    first = get(daemon, "/metrics")[2]
+    cache = daemon.server.exposition
+    rendered = cache.rendered
+    second = get(daemon, "/metrics")[2]
+    assert cache.rendered - rendered <= 5 and cache.reused > 0
+    assert _without_duration(first) == _without_duration(second)
+    assert _without_duration(second) == _without_duration(generate_latest(daemon.registry))
+
+
+def _without_duration(body: bytes) -> bytes:
+    return b"\n".join(line for line in body.splitlines()
+                      if not line.startswith(b"driftwatch_scrape_collection_duration"))
