@@ -91,6 +91,9 @@ def offline_sql_for(config, down, revision, seen):
         opts = getattr(context, "opts", {}) or {}
         seen["transaction_per_migration"] = bool(opts.get("transaction_per_migration")) or \
             seen.get("transaction_per_migration", False)
+        url = kwargs.get("url")
+        if url is not None and not seen.get("url"):   # the URL env.py's offline branch names
+            seen["url"] = url
         return context
     MigrationContext.configure = classmethod(configure)
     try:
@@ -127,10 +130,6 @@ def offline_report(request, report, gunicorn_app, ns):
         config, configure_args = ns["migrations_config"](app, report)
         if config is None:
             raise ns["ProbeError"]("migrations", "no migrations directory or alembic.ini found")
-        if not report["urls"]:
-            url = config.get_main_option("sqlalchemy.url") or ""
-            if url:
-                report["urls"] = {"default": ns["absolute_sqlite"](url)}
         from alembic.script import ScriptDirectory
         script_dir = ScriptDirectory.from_config(config)
         steps = offline_pending_steps(script_dir, request.get("current") or [],
@@ -149,3 +148,8 @@ def offline_report(request, report, gunicorn_app, ns):
                 entry["ops"] = offline_ops(path)
             steps_out.append(entry)
         report["transaction_per_migration"] = seen["transaction_per_migration"]
+        if not report["urls"]:   # a plain Alembic app: the database is env.py's choice
+            url = seen.get("url") or config.get_main_option("sqlalchemy.url") or ""
+            url = url if isinstance(url, str) else ns["render_url"](url)
+            if url:
+                report["urls"] = {"default": ns["absolute_sqlite"](url)}
