@@ -157,4 +157,27 @@ def deploy_app_and_agent(sb: Sandbox, *, app: Path | Any, venv: Path, env: dict[
     gunicorn_pids(sb, app_unit)
     sb.systemctl("start", AGENT_UNIT)  # Type=notify: returns once the agent said READY=1
     sb.wait_active(AGENT_UNIT)
+    wait_first_snapshot(agent_port, app_unit)
     return app_port, agent_port
+
+
+def wait_first_snapshot(agent_port: int, unit: str, timeout: float = 120.0) -> None:
+    """Scrape until /metrics carries the unit's first snapshot. A scrape waits at most
+    scrape_wait_seconds for an inspection, and a first inspection (probe, preflight) can take
+    longer on a loaded machine: tests start from a snapshot instead of racing the first one."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{agent_port}/metrics"
+    marker = f'driftwatch_unit_up{{unit="{unit}"}}'
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                body = resp.read().decode()
+        except OSError:
+            body = ""
+        if marker in body:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no snapshot of {unit} on {url} within {timeout:g}s:\n{body[-2000:]}")
