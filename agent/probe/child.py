@@ -685,6 +685,11 @@ def check_like_alembic(config, heads, runs, found_urls=None):
             raise EnvPyError(
                 "env.py does not provide a MetaData object (target_metadata) to "
                 "context.configure: autogenerate and `flask db check` cannot compare")
+        # agent/probe/bulk.py (bundled after this file): one catalog query instead of one
+        # per table; absent from bundles that never compare (agentctl plan's).
+        bulk = globals().get("install_bulk_reflection")
+        if bulk is not None:
+            bulk(context)
         script = produce_migrations(context, metadata)
         directives = [script]
         hook = context.opts.get("process_revision_directives")

@@ -32,6 +32,8 @@ from agent.sources.systemd import SystemdSource
 
 PROTOCOL = 1
 CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
+# Bundled after child.py: bulk catalog reads for the comparison (agent/probe/bulk.py).
+BULK_SOURCE_PATH = Path(__file__).with_name("bulk.py")
 # systemd's default PATH for system services (the manager's, when the unit sets none).
 SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Keep this much of the child's stdout+stderr for the failure reason.
@@ -538,6 +540,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def probe_source() -> str:
+    """child.py followed by bulk.py: the probe's program text (the guard goes first)."""
+    return CHILD_SOURCE_PATH.read_text() + "\n\n# ---- bulk.py ----\n" + \
+        BULK_SOURCE_PATH.read_text()
+
+
 def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
                    timeout: float, secrets: list[str], source_text: str | None = None,
                    ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
@@ -546,7 +554,7 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
     started = time.monotonic()
     try:
         python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
-        source = bundle(CHILD_SOURCE_PATH, source_text)
+        source = bundle(CHILD_SOURCE_PATH, source_text or probe_source())
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     data = json.dumps(doc).encode()
@@ -627,7 +635,7 @@ def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], time
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
-        source = bundle(CHILD_SOURCE_PATH, source_text)  # the read-only guard first
+        source = bundle(CHILD_SOURCE_PATH, source_text or probe_source())  # the read-only guard first
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     env[REQUEST_ENV] = json.dumps(doc)

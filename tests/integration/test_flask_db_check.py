@@ -35,6 +35,7 @@ from tests.harness.apps import (
     flask_db_check,
     render_models,
     standard_revisions,
+    tricky_spec,
 )
 from tests.harness.postgres import PgDatabase
 from tests.integration.test_probe import BIND_APP
@@ -82,6 +83,19 @@ BILLING_REVISION = Revision(
             "    sa.Column('amount', sa.Integer(), nullable=False),\n"
             "    sa.PrimaryKeyConstraint('id'), schema='billing')",
     downgrade="op.drop_table('invoices', schema='billing')\nop.execute('DROP SCHEMA billing')")
+
+# Hand-made changes to the tricky app's tables, each one something autogenerate reports.
+TRICKY_DRIFT = (
+    "ALTER TABLE articles ALTER COLUMN price TYPE numeric(12, 2)",
+    "ALTER TABLE articles ALTER COLUMN published_at TYPE timestamp without time zone",
+    "ALTER TABLE articles ALTER COLUMN price SET DEFAULT 1",
+    "ALTER TABLE articles DROP CONSTRAINT uq_articles_author_slug",
+    "ALTER TABLE articles DROP CONSTRAINT articles_author_id_fkey",
+    "ALTER TABLE articles ADD CONSTRAINT articles_author_id_fkey FOREIGN KEY (author_id) "
+    "REFERENCES users (id)",
+    'ALTER TABLE "Tag Names" ALTER COLUMN label DROP NOT NULL',
+    'CREATE TABLE "Extra Table" (id serial PRIMARY KEY)',
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,14 @@ CASES = {
     "pending-custom-version-table": Case(AppSpec(env_py=custom_env_py(
         "version_table='alembic_version_billing',")), upgrade_to="r1", expect_clean=False,
         version_table="alembic_version_billing"),
+    # tests/harness/apps.py TRICKY_MODELS: enum, JSON/JSONB, timestamps with and without
+    # time zone, numerics, server defaults, a composite unique, cascading FKs, a quoted
+    # mixed-case table with its SERIAL, a default from a sequence no column owns.
+    "tricky-at-head": Case(tricky_spec()),
+    "tricky-server-defaults-at-head": Case(tricky_spec(custom_env_py(
+        "compare_server_default=True,"))),
+    "tricky-manual-drift": Case(tricky_spec(custom_env_py("compare_server_default=True,")),
+        sql=TRICKY_DRIFT, expect_clean=False),
 }
 
 
@@ -263,3 +285,24 @@ def test_multi_database_env_py_compares_each_bind_like_flask_db_check(
         assert check_ops(result.schema_diff or ()) == check.ops, check.output
     finally:
         pg.drop(audit)
+
+
+def test_tricky_drift_is_seen_operation_by_operation(make_app: Callable[..., AppDir],
+                                                     flask_venv: Path,
+                                                     pg_database: PgDatabase) -> None:
+    """The tricky app's hand-made changes, each one named, as `flask db check` names them."""
+    case = CASES["tricky-manual-drift"]
+    app = make_app(case.spec)
+    db_upgrade(app, flask_venv, pg_database.url)
+    for sql in case.sql:
+        pg_database.execute(sql)
+    result = probe(app, flask_venv, pg_database.url)
+    assert result.ok, result.error
+    assert sorted((d["kind"], d["table"], d["name"]) for d in result.schema_diff or ()) == [
+        ("add_fk", "articles", ""), ("add_unique", "articles", "uq_articles_author_slug"),
+        ("modify_default", "articles", "price"), ("modify_nullable", "Tag Names", "label"),
+        ("modify_type", "articles", "price"), ("modify_type", "articles", "published_at"),
+        ("remove_fk", "articles", "articles_author_id_fkey"),
+        ("remove_table", "Extra Table", "Extra Table")]
+    assert check_ops(result.schema_diff or ()) == flask_db_check(
+        app, flask_venv, pg_database.url).ops
