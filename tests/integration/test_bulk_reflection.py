@@ -8,6 +8,9 @@ with one query for the whole database instead of one per column.
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +18,13 @@ from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect
 
+from agent.privileged.launch import bundle
 from agent.probe import bulk
+from agent.probe.runner import CHILD_SOURCE_PATH, probe_source
+from tests.harness import bigapp
+from tests.harness.apps import APP_USER, AppDir, db_upgrade, run_in_app
 from tests.harness.postgres import PgDatabase
+from tests.integration.test_flask_db_check import CASES
 
 pytestmark = pytest.mark.postgres
 
@@ -102,3 +110,75 @@ def test_a_subclassed_impl_keeps_its_own_hook() -> None:
 def test_several_owner_rows_are_left_to_alembic() -> None:
     rows = [("a_seq", "a_seq", "id"), ("b_seq", "b_seq", "id"), ("b_seq", "b_seq", "x")]
     assert bulk.owned_sequences(rows) == {"a_seq": ("a_seq", "id")}
+
+
+# -- tables left out of Alembic's comparison: the same answer, with and without ----------
+
+DRIVER = '''
+import json, os, re, sys
+namespace = {"__name__": "probe_child"}
+exec(compile(open(sys.argv[1]).read(), "probe", "exec"), namespace)
+namespace["install_readonly_guard"]({})
+app, _, _ = namespace["load_app"]({"app_spec": "wsgi:app"})
+out = {}
+with app.app_context():
+    found, _ = namespace["engines"](app)
+    config, _ = namespace["migrations_config"](app, {})
+    for shortcut in (False, True):
+        report = {}
+        namespace["compare_with_env_py"](config, found, report, shortcut=shortcut)
+        out[str(shortcut)] = {
+            "error": report.get("schema_diff_error", ""),
+            # (object addresses in a default's repr differ from run to run)
+            "diff": sorted(re.sub(" at 0x[0-9a-f]+", "", json.dumps(d, sort_keys=True))
+                           for d in report["schema_diff"] or ()),
+            "unchanged": [b["unchanged_tables"] for b in report["alembic_env"]["binds"]]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def both_ways(app: AppDir, venv: Path, url: str) -> dict[str, Any]:
+    """The probe's comparison on app, run as www-data without and with the shortcut."""
+    app.write("_probe_bundle.py", bundle(CHILD_SOURCE_PATH, probe_source()))
+    app.write("_driver.py", DRIVER)
+    proc = run_in_app(app, venv, url, [str(venv / "bin" / "python"), "-B", "_driver.py",
+                                       "_probe_bundle.py"], "compare both ways",
+                      user=APP_USER)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return dict(json.loads(line[len("RESULT "):]))
+
+
+@pytest.mark.parametrize("name", ["bigapp-with-drift", "tricky-manual-drift",
+                                  "tricky-at-head", "include_object", "models-ahead"])
+def test_leaving_unchanged_tables_out_gives_alembics_answer(
+        name: str, make_app: Callable[..., AppDir], flask_venv: Path,
+        pg_database: PgDatabase) -> None:
+    if name == "bigapp-with-drift":
+        # 60 models, the first 5 with a column no migration creates; plus manual changes
+        app = make_app(bigapp.bigapp_spec(60, drift=5))
+        sql: tuple[str, ...] = (
+            "ALTER TABLE m0010 ALTER COLUMN name TYPE varchar(90)",
+            "DROP INDEX ix_m0011_name", "CREATE INDEX ix_m0012_extra ON m0012 (amount)",
+            "ALTER TABLE m0013 DROP CONSTRAINT m0013_parent_id_fkey",
+            "ALTER TABLE m0014 ALTER COLUMN amount SET NOT NULL",
+            "COMMENT ON COLUMN m0015.amount IS 'cents'", "COMMENT ON TABLE m0016 IS 'x'",
+            "ALTER TABLE m0017 ADD COLUMN extra int", "CREATE TABLE m9999 (id int)")
+        expect_left_out = 60 - 5 - 8
+    else:
+        case = CASES[name]
+        app = make_app(case.spec)
+        sql = case.sql
+        expect_left_out = -1
+    db_upgrade(app, flask_venv, pg_database.url)
+    for statement in sql:
+        pg_database.execute(statement)
+    result = both_ways(app, flask_venv, pg_database.url)
+    plain, shortcut = result["False"], result["True"]
+    assert plain["error"] == shortcut["error"] == ""
+    assert shortcut["diff"] == plain["diff"]
+    assert plain["unchanged"] == [0]
+    if expect_left_out >= 0:
+        assert shortcut["unchanged"] == [expect_left_out]
+        assert len(plain["diff"]) == 5 + 9
+    else:
+        assert shortcut["unchanged"][0] >= 1
