@@ -1,4 +1,4 @@
-"""Probe side, bundled after child.py: catalog reads in bulk for Alembic's own comparison.
+"""Probe side, bundled before child.py: catalog reads in bulk for Alembic's own comparison.
 
 Stdlib only at module level, like child.py (this text is appended to it and run in the app's
 interpreter); the app's SQLAlchemy and Alembic are imported inside functions.

@@ -691,7 +691,7 @@ def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True):
             raise EnvPyError(
                 "env.py does not provide a MetaData object (target_metadata) to "
                 "context.configure: autogenerate and `flask db check` cannot compare")
-        # agent/probe/bulk.py (bundled after this file): one catalog query instead of one
+        # agent/probe/bulk.py (bundled before this file): one catalog query instead of one
         # per table; absent from bundles that never compare (agentctl plan's).
         bulk = globals().get("install_bulk_reflection")
         skipping = globals().get("produce_migrations_skipping")

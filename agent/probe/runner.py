@@ -32,7 +32,7 @@ from agent.sources.systemd import SystemdSource
 
 PROTOCOL = 1
 CHILD_SOURCE_PATH = Path(__file__).with_name("child.py")
-# Bundled after child.py: bulk catalog reads for the comparison (agent/probe/bulk.py).
+# Bundled before child.py: bulk catalog reads for the comparison (agent/probe/bulk.py).
 BULK_SOURCE_PATH = Path(__file__).with_name("bulk.py")
 # systemd's default PATH for system services (the manager's, when the unit sets none).
 SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -541,9 +541,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def probe_source() -> str:
-    """child.py followed by bulk.py: the probe's program text (the guard goes first)."""
-    return CHILD_SOURCE_PATH.read_text() + "\n\n# ---- bulk.py ----\n" + \
-        BULK_SOURCE_PATH.read_text()
+    """bulk.py, then child.py: the probe's program text (the guard goes first). bulk.py
+    comes first because child.py's last line runs main()."""
+    return BULK_SOURCE_PATH.read_text() + "\n\n# ---- child.py ----\n" + \
+        CHILD_SOURCE_PATH.read_text()
 
 
 def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],

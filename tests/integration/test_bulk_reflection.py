@@ -182,3 +182,13 @@ def test_leaving_unchanged_tables_out_gives_alembics_answer(
         assert len(plain["diff"]) == 5 + 9
     else:
         assert shortcut["unchanged"][0] >= 1
+
+
+def test_the_probe_program_defines_the_bulk_functions_before_main_runs() -> None:
+    """child.py ends by running main(): whatever bulk.py defines must come before it, or
+    the probe silently compares without it."""
+    source = probe_source()
+    assert source.index("def produce_migrations_skipping(") < \
+        source.index('if __name__ == "__main__":')
+    assert source.index("def install_bulk_reflection(") < \
+        source.index('if __name__ == "__main__":')
