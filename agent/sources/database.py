@@ -488,8 +488,8 @@ SELECT host(inet_server_addr()), current_setting('port')::int, current_database(
 # without loading the app's models again. Only catalog columns, no pg_get_*def() calls:
 # those open the relation and would wait on a running migration's locks. A constraint's
 # table by oid, not by regclass name (a third of the query's time at 1,000 tables; a
-# rename still shows in the column rows). ON UPDATE/DELETE, MATCH and deferrability are
-# in it: autogenerate compares them.
+# rename still shows in the column rows). ON UPDATE/DELETE, MATCH, deferrability and
+# table/column comments are in it: autogenerate compares them.
 SCHEMA_FINGERPRINT_SQL = """
 SELECT md5(coalesce(string_agg(x, ' ' ORDER BY x), '')) FROM (
   SELECT concat_ws('|', 'col', n.nspname, c.relname, a.attname, a.atttypid, a.atttypmod,
@@ -513,6 +513,12 @@ SELECT md5(coalesce(string_agg(x, ' ' ORDER BY x), '')) FROM (
     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
     JOIN pg_namespace n ON n.oid = c.relnamespace
    WHERE n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT concat_ws('|', 'dsc', ds.objoid, ds.objsubid, ds.description)
+    FROM pg_description ds JOIN pg_class c ON c.oid = ds.objoid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE ds.classoid = 'pg_class'::regclass
+     AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
 ) AS s
 """
 

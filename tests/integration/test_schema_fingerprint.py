@@ -21,6 +21,8 @@ CHANGES = (
     "CREATE UNIQUE INDEX ix_a_c ON a (c)",
     "ALTER TABLE b RENAME TO b2",
     "ALTER TABLE a ALTER COLUMN c TYPE bigint",
+    "COMMENT ON COLUMN a.c IS 'cents'",
+    "COMMENT ON TABLE a IS 'accounts'",
 )
 
 
