@@ -16,6 +16,7 @@ With ``"resolve_only": true`` in the request, the child only resolves gunicorn's
 """
 
 import ast
+import gc
 import hashlib
 import json
 import os
@@ -30,6 +31,11 @@ REQUEST_ENV = "DRIFTWATCH_PROBE_REQUEST"
 MAX_MESSAGE = 500
 # Bound on migration files read, so a huge versions/ directory cannot stall the probe.
 MAX_REVISIONS = 5000
+# The cyclic collector's first threshold while the probe runs (CPython's default: 700).
+# Loading 1,000 models allocates millions of objects that all stay alive; at 700 the
+# collector walks them again and again (a fifth of the import's CPU). The probe is short
+# and memory-capped (MemoryMax), so collecting every 100,000 allocations is enough.
+GC_THRESHOLD = 100000
 
 
 def one_line(exc):
@@ -761,7 +767,7 @@ def _bind_of(context, found):
     return None
 
 
-def check_like_alembic(config, heads, runs, found_urls=None):
+def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True):
     """Run env.py as `alembic check` does; append one entry per context.configure to runs.
 
     Like alembic.command.check: ScriptDirectory.run_env() inside an EnvironmentContext, so
@@ -800,7 +806,17 @@ def check_like_alembic(config, heads, runs, found_urls=None):
             raise EnvPyError(
                 "env.py does not provide a MetaData object (target_metadata) to "
                 "context.configure: autogenerate and `flask db check` cannot compare")
-        script = produce_migrations(context, metadata)
+        # agent/asuser/bulk_reflection.py (bundled before this file): one catalog query instead of one
+        # per table; absent from bundles that never compare (agentctl plan's).
+        bulk = globals().get("install_bulk_reflection")
+        skipping = globals().get("produce_migrations_skipping")
+        if bulk is not None:
+            bulk(context)
+        if skipping is not None and shortcut:
+            # tables whose catalog equals their model left out (the answer is the same)
+            script, runs[-1]["unchanged_tables"] = skipping(context, metadata)
+        else:
+            script = produce_migrations(context, metadata)
         directives = [script]
         hook = context.opts.get("process_revision_directives")
         if hook:  # what `alembic check` runs too (it may filter or rewrite the ops)
@@ -821,7 +837,7 @@ def env_error(exc, roots):
     return one_line(exc) + where(exc, roots)
 
 
-def compare_with_env_py(config, found, report, seen_urls=None):
+def compare_with_env_py(config, found, report, seen_urls=None, shortcut=True):
     """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error."""
     location = os.path.abspath(config.get_main_option("script_location") or
                                report.get("migrations_dir") or ".")
@@ -831,7 +847,8 @@ def compare_with_env_py(config, found, report, seen_urls=None):
     report["alembic_env"] = info
     runs = []
     try:
-        check_like_alembic(config, tuple(report.get("heads") or ()), runs, seen_urls)
+        check_like_alembic(config, tuple(report.get("heads") or ()), runs, seen_urls,
+                           shortcut)
     except BaseException as exc:  # SystemExit from env.py too
         kind = "database" if _is_db_error(exc) else "migrations"
         report["schema_diff_error"] = (
@@ -871,7 +888,8 @@ def _describe_runs(runs, found, info):
         entry = {"bind": "default" if key is None else str(key),
                  "version_table": str(version_table)[:MAX_NAME],
                  "version_table_schema": str(schema)[:MAX_NAME],
-                 "include_schemas": include_schemas, "options": run["options"]}
+                 "include_schemas": include_schemas, "options": run["options"],
+                 "unchanged_tables": run.get("unchanged_tables", 0)}
         info["binds"].append(entry)
         if index == 0 or key is None:  # the default bind's version table is the unit's
             info["version_table"] = entry["version_table"]
@@ -936,7 +954,8 @@ def probe(request, report, gunicorn_app=None):
         if not request.get("compare_schema", True):
             return
         if config is not None and request.get("run_env_py", True):
-            compare_with_env_py(config, found, report)
+            compare_with_env_py(config, found, report,
+                                shortcut=request.get("skip_unchanged_tables", True))
             kind = report.pop("schema_diff_error_kind", "")
             if report.get("schema_diff_error") and not report.get("error"):
                 report["error_kind"], report["error"] = kind, report["schema_diff_error"]
@@ -981,7 +1000,8 @@ def probe_plain_alembic(request, report):
     if not request.get("compare_schema", True) or not request.get("run_env_py", True):
         return
     seen = {}
-    compare_with_env_py(config, {}, report, seen)
+    compare_with_env_py(config, {}, report, seen,
+                        shortcut=request.get("skip_unchanged_tables", True))
     # env.py's engine, else what env.py set (config.set_main_option) before failing to connect
     url = seen.get("url") or config.get_main_option("sqlalchemy.url") or ""
     if url:
@@ -1044,6 +1064,7 @@ def main(argv):
         if guard is None:
             raise RuntimeError("the read-only guard is missing from the probe")
         guard(request.get("guard") or {})
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
         gunicorn_app = prepare(request, report)
         # resolve_only (agentctl exec/upgrade): gunicorn's settings are all that is wanted;
         # the app is not imported and nothing else runs.
@@ -1058,6 +1079,7 @@ def main(argv):
         report["error"] = report.get("error") or "the probe failed: " + one_line(exc)
     report["ok"] = not report["error"]
     report["duration"] = round(time.monotonic() - started, 3)
+    report["cpu_seconds"] = round(time.process_time(), 3)  # this process's own CPU
     try:
         data = json.dumps(report, default=str).encode()
     except Exception as exc:  # never leave the agent without a report

@@ -32,6 +32,8 @@ from agent.privileged.sources.systemd import SystemdSource
 
 PROTOCOL = 1
 CHILD_SOURCE_PATH = PROBE_CHILD
+# Bundled before probe_child.py: bulk catalog reads for the comparison.
+BULK_SOURCE_PATH = PROBE_CHILD.with_name("bulk_reflection.py")
 # systemd's default PATH for system services (the manager's, when the unit sets none).
 SYSTEMD_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Keep this much of the child's stdout+stderr for the failure reason.
@@ -542,6 +544,13 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def probe_source() -> str:
+    """bulk_reflection.py, then probe_child.py: the probe's program text (the guard goes first). bulk_reflection.py
+    comes first because probe_child.py's last line runs main()."""
+    return BULK_SOURCE_PATH.read_text() + "\n\n# ---- probe_child.py ----\n" + \
+        CHILD_SOURCE_PATH.read_text()
+
+
 def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
                    timeout: float, secrets: list[str], source_text: str | None = None,
                    ) -> tuple[bytes, int | None, str, bool] | ProbeResult:
@@ -550,7 +559,7 @@ def _run_transient(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any],
     started = time.monotonic()
     try:
         python = interpreter(ctx, {"PATH": ctx.environment.get("PATH", SYSTEMD_DEFAULT_PATH)})
-        source = bundle(CHILD_SOURCE_PATH, source_text)
+        source = bundle(CHILD_SOURCE_PATH, source_text or probe_source())
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     data = json.dumps(doc).encode()
@@ -631,7 +640,7 @@ def _run_child(ctx: AppContext, request: ProbeRequest, doc: dict[str, Any], time
         drop = privilege_plan(identity, os.geteuid(), request.allow_root)
         env = build_probe_env(ctx, identity, request)
         python = interpreter(ctx, env)
-        source = bundle(CHILD_SOURCE_PATH, source_text)  # the read-only guard first
+        source = bundle(CHILD_SOURCE_PATH, source_text or probe_source())  # the read-only guard first
     except ProbeSetupError as exc:
         return ProbeResult(ok=False, error_kind=exc.kind, error=scrub(str(exc), secrets))
     env[REQUEST_ENV] = json.dumps(doc)

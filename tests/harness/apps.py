@@ -1158,3 +1158,92 @@ def gunicorn_pids(sb: object, unit: str, workers: int = 2,
         if len(kids) >= workers or time.monotonic() > deadline:
             return master, kids
         time.sleep(0.05)
+
+
+# -- the tricky-types app (drift comparisons beyond plain columns) ---------------------------
+
+#: Models with the types and constraints autogenerate is most often wrong about: a native
+#: enum, JSON and JSONB, timezone-aware and naive timestamps, numerics and floats, server
+#: defaults (literal, function, boolean, a sequence it does not own), a composite unique
+#: constraint, cascading foreign keys, and a mixed-case table whose SERIAL sequence needs
+#: quoting. Used with standard revisions r1..r3 plus TRICKY_REVISION.
+TRICKY_MODELS = render_models(3) + '''
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+
+class Article(db.Model):
+    __tablename__ = "articles"
+    __table_args__ = (db.UniqueConstraint("author_id", "slug", name="uq_articles_author_slug"),)
+
+    id = db.Column(db.Integer, primary_key=True)
+    author_id = db.Column(db.Integer, db.ForeignKey("users.id", ondelete="CASCADE",
+                                                    onupdate="CASCADE"), nullable=False)
+    slug = db.Column(db.String(120), nullable=False)
+    status = db.Column(db.Enum("draft", "published", name="article_status"),
+                       nullable=False, server_default="draft")
+    meta = db.Column(db.JSON)
+    attrs = db.Column(postgresql.JSONB, server_default=sa.text("'{}'::jsonb"))
+    published_at = db.Column(db.DateTime(timezone=True), server_default=sa.text("now()"))
+    edited_at = db.Column(db.DateTime)
+    price = db.Column(db.Numeric(10, 2), server_default="0")
+    score = db.Column(db.Float)
+    pinned = db.Column(db.Boolean, nullable=False, server_default=sa.false())
+    number = db.Column(db.BigInteger, server_default=sa.text("nextval('article_numbers')"))
+
+
+class Tag(db.Model):
+    __tablename__ = "Tag Names"
+
+    id = db.Column(db.Integer, primary_key=True)
+    article_id = db.Column(db.Integer, db.ForeignKey("articles.id", ondelete="SET NULL"))
+    label = db.Column(db.String(40), nullable=False, index=True)
+'''
+
+TRICKY_REVISION = Revision(
+    "r4", "r3", message="tricky types",
+    upgrade="""\
+from sqlalchemy.dialects import postgresql
+op.execute("CREATE SEQUENCE article_numbers")
+op.create_table('articles',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('author_id', sa.Integer(), nullable=False),
+    sa.Column('slug', sa.String(length=120), nullable=False),
+    sa.Column('status', sa.Enum('draft', 'published', name='article_status'),
+              server_default='draft', nullable=False),
+    sa.Column('meta', sa.JSON(), nullable=True),
+    sa.Column('attrs', postgresql.JSONB(astext_type=sa.Text()),
+              server_default=sa.text("'{}'::jsonb"), nullable=True),
+    sa.Column('published_at', sa.DateTime(timezone=True), server_default=sa.text('now()'),
+              nullable=True),
+    sa.Column('edited_at', sa.DateTime(), nullable=True),
+    sa.Column('price', sa.Numeric(precision=10, scale=2), server_default='0', nullable=True),
+    sa.Column('score', sa.Float(), nullable=True),
+    sa.Column('pinned', sa.Boolean(), server_default=sa.false(), nullable=False),
+    sa.Column('number', sa.BigInteger(), server_default=sa.text("nextval('article_numbers')"),
+              nullable=True),
+    sa.ForeignKeyConstraint(['author_id'], ['users.id'], onupdate='CASCADE',
+                            ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('author_id', 'slug', name='uq_articles_author_slug')
+)
+op.create_table('Tag Names',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('article_id', sa.Integer(), nullable=True),
+    sa.Column('label', sa.String(length=40), nullable=False),
+    sa.ForeignKeyConstraint(['article_id'], ['articles.id'], ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id')
+)
+op.create_index(op.f('ix_Tag Names_label'), 'Tag Names', ['label'], unique=False)""",
+    downgrade="""\
+op.drop_table('Tag Names')
+op.drop_table('articles')
+op.execute("DROP TYPE article_status")
+op.execute("DROP SEQUENCE article_numbers")""")
+
+
+def tricky_spec(env_py: str | None = None) -> AppSpec:
+    """The tricky-types app at head (r1..r3 + r4), with env.py as given (None: Flask-Migrate's)."""
+    return AppSpec(models_source=TRICKY_MODELS,
+                   revisions=(*standard_revisions(3), TRICKY_REVISION), env_py=env_py)

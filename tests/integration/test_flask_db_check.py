@@ -35,6 +35,7 @@ from tests.harness.apps import (
     flask_db_check,
     render_models,
     standard_revisions,
+    tricky_spec,
 )
 from tests.harness.postgres import PgDatabase
 from tests.integration.test_probe import BIND_APP
@@ -82,6 +83,19 @@ BILLING_REVISION = Revision(
             "    sa.Column('amount', sa.Integer(), nullable=False),\n"
             "    sa.PrimaryKeyConstraint('id'), schema='billing')",
     downgrade="op.drop_table('invoices', schema='billing')\nop.execute('DROP SCHEMA billing')")
+
+# Hand-made changes to the tricky app's tables, each one something autogenerate reports.
+TRICKY_DRIFT = (
+    "ALTER TABLE articles ALTER COLUMN price TYPE numeric(12, 2)",
+    "ALTER TABLE articles ALTER COLUMN published_at TYPE timestamp without time zone",
+    "ALTER TABLE articles ALTER COLUMN price SET DEFAULT 1",
+    "ALTER TABLE articles DROP CONSTRAINT uq_articles_author_slug",
+    "ALTER TABLE articles DROP CONSTRAINT articles_author_id_fkey",
+    "ALTER TABLE articles ADD CONSTRAINT articles_author_id_fkey FOREIGN KEY (author_id) "
+    "REFERENCES users (id)",
+    'ALTER TABLE "Tag Names" ALTER COLUMN label DROP NOT NULL',
+    'CREATE TABLE "Extra Table" (id serial PRIMARY KEY)',
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,14 @@ CASES = {
     "pending-custom-version-table": Case(AppSpec(env_py=custom_env_py(
         "version_table='alembic_version_billing',")), upgrade_to="r1", expect_clean=False,
         version_table="alembic_version_billing"),
+    # tests/harness/apps.py TRICKY_MODELS: enum, JSON/JSONB, timestamps with and without
+    # time zone, numerics, server defaults, a composite unique, cascading FKs, a quoted
+    # mixed-case table with its SERIAL, a default from a sequence no column owns.
+    "tricky-at-head": Case(tricky_spec()),
+    "tricky-server-defaults-at-head": Case(tricky_spec(custom_env_py(
+        "compare_server_default=True,"))),
+    "tricky-manual-drift": Case(tricky_spec(custom_env_py("compare_server_default=True,")),
+        sql=TRICKY_DRIFT, expect_clean=False),
 }
 
 
@@ -165,14 +187,17 @@ def probe(app: AppDir, venv: Path, url: str) -> ProbeResult:
 # Alembic 1.18 / SQLAlchemy 2.1), for the cases whose env.py options matter most.
 OTHER_STACKS = ["models-ahead", "include_object", "version_table",
                 "include_schemas-two-schemas", "compare_type-callable", "pending"]
+# Alembic 1.13 evaluates server defaults with a SELECT (nextval() included): the tricky app
+# with compare_server_default there is test_old_alembic_evaluating_nextval_is_refused.
+STACK_21_ONLY = ["tricky-manual-drift"]
 
 
 @pytest.mark.parametrize("name, requirements", [
     *[(n, None) for n in sorted(CASES)],
     *[(n, SQLALCHEMY_14_REQUIREMENTS) for n in OTHER_STACKS],
-    *[(n, SQLALCHEMY_21_REQUIREMENTS) for n in OTHER_STACKS]],
+    *[(n, SQLALCHEMY_21_REQUIREMENTS) for n in OTHER_STACKS + STACK_21_ONLY]],
     ids=[*sorted(CASES), *[f"{n}-sqlalchemy-1.4" for n in OTHER_STACKS],
-         *[f"{n}-sqlalchemy-2.1" for n in OTHER_STACKS]])
+         *[f"{n}-sqlalchemy-2.1" for n in OTHER_STACKS + STACK_21_ONLY]])
 def test_driftwatch_and_flask_db_check_agree(name: str, requirements: tuple[str, ...] | None,
                                              make_app: Callable[..., AppDir],
                                              make_venv: Callable[..., Path],
@@ -263,3 +288,47 @@ def test_multi_database_env_py_compares_each_bind_like_flask_db_check(
         assert check_ops(result.schema_diff or ()) == check.ops, check.output
     finally:
         pg.drop(audit)
+
+
+def test_tricky_drift_is_seen_operation_by_operation(make_app: Callable[..., AppDir],
+                                                     flask_venv: Path,
+                                                     pg_database: PgDatabase) -> None:
+    """The tricky app's hand-made changes, each one named, as `flask db check` names them."""
+    case = CASES["tricky-manual-drift"]
+    app = make_app(case.spec)
+    db_upgrade(app, flask_venv, pg_database.url)
+    for sql in case.sql:
+        pg_database.execute(sql)
+    result = probe(app, flask_venv, pg_database.url)
+    assert result.ok, result.error
+    assert sorted((d["kind"], d["table"], d["name"]) for d in result.schema_diff or ()) == [
+        ("add_fk", "articles", ""), ("add_unique", "articles", "uq_articles_author_slug"),
+        ("modify_default", "articles", "price"), ("modify_nullable", "Tag Names", "label"),
+        ("modify_type", "articles", "price"), ("modify_type", "articles", "published_at"),
+        ("remove_fk", "articles", "articles_author_id_fkey"),
+        ("remove_table", "Extra Table", "Extra Table")]
+    assert check_ops(result.schema_diff or ()) == flask_db_check(
+        app, flask_venv, pg_database.url).ops
+
+
+def test_old_alembic_evaluating_nextval_is_refused(make_app: Callable[..., AppDir],
+                                                   make_venv: Callable[..., Path],
+                                                   pg_database: PgDatabase) -> None:
+    """Alembic 1.13 (SQLAlchemy 1.4) compares server defaults by running them in a SELECT:
+    `flask db check` with compare_server_default then calls nextval() on the live database
+    and consumes a sequence value. The probe's read-only session refuses, and says so,
+    instead of reporting drift; the sequence is untouched."""
+    venv = make_venv(SQLALCHEMY_14_REQUIREMENTS)
+    app = make_app(CASES["tricky-server-defaults-at-head"].spec)
+    db_upgrade(app, venv, pg_database.url)
+
+    def sequence() -> tuple[Any, ...]:
+        return tuple(pg_database.execute("SELECT last_value, is_called FROM article_numbers")[0])
+
+    before = sequence()
+    result = probe(app, venv, pg_database.url)
+    assert not result.ok and result.error_kind == "database"
+    assert "cannot execute nextval() in a read-only transaction" in result.schema_diff_error
+    assert sequence() == before
+    flask_db_check(app, venv, pg_database.url)
+    assert sequence() != before  # flask db check itself advanced it
