@@ -16,13 +16,19 @@ engine; for plain Alembic, the first engine env.py connects with):
   which flock does not touch on local filesystems), held until the process ends; if
   another process holds it, says which (from /proc/locks) and exits LOCKED_EXIT. A deploy
   script takes the same lock with `flock -n /path/app.db CMD`;
+- MySQL/MariaDB: GET_LOCK(MYSQL_LOCK_NAME) on a held connection of that engine (a named
+  server lock, released when the connection ends); if another connection holds it, says
+  which (connection id, user, host) and exits LOCKED_EXIT;
+- MySQL/MariaDB connections get lock_wait_timeout (metadata locks: the DDL's wait) and
+  innodb_lock_wait_timeout, in whole seconds, rounded up, read back;
 - PostgreSQL connections get lock_timeout (also given in PGOPTIONS, but an `options=` in
   the app's URL replaces PGOPTIONS entirely, so it is SET and checked) and
   client_connection_check_interval, so a stopped upgrade's statement ends with it; SQLite
   connections get busy_timeout = lock_timeout, read back.
 A PostgreSQL migration that gave up waiting for a lock (SQLSTATE 55P03) is rolled back whole
 and retried a bounded number of times. On SQLite nothing is retried: Alembic runs SQLite's
-DDL outside one transaction, so a revision stopped half-way is not undone.
+DDL outside one transaction, so a revision stopped half-way is not undone; nor on MySQL/
+MariaDB, whose DDL commits implicitly (a retry would rerun half a revision).
 Arguments: TARGET LOCK_TIMEOUT_MS RETRIES RETRY_DELAY_SECONDS KEY APPLICATION_NAME [MODE].
 """
 
@@ -36,6 +42,8 @@ import time
 LOCKED_EXIT = 75  # EX_TEMPFAIL: another upgrade holds the lock; nothing was run
 MARK = "driftwatch-upgrade:"  # lines agentctl reads (and does not show as they are)
 LOCK_NOT_AVAILABLE = "55P03"
+MYSQL_LOCK_NAME = "driftwatch-upgrade"  # GET_LOCK() name; a deploy script can take it too
+MYSQL_DRIVERS = ("pymysql", "MySQLdb")
 
 
 def say(kind, **fields):
@@ -72,6 +80,9 @@ def bound_lock_waits(lock_timeout_ms):
         if isinstance(dbapi_conn, sqlite3.Connection):
             bound_sqlite_waits(dbapi_conn, lock_timeout_ms)
             return
+        if type(dbapi_conn).__module__.split(".")[0] in MYSQL_DRIVERS:
+            bound_mysql_waits(dbapi_conn, lock_timeout_ms)
+            return
         if not is_postgres(dbapi_conn):
             return
         saved = dbapi_conn.autocommit
@@ -103,6 +114,47 @@ def bound_sqlite_waits(dbapi_conn, lock_timeout_ms):
     shown = dbapi_conn.execute("PRAGMA busy_timeout").fetchone()[0]
     if int(shown) != int(lock_timeout_ms):
         raise RuntimeError(f"busy_timeout is {shown} after PRAGMA, not {lock_timeout_ms}")
+
+
+def bound_mysql_waits(dbapi_conn, lock_timeout_ms):
+    """lock_wait_timeout (metadata locks, which DDL waits for) and innodb_lock_wait_timeout
+    (row locks), whole seconds rounded up (at least 1), set and read back."""
+    seconds = max(1, -(-int(lock_timeout_ms) // 1000))
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SET SESSION lock_wait_timeout = %d" % seconds)
+        cur.execute("SET SESSION innodb_lock_wait_timeout = %d" % seconds)
+        cur.execute("SELECT @@SESSION.lock_wait_timeout, @@SESSION.innodb_lock_wait_timeout")
+        shown = cur.fetchone()
+    finally:
+        cur.close()
+    if [int(v) for v in shown] != [seconds, seconds]:
+        raise RuntimeError(f"lock_wait_timeout is {shown[0]} after SET, not {seconds}")
+
+
+def take_mysql_lock(engine):
+    """GET_LOCK(MYSQL_LOCK_NAME, 0) on a held connection, or say who holds it and exit."""
+    from sqlalchemy import text
+
+    holder = engine.connect()
+    got = holder.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": MYSQL_LOCK_NAME}).scalar()
+    if got != 1:
+        owner = holder.execute(text("SELECT IS_USED_LOCK(:n)"), {"n": MYSQL_LOCK_NAME}).scalar()
+        rows = holder.execute(text(
+            "SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST WHERE ID = :i"),
+            {"i": owner or 0}).all() if owner else []
+        holder.close()
+        # Without the PROCESS privilege the processlist shows only the user's own threads:
+        # the connection id from IS_USED_LOCK is still named.
+        holders = [{"connection": r[0], "user": r[1], "host": r[2], "seconds": r[3]}
+                   for r in rows] or ([{"connection": owner}] if owner else [])
+        say("locked", lock=f"GET_LOCK('{MYSQL_LOCK_NAME}')", holders=holders)
+        sys.exit(LOCKED_EXIT)
+    holder.commit()  # the lock is the connection's: it stays until the connection ends
+    say("locked_by_us", lock=f"GET_LOCK('{MYSQL_LOCK_NAME}')",
+        pid=holder.execute(text("SELECT CONNECTION_ID()")).scalar())
+    holder.commit()
+    return holder
 
 
 def is_sqlite_locked(exc):
@@ -200,9 +252,11 @@ def take_lock(engine, key, application_name):
             say("no_lock", reason="an in-memory SQLite database")
             return None
         return take_file_lock(path)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return take_mysql_lock(engine)
     if engine.dialect.name != "postgresql":
-        say("no_lock", reason=f"the database is {engine.dialect.name}, not PostgreSQL or "
-                              "SQLite")
+        say("no_lock", reason=f"the database is {engine.dialect.name}, not PostgreSQL, "
+                              "MySQL/MariaDB or SQLite")
         return None
     holder = engine.connect()
     holder.execute(text("SELECT set_config('application_name', :n, false)"),

@@ -382,6 +382,9 @@ def stopped_note(backend: str) -> str:
     if backend == "sqlite":
         return ("Alembic's SQLite DDL is not one transaction: a revision stopped half-way "
                 "is not undone, agentctl check shows where it stopped")
+    if backend in ("mysql", "mariadb"):
+        return ("MySQL/MariaDB DDL commits as it goes: a revision stopped half-way is not "
+                "undone, agentctl check names what it left (half_applied_revision)")
     return "PostgreSQL rolls back its open transaction"
 
 
@@ -391,6 +394,11 @@ def describe_holders(holders: Sequence[Mapping[str, Any]], file_lock: bool = Fal
     if not holders:
         return ("held by a process /proc/locks does not show" if file_lock else
                 "held by a session that has since ended")
+    if all("connection" in h for h in holders):   # MySQL/MariaDB's GET_LOCK
+        return "; ".join(f"held by connection {h.get('connection')}" + (
+            f" (user {h.get('user')}, host {h.get('host') or '?'}, for {h.get('seconds') or 0} s)"
+            if h.get("user") else " (another user's: its details need the PROCESS privilege)")
+            for h in holders)
     if all("command" in h for h in holders):
         return "; ".join(f"held by pid {h.get('pid') or '?'} ({h.get('command') or '?'})"
                          for h in holders)
@@ -404,6 +412,8 @@ def describe_event(event: Mapping[str, Any]) -> str:
     kind = event.get("kind")
     if kind == "locked_by_us" and event.get("path"):
         return f"holding the upgrade lock flock({event.get('path')}) in pid {event.get('pid')}"
+    if kind == "locked_by_us" and event.get("lock"):
+        return f"holding the upgrade lock {event.get('lock')} in connection {event.get('pid')}"
     if kind == "locked_by_us":
         return (f"holding the upgrade lock pg_advisory_lock({event.get('key')}) in backend "
                 f"pid {event.get('pid')}")

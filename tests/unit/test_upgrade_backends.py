@@ -124,3 +124,18 @@ def child_events(stdout: str) -> list[dict[str, object]]:
 def test_missing_file_takes_no_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert child.take_file_lock(str(tmp_path / "new.db")) is None
     assert "does not exist yet" in capsys.readouterr().out
+
+
+def test_mysql_lock_holders_and_events_are_named() -> None:
+    from agent.cli.upgrade import describe_event, describe_holders, stopped_note
+
+    assert describe_holders([{"connection": 8, "user": "deploy", "host": "10.0.0.5:4242",
+                              "seconds": 12}]) == \
+        "held by connection 8 (user deploy, host 10.0.0.5:4242, for 12 s)"
+    assert describe_holders([{"connection": 9}]) == \
+        "held by connection 9 (another user's: its details need the PROCESS privilege)"
+    assert describe_event({"kind": "locked_by_us", "lock": "GET_LOCK('driftwatch-upgrade')",
+                           "pid": 31}) == \
+        "holding the upgrade lock GET_LOCK('driftwatch-upgrade') in connection 31"
+    assert "half_applied_revision" in stopped_note("mysql")
+    assert stopped_note("postgresql") == "PostgreSQL rolls back its open transaction"
