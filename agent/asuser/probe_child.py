@@ -555,6 +555,11 @@ def read_revisions(config, report):
     from alembic.script import ScriptDirectory
     script_dir = ScriptDirectory.from_config(config)
     report["script_location"] = script_dir.dir
+    # Alembic lists an unreadable versions directory as empty (no revisions, no error), and a
+    # false "unknown revision" would follow: listing it here raises instead.
+    for location in getattr(script_dir, "_version_locations", None) or [script_dir.versions]:
+        if os.path.isdir(location):
+            os.listdir(location)
     revisions = []
     backend = _backend_of(report)
     for script in _scripts(script_dir):
@@ -598,11 +603,7 @@ def revisions_without_app(report):
                 os.getcwd() + ")"
             return
         report["migrations_dir"] = directory
-        # Alembic lists an unreadable versions directory as empty (no revisions, no error).
-        versions_dir = os.path.join(directory, "versions")
-        if os.path.isdir(versions_dir):
-            os.listdir(versions_dir)
-        read_revisions(config, report)
+        read_revisions(config, report)   # it refuses an unreadable versions directory
         report["revisions_source"] = "files"
     except BaseException as exc:
         report["revisions"], report["heads"] = [], []

@@ -224,6 +224,20 @@ def test_app_code_runs_as_the_unit_user_never_root(make_app: Callable[..., AppDi
     assert {"HOME", "USER", "PGAPPNAME", "DATABASE_URL"} <= set(seen[0]["env_keys"])
 
 
+def test_versions_directory_the_user_cannot_list_is_an_error_not_an_empty_graph(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    # Alembic lists an unreadable versions directory as empty: every revision in the
+    # database would then look unknown (a false critical db_revision_unknown).
+    app = make_app()
+    db_upgrade(app, flask_venv, pg_database.url)
+    versions = app.revision_file("r1").parent
+    versions.chmod(0o700)  # root-owned: www-data cannot list it
+    result = probe(app, flask_venv, {"DATABASE_URL": pg_database.url})
+    assert result.error_kind == "migrations", (result.error_kind, result.error)
+    assert "Permission denied" in result.error and str(versions) in result.error
+    assert result.revisions == ()
+
+
 def test_working_directory_the_user_cannot_enter(make_app: Callable[..., AppDir],
                                                 flask_venv: Path) -> None:
     app = make_app()
