@@ -28,7 +28,7 @@ from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import user_session
 from agent.probe.runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.sources import connections, database, files, sqlite
+from agent.sources import connections, database, files, procs, sqlite
 from agent.journal_cursors import CursorFile
 from agent.sources.journal import ErrorWindow, JournalReader
 from agent.sources.systemd import SystemdSource
@@ -140,6 +140,8 @@ class Inspector:
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
+        # What was read of each running process, by (pid, start time): not read again.
+        self._processes = procs.ProcessMemo()
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -190,12 +192,14 @@ class Inspector:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+        self._processes.forget(unit)
         if self.preflight is not None:
             self.preflight.invalidate(unit)
 
     def _prune(self, alive: set[str]) -> None:
         """Forget what was kept per unit for units no longer watched (removed, renamed)."""
-        for cache in (self._probe_memo, self._journals, self._journal_totals):
+        for cache in (self._probe_memo, self._journals, self._journal_totals,
+                      self._processes.units):
             for unit in [u for u in cache if u not in alive]:
                 del cache[unit]
 
@@ -241,7 +245,8 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
-                report = inspect_unit(self.systemd, name, self._restarts.get(name))
+                report = inspect_unit(self.systemd, name, self._restarts.get(name),
+                                      self._processes)
                 self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)
