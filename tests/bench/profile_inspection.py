@@ -7,7 +7,7 @@ www-data, against a throwaway PostgreSQL, r3 pending), then inside the sandbox, 
 would: one Inspector, a first inspection (probe, journal baseline), then RUNS more inspections
 of the unchanged units, each timed with time.process_time() (the agent process: user + system)
 and getrusage(RUSAGE_CHILDREN) (subprocesses it reaped). --profile prints the cProfile of
-one steady inspection, sorted by cumulative time. Needs root and PostgreSQL 15.
+one steady inspection (timer: process_time), sorted by cumulative CPU. Needs root and PostgreSQL 15.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ INSIDE = textwrap.dedent("""
            "connections": snap.units[0].database_connections,
            "rss_kib": int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])}
     if profile:
-        pr = cProfile.Profile(); pr.enable(); insp.inspect(units); pr.disable()
+        pr = cProfile.Profile(time.process_time); pr.enable(); insp.inspect(units); pr.disable()
         s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(45)
         out["profile"] = s.getvalue()
         s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)

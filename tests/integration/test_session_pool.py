@@ -1,0 +1,105 @@
+"""Long-lived sessions (agent/privileged/sessionpool.py) with the real session child as the
+unit's user against a real PostgreSQL: kept, still read-only, never idle in a transaction,
+started again after errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from agent.privileged.dbclient import CURRENT_POOL, user_session
+from agent.privileged.sessionpool import SessionPool
+from agent.sources import database
+from tests.harness.postgres import PgDatabase
+from tests.integration.test_user_session import TIMEOUTS, unit_ctx
+
+pytestmark = pytest.mark.postgres
+
+
+def backend_pid(pool: SessionPool, ctx: object, url: str) -> int:
+    with pool.borrow(ctx, url, TIMEOUTS) as conn:  # type: ignore[arg-type]
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+
+
+def test_one_session_is_kept_read_only_and_idle(flask_venv: Path,
+                                                pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    try:
+        first = backend_pid(pool, ctx, pg_database.url)
+        assert backend_pid(pool, ctx, pg_database.url) == first
+        assert pool.started == 1
+        with pool.borrow(ctx, pg_database.url, TIMEOUTS) as conn:
+            assert conn.execute(text("SHOW transaction_read_only")).scalar() == "on"
+        state, app = pg_database.execute(
+            "SELECT state, application_name FROM pg_stat_activity WHERE pid = %s",
+            (first,))[0]
+        assert (state, app) == ("idle", "driftwatch")   # kept, but no transaction open
+    finally:
+        pool.close()
+    assert pg_database.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                               (first,))[0][0] == 0
+
+
+def test_a_lost_connection_is_replaced_before_use(flask_venv: Path,
+                                                  pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    try:
+        first = backend_pid(pool, ctx, pg_database.url)
+        pg_database.execute("SELECT pg_terminate_backend(%s)", (first,))
+        second = backend_pid(pool, ctx, pg_database.url)   # no error: a new session
+        assert second != first and pool.started == 2
+    finally:
+        pool.close()
+
+
+def test_an_error_in_the_block_ends_the_session(flask_venv: Path,
+                                                pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    try:
+        with pytest.raises(database.DatabaseProblem):
+            with pool.borrow(ctx, pg_database.url, TIMEOUTS) as conn:
+                conn.execute(text("SELECT * FROM no_such_table"))
+        assert pool.held == {}
+        backend_pid(pool, ctx, pg_database.url)
+        assert pool.started == 2
+    finally:
+        pool.close()
+
+
+def test_another_environment_is_another_session_and_unused_ones_are_swept(
+        flask_venv: Path, pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    try:
+        old = backend_pid(pool, unit_ctx(flask_venv), pg_database.url)
+        pool.begin()
+        new = backend_pid(pool, unit_ctx(flask_venv, {"TZ": "UTC"}), pg_database.url)
+        assert new != old and len(pool.held) == 2
+        pool.sweep()
+        assert len(pool.held) == 1
+        assert pg_database.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                   (old,))[0][0] == 0
+    finally:
+        pool.close()
+
+
+def test_user_session_borrows_while_a_pool_is_current(flask_venv: Path,
+                                                      pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    token = CURRENT_POOL.set(pool)
+    try:
+        pids = set()
+        for _ in range(3):
+            with user_session(ctx, pg_database.url, TIMEOUTS) as conn:
+                pids.add(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+        assert len(pids) == 1 and pool.started == 1
+    finally:
+        CURRENT_POOL.reset(token)
+        pool.close()
+    with user_session(ctx, pg_database.url, TIMEOUTS) as conn:   # no pool: its own session
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() not in pids
