@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errnos
+import functools
 import ipaddress
 import os
 import posixpath
@@ -90,6 +91,7 @@ class ConnectionVerdict:
 
 
 # -- pure --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
 def _norm_addr(addr: str) -> str:
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])

@@ -18,13 +18,20 @@ import sys
 import textwrap
 
 INSIDE = textwrap.dedent("""
-    import cProfile, io, json, pstats, resource, statistics, sys, tempfile, time
+    import cProfile, ctypes, gc, io, json, pstats, resource, statistics, sys, tempfile, time
+    def rss_kib():
+        return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
+    rss = {"start": rss_kib()}
     from agent.inspector import Inspector, InspectorSettings
+    rss["imported"] = rss_kib()
+    before = set(sys.modules)
     units = json.loads(sys.argv[1]); runs = int(sys.argv[2]); profile = sys.argv[3] == "1"
     state = tempfile.mkdtemp()
     insp = Inspector(InspectorSettings(units=tuple(units), discover_gunicorn=False,
                                        state_path=state + "/state.db"))
     first = insp.inspect(units)
+    rss["first inspection"] = rss_kib()
+    new_modules = sorted({m.split(".")[0] for m in set(sys.modules) - before})
     insp.inspect(units)
     def children():
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -41,7 +48,10 @@ INSIDE = textwrap.dedent("""
            "findings": sorted(f.check for f in snap.units[0].findings),
            "pending": list(snap.units[0].migrations.pending) if snap.units[0].migrations else None,
            "connections": snap.units[0].database_connections,
-           "rss_kib": int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])}
+           "rss_kib": rss, "imported_by_the_first_inspection": new_modules}
+    rss["steady"] = rss_kib()
+    gc.collect(); ctypes.CDLL(None).malloc_trim(0)
+    rss["after gc + malloc_trim"] = rss_kib()
     if profile:
         pr = cProfile.Profile(time.process_time); pr.enable(); insp.inspect(units); pr.disable()
         s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(45)
