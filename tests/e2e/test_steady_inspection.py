@@ -83,3 +83,29 @@ def test_steady_inspection_does_only_what_can_have_changed(site: Callable[..., S
     after = out["after_restart"]
     assert after["failed"] == [] and after["current"] == ["r3"], after
     assert out["restart"][1] == 3
+
+
+HARDENING = ("SystemCallFilter", "SystemCallErrorNumber", "SystemCallArchitectures",
+             "NoNewPrivileges", "CapabilityBoundingSet", "RestrictAddressFamilies")
+BORROW = ("from agent.sources import connections as c\n"
+          "try:\n    c.observe_own([1])\n    print('own')\n"
+          "except c.SocketsUnavailable as exc:\n    print('refused', exc)\n")
+
+
+def test_the_agent_units_hardening_lets_it_look_at_the_sockets_themselves(
+        make_sandbox: Callable[[], Sandbox]) -> None:
+    """Under the syscall filter and capabilities of systemd/driftwatch-agent.service,
+    pidfd_getfd is allowed: the own-sockets path runs, not the host-wide fallback."""
+    from tests.harness.agent import PYTHON
+    from tests.harness.sandbox import REPO_ROOT
+
+    unit = (REPO_ROOT / "systemd" / "driftwatch-agent.service").read_text().splitlines()
+    props = [line for line in unit if line.split("=", 1)[0] in HARDENING]
+    assert any(p == "SystemCallFilter=pidfd_getfd" for p in props), props
+    sb = make_sandbox()
+    sb.boot()
+    argv = ["systemd-run", "--wait", "--pipe", "-q", f"--setenv=PYTHONPATH={REPO_ROOT}"]
+    for prop in props:
+        argv += ["-p", prop]
+    proc = sb.run([*argv, PYTHON, "-c", BORROW], check=False)
+    assert proc.stdout.strip() == "own", (proc.stdout, proc.stderr)
