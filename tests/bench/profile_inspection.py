@@ -13,7 +13,9 @@ one steady inspection (timer: process_time), sorted by cumulative CPU. Needs roo
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
+import socket
 import sys
 import textwrap
 
@@ -62,6 +64,21 @@ INSIDE = textwrap.dedent("""
 """)
 
 
+def hold_idle_sockets(count: int) -> list[socket.socket]:
+    """count loopback TCP sockets (both ends of count/2 connections), idle."""
+    if count <= 0:
+        return []
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    listener = socket.create_server(("127.0.0.1", 0), backlog=count)
+    held = []
+    for _ in range(count // 2):
+        held.append(socket.create_connection(listener.getsockname()))
+        held.append(listener.accept()[0])
+    listener.close()
+    return held
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
     import statistics
@@ -85,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--idle-sockets", type=int, default=0,
+                        help="idle loopback TCP connections held open on the host meanwhile "
+                             "(pairs: N/2 connections; the sandbox shares the network)")
     args = parser.parse_args(argv)
+    idle = hold_idle_sockets(args.idle_sockets)
     cluster = PostgresCluster().start()
     workspace = new_workspace()
     sb = Sandbox()
@@ -123,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent process CPU per inspection: median {statistics.median(own):.1f} ms "
               f"(min {min(own):.1f}, max {max(own):.1f}); per unit "
               f"{statistics.median(own) / args.units:.1f} ms")
+        if idle:
+            print(f"with {len(idle)} idle TCP sockets held open on the host")
         print(f"reaped children CPU per inspection: median {statistics.median(kids):.1f} ms")
         print(json.dumps(out, indent=1))
         if prof:
@@ -130,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(prof_t)
         return 0
     finally:
+        for sock in idle:
+            sock.close()
         sb.destroy()
         cluster.stop()
         shutil.rmtree(workspace, ignore_errors=True)
