@@ -168,14 +168,16 @@ class RemoteConnection:
         except ValueError as exc:
             raise RemoteError(f"the session's answer is not valid JSON ({exc})") from None
 
-    def execute(self, clause: Any, params: Mapping[str, Any] | None = None) -> _Result:
-        """Run one statement (a TextClause or SQL text) as the unit's user."""
+    def execute(self, clause: Any, params: Mapping[str, Any] | None = None,
+                timeout: float | None = None) -> _Result:
+        """Run one statement (a TextClause or SQL text) as the unit's user (timeout: how
+        long to wait for its answer, default the settings' answer_s)."""
         sql = str(getattr(clause, "text", clause))
         request = json.dumps({"sql": sql, "params": dict(params or {})}).encode() + b"\n"
         try:
             self._writer.write(request)
             self._writer.flush()
-            doc = self.read_line(self._settings.answer_s)
+            doc = self.read_line(timeout or self._settings.answer_s)
         except (OSError, RemoteError) as exc:
             self.broken = True
             raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))) from None

@@ -83,7 +83,7 @@ class SessionPool:
         user_session); ended at once when anything goes wrong inside the block."""
         key = session_key(ctx, url, timeouts, allow_root, probe_user)
         held = self.held.get(key)
-        if held is not None and not self._usable(held):
+        if held is not None and not self._usable(held, timeouts):
             self._end(key)
             held = None
         if held is None:
@@ -105,13 +105,14 @@ class SessionPool:
             if not ok or getattr(held.conn, "broken", False):
                 self._end(key)
 
-    def _usable(self, held: _Held) -> bool:
-        """Young enough, not broken, and still answering (a server restart, an idle
-        timeout or a killed child all show here, before the inspection's statements)."""
+    def _usable(self, held: _Held, timeouts: Timeouts) -> bool:
+        """Young enough, not broken, and still answering within the connect timeout (a
+        server restart, an idle timeout, a killed child or a frozen server all show here,
+        before the inspection's statements)."""
         if self.clock() - held.started >= self.lifetime_s or getattr(held.conn, "broken", 0):
             return False
         try:
-            held.conn.execute("SELECT 1")
+            held.conn.execute("SELECT 1", timeout=float(max(1, timeouts.connect_s)))
         except DBAPIError:
             return False
         return True

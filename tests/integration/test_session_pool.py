@@ -4,6 +4,8 @@ started again after errors."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,29 @@ def test_user_session_borrows_while_a_pool_is_current(flask_venv: Path,
         pool.close()
     with user_session(ctx, pg_database.url, TIMEOUTS) as conn:   # no pool: its own session
         assert conn.execute(text("SELECT pg_backend_pid()")).scalar() not in pids
+
+
+def test_a_frozen_backend_is_given_up_after_the_connect_timeout(
+        flask_venv: Path, pg_database: PgDatabase) -> None:
+    """The ping waits connect_s, not a statement's answer_s: a frozen server side costs
+    what a new connection's attempt would."""
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    first = backend_pid(pool, ctx, pg_database.url)
+    waited: list[float] = []
+    held = next(iter(pool.held.values()))
+    execute = held.conn.execute
+
+    def recorded(clause: object, params: object = None, timeout: float | None = None) -> object:
+        waited.append(timeout or 0.0)
+        return execute(clause, params, timeout)
+
+    held.conn.execute = recorded
+    os.kill(first, signal.SIGSTOP)
+    try:
+        second = backend_pid(pool, ctx, pg_database.url)
+        assert second != first and pool.started == 2
+        assert waited == [float(TIMEOUTS.connect_s)]
+    finally:
+        os.kill(first, signal.SIGCONT)
+        pool.close()
