@@ -7,7 +7,7 @@ in its own verified read-only transaction, rolled back at once, so nothing is he
 
 A session is used again only while everything that chose it is the same (the unit's user,
 groups, environment, execution settings, interpreter; the URL; the guard's timeouts), it
-answers a ping, it is younger than LIFETIME_S, and nothing went wrong with it: any error that
+answers a ping (once per run: within a run it answered moments ago), it is younger than LIFETIME_S, and nothing went wrong with it: any error that
 leaves a `with` block, or a lost answer, ends it, and the next use starts a new one. Sessions
 a run did not use are ended after it (sweep); so are a unit's when it restarted (close).
 PostgreSQL only: a held SQLite file would keep answering from a file replaced on disk.
@@ -59,6 +59,8 @@ class _Held:
     stack: ExitStack
     started: float
     used: bool = True
+    # Answered within this run: no ping needed before its next use in the same run.
+    answered: bool = False
 
 
 @dataclass
@@ -104,6 +106,8 @@ class SessionPool:
         finally:
             if not ok or getattr(held.conn, "broken", False):
                 self._end(key)
+            else:
+                held.answered = True
 
     def _usable(self, held: _Held, timeouts: Timeouts) -> bool:
         """Young enough, not broken, and still answering within the connect timeout (a
@@ -111,6 +115,8 @@ class SessionPool:
         before the inspection's statements)."""
         if self.clock() - held.started >= self.lifetime_s or getattr(held.conn, "broken", 0):
             return False
+        if held.answered:
+            return True
         try:
             held.conn.execute("SELECT 1", timeout=float(max(1, timeouts.connect_s)))
         except DBAPIError:
@@ -118,9 +124,10 @@ class SessionPool:
         return True
 
     def begin(self) -> None:
-        """A run starts: nothing used yet."""
+        """A run starts: nothing used yet, nothing answered yet (ping before first use)."""
         for held in self.held.values():
             held.used = False
+            held.answered = False
 
     def sweep(self, units: Iterable[str] | None = None) -> None:
         """After a run: end the sessions it did not use (of units, None: of all)."""

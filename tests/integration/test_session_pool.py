@@ -52,6 +52,7 @@ def test_a_lost_connection_is_replaced_before_use(flask_venv: Path,
     try:
         first = backend_pid(pool, ctx, pg_database.url)
         pg_database.execute("SELECT pg_terminate_backend(%s)", (first,))
+        pool.begin()   # the next inspection run: pinged before its first use
         second = backend_pid(pool, ctx, pg_database.url)   # no error: a new session
         assert second != first and pool.started == 2
     finally:
@@ -124,10 +125,35 @@ def test_a_frozen_backend_is_given_up_after_the_connect_timeout(
 
     held.conn.execute = recorded
     os.kill(first, signal.SIGSTOP)
+    pool.begin()
     try:
         second = backend_pid(pool, ctx, pg_database.url)
         assert second != first and pool.started == 2
         assert waited == [float(TIMEOUTS.connect_s)]
     finally:
         os.kill(first, signal.SIGCONT)
+        pool.close()
+
+
+def test_pinged_once_per_run(flask_venv: Path, pg_database: PgDatabase) -> None:
+    pool = SessionPool()
+    ctx = unit_ctx(flask_venv)
+    try:
+        backend_pid(pool, ctx, pg_database.url)
+        held = next(iter(pool.held.values()))
+        sent: list[str] = []
+        execute = held.conn.execute
+
+        def recorded(clause: object, params: object = None,
+                     timeout: float | None = None) -> object:
+            sent.append(str(getattr(clause, "text", clause)))
+            return execute(clause, params, timeout)
+
+        held.conn.execute = recorded
+        for _ in range(2):   # two runs, two borrows each
+            pool.begin()
+            backend_pid(pool, ctx, pg_database.url)
+            backend_pid(pool, ctx, pg_database.url)
+        assert sent.count("SELECT 1") == 2 and pool.started == 1
+    finally:
         pool.close()
