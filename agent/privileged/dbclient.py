@@ -10,6 +10,7 @@ one-line reason when the session cannot be had.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import selectors
@@ -45,6 +46,10 @@ APPLICATION_NAME = "driftwatch"
 MAX_LINE_BYTES = 8 * 1024 * 1024
 # The child gets this long to start its interpreter and connect, beyond connect_s.
 START_GRACE_S = 10.0
+# While set (by the Inspector, for one inspection run), user_session borrows long-lived
+# sessions from this pool (agent/privileged/sessionpool.py) instead of starting one each time.
+CURRENT_POOL: contextvars.ContextVar[Any] = contextvars.ContextVar("driftwatch_session_pool",
+                                                                   default=None)
 
 
 class RemoteError(Exception):
@@ -135,6 +140,9 @@ class RemoteConnection:
         self._settings = settings
         self._secrets = secrets
         self.statements = 0
+        # A lost, late or garbled answer: the next answer could belong to this statement,
+        # so the session must not be used again.
+        self.broken = False
 
     def read_line(self, timeout: float) -> dict[str, Any]:
         """The child's next answer line; RemoteError on timeout, EOF or garbage."""
@@ -160,15 +168,18 @@ class RemoteConnection:
         except ValueError as exc:
             raise RemoteError(f"the session's answer is not valid JSON ({exc})") from None
 
-    def execute(self, clause: Any, params: Mapping[str, Any] | None = None) -> _Result:
-        """Run one statement (a TextClause or SQL text) as the unit's user."""
+    def execute(self, clause: Any, params: Mapping[str, Any] | None = None,
+                timeout: float | None = None) -> _Result:
+        """Run one statement (a TextClause or SQL text) as the unit's user (timeout: how
+        long to wait for its answer, default the settings' answer_s)."""
         sql = str(getattr(clause, "text", clause))
         request = json.dumps({"sql": sql, "params": dict(params or {})}).encode() + b"\n"
         try:
             self._writer.write(request)
             self._writer.flush()
-            doc = self.read_line(self._settings.answer_s)
+            doc = self.read_line(timeout or self._settings.answer_s)
         except (OSError, RemoteError) as exc:
+            self.broken = True
             raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))) from None
         self.statements += 1
         if "error" in doc:
@@ -228,14 +239,31 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
 
     Where systemd runs the machine, the child is a transient unit with the app unit's own
     execution settings (units without User= get a dynamic user, or probe_user); elsewhere
-    a child process dropped to the unit's User=/Group=.
+    a child process dropped to the unit's User=/Group=. During an inspection run
+    (CURRENT_POOL set) a PostgreSQL session is borrowed from the pool and kept afterwards.
     """
+    pool = CURRENT_POOL.get()
+    if pool is not None and not mode and pool.pooled(url):   # the console is never kept
+        with pool.borrow(ctx, url, timeouts, allow_root, probe_user) as conn:
+            yield conn
+        return
+    with open_session(ctx, url, timeouts, allow_root, probe_user, mode=mode) as conn:
+        yield conn
+
+
+@contextmanager
+def open_session(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool = False,
+                 probe_user: str = "", lifetime_s: float = 0.0,
+                 mode: str = "") -> Iterator[RemoteConnection]:
+    """A new session child for as long as the with block (user_session without the pool);
+    lifetime_s: how long beyond one inspection's statements it may be kept."""
     label = db_label(url)
     settings = SessionSettings(timeouts, answer_s=max(5.0, timeouts.statement_ms / 1000 + 5),
                                allow_root=allow_root, probe_user=probe_user)
     secrets = secret_values(ctx.environment, [url])
     if transient.available(ctx.exec_settings):
-        with _transient_session(ctx, url, settings, secrets, label, mode) as conn:
+        with _transient_session(ctx, url, settings, secrets, label, mode,
+                                lifetime_s) as conn:
             yield conn
         return
     try:
@@ -280,7 +308,7 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
 @contextmanager
 def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
                        secrets: list[str], label: str, mode: str = "",
-                       ) -> Iterator[RemoteConnection]:
+                       lifetime_s: float = 0.0) -> Iterator[RemoteConnection]:
     """The session child as a transient unit with the app unit's execution settings
     (credentials, DynamicUser=, sandboxing as for the app); stdin/stdout are root's pipes."""
     try:
@@ -290,7 +318,8 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
     defaults = {"PGAPPNAME": APPLICATION_NAME,
                 "PGCONNECT_TIMEOUT": str(int(settings.timeouts.connect_s))}
     limits = transient.Limits(runtime_max_s=START_GRACE_S + settings.timeouts.connect_s
-                              + 30 * settings.answer_s, memory_max_bytes=256 * 1024 * 1024)
+                              + lifetime_s + 30 * settings.answer_s,
+                              memory_max_bytes=256 * 1024 * 1024)
     props = transient.transient_properties(
         ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}",
         extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},

@@ -87,12 +87,15 @@ def gather_facts(ctx: AppContext, processes: list[ProcessInfo],
 
 
 def inspect_unit(systemd: SystemdSource, name: str,
-                 previous_restarts: int | None = None) -> UnitReport:
+                 previous_restarts: int | None = None,
+                 process_memo: procs.ProcessMemo | None = None) -> UnitReport:
     """Read one unit and its processes and return its report (raises UnitNotFound).
-    PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising."""
+    PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising.
+    PROCESS_MEMO: processes read before at the same pid and start time are not read again."""
     props = systemd.read_unit(name)
     ctx = build_context(props, gather_inputs(props))
-    processes = procs.unit_processes(props.main_pid) if props.main_pid else []
+    processes = procs.unit_processes(props.main_pid, memo=process_memo, unit=name) \
+        if props.main_pid else []
     facts = gather_facts(ctx, processes, props, previous_restarts)
     report = UnitReport(props, ctx, processes)
     report.findings = unit_findings(props, ctx, processes, facts)

@@ -27,10 +27,11 @@ from agent.privileged.alembic_env import AlembicEnv
 from agent.secrets import mask_url
 from agent.preflight.plan import stale_workers
 from agent.preflight.watch import PreflightWatch
-from agent.privileged.dbclient import user_session
+from agent.privileged.dbclient import CURRENT_POOL, user_session
+from agent.privileged.sessionpool import SessionPool
 from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
-from agent.privileged.sources import connections, database, files, mysql, pooler, sqlite
+from agent.privileged.sources import connections, database, files, mysql, pooler, procs, sqlite
 from agent.privileged.journal_cursors import CursorFile
 from agent.privileged.sources.journal import ErrorWindow, JournalReader
 from agent.privileged.sources.systemd import SystemdSource
@@ -146,6 +147,11 @@ class Inspector:
         self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
         # ... and the objects the revisions after the current one name (unit -> objects).
         self._mysql_live: dict[str, LiveObjects] = {}
+        # What was read of each running process, by (pid, start time): not read again.
+        self._processes = procs.ProcessMemo()
+        # The agent's own database sessions, kept between runs (with the real session child
+        # only: stand-in probes in unit tests keep the one-session-per-use behaviour).
+        self._sessions = SessionPool() if probe is run_probe else None
         self._lock = threading.Lock()
         self.probe_runs = 0
         self.current: tuple[str, str, float] | None = None   # (unit, check, start) running now
@@ -180,7 +186,7 @@ class Inspector:
                     units = list(self.settings.units)
                 finally:
                     self._set_current(None)
-            snaps = tuple(self._isolated(name) for name in units)
+            snaps = self._pooled(units, discovered)
             if discovered:
                 self._prune({u.unit for u in snaps} | set(units))
             self._save_cursors()
@@ -190,18 +196,36 @@ class Inspector:
                         state_store=self._state.condition if self._state is not None else "",
                         journal_window_seconds=float(self.settings.journal_window_seconds))
 
+    def _pooled(self, units: Sequence[str], everything: bool) -> tuple[UnitSnapshot, ...]:
+        """Every unit inspected, the database sessions borrowed from the pool; afterwards
+        the sessions this run did not use are ended (of these units; everything: of all)."""
+        if self._sessions is None:
+            return tuple(self._isolated(name) for name in units)
+        self._sessions.begin()
+        token = CURRENT_POOL.set(self._sessions)
+        try:
+            snaps = tuple(self._isolated(name) for name in units)
+        finally:
+            CURRENT_POOL.reset(token)
+        self._sessions.sweep(None if everything else {u.unit for u in snaps})
+        return snaps
+
     def invalidate(self, unit: str | None = None) -> None:
         """Forget memoised probe results (of one unit, or all): a restart was seen."""
         if unit is None:
             self._probe_memo.clear()
         else:
             self._probe_memo.pop(unit, None)
+        self._processes.forget(unit)
+        if self._sessions is not None:
+            self._sessions.close(unit)
         if self.preflight is not None:
             self.preflight.invalidate(unit)
 
     def _prune(self, alive: set[str]) -> None:
         """Forget what was kept per unit for units no longer watched (removed, renamed)."""
-        for cache in (self._probe_memo, self._journals, self._journal_totals):
+        for cache in (self._probe_memo, self._journals, self._journal_totals,
+                      self._processes.units):
             for unit in [u for u in cache if u not in alive]:
                 del cache[unit]
 
@@ -211,7 +235,9 @@ class Inspector:
             self.on_current(running)
 
     def close(self) -> None:
-        """Release the D-Bus connection and the state store."""
+        """Release the database sessions, the D-Bus connection and the state store."""
+        if self._sessions is not None:
+            self._sessions.close()
         self.systemd.close()
         if self._state is not None:
             self._state.close()
@@ -247,7 +273,8 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
-                report = inspect_unit(self.systemd, name, self._restarts.get(name))
+                report = inspect_unit(self.systemd, name, self._restarts.get(name),
+                                      self._processes)
                 self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)

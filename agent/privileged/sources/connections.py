@@ -7,10 +7,21 @@ NETLINK_SOCK_DIAG dump of AF_UNIX sockets (what `ss -x` uses) gives every socket
 its peer's inode and, for the server side, the bound path. The worker's socket inode
 (from /proc/PID/fd) -> peer inode -> the peer's path, e.g. /run/postgresql/.s.PGSQL.5432.
 The dump covers the agent's network namespace, which is the host's for normal services.
+
+Steady state (root): nothing of the host's other sockets is read. The processes' own socket
+inodes come from /proc/PID/fd; each socket is looked at through a duplicate of its descriptor
+(pidfd_getfd(2), the ptrace access root has): family, TCP state, both addresses, the unix
+peer's path and credentials; a unix socket's peer inode by an exact sock_diag lookup of its
+own inode (only for a socket whose peer is a PostgreSQL socket). The cost grows with the
+unit's sockets, not the host's. Where pidfd_getfd is refused (not
+root, an old kernel) the table scan above is the fallback.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno as errnos
+import functools
 import ipaddress
 import os
 import posixpath
@@ -21,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+
+from agent.privileged.sources import procs
 
 PG_SOCKET_PREFIX = ".s.PGSQL."
 # Ports that speak the PostgreSQL protocol by convention (server, pgbouncer).
@@ -43,6 +56,8 @@ class ObservedConnection:
     socket_path: str = ""
     # Unix: the inode of the server side of the connection (its backend holds it).
     peer_inode: int = 0
+    # Unix: the pid that listened on the server's socket (SO_PEERCRED), 0 when unknown.
+    peer_pid: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -76,6 +91,7 @@ class ConnectionVerdict:
 
 
 # -- pure --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
 def _norm_addr(addr: str) -> str:
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
@@ -208,19 +224,33 @@ def backend_pids(observed: Iterable[ObservedConnection],
                     found[tcp[key]] = c.pid
     unix = {c.peer_inode: c for c in observed if c.kind == "unix" and c.peer_inode}
     if unix:
-        for process in psutil.process_iter(["name"]):
-            name = process.info.get("name") or ""
-            if not name.startswith(("postgres", "postmaster")):
-                continue
+        for pid in _server_processes(observed, proc):
             try:
-                fds = os.listdir(f"{proc}/{process.pid}/fd")
+                fds = os.listdir(f"{proc}/{pid}/fd")
             except OSError:
                 continue
             for fd in fds:
-                inode = _socket_inode(process.pid, int(fd), proc)
+                inode = _socket_inode(pid, int(fd), proc)
                 if inode in unix:
-                    found[unix[inode]] = process.pid
+                    found[unix[inode]] = pid
     return found
+
+
+def _server_processes(observed: list[ObservedConnection], proc: str) -> list[int]:
+    """The processes that may hold the server side of the unix connections: the children
+    of the postmasters that listen on them (SO_PEERCRED), else every postgres process."""
+    listeners = {c.peer_pid for c in observed if c.kind == "unix" and c.peer_pid > 0}
+    pids: list[int] = []
+    for listener in sorted(listeners):
+        kids = procs.descendants(listener, proc)
+        if kids is None:   # gone, or no children files: look at every postgres process
+            listeners = set()
+            break
+        pids += kids
+    if listeners:
+        return pids
+    return [p.pid for p in psutil.process_iter(["name"])
+            if (p.info.get("name") or "").startswith(("postgres", "postmaster"))]
 
 
 # -- I/O ---------------------------------------------------------------------------------------
@@ -296,8 +326,149 @@ def _socket_inode(pid: int, fd: int, proc: str) -> int | None:
     return int(link[8:-1]) if link.startswith("socket:[") else None
 
 
+SYS_PIDFD_GETFD = 438   # the same number on every architecture (unified syscall table)
+TCP_INFO_STATE = 0      # offset of tcpi_state in struct tcp_info
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SocketsUnavailable(OSError):
+    """A process's sockets cannot be looked at one by one (no pidfd_getfd access)."""
+
+
+def socket_inodes(pid: int, proc: str = "/proc") -> list[tuple[int, int]]:
+    """(fd, socket inode) of every socket pid holds (/proc/PID/fd)."""
+    found = []
+    for fd in os.listdir(f"{proc}/{pid}/fd"):
+        inode = _socket_inode(pid, int(fd), proc)
+        if inode is not None:
+            found.append((int(fd), inode))
+    return found
+
+
+def _borrow(pidfd: int, fd: int) -> int:
+    """A duplicate of another process's descriptor (pidfd_getfd); SocketsUnavailable when
+    the kernel or the agent's privileges refuse it, OSError when that fd is gone."""
+    dup = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if dup < 0:
+        err = ctypes.get_errno()
+        if err in (errnos.EPERM, errnos.ENOSYS, errnos.EACCES):
+            raise SocketsUnavailable(err, os.strerror(err))
+        raise OSError(err, os.strerror(err))
+    return dup
+
+
+def unix_socket_info(inode: int) -> tuple[int, int, str] | None:
+    """One AF_UNIX socket by inode (an exact sock_diag lookup, no dump): (state, peer inode,
+    bound path), None when no such socket exists."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(2.0)
+        req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode,
+                          UDIAG_SHOW_NAME | UDIAG_SHOW_PEER, 0xFFFFFFFF, 0xFFFFFFFF)
+        nl.send(struct.pack("=LHHLL", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
+                            1, 0) + req)
+        data = nl.recv(65536)
+    if len(data) < 16:
+        return None
+    length, mtype = struct.unpack_from("=LH", data)
+    if mtype == NLMSG_ERROR:
+        return None   # ENOENT: no unix socket has that inode
+    table: dict[int, tuple[int, str]] = {}
+    _parse_unix_diag(data[16:length], table)
+    if inode not in table:
+        return None
+    return data[16 + 2], *table[inode]
+
+
+def _socket_connection(pid: int, sock: socket.socket, inode: int,
+                       ) -> ObservedConnection | None:
+    """The connection one borrowed socket stands for, as observe() reports it."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[TCP_INFO_STATE]
+        if state != TCP_ESTABLISHED:
+            return None
+        try:
+            remote = sock.getpeername()
+        except OSError:
+            return None
+        local = sock.getsockname()
+        return ObservedConnection(pid, "tcp", _norm_addr(local[0]), local[1],
+                                  _norm_addr(remote[0]), remote[1])
+    if sock.family != socket.AF_UNIX:
+        return None
+    if sock.getsockname():
+        return None   # bound: the process is a server, not a client
+    try:
+        peer_name = sock.getpeername()
+    except OSError:
+        return None   # not connected
+    path = peer_name if isinstance(peer_name, str) else ""   # abstract names have no path
+    peer, peer_pid = 0, 0
+    if posixpath.basename(path).startswith(PG_SOCKET_PREFIX):
+        # Only a database connection needs its server side (to name the backend later).
+        info = unix_socket_info(inode)
+        peer = info[1] if info is not None else 0
+        if sock.type == socket.SOCK_STREAM:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer_pid = struct.unpack("=iII", creds)[0]
+    return ObservedConnection(pid, "unix", socket_path=path, peer_inode=peer, peer_pid=peer_pid)
+
+
+def observe_own(pids: Iterable[int], proc: str = "/proc",
+                ) -> tuple[list[ObservedConnection], list[str]]:
+    """observe(), looking only at the processes' own sockets (SocketsUnavailable when
+    their descriptors cannot be borrowed)."""
+    observed: list[ObservedConnection] = []
+    errors: list[str] = []
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            errors.append(f"pid {pid}: cannot read its connections: {exc}")
+            continue
+        try:
+            try:
+                sockets = socket_inodes(pid, proc)
+            except OSError as exc:
+                errors.append(f"pid {pid}: cannot read its connections: {exc}")
+                continue
+            for fd, inode in sockets:
+                try:
+                    dup = _borrow(pidfd, fd)
+                except SocketsUnavailable:
+                    raise
+                except OSError:
+                    continue  # closed meanwhile
+                try:
+                    sock = socket.socket(fileno=dup)
+                except OSError:
+                    os.close(dup)
+                    continue
+                try:
+                    conn = _socket_connection(pid, sock, inode)
+                except OSError as exc:
+                    errors.append(f"pid {pid}: socket {inode}: {exc}")
+                    conn = None
+                finally:
+                    sock.close()   # our duplicate only: the process's socket stays open
+                if conn is not None:
+                    observed.append(conn)
+        finally:
+            os.close(pidfd)
+    return observed, errors
+
+
 def observe(pids: Iterable[int], proc: str = "/proc") -> tuple[list[ObservedConnection], list[str]]:
     """Established TCP and unix-socket connections of pids; errors as texts, never raised."""
+    pids = list(pids)
+    try:
+        return observe_own(pids, proc)
+    except SocketsUnavailable:
+        return observe_scan(pids, proc)
+
+
+def observe_scan(pids: Iterable[int], proc: str = "/proc",
+                 ) -> tuple[list[ObservedConnection], list[str]]:
+    """observe() through psutil and a sock_diag dump: reads the host's socket tables."""
     observed: list[ObservedConnection] = []
     errors: list[str] = []
     unix_table: Mapping[int, tuple[int, str]] | None = None

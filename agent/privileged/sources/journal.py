@@ -1,7 +1,8 @@
 """A unit's recent "missing column / missing table" errors from the journal, counted by kind.
 
-Reading: pystemd.journal can only write to the journal (sendv/log), so entries are read
-with `journalctl -u UNIT -o json` in a subprocess with a timeout, over a bounded window
+Reading: through the sd-journal API in this process (agent/privileged/sources/journal_api.py,
+systemd-python) where it is installed, else with `journalctl -u UNIT -o json` in a
+subprocess with a timeout (pystemd.journal can only write); both over a bounded window
 (--since, -n) and after the cursor of the previous read, so a Prometheus counter only ever
 adds new entries. A read without a cursor looks back over the window: its entries are history
 (a baseline, for the look-back gauge), never added to the counter. Parsing and counting are pure
@@ -13,11 +14,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.secrets import mask_url
+from agent.privileged.sources import journal_api
 
 UNDEFINED_COLUMN = "undefined_column"
 UNDEFINED_TABLE = "undefined_table"
@@ -180,6 +183,14 @@ class JournalReader:
     journalctl: str = "journalctl"
     cursor: str | None = None
     runner: Runner = field(default=subprocess.run, repr=False)
+    # "auto": the sd-journal API when systemd-python is installed and neither runner nor
+    # journalctl was replaced; "journalctl": always the subprocess.
+    source: str = "auto"
+
+    def uses_api(self) -> bool:
+        """True when reads go through the sd-journal API instead of journalctl."""
+        return (self.source == "auto" and journal_api.available()
+                and self.runner is subprocess.run and self.journalctl == "journalctl")
 
     def argv(self, cursor: str | None) -> list[str]:
         """The journalctl command line for a read after cursor (or over the window)."""
@@ -199,26 +210,41 @@ class JournalReader:
         back over the window and is marked baseline: history, not new errors.
         """
         baseline = not self.cursor
-        proc, error = self._run(self.cursor)
-        if proc is not None and proc.returncode != 0 and self.cursor:
+        entries, error, refused = self._entries(self.cursor)
+        if refused and self.cursor:
             # A rotated-away or foreign cursor: fall back to the window, once.
             baseline = True
-            proc, error = self._run(None)
-        return self._scan(proc, error, baseline, move_cursor=True)
+            entries, error, refused = self._entries(None)
+        return self._scan(entries, error, baseline, move_cursor=True)
 
     def read_window(self) -> JournalScan:
         """The errors of the look-back window, without moving the cursor (a baseline)."""
-        proc, error = self._run(None)
-        return self._scan(proc, error, True, move_cursor=False)
+        entries, error, _ = self._entries(None)
+        return self._scan(entries, error, True, move_cursor=False)
 
-    def _scan(self, proc: subprocess.CompletedProcess[str] | None, error: str, baseline: bool,
+    def _entries(self, cursor: str | None) -> tuple[list[dict[str, Any]] | None, str, bool]:
+        """(entries, error, refused): entries None when the read failed; refused when the
+        journal said no (journalctl's non-zero exit, the API's error), e.g. to a cursor."""
+        if self.uses_api():
+            since = int((time.time() - self.window_minutes * 60) * 1_000_000)
+            try:
+                return journal_api.read_entries(self.unit, cursor, since,
+                                                self.max_entries), "", False
+            except OSError as exc:
+                return None, f"the journal refused the read: {exc.strerror or exc}", True
+        proc, error = self._run(cursor)
+        if proc is None:
+            return None, error, False
+        if proc.returncode != 0:
+            return None, (f"journalctl exited {proc.returncode}: "
+                          + sample(proc.stderr or "", 200)), True
+        return parse_json_lines(proc.stdout), "", False
+
+    def _scan(self, entries: list[dict[str, Any]] | None, error: str, baseline: bool,
               move_cursor: bool) -> JournalScan:
-        if proc is None or proc.returncode != 0:
-            if proc is not None:
-                error = f"journalctl exited {proc.returncode}: " + sample(proc.stderr or "", 200)
+        if entries is None:
             return JournalScan(self.unit, {k: 0 for k in KINDS}, cursor=self.cursor,
                                error=error, baseline=baseline)
-        entries = parse_json_lines(proc.stdout)
         counts, samples, events = scan_errors(entries)
         if move_cursor and entries and entries[-1].get("__CURSOR"):
             self.cursor = str(entries[-1]["__CURSOR"])

@@ -1,0 +1,150 @@
+"""Long-lived database sessions: one per unit and database, kept between inspections.
+
+Starting the session child (a transient unit, its interpreter, the driver, the connection)
+costs far more than the few statements of a steady inspection. The pool keeps each child
+(agent/privileged/dbclient.py) open and idle between inspections; every statement still runs
+in its own verified read-only transaction, rolled back at once, so nothing is held open.
+
+A session is used again only while everything that chose it is the same (the unit's user,
+groups, environment, execution settings, interpreter; the URL; the guard's timeouts), it
+answers a ping (once per run: within a run it answered moments ago), it is younger than LIFETIME_S, and nothing went wrong with it: any error that
+leaves a `with` block, or a lost answer, ends it, and the next use starts a new one. Sessions
+a run did not use are ended after it (sweep); so are a unit's when it restarted (close).
+PostgreSQL only: a held SQLite file would keep answering from a file replaced on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from agent.context import AppContext
+from agent.privileged import dbclient
+from agent.privileged.sources.database import DatabaseProblem, Timeouts, backend_of, db_label, \
+    describe_error
+
+# Shorter than the session unit's own RuntimeMaxSec (which adds this to its usual bound).
+LIFETIME_S = 300.0
+
+
+def session_key(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool,
+                probe_user: str) -> str:
+    """Pure: a digest of everything that decides what session a child opens (the connect
+    timeout only bounds the start, so it is not part of it)."""
+    chosen = {
+        "unit": ctx.unit, "user": ctx.user, "group": ctx.group,
+        "groups": list(ctx.supplementary_groups), "cwd": ctx.working_directory,
+        "python": ctx.python, "venv": ctx.venv, "dynamic": ctx.dynamic_user,
+        "env": sorted(ctx.environment.items()),
+        "exec": sorted((str(k), repr(v)) for k, v in ctx.exec_settings.items()),
+        "url": url, "guard": [timeouts.statement_ms, timeouts.lock_ms,
+                              timeouts.idle_in_transaction_ms],
+        "allow_root": allow_root, "probe_user": probe_user,
+    }
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Held:
+    unit: str
+    label: str
+    conn: Any
+    stack: ExitStack
+    started: float
+    used: bool = True
+    # Answered within this run: no ping needed before its next use in the same run.
+    answered: bool = False
+
+
+@dataclass
+class SessionPool:
+    """The sessions kept between inspection runs, by session_key."""
+
+    lifetime_s: float = LIFETIME_S
+    opener: Callable[..., Any] = field(default=dbclient.open_session, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    held: dict[str, _Held] = field(default_factory=dict)
+    started: int = 0   # sessions started (for tests and the benchmark)
+
+    @staticmethod
+    def pooled(url: str) -> bool:
+        """Kept between runs: PostgreSQL sessions only."""
+        return backend_of(url) == "postgresql"
+
+    @contextmanager
+    def borrow(self, ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool = False,
+               probe_user: str = "") -> Iterator[Any]:
+        """The kept session for these settings, or a new one (DatabaseProblem as
+        user_session); ended at once when anything goes wrong inside the block."""
+        key = session_key(ctx, url, timeouts, allow_root, probe_user)
+        held = self.held.get(key)
+        if held is not None and not self._usable(held, timeouts):
+            self._end(key)
+            held = None
+        if held is None:
+            stack = ExitStack()
+            conn = stack.enter_context(self.opener(ctx, url, timeouts, allow_root, probe_user,
+                                                   lifetime_s=self.lifetime_s))
+            held = _Held(ctx.unit, db_label(url), conn, stack, self.clock())
+            self.held[key] = held
+            self.started += 1
+        held.used = True
+        ok = False
+        try:
+            try:
+                yield held.conn
+            except DBAPIError as exc:
+                raise DatabaseProblem(describe_error(held.label, exc)) from None
+            ok = True
+        finally:
+            if not ok or getattr(held.conn, "broken", False):
+                self._end(key)
+            else:
+                held.answered = True
+
+    def _usable(self, held: _Held, timeouts: Timeouts) -> bool:
+        """Young enough, not broken, and still answering within the connect timeout (a
+        server restart, an idle timeout, a killed child or a frozen server all show here,
+        before the inspection's statements)."""
+        if self.clock() - held.started >= self.lifetime_s or getattr(held.conn, "broken", 0):
+            return False
+        if held.answered:
+            return True
+        try:
+            held.conn.execute("SELECT 1", timeout=float(max(1, timeouts.connect_s)))
+        except DBAPIError:
+            return False
+        return True
+
+    def begin(self) -> None:
+        """A run starts: nothing used yet, nothing answered yet (ping before first use)."""
+        for held in self.held.values():
+            held.used = False
+            held.answered = False
+
+    def sweep(self, units: Iterable[str] | None = None) -> None:
+        """After a run: end the sessions it did not use (of units, None: of all)."""
+        wanted = None if units is None else set(units)
+        for key in [k for k, h in self.held.items()
+                    if not h.used and (wanted is None or h.unit in wanted)]:
+            self._end(key)
+
+    def close(self, unit: str | None = None) -> None:
+        """End the sessions of one unit (a restart was seen), or all."""
+        for key in [k for k, h in self.held.items() if unit is None or h.unit == unit]:
+            self._end(key)
+
+    def _end(self, key: str) -> None:
+        held = self.held.pop(key, None)
+        if held is not None:
+            try:
+                held.stack.close()
+            except Exception:  # ending a dead child must never fail an inspection
+                pass
