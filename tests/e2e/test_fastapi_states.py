@@ -164,6 +164,7 @@ def test_workers_on_one_database_while_the_env_file_names_another(
         assert f"After a restart: {staging} never migrated (no alembic_version table): a " \
             "restart would make it worse" in message
         assert f"now: bring {db.name} to head" in found["remedy"]
+        assert "alembic upgrade" in found["remedy"]   # the command this app migrates with
         assert f"before any restart: if {staging} is meant, migrate it first" in found["remedy"]
         assert f"by name: {db.name} as {db.owner}" in unit["database_connections"]
         assert db.password not in json.dumps(unit)
@@ -196,6 +197,7 @@ def test_role_that_may_not_migrate(
         assert f"database role {role} of {UNIT} may not CREATE in schema public" \
             in found["message"]
         assert f"items (owner {db.owner})" in found["message"]
+        assert "`alembic upgrade` for a plain Alembic app) will fail" in found["message"]
         assert f"GRANT CREATE ON SCHEMA public TO {role}" in found["remedy"]
         assert f"GRANT {db.owner} TO {role}" in found["remedy"]
         assert password not in json.dumps(unit)
