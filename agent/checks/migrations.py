@@ -246,8 +246,9 @@ def privilege_findings(unit: str, user: str, schema: str, superuser: bool, can_c
         remedy.append(f"ALTER TABLE ... OWNER TO {user} (or GRANT {', '.join(owners)} TO {user})")
     return [Finding(
         "insufficient_db_privileges", "warning",
-        f"database role {user} of {unit} {' and '.join(problems)}: `flask db upgrade` will "
-        "fail to create, alter or drop objects",
+        f"database role {user} of {unit} {' and '.join(problems)}: the upgrade (`flask db "
+        "upgrade`, or `alembic upgrade` for a plain Alembic app) will fail to create, alter or "
+        "drop objects",
         "grant the required privileges to the production database user: " + "; ".join(remedy))]
 
 

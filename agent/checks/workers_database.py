@@ -82,8 +82,9 @@ def mismatch_findings(unit: str, server: str, now: DatabaseSide, restart: Databa
         f"{restart_verdict(now, restart)}")
     remedies = []
     if badness(now):
-        remedies.append(f"now: bring {now.database} to head (flask db upgrade with the URL "
-                        f"that names {now.database}) so the running workers stop failing")
+        remedies.append(f"now: bring {now.database} to head (flask db upgrade, or alembic "
+                        f"upgrade for a plain Alembic app, with the URL that names "
+                        f"{now.database}) so the running workers stop failing")
     else:
         remedies.append(f"now: {now.database} is fine for the running code")
     if badness(restart):

@@ -46,8 +46,8 @@ def alembic(venv: Path, root: Path, url: str, *args: str) -> subprocess.Complete
 
 
 def run_site(make_sandbox: Callable[[], Sandbox], venv: Path, root: Path,
-             url: str) -> Sandbox:
-    port = free_port()
+             url: str, port: int | None = None) -> Sandbox:
+    port = port or free_port()
     sb = make_sandbox()
     sb.add_file(ENV_FILE, env_file_text({"DATABASE_URL": url}))
     sb.add_unit(UNIT, gunicorn_unit(venv=venv, app_dir=root, port=port, app_spec=APP_SPEC,

@@ -43,6 +43,19 @@ app = FastAPI()
 @app.get("/healthz")
 def healthz():
     return "ok"
+
+
+@app.get("/db")
+def db_state():
+    """Select every item through the model (a schema behind it raises UndefinedColumn); the
+    pool keeps the worker's connection open afterwards, as a real app's does."""
+    from shop.models import Item
+
+    with engine.connect() as conn:
+        revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
+        revision = sorted(revision.all())
+        items = len(conn.execute(sa.select(Item)).all())
+    return {"revision": revision, "items": items}
 '''
 
 ALEMBIC_INI = '''[alembic]

@@ -497,7 +497,8 @@ def test_activity_and_privilege_messages_in_full() -> None:
                               [("users", "postgres"), ("posts", "admin")])
     assert f.message == (f"database role app of {UNIT} may not CREATE in schema public and "
                          "does not own 2 table(s): users (owner postgres), posts (owner admin): "
-                         "`flask db upgrade` will fail to create, alter or drop objects")
+                         "the upgrade (`flask db upgrade`, or `alembic upgrade` for a plain "
+                         "Alembic app) will fail to create, alter or drop objects")
     assert f.remedy.endswith("(or GRANT admin, postgres TO app)")
 
 
