@@ -194,12 +194,9 @@ def serve_sqlite(request, fd_out, lines):
         _write(fd_out, {"ok": True})
         for line in lines:
             try:
-                ask = json.loads(line)
-                sql = str(ask["sql"])
-                if ";" in sql.strip().rstrip(";"):
-                    raise ValueError("one statement at a time (no ';')")
+                sql, params = one_statement(line)
                 verify_sqlite(conn)  # noqa: F821 (bundled readonly.py)
-                cur = conn.execute(sql, dict(ask.get("params") or {}))
+                cur = conn.execute(sql, dict(params))
                 try:
                     rows = [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
                         if cur.description is not None else []
