@@ -33,12 +33,15 @@ def test_crash_loop_is_named(make_sandbox: Callable[[], Sandbox],
     app = make_app()
     (app.root / "wsgi.py").write_text("import os\nos.environ['MISSING_SETTING']\n")
     sb = make_sandbox()
-    # Restart=always, RestartSec=1 (the harness's), no start limit: it loops for ever.
+    # Restart=always, no start limit: it loops for ever. RestartSec=4 (over the harness's 1):
+    # a one-shot agentctl sees the loop in the auto-restart pause, so make the pause most of
+    # each cycle (with 1 s the app's own start time dominated on a loaded machine).
     sb.add_unit(UNIT, gunicorn_unit(venv=flask_venv, app_dir=app, port=free_port(),
-                                    restart="always", service="StartLimitIntervalSec=0"))
+                                    restart="always",
+                                    service="StartLimitIntervalSec=0\nRestartSec=4"))
     sb.boot()
     sb.systemctl("start", UNIT, check=False)
-    deadline = time.monotonic() + 30  # a bound for the loop to show, not a timing assertion
+    deadline = time.monotonic() + 60  # a bound for the loop to show, not a timing assertion
     seen: list[list[str]] = []
     while time.monotonic() < deadline:
         report = agentctl_json(sb, "context", UNIT)
@@ -54,7 +57,7 @@ def test_crash_loop_is_named(make_sandbox: Callable[[], Sandbox],
     # The text form exits 1 when it sees the loop. A one-shot run has no memory of NRestarts:
     # caught while the unit is briefly up between two starts it sees no loop (the daemon
     # does, from the rise since its last inspection), so look until a run catches it.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     proc = agentctl(sb, "context", UNIT)
     while "unit_crash_loop" not in proc.stdout and time.monotonic() < deadline:
         time.sleep(0.3)
