@@ -141,6 +141,7 @@ def test_sqlite_upgrade_is_serialised_by_flock_on_the_database_file(
 
 
 GO = "/run/dw-test-go-r4"  # inside the sandbox: root writes it, www-data sees it
+STARTED = "/tmp/dw-test-r4-started"  # inside the sandbox: r4 (as www-data) says it runs
 
 
 @pytest.mark.systemd
@@ -148,8 +149,12 @@ def test_two_sqlite_upgrades_at_once_one_is_refused(
         sqlite_site: Callable[..., SqliteSite]) -> None:  # noqa: F811
     # r4 works until the test says go, outside any SQLite transaction (Alembic's SQLite DDL
     # is not transactional): SQLite's own write lock does not keep a second upgrade out then.
+    # Online only: the preflight renders r4 offline (upgrade() runs with as_sql), and waiting
+    # there made the preflight's probe time out after 30 s on every run.
     slow = Revision("r4", "r3", upgrade=(
-        "[__import__('time').sleep(0.1) for _ in "
+        "if not op.get_context().as_sql:\n"
+        f"    open({STARTED!r}, 'w').close()\n"
+        "    [__import__('time').sleep(0.1) for _ in "
         f"iter(lambda: __import__('os').path.exists({GO!r}), True)]"))
     s = sqlite_site(AppSpec().with_revisions(slow), files={"app.db": "r3"})
     db = str(s.folder / "app.db")
@@ -161,13 +166,16 @@ def test_two_sqlite_upgrades_at_once_one_is_refused(
     try:
         deadline = time.monotonic() + 150  # its checks and preflight come first
         held = False
+        # r4 runs only once the upgrade holds the flock: wait for it to say so (polling with
+        # `flock -n` took the lock for an instant and once made the first upgrade refuse).
         while time.monotonic() < deadline and not held and first.poll() is None:
-            # flock(1), as a deploy script would use it: fails while the upgrade holds it.
-            held = s.sb.run(["flock", "-n", db, "true"], check=False).returncode == 1
+            held = s.sb.run(["test", "-e", STARTED], check=False).returncode == 0
             time.sleep(0.1)
         if not held:
             out, err = first.communicate(timeout=120)
-            raise AssertionError(f"the first upgrade never took the flock: {out}{err}")
+            raise AssertionError(f"the first upgrade never reached r4: {out}{err}")
+        # flock(1), as a deploy script would use it: refused while the upgrade holds it.
+        assert s.sb.run(["flock", "-n", db, "true"], check=False).returncode == 1
         second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     finally:
         s.sb.write_file(GO, "go\n")
