@@ -986,6 +986,7 @@ def probe_plain_alembic(request, report):
     revision graph from alembic.ini, drift by running env.py like `alembic check`, and the
     URL env.py really connected with (from alembic.ini, env.py or the environment)."""
     from alembic.config import Config
+    report["plain_alembic"] = True  # remedies then name `alembic ...`, not `flask db ...`
     config = Config(os.path.abspath("alembic.ini"))
     location = config.get_main_option("script_location") or "migrations"
     report["migrations_dir"] = os.path.abspath(location)

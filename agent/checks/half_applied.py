@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.checks.commands import alembic_cli, where_to_run
 from agent.model import Finding
 
 # The operations whose effect on the live schema can be seen by name.
@@ -165,9 +166,11 @@ VERB_DONE = {"create_table": "exists", "add_column": "exists", "create_index": "
 
 
 def half_applied_findings(unit: str, current: Sequence[str], found: Sequence[HalfApplied],
-                          table: str = "alembic_version", pending: int = 0) -> list[Finding]:
+                          table: str = "alembic_version", pending: int = 0,
+                          plain_alembic: bool = False) -> list[Finding]:
     """Pure: one critical finding per revision that ran in part, with its objects and the
-    remedy (finish it by hand, then stamp it)."""
+    remedy (finish it by hand, then stamp it); `alembic ...` for a plain Alembic app."""
+    cli, where = alembic_cli(plain_alembic), where_to_run(plain_alembic)
     out = []
     at = ", ".join(current) or "(empty)"
     for h in found:
@@ -177,21 +180,22 @@ def half_applied_findings(unit: str, current: Sequence[str], found: Sequence[Hal
             state = f"{name} ran in part and failed: already done: {did}; not done: " \
                 f"{_listed(h.left)}"
             remedy = (f"finish revision {h.revision} by hand ({_listed(h.left)}), then "
-                      f"`flask db stamp {h.revision}` (agentctl exec {unit} -- flask db stamp "
+                      f"`{cli} stamp {h.revision}`{where} (agentctl exec {unit} -- {cli} stamp "
                       f"{h.revision})")
         else:
             state = f"{name} is applied but was not recorded: {did}"
-            remedy = (f"check the objects of revision {h.revision}, then `flask db stamp "
-                      f"{h.revision}` (agentctl exec {unit} -- flask db stamp {h.revision})")
+            remedy = (f"check the objects of revision {h.revision}, then `{cli} stamp "
+                      f"{h.revision}`{where} (agentctl exec {unit} -- {cli} stamp "
+                      f"{h.revision})")
         if h.unknown:
             state += f" ({h.unknown} step(s) of it, e.g. raw SQL or data changes, cannot be " \
                 "checked)"
         rest = pending - 1
-        after = f"; then `flask db upgrade` for the {rest} revision(s) after it" if rest > 0 \
+        after = f"; then `{cli} upgrade` for the {rest} revision(s) after it" if rest > 0 \
             else ""
         out.append(Finding(
             "half_applied_revision", "critical",
-            f"{table} of {unit} says {at}, but {state}: `flask db upgrade` would fail on the "
+            f"{table} of {unit} says {at}, but {state}: `{cli} upgrade` would fail on the "
             "objects that already exist (MySQL/MariaDB cannot roll DDL back)",
             remedy + after))
     return out

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.checks.commands import alembic_cli, where_to_run
 from agent.model import Finding
 
 # How many revision ids a message lists before it says "and N more".
@@ -141,11 +142,13 @@ def graph_problems(graph: Sequence[Revision]) -> tuple[str, ...]:
 
 
 def evaluate(unit: str, current: Sequence[str] | None, graph: Sequence[Revision],
-             version_table: str = "alembic_version", graph_error: str = "") -> MigrationState:
+             version_table: str = "alembic_version", graph_error: str = "",
+             plain_alembic: bool = False) -> MigrationState:
     """Current revisions (None: no version table) + revision graph -> state and findings.
 
     GRAPH_ERROR: the scripts could not be read at all (reported as migration_scripts_broken
-    by the probe); with no graph nothing can be said about the database's revisions."""
+    by the probe); with no graph nothing can be said about the database's revisions.
+    PLAIN_ALEMBIC: the probe loaded a plain Alembic app, so remedies name `alembic ...`."""
     heads = heads_of(graph)
     problems = graph_problems(graph)
     exists = current is not None
@@ -163,11 +166,14 @@ def evaluate(unit: str, current: Sequence[str] | None, graph: Sequence[Revision]
         pending = upgrade_order(graph, wanted)
     state = MigrationState(unit, exists, current_t, heads, pending, unknown, problems)
     return MigrationState(**{**state.__dict__,
-                             "findings": tuple(_findings(state, graph, version_table))})
+                             "findings": tuple(_findings(state, graph, version_table,
+                                                          plain_alembic))})
 
 
-def _findings(s: MigrationState, graph: Sequence[Revision], table: str) -> list[Finding]:
+def _findings(s: MigrationState, graph: Sequence[Revision], table: str,
+              plain_alembic: bool = False) -> list[Finding]:
     unit = s.unit
+    cli, where = alembic_cli(plain_alembic), where_to_run(plain_alembic)
     upgrade = f"run `agentctl upgrade {unit} --restart`"
     out: list[Finding] = []
     if s.graph_errors:
@@ -192,7 +198,7 @@ def _findings(s: MigrationState, graph: Sequence[Revision], table: str) -> list[
             f"{table} of {unit} exists but holds no revision (stamped or downgraded to base, "
             f"or a first upgrade failed): {len(s.pending or ())} migration(s) not applied",
             f"if the schema really is empty, {upgrade}; if the tables already exist, find the "
-            "revision the schema matches and `flask db stamp` it instead of upgrading"))
+            f"revision the schema matches and `{cli} stamp` it{where} instead of upgrading"))
     if s.unknown:
         out.append(Finding(
             "db_revision_unknown", "critical",
@@ -206,8 +212,8 @@ def _findings(s: MigrationState, graph: Sequence[Revision], table: str) -> list[
         out.append(Finding(
             "multiple_heads", "critical" if s.pending else "warning",
             f"the migrations of {unit} have {len(s.heads)} heads ({_listed(s.heads)}): the "
-            "history branched and `flask db upgrade` cannot pick a single upgrade path",
-            "create a merge migration: flask db merge heads (where you develop, not in "
+            f"history branched and `{cli} upgrade` cannot pick a single upgrade path",
+            f"create a merge migration: {cli} merge heads (where you develop, not in "
             f"production), deploy it, then {upgrade}"))
     if s.pending and s.current:
         out.append(Finding(

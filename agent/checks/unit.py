@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.checks.commands import alembic_cli
 from agent.context import AppContext
 from agent.model import Finding, ProcessInfo, UnitProperties
 
@@ -223,7 +224,8 @@ def check_working_directory(ctx: AppContext, procs: Sequence[ProcessInfo],
 
 
 def check_code_newer(ctx: AppContext, procs: Sequence[ProcessInfo],
-                     props: UnitProperties, facts: UnitFacts) -> list[Finding]:
+                     props: UnitProperties, facts: UnitFacts,
+                     plain_alembic: bool = False) -> list[Finding]:
     """The main process started before the newest change to the app's code or migrations."""
     master = _master(procs)
     started = (master.create_time if master and master.create_time
@@ -238,7 +240,8 @@ def check_code_newer(ctx: AppContext, procs: Sequence[ProcessInfo],
         "code_newer_than_process", "warning",
         f"{path} changed {_ago(facts.now - mtime)} ago, after {ctx.unit} started "
         f"{_ago(facts.now - started)} ago: the workers run old code",
-        f"systemctl restart {ctx.unit} (after flask db upgrade if migrations changed)")]
+        f"systemctl restart {ctx.unit} (after {alembic_cli(plain_alembic)} upgrade if "
+        "migrations changed)")]
 
 
 def unit_findings(props: UnitProperties, ctx: AppContext, procs: Sequence[ProcessInfo],

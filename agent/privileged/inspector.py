@@ -362,7 +362,7 @@ class Inspector:
         if probe.migrations_dir and any(f.check == "code_newer_than_process" for f in findings):
             # Workers never load migration files: an edited revision file is no restart.
             findings = [f for f in findings if f.check != "code_newer_than_process"]
-            findings += recheck_code_newer(report, probe.migrations_dir)
+            findings += recheck_code_newer(report, probe.migrations_dir, probe.plain_alembic)
         fields["needs_restart"] = any(f.check in RESTART_FINDINGS for f in findings)
         fresh = UnitSnapshot(**fields, checks=tuple(timer.runs), findings=tuple(findings))
         return self._remember(name, fresh, last_known(fresh, self._last.get(name)))
@@ -489,7 +489,8 @@ class Inspector:
             graph = migration_checks.revisions_from_dicts(probe.revisions)
             current = version.revisions if version.exists else None
             state = migration_checks.evaluate(unit, current, graph, table,
-                                              graph_error=probe.revisions_error) \
+                                              graph_error=probe.revisions_error,
+                                              plain_alembic=probe.plain_alembic) \
                 if (graph or current) and readable else None
             if probe.revisions_error and not graph and readable and version.exists:
                 # The scripts are unreadable (e.g. to a stand-in user), the version table is
@@ -521,7 +522,8 @@ class Inspector:
                         half_done = True
                         findings[:] = [f for f in findings if f.check != "pending_migrations"]
                         findings += half_applied_findings(unit, state.current, partly, table,
-                                                          len(state.pending))
+                                                          len(state.pending),
+                                                          probe.plain_alembic)
         if in_progress:
             findings += migration_checks.activity_findings(
                 unit, [(s.pid, s.duration_s, s.reason, s.query) for s in activity.sessions],
@@ -551,7 +553,7 @@ class Inspector:
                 "privileges: not applicable to SQLite (the file's permissions decide who "
                 "may migrate)",)
         elif fields.get("backend") in mysql.MYSQL_BACKENDS:
-            self._mysql_privileges_check(unit, timer, fields, findings)
+            self._mysql_privileges_check(unit, timer, fields, findings, probe.plain_alembic)
         else:
             self._privileges_check(unit, inspection, timer, fields, findings)
         with timer.check("integrity") as res:
@@ -572,7 +574,7 @@ class Inspector:
                     priv.not_owned)
 
     def _mysql_privileges_check(self, unit: str, timer: _Timer, fields: dict[str, Any],
-                                findings: list[Finding]) -> None:
+                                findings: list[Finding], plain_alembic: bool = False) -> None:
         """May the app's MySQL user run migrations (SHOW GRANTS on its database)."""
         with timer.check("privileges") as res:
             priv = self._mysql_privileges.pop(unit, None)
@@ -580,7 +582,8 @@ class Inspector:
                 res["error"] = priv.error if priv else "privileges not read"
                 return
             fields["migration_privileges_ok"] = not priv.missing
-            findings += mysql_privilege_findings(unit, priv.user, priv.database, priv.missing)
+            findings += mysql_privilege_findings(unit, priv.user, priv.database, priv.missing,
+                                                 plain_alembic)
 
     def _connections_check(self, unit: str, url: str, report: UnitReport, timer: _Timer,
                            fields: dict[str, Any], findings: list[Finding],
@@ -901,14 +904,16 @@ def modified_files(revisions: list[dict[str, Any]],
         and recorded[r["revision"]] != r["sha256"]))
 
 
-def recheck_code_newer(report: UnitReport, migrations_dir: str) -> list[Finding]:
+def recheck_code_newer(report: UnitReport, migrations_dir: str,
+                       plain_alembic: bool = False) -> list[Finding]:
     """The code-newer check again, blind to the migrations directory (workers never load it)."""
     app_dir = report.context.app_directory
     if not app_dir or app_dir == "/":
         return []
     facts = UnitFacts(newest_code=files.newest_file(app_dir, skip=(migrations_dir,)),
                       now=time.time())
-    return check_code_newer(report.context, report.processes, report.props, facts)
+    return check_code_newer(report.context, report.processes, report.props, facts,
+                            plain_alembic)
 
 
 def recheck_working_directory(report: UnitReport, app_directory: str) -> list[Finding]:

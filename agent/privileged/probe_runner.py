@@ -118,6 +118,7 @@ class ProbeResult:
     gunicorn_config: str = ""              # the config file gunicorn loaded, "" for none
     app_chdir: str = ""                    # the directory the app was loaded in
     app_uri: str = ""                      # what was loaded: "wsgi:app", a FLASK_APP value
+    plain_alembic: bool = False            # a plain Alembic app (alembic.ini), not Flask-Migrate
     pythonpath: tuple[str, ...] = ()       # gunicorn pythonpath entries put on sys.path
     raw_env_names: tuple[str, ...] = ()    # gunicorn raw_env / -e names (never the values)
     versions: dict[str, str | None] = field(default_factory=dict)
@@ -471,6 +472,7 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
         config_source=config_source if config_source in CONFIG_SOURCES else "",
         gunicorn_config=str(doc.get("gunicorn_config") or ""),
         app_chdir=str(doc.get("chdir") or ""), app_uri=str(doc.get("app_uri") or ""),
+        plain_alembic=doc.get("plain_alembic") is True,
         pythonpath=tuple(str(p) for p in doc.get("pythonpath") or ()),
         raw_env_names=tuple(sorted(set(raw_env) | {str(n) for n in
                                                    doc.get("raw_env_names") or ()})),

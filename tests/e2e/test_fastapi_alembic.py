@@ -107,4 +107,15 @@ def test_fastapi_under_uvicorn_workers_pending_and_drift_agree_with_alembic_chec
     said = alembic(fastapi_venv, root, pg_database.url, "check")
     assert said.returncode != 0 and "add_column" in said.stderr + said.stdout \
         and "sku" in said.stderr + said.stdout, said.stderr
+
+    # Stamped to base with its tables in place: the remedy names `alembic stamp`, the
+    # command this app's admin has (no `flask db` exists here).
+    assert alembic(fastapi_venv, root, pg_database.url, "stamp", "base").returncode == 0
+    code, unit = check(sb)
+    empty = [f for f in unit["findings"] if f["check"] == "version_table_empty"]
+    assert len(empty) == 1, unit["findings"]
+    assert "`alembic stamp` it (in the app's directory, where alembic.ini is)" in \
+        empty[0]["remedy"], empty[0]
+    assert not [f for f in unit["findings"] if "flask db" in f["message"] + f["remedy"]], \
+        unit["findings"]
     assert APP_USER  # the unit runs as www-data (gunicorn_unit's default)

@@ -567,3 +567,62 @@ def test_declared_venv_compared_by_its_realpath() -> None:
     f = only(findings_of(procs=[proc(venv="/srv/releases/2/venv")], facts=facts),
              "venv_mismatch")
     assert f.message.endswith("master 10 uses /srv/releases/2/venv")
+
+
+# -- plain Alembic apps (FastAPI, Starlette): the remedies name `alembic ...` ---------------
+IN_DIR = "(in the app's directory, where alembic.ini is)"
+
+
+def test_version_table_empty_remedy_for_each_app_kind() -> None:
+    flask = only(evaluate(UNIT, [], LINEAR).findings, "version_table_empty")
+    plain = only(evaluate(UNIT, [], LINEAR, plain_alembic=True).findings,
+                 "version_table_empty")
+    assert plain.message == flask.message
+    assert plain.remedy == (f"if the schema really is empty, {UPGRADE}; if the tables already "
+                            f"exist, find the revision the schema matches and `alembic stamp` "
+                            f"it {IN_DIR} instead of upgrading")
+    assert "flask" not in plain.remedy and "`flask db stamp` it instead" in flask.remedy
+
+
+def test_multiple_heads_for_each_app_kind() -> None:
+    plain = only(evaluate(UNIT, ["a"], BRANCHED, plain_alembic=True).findings,
+                 "multiple_heads")
+    assert plain.message == (f"the migrations of {UNIT} have 2 heads (b1, b2): the history "
+                             "branched and `alembic upgrade` cannot pick a single upgrade path")
+    assert plain.remedy == ("create a merge migration: alembic merge heads (where you "
+                            f"develop, not in production), deploy it, then {UPGRADE}")
+    flask = only(evaluate(UNIT, ["a"], BRANCHED).findings, "multiple_heads")
+    assert "flask db merge heads" in flask.remedy and "`flask db upgrade`" in flask.message
+
+
+def test_the_app_kind_changes_no_other_revision_finding() -> None:
+    for current, graph in (([], LINEAR), (["a"], LINEAR), (None, LINEAR), (["zz"], LINEAR),
+                           (["a"], BRANCHED), (["b1", "b2"], BRANCHED)):
+        flask = evaluate(UNIT, current, graph).findings
+        plain = evaluate(UNIT, current, graph, plain_alembic=True).findings
+        assert names(flask) == names(plain)
+        for f, p in zip(flask, plain):
+            if f.check not in ("version_table_empty", "multiple_heads"):
+                assert f == p
+            assert "flask" not in p.message + p.remedy
+
+
+def test_code_newer_remedy_for_each_app_kind() -> None:
+    from agent.checks.unit import check_code_newer
+    newer = UnitFacts(realpaths=FACTS.realpaths, newest_code=("/srv/app/models.py", 1500.0),
+                      now=2000.0)
+    p = props()
+    ctx = build_context(p, INPUTS)
+    (flask,) = check_code_newer(ctx, [proc()], p, newer)
+    (plain,) = check_code_newer(ctx, [proc()], p, newer, plain_alembic=True)
+    assert flask.remedy == f"systemctl restart {UNIT} (after flask db upgrade if migrations " \
+        "changed)"
+    assert plain.remedy == f"systemctl restart {UNIT} (after alembic upgrade if migrations " \
+        "changed)"
+    assert plain.message == flask.message
+
+
+def test_environment_stale_remedy_names_no_migration_tool() -> None:
+    env = dict(ENV, DATABASE_URL="postgresql://a@b/old")
+    f = only(findings_of(procs=[proc(environ=env)]), "environment_stale")
+    assert f.remedy == f"systemctl restart {UNIT}"

@@ -71,3 +71,26 @@ def test_the_probes_ops_are_validated() -> None:
     assert ops_of([["create_table", "t" * 500, ""]]) is None
     assert ops_of([[1, 2, 3]]) is None
     assert len(ops_of([["create_table", "t", ""]] * 1000) or ()) == 200
+
+
+def test_plain_alembic_app_gets_alembic_commands_in_message_and_remedy() -> None:
+    live = LiveObjects(AT_R2.tables | {"posts"}, AT_R2.columns | {("posts", "id")})
+    (h,) = half_applied(["r2"], REVS, live)
+    (f,) = half_applied_findings("shop.service", ["r2"], [h], pending=2, plain_alembic=True)
+    assert "`alembic upgrade` would fail on the objects that already exist" in f.message
+    assert f.remedy == ("finish revision r3 by hand (column users.bio, index ix_posts_title on "
+                        "posts), then `alembic stamp r3` (in the app's directory, where "
+                        "alembic.ini is) (agentctl exec shop.service -- alembic stamp r3); "
+                        "then `alembic upgrade` for the 1 revision(s) after it")
+    assert "flask" not in f.message + f.remedy
+    (flask,) = half_applied_findings("shop.service", ["r2"], [h], pending=2)
+    assert flask.remedy == ("finish revision r3 by hand (column users.bio, index ix_posts_title "
+                            "on posts), then `flask db stamp r3` (agentctl exec shop.service -- "
+                            "flask db stamp r3); then `flask db upgrade` for the 1 revision(s) "
+                            "after it")
+    done = LiveObjects(frozenset({"users"}), frozenset({("users", "id")}))
+    (h4,) = half_applied(["r3"], REVS, done)
+    (f4,) = half_applied_findings("u", ["r3"], [h4], pending=1, plain_alembic=True)
+    assert f4.remedy == ("check the objects of revision r4, then `alembic stamp r4` (in the "
+                         "app's directory, where alembic.ini is) (agentctl exec u -- alembic "
+                         "stamp r4)")

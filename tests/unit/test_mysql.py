@@ -46,6 +46,9 @@ def test_privilege_finding_names_what_is_missing_and_the_grant() -> None:
     assert f.check == "insufficient_db_privileges" and f.severity == "warning"
     assert "shop@% of u.service lacks CREATE, ALTER on shop.*" in f.message
     assert "GRANT CREATE, ALTER ON `shop`.* TO 'shop'@'%'" in f.remedy
+    assert "`flask db upgrade` will fail" in f.message
+    (plain,) = mysql_privilege_findings("u.service", "shop@%", "shop", ("CREATE",), True)
+    assert "`alembic upgrade` will fail" in plain.message and "flask" not in plain.message
 
 
 @pytest.mark.parametrize("host,expected", [

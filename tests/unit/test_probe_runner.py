@@ -451,3 +451,9 @@ def test_child_describe_diff_shapes() -> None:
         {"kind": "modify_nullable", "table": "users", "name": "email",
          "detail": "database NULL, models NOT NULL"},
     ]
+
+
+def test_parse_report_carries_the_plain_alembic_flag_only_when_true() -> None:
+    assert parse(report()).plain_alembic is False  # type: ignore[attr-defined]
+    assert parse(report(plain_alembic=True)).plain_alembic is True  # type: ignore[attr-defined]
+    assert parse(report(plain_alembic="yes")).plain_alembic is False  # type: ignore[attr-defined]
