@@ -6,7 +6,7 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.model import ExecCommand
@@ -186,43 +186,73 @@ def _python_m(args: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
-def parse_gunicorn_args(args: Sequence[str]) -> dict[str, object]:
-    """Pure: app spec, --chdir, -c and -e values from gunicorn's own arguments."""
-    result: dict[str, object] = {"app_spec": "", "chdir": "", "config_file": "", "env": []}
+@dataclass(frozen=True)
+class OptionGrammar:
+    """One app server's option grammar, as far as reading its app and paths needs."""
+
+    flags: frozenset[str]              # options that take no value; all others take one
+    glued_short: bool                  # "-w4": a short option glued to its value
+    values: Mapping[str, str]          # option -> result key; the last one given wins
+    lists: Mapping[str, str] = field(default_factory=dict)     # option -> key, every one kept
+    switches: Mapping[str, str] = field(default_factory=dict)  # flag -> key, True when given
+
+
+GUNICORN = OptionGrammar(
+    # gunicorn's reader here has always passed over a lone "-" (never an app spec).
+    flags=frozenset(GUNICORN_FLAGS | {"-"}), glued_short=True,
+    values={"--chdir": "chdir", "-c": "config_file", "--config": "config_file"},
+    lists={"-e": "env", "--env": "env"})
+UVICORN = OptionGrammar(
+    flags=frozenset(UVICORN_FLAGS), glued_short=False,  # uvicorn has no short options
+    values={"--app-dir": "app_dir", "--env-file": "env_file"},
+    switches={"--factory": "factory"})
+
+
+def read_options(args: Sequence[str], grammar: OptionGrammar) -> dict[str, object]:
+    """Pure: the app spec (first positional, or the word after "--") and the options the
+    grammar keeps, read the way the server reads its command line."""
+    found: dict[str, object] = {"app_spec": ""}
+    found.update({key: "" for key in grammar.values.values()})
+    found.update({key: [] for key in grammar.lists.values()})
+    found.update({key: False for key in grammar.switches.values()})
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--":
             rest = args[i + 1:]
-            if rest and not result["app_spec"]:
-                result["app_spec"] = rest[0]
+            if rest and not found["app_spec"]:
+                found["app_spec"] = rest[0]
             break
         if arg.startswith("--") and "=" in arg:
             key, value = arg.split("=", 1)
             i += 1
-        elif arg.startswith("-") and arg not in GUNICORN_FLAGS and len(arg) > 1:
-            key = arg
-            if not arg.startswith("--") and len(arg) > 2:
+        elif arg in grammar.flags:
+            if arg in grammar.switches:
+                found[grammar.switches[arg]] = True
+            i += 1
+            continue
+        elif arg.startswith("-") and len(arg) > 1:
+            if grammar.glued_short and not arg.startswith("--") and len(arg) > 2:
                 key, value = arg[:2], arg[2:]   # short option glued to its value: -w4
                 i += 1
             else:
-                value = args[i + 1] if i + 1 < len(args) else ""
+                key, value = arg, (args[i + 1] if i + 1 < len(args) else "")
                 i += 2
-        elif arg.startswith("-"):
-            i += 1
-            continue
         else:
-            if not result["app_spec"]:
-                result["app_spec"] = arg
+            if not found["app_spec"]:
+                found["app_spec"] = arg
             i += 1
             continue
-        if key == "--chdir":
-            result["chdir"] = value
-        elif key in ("-c", "--config"):
-            result["config_file"] = value
-        elif key in ("-e", "--env"):
-            result["env"].append(value)  # type: ignore[union-attr]
-    return result
+        if key in grammar.values:
+            found[grammar.values[key]] = value
+        elif key in grammar.lists:
+            found[grammar.lists[key]].append(value)  # type: ignore[attr-defined]
+    return found
+
+
+def parse_gunicorn_args(args: Sequence[str]) -> dict[str, object]:
+    """Pure: app spec, --chdir, -c and -e values from gunicorn's own arguments."""
+    return read_options(args, GUNICORN)
 
 
 def parse_uvicorn_args(args: Sequence[str]) -> dict[str, object]:
@@ -231,36 +261,7 @@ def parse_uvicorn_args(args: Sequence[str]) -> dict[str, object]:
     With --factory the app is a factory uvicorn calls without arguments: given as
     'module:factory()', the syntax gunicorn and Flask read the same way.
     """
-    result: dict[str, object] = {"app_spec": "", "app_dir": "", "env_file": "",
-                                 "factory": False}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            rest = args[i + 1:]
-            if rest and not result["app_spec"]:
-                result["app_spec"] = rest[0]
-            break
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg.split("=", 1)
-            i += 1
-        elif arg in UVICORN_FLAGS:
-            if arg == "--factory":
-                result["factory"] = True
-            i += 1
-            continue
-        elif arg.startswith("-") and len(arg) > 1:
-            key, value = arg, (args[i + 1] if i + 1 < len(args) else "")
-            i += 2
-        else:
-            if not result["app_spec"]:
-                result["app_spec"] = arg
-            i += 1
-            continue
-        if key == "--app-dir":
-            result["app_dir"] = value
-        elif key == "--env-file":
-            result["env_file"] = value
+    result = read_options(args, UVICORN)
     spec = str(result["app_spec"])
     if result["factory"] and spec and not spec.endswith(")"):
         result["app_spec"] = spec + "()"
