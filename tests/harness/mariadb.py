@@ -13,11 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,10 +21,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tests.harness.throwaway import ThrowawayServer
+from tests.harness.throwaway import HOST, free_port  # noqa: F401 - tests import them from here
+
 MARIADBD = Path(os.environ.get("DRIFTWATCH_MARIADBD", "/usr/sbin/mariadbd"))
 INSTALL_DB = Path("/usr/bin/mariadb-install-db")
 SERVER_USER = "mysql"
-HOST = "127.0.0.1"
 DRIVER = "mysql+pymysql"
 
 
@@ -52,13 +50,6 @@ def mariadb_unavailable_reason() -> str | None:
     except ImportError:
         return "pymysql is not installed in the test venv (pip install -e '.[test]')"
     return None
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free on host a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -98,19 +89,12 @@ class MariaDatabase:
 
 
 @dataclass
-class MariaDBServer:
+class MariaDBServer(ThrowawayServer):
     """A throwaway server. ``start()`` / ``stop()``, or use it as a context manager."""
 
-    base_dir: Path | None = None
-    host: str = HOST
-    port: int = 0
-    pid: int | None = None
-    _owns_base: bool = False
-
-    @property
-    def datadir(self) -> Path:
-        assert self.base_dir is not None
-        return self.base_dir / "data"
+    prefix = "driftwatch-mariadb-"
+    error = MariaDBError
+    program = b"mariadbd"
 
     @property
     def socket_path(self) -> Path:
@@ -127,56 +111,20 @@ class MariaDBServer:
         assert self.base_dir is not None
         return self.base_dir / "run" / "mariadb.pid"
 
-    # -- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "MariaDBServer":
-        """Install a datadir and start the server; MariaDBError with the log on failure."""
-        reason = mariadb_unavailable_reason()
-        if reason:
-            raise MariaDBError(reason)
-        if self.base_dir is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="driftwatch-mariadb-"))
-            self._owns_base = True
+    # -- lifecycle: ThrowawayServer's start() (install, serve) and stop() (SIGKILL) ---------
+    def unavailable_reason(self) -> str | None:
+        return mariadb_unavailable_reason()
+
+    def _prepare(self) -> None:
+        assert self.base_dir is not None
         (self.base_dir / "run").mkdir(parents=True, exist_ok=True)
         user = pwd.getpwnam(SERVER_USER)
         for path in (self.base_dir, self.base_dir / "run"):
             os.chown(path, user.pw_uid, user.pw_gid)
         self.base_dir.chmod(0o711)  # the socket's directory must be reachable by clients
-        try:
-            self._install()
-            for _attempt in range(5):
-                port = self.port or free_port(self.host)
-                try:
-                    self._serve(port, timeout)
-                    self.port = port
-                    break
-                except MariaDBError as exc:  # a port race: somebody took it meanwhile
-                    if self.port or "bind" not in str(exc).lower():
-                        raise
-            else:
-                raise MariaDBError("could not start MariaDB on a free port")
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        """SIGKILL the server by its PID (a throwaway datadir needs no clean shutdown); rm -rf."""
-        if self.pid is not None and _is_our_server(self.pid, self.datadir):
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            _wait_gone(self.pid)
-        self.pid = None
-        if self._owns_base and self.base_dir is not None:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            self.base_dir = None
-
-    def __enter__(self) -> "MariaDBServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _datadir_arg(self) -> bytes:
+        return f"--datadir={self.datadir}".encode()
 
     # -- URLs and SQL -----------------------------------------------------------------------
     def url(self, user: str, password: str | None, db: str, driver: str = DRIVER) -> str:
@@ -266,31 +214,3 @@ class MariaDBServer:
             except Exception:
                 time.sleep(0.1)
         raise MariaDBError(f"mariadbd did not answer within {timeout:g} s:\n{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except (FileNotFoundError, AssertionError):
-            return ""
-
-
-def _is_our_server(pid: int, datadir: Path) -> bool:
-    """True when pid is still a mariadbd serving datadir (guards against PID reuse)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return bool(argv) and argv[0].endswith(b"mariadbd") and \
-        f"--datadir={datadir}".encode() in argv
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.02)

@@ -18,40 +18,24 @@ import pytest
 
 from tests.harness.apps import DEFAULT_REQUIREMENTS
 from tests.harness.mariadb import MariaDatabase, MariaDBServer, mariadb_unavailable_reason
+from tests.harness.throwaway import fresh_database, running
 
 PYMYSQL_REQUIREMENTS = (*DEFAULT_REQUIREMENTS, "pymysql==1.1.1")
 # mysqlclient (MySQLdb) builds against libmariadb-dev (pkg-config), installed by .ci/setup.
 MYSQLCLIENT_REQUIREMENTS = (*DEFAULT_REQUIREMENTS, "mysqlclient==2.2.7")
 
 
-def _skip_or_fail(reason: str) -> None:
-    from tests.conftest import skip_or_fail  # late: conftest imports this plugin
-
-    skip_or_fail(reason)
-
-
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDBServer]:
     """A throwaway MariaDB (Debian's mariadb-server) for the whole session."""
-    reason = mariadb_unavailable_reason()
-    if reason:
-        _skip_or_fail(reason)
     # With the server installed a start failure is a real error (with its log), never a skip.
-    server = MariaDBServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running(mariadb_unavailable_reason, MariaDBServer)
 
 
 @pytest.fixture
 def maria_database(mariadb: MariaDBServer) -> Iterator[MariaDatabase]:
     """A fresh database + user (ALL PRIVILEGES on it, random password)."""
-    database = mariadb.new_database()
-    try:
-        yield database
-    finally:
-        mariadb.drop(database)
+    yield from fresh_database(mariadb)
 
 
 @pytest.fixture(scope="session")

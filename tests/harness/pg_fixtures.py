@@ -18,34 +18,18 @@ from tests.harness.postgres import (
     PostgresCluster,
     postgres_unavailable_reason,
 )
-
-
-def _skip_or_fail(reason: str) -> None:
-    from tests.conftest import skip_or_fail  # late: conftest imports this plugin
-
-    skip_or_fail(reason)
+from tests.harness.throwaway import fresh_database, running
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresCluster]:
     """A throwaway PostgreSQL 15 cluster for the whole session (superuser: ``postgres``)."""
-    reason = postgres_unavailable_reason()
-    if reason:
-        _skip_or_fail(reason)
     # With the binaries present a start failure is a real error (PostgresError with the
     # server log), never a skip.
-    cluster = PostgresCluster().start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(postgres_unavailable_reason, PostgresCluster)
 
 
 @pytest.fixture
 def pg_database(pg: PostgresCluster) -> Iterator[PgDatabase]:
     """A fresh database + owner role (random password) on the session cluster."""
-    database = pg.new_database()
-    try:
-        yield database
-    finally:
-        pg.drop(database)
+    yield from fresh_database(pg)

@@ -18,20 +18,19 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tests.harness.throwaway import ThrowawayServer, serves, wait_gone
+from tests.harness.throwaway import HOST, free_port  # noqa: F401 - tests import them from here
+
 PG_BIN_DIR = Path(os.environ.get("DRIFTWATCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_OS_USER = "postgres"
 SUPERUSER = "postgres"
-HOST = "127.0.0.1"
 SQLALCHEMY_DRIVER = "postgresql+psycopg2"
 
 FAST_SETTINGS = {
@@ -70,13 +69,6 @@ def postgres_unavailable_reason(bin_dir: Path = PG_BIN_DIR) -> str | None:
         if shutil.which("setpriv") is None:
             return "setpriv (util-linux) is needed to drop from root to the postgres user"
     return None
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free on host a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def sqlalchemy_url(user: str, password: str | None, db: str, host: str, port: int,
@@ -123,24 +115,19 @@ class PgDatabase:
 
 
 @dataclass
-class PostgresCluster:
+class PostgresCluster(ThrowawayServer):
     """A throwaway cluster. ``start()`` / ``stop()``, or use it as a context manager."""
 
     bin_dir: Path = PG_BIN_DIR
-    base_dir: Path | None = None
-    host: str = HOST
-    port: int = 0
     superuser: str = SUPERUSER
     superuser_password: str = field(default_factory=lambda: secrets.token_hex(12))
-    pid: int | None = None
-    _owns_base: bool = False
+
+    prefix = "driftwatch-pg-"
+    error = PostgresError
+    program = b"postgres"
+    log_heading = "server log:\n"
 
     # -- paths -----------------------------------------------------------------------------
-    @property
-    def datadir(self) -> Path:
-        assert self.base_dir is not None
-        return self.base_dir / "data"
-
     @property
     def socket_dir(self) -> Path:
         assert self.base_dir is not None
@@ -151,62 +138,36 @@ class PostgresCluster:
         assert self.base_dir is not None
         return self.base_dir / "postgres.log"
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "PostgresCluster":
-        """initdb and start the cluster; raises PostgresError with the server log on failure."""
-        reason = postgres_unavailable_reason(self.bin_dir)
-        if reason:
-            raise PostgresError(reason)
-        if self.base_dir is None:
-            self.base_dir = Path(tempfile.mkdtemp(prefix="driftwatch-pg-"))
-            self._owns_base = True
+    # -- lifecycle: ThrowawayServer's start() (initdb, pg_ctl start) and stop() -----------
+    def unavailable_reason(self) -> str | None:
+        return postgres_unavailable_reason(self.bin_dir)
+
+    def _prepare(self) -> None:
+        assert self.base_dir is not None
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.base_dir.chmod(0o700)
         self.socket_dir.mkdir(exist_ok=True)
         self._chown_to_server_user(self.base_dir)
-        try:
-            self._initdb()
-            last_error: PostgresError | None = None
-            for _attempt in range(5):
-                port = self.port or free_port(self.host)
-                try:
-                    self._pg_ctl_start(port, timeout)
-                    self.port = port
-                    break
-                except PostgresError as exc:  # a port race: somebody took it meanwhile
-                    last_error = exc
-                    if self.port or "could not bind" not in str(exc).lower():
-                        raise
-            else:
-                raise last_error or PostgresError("could not start PostgreSQL")
-            self.pid = self._postmaster_pid()
-            self.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        """pg_ctl stop -m immediate, then SIGKILL the postmaster by PID if it lingers; rm -rf."""
-        if self.base_dir is not None and self.datadir.joinpath("postmaster.pid").exists():
+    def _install(self) -> None:
+        self._initdb()
+
+    def _serve(self, port: int, timeout: float) -> None:
+        self._pg_ctl_start(port, timeout)
+
+    def _port_taken(self, exc: RuntimeError) -> bool:
+        return "could not bind" in str(exc).lower()
+
+    def _started(self) -> None:
+        self.pid = self._postmaster_pid()
+        self.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def _shutdown(self) -> None:
+        """pg_ctl stop -m immediate (the base then SIGKILLs the postmaster if it lingers)."""
+        if self.datadir.joinpath("postmaster.pid").exists():
             self._run_as_server_user(
                 [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.datadir),
                  "-m", "immediate", "-w", "-t", "20"], check=False)
-        if self.pid is not None and _is_our_postmaster(self.pid, self.datadir):
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.pid = None
-        if self._owns_base and self.base_dir is not None:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            self.base_dir = None
-
-    def __enter__(self) -> "PostgresCluster":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- DSNs ------------------------------------------------------------------------------
     def dsn(self, user: str, password: str | None, db: str,
@@ -373,9 +334,9 @@ class PostgresCluster:
         if proc.returncode != 0:
             # pg_ctl may have left a postmaster behind (e.g. timed out): stop it by PID.
             pid = self._postmaster_pid(missing_ok=True)
-            if pid is not None and _is_our_postmaster(pid, self.datadir):
+            if pid is not None and serves(pid, self.program, self._datadir_arg()):
                 os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid)
+                wait_gone(pid)
             raise PostgresError(f"pg_ctl start exited {proc.returncode}: "
                                 f"{proc.stdout}{proc.stderr}\n{self._log_tail()}")
 
@@ -387,30 +348,8 @@ class PostgresCluster:
                 return None
             raise PostgresError("postmaster.pid missing after pg_ctl start")
 
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            tail = self.logfile.read_text(errors="replace").splitlines()[-lines:]
-        except (FileNotFoundError, TypeError, AssertionError):
-            return ""
-        return "server log:\n" + "\n".join(tail)
-
 
 def _libpq_quote(value: str) -> str:
     if value and all(c.isalnum() or c in "._-/" for c in value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _is_our_postmaster(pid: int, datadir: Path) -> bool:
-    """True when pid is still a postgres process serving datadir (guards against PID reuse)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return bool(argv) and argv[0].endswith(b"postgres") and str(datadir).encode() in argv
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.02)
