@@ -40,6 +40,8 @@ class UnitProperties:
     result: str = ""
     # Automatic restarts since the unit was last started by hand (systemd's NRestarts).
     n_restarts: int = 0
+    # RestartSec= in seconds: the pause before each automatic restart.
+    restart_sec: float = 0.0
     unit_file_state: str = ""
     description: str = ""
     # UnsetEnvironment= entries ("VAR" or "VAR=value") and PassEnvironment= names.

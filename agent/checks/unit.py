@@ -42,9 +42,42 @@ class UnitFacts:
     previous_restarts: int | None = None
 
 
-def _crash_loop(props: UnitProperties, previous_restarts: int | None) -> Finding | None:
+# A first look (a one-shot agentctl run, or the daemon's first inspection: no NRestarts
+# remembered) at a unit that is up between two automatic restarts: a loop when systemd
+# restarted it at least LOOP_RESTARTS times since it was last started by hand (a start or
+# restart by hand sets NRestarts to 0) and the current start is younger than a few
+# RestartSec, bounded below by the app's own start-up time and above so a slow loop's long
+# quiet run is not taken for one. A unit that crashed long ago is up longer than that.
+LOOP_RESTARTS = 3
+LOOP_WINDOW_RESTARTS = 3
+LOOP_WINDOW_MIN = 10.0
+LOOP_WINDOW_MAX = 60.0
+UP_STATES = ("active", "activating", "reloading")
+
+
+def loop_window(restart_sec: float) -> float:
+    """Seconds since the current start within which restarts still count as a loop."""
+    return min(max(LOOP_WINDOW_RESTARTS * restart_sec, LOOP_WINDOW_MIN), LOOP_WINDOW_MAX)
+
+
+def _up_between_restarts(props: UnitProperties, now: float | None) -> float | None:
+    """Seconds the unit has been up since its latest automatic restart, when that looks like
+    a pause in a loop (see LOOP_RESTARTS), else None."""
+    started = props.exec_main_start_timestamp
+    if (now is None or started is None or props.n_restarts < LOOP_RESTARTS
+            or props.active_state not in UP_STATES):
+        return None
+    age = now - started
+    # A clock stepped back makes the start look in the future: not evidence of a loop.
+    return age if -1.0 <= age < loop_window(props.restart_sec) else None
+
+
+def _crash_loop(props: UnitProperties, previous_restarts: int | None,
+                now: float | None = None) -> Finding | None:
     """systemd restarting the unit again and again: in the auto-restart pause, given up
-    (start-limit-hit), or NRestarts risen since the last inspection."""
+    (start-limit-hit), NRestarts risen since the last inspection, or (at a first look) up
+    only briefly after many automatic restarts."""
+    up = _up_between_restarts(props, now) if previous_restarts is None else None
     if props.sub_state == "auto-restart":
         what = (f"its main process exited ({props.result or 'unknown'}) and systemd restarts it "
                 f"again and again ({props.n_restarts} automatic restart(s) so far)")
@@ -54,6 +87,9 @@ def _crash_loop(props: UnitProperties, previous_restarts: int | None) -> Finding
     elif previous_restarts is not None and props.n_restarts > previous_restarts:
         what = (f"it restarted {props.n_restarts - previous_restarts} time(s) since the last "
                 f"inspection ({props.n_restarts} in all)")
+    elif up is not None:
+        what = (f"systemd restarted it {props.n_restarts} time(s) since it was last started by "
+                f"hand, the latest {max(0, int(up))}s ago (up between two restarts)")
     else:
         return None
     return Finding(
@@ -85,11 +121,11 @@ def check_exec_start(props: UnitProperties, ctx: AppContext, facts: UnitFacts) -
     return findings
 
 
-def check_unit_state(props: UnitProperties, previous_restarts: int | None = None
-                     ) -> list[Finding]:
+def check_unit_state(props: UnitProperties, previous_restarts: int | None = None,
+                     now: float | None = None) -> list[Finding]:
     """Crash-looping, not active, failed, or needing a daemon-reload."""
     findings = []
-    loop = _crash_loop(props, previous_restarts)
+    loop = _crash_loop(props, previous_restarts, now)
     if loop is not None:
         findings.append(loop)
     elif props.active_state == "failed":
@@ -247,7 +283,7 @@ def check_code_newer(ctx: AppContext, procs: Sequence[ProcessInfo],
 def unit_findings(props: UnitProperties, ctx: AppContext, procs: Sequence[ProcessInfo],
                   facts: UnitFacts) -> list[Finding]:
     """Every unit-level finding, in runbook order."""
-    findings = check_unit_state(props, facts.previous_restarts)
+    findings = check_unit_state(props, facts.previous_restarts, facts.now)
     findings += check_exec_start(props, ctx, facts)
     findings += check_environment_files(ctx)
     if props.active_state in ("active", "reloading") and procs:

@@ -35,7 +35,10 @@ def restarts(sb: Sandbox) -> int:
 def test_crash_loop_is_named(make_sandbox: Callable[[], Sandbox],
                              make_app: Callable[..., AppDir], flask_venv: Path) -> None:
     app = make_app()
-    (app.root / "wsgi.py").write_text("import os\nos.environ['MISSING_SETTING']\n")
+    # The app fails at import, after 3 s: each start is up long enough for a one-shot run to
+    # look at it between two automatic restarts (the up phase), as well as in the pause.
+    (app.root / "wsgi.py").write_text(
+        "import os\nimport time\ntime.sleep(3)\nos.environ['MISSING_SETTING']\n")
     sb = make_sandbox()
     # Restart=always, no start limit: it loops for ever. RestartSec=4 (over the harness's 1):
     # a one-shot agentctl sees the loop in the auto-restart pause, so make the pause most of
@@ -45,19 +48,30 @@ def test_crash_loop_is_named(make_sandbox: Callable[[], Sandbox],
                                     service="StartLimitIntervalSec=0\nRestartSec=4"))
     sb.boot()
     sb.systemctl("start", UNIT, check=False)
-    deadline = time.monotonic() + 60  # a bound for the loop to show, not a timing assertion
+    deadline = time.monotonic() + 90  # a bound for the loop to show, not a timing assertion
     seen: list[list[str]] = []
+    up_seen: list[dict[str, Any]] = []
     proc = None
     while time.monotonic() < deadline:
         # Sample in the auto-restart pause, where a one-shot run (no memory of NRestarts) sees
         # the loop: polled, agentctl's own duration could lock onto the "up" phase of the
         # cycle (every sample of a full CI run once showed a healthy unit).
-        if sub_state(sb) == "auto-restart" and restarts(sb) >= 2:
+        state, count = sub_state(sb), restarts(sb)
+        if state == "auto-restart" and count >= 2 and not (
+                seen and "unit_crash_loop" in seen[-1] and proc is not None
+                and "unit_crash_loop" in proc.stdout):
             report = agentctl_json(sb, "context", UNIT)
             seen.append(checks(report))
             proc = agentctl(sb, "context", UNIT)
-            if "unit_crash_loop" in seen[-1] and "unit_crash_loop" in proc.stdout:
-                break
+        elif state == "running" and count >= 3 and not up_seen:
+            # Up between two automatic restarts (it crashes again in a few seconds): a
+            # one-shot run read NRestarts and a young start, and names the loop there too.
+            up_report = agentctl_json(sb, "context", UNIT)
+            if up_report["sub_state"] == "running":   # read before the next crash
+                up_seen.append(up_report)
+        if seen and "unit_crash_loop" in seen[-1] and proc is not None \
+                and "unit_crash_loop" in proc.stdout and up_seen:
+            break
         time.sleep(0.1)
     assert seen and "unit_crash_loop" in seen[-1], seen
     (finding,) = [f for f in report["findings"] if f["check"] == "unit_crash_loop"]
@@ -66,6 +80,23 @@ def test_crash_loop_is_named(make_sandbox: Callable[[], Sandbox],
     assert "unit_not_active" not in seen[-1]
     # The text form exits 1 when it sees the loop.
     assert proc is not None and proc.returncode == 1, proc
+    # Up between two restarts: named as a loop (a one-shot run once saw a healthy unit here).
+    assert up_seen, "never sampled the unit up between two automatic restarts"
+    (up_finding,) = [f for f in up_seen[0]["findings"] if f["check"] == "unit_crash_loop"] \
+        or [None]
+    assert up_finding is not None, up_seen[0]["findings"]
+    assert "since it was last started by hand" in up_finding["message"], up_finding
+    assert "(up between two restarts)" in up_finding["message"], up_finding
+
+    # Fixed and restarted by hand: systemd sets NRestarts to 0, so the young start is no loop.
+    sb.write_file(str(app.root / "wsgi.py"),
+                  "def app(environ, start_response):\n"
+                  "    start_response('200 OK', [])\n    return [b'ok']\n")
+    sb.systemctl("restart", UNIT)
+    assert restarts(sb) == 0
+    fixed = agentctl_json(sb, "context", UNIT)
+    assert fixed["sub_state"] == "running", fixed
+    assert "unit_crash_loop" not in checks(fixed), fixed["findings"]
 
 
 def test_missing_exec_start_program_is_named(make_sandbox: Callable[[], Sandbox],

@@ -95,3 +95,53 @@ def test_existing_or_unknown_programs_are_not_missing() -> None:
     assert found(props(), UnitFacts(now=0.0)) == []  # nothing known: nothing claimed
     ignored = props(exec_start=(ExecCommand("/no/such", ("/no/such",)),), )
     assert found(ignored, UnitFacts(exists={"/no/such": True}, now=0.0)) == []
+
+
+# -- a first look (one-shot agentctl) at a unit up between two automatic restarts ----------
+def up(n_restarts: int, age: float, restart_sec: float = 4.0, **overrides: object
+       ) -> list[Finding]:
+    """The unit up (running) for AGE seconds after NRestarts automatic restarts, first look."""
+    p = props(n_restarts=n_restarts, restart_sec=restart_sec,
+              exec_main_start_timestamp=1000.0, **overrides)
+    return found(p, UnitFacts(exists=EXISTING, now=1000.0 + age))
+
+
+def test_first_look_up_briefly_after_many_automatic_restarts_is_a_loop() -> None:
+    (f,) = up(5, 2.4)
+    assert (f.check, f.severity) == ("unit_crash_loop", "critical")
+    assert f.message == (f"{UNIT} is crash-looping: systemd restarted it 5 time(s) since it "
+                         "was last started by hand, the latest 2s ago (up between two "
+                         "restarts)")
+    assert names(up(3, 11.9)) == ["unit_crash_loop"]            # 3 x RestartSec=4 s
+    assert names(up(3, 0.0, active_state="activating", sub_state="start")) == \
+        ["unit_crash_loop"]
+
+
+def test_a_unit_restarted_by_hand_is_no_loop() -> None:
+    # A start or restart by hand sets NRestarts to 0 (seen on systemd 252): however young.
+    assert up(0, 1.0) == []
+    # Fewer than three automatic restarts: a crash or two, not a loop.
+    assert up(2, 1.0) == []
+
+
+def test_a_unit_that_crashed_long_ago_is_no_loop() -> None:
+    assert up(9, 3600.0) == []
+    assert up(3, 12.0) == []                                     # past 3 x RestartSec
+    # The window has a floor (the app's own start-up time) and a ceiling.
+    assert names(up(3, 9.0, restart_sec=0.1)) == ["unit_crash_loop"]
+    assert up(3, 10.0, restart_sec=0.1) == []
+    assert names(up(3, 59.0, restart_sec=3600.0)) == ["unit_crash_loop"]
+    assert up(3, 60.0, restart_sec=3600.0) == []
+
+
+def test_no_start_time_a_stopped_unit_or_a_clock_step_is_no_loop() -> None:
+    p = props(n_restarts=5, restart_sec=4.0)                     # start time unknown
+    assert found(p, UnitFacts(exists=EXISTING, now=1000.0)) == []
+    assert names(up(5, 1.0, active_state="inactive", sub_state="dead")) == ["unit_not_active"]
+    assert up(5, -30.0) == []
+
+
+def test_the_daemon_with_a_remembered_count_keeps_its_own_rule() -> None:
+    p = props(n_restarts=5, restart_sec=4.0, exec_main_start_timestamp=1000.0)
+    # Same count as at the last inspection: no new restart, so no loop, however young.
+    assert found(p, UnitFacts(exists=EXISTING, previous_restarts=5, now=1001.0)) == []
