@@ -138,7 +138,8 @@ def test_no_start_time_a_stopped_unit_or_a_clock_step_is_no_loop() -> None:
     p = props(n_restarts=5, restart_sec=4.0)                     # start time unknown
     assert found(p, UnitFacts(exists=EXISTING, now=1000.0)) == []
     assert names(up(5, 1.0, active_state="inactive", sub_state="dead")) == ["unit_not_active"]
-    assert up(5, -30.0) == []
+    assert up(5, -30.0) == [] and up(5, -1.5) == []
+    assert names(up(5, -1.0)) == ["unit_crash_loop"]  # a second of slack between clocks
 
 
 def test_the_daemon_with_a_remembered_count_keeps_its_own_rule() -> None:
