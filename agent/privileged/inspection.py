@@ -88,11 +88,14 @@ def gather_facts(ctx: AppContext, processes: list[ProcessInfo],
 
 def inspect_unit(systemd: SystemdSource, name: str,
                  previous_restarts: int | None = None,
-                 process_memo: procs.ProcessMemo | None = None) -> UnitReport:
+                 process_memo: procs.ProcessMemo | None = None,
+                 props: UnitProperties | None = None) -> UnitReport:
     """Read one unit and its processes and return its report (raises UnitNotFound).
     PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising.
-    PROCESS_MEMO: processes read before at the same pid and start time are not read again."""
-    props = systemd.read_unit(name)
+    PROCESS_MEMO: processes read before at the same pid and start time are not read again.
+    PROPS: the unit's properties when already read (the run's shared D-Bus pass)."""
+    if props is None:
+        props = systemd.read_unit(name)
     ctx = build_context(props, gather_inputs(props))
     processes = procs.unit_processes(props.main_pid, memo=process_memo, unit=name) \
         if props.main_pid else []

@@ -34,11 +34,16 @@ from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSn
 from agent.privileged.sources import connections, database, files, mysql, pooler, procs, sqlite
 from agent.privileged.journal_cursors import CursorFile
 from agent.privileged.sources.journal import ErrorWindow, JournalReader
-from agent.privileged.sources.systemd import SystemdSource
+from agent.privileged.sources.systemd import SystemdSource, normalize_unit_name
 from agent.privileged.state import OK as STATE_OK
 from agent.privileged.state import StateStore, store_finding
 
 log = logging.getLogger("driftwatch.inspector")
+
+# Units inspected at once: one. Each unit's checks (its probe, when its app must be loaded
+# again) run after the previous unit's, so 20 first inspections never load 20 apps side by
+# side on a 2-core host, and a probe's memory limit bounds the run's memory too.
+UNITS_AT_ONCE = 1
 
 # Backends whose database driftwatch reads; any other gets backend_not_inspected.
 INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
@@ -143,6 +148,8 @@ class Inspector:
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
+        # This run's shared D-Bus pass: unit -> its properties, or the error reading it gave.
+        self._unit_reads: dict[str, Any] = {}
         # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
         self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
         # ... and the objects the revisions after the current one name (unit -> objects).
@@ -198,17 +205,37 @@ class Inspector:
 
     def _pooled(self, units: Sequence[str], everything: bool) -> tuple[UnitSnapshot, ...]:
         """Every unit inspected, the database sessions borrowed from the pool; afterwards
-        the sessions this run did not use are ended (of these units; everything: of all)."""
-        if self._sessions is None:
-            return tuple(self._isolated(name) for name in units)
-        self._sessions.begin()
-        token = CURRENT_POOL.set(self._sessions)
+        the sessions this run did not use are ended (of these units; everything: of all).
+        Units are read from systemd in one pass first; then inspected one at a time
+        (UNITS_AT_ONCE)."""
+        self._unit_reads = self._read_units(units)
         try:
-            snaps = tuple(self._isolated(name) for name in units)
+            if self._sessions is None:
+                return tuple(self._isolated(name) for name in units)
+            self._sessions.begin()
+            token = CURRENT_POOL.set(self._sessions)
+            try:
+                snaps = tuple(self._isolated(name) for name in units)
+            finally:
+                CURRENT_POOL.reset(token)
         finally:
-            CURRENT_POOL.reset(token)
+            self._unit_reads = {}
         self._sessions.sweep(None if everything else {u.unit for u in snaps})
         return snaps
+
+    def _read_units(self, units: Sequence[str]) -> dict[str, Any]:
+        """The run's one D-Bus pass over all units (systemd.read_units); a stuck or absent
+        systemd shows on every unit's "unit" check, as during discovery."""
+        read_units = getattr(self.systemd, "read_units", None)
+        if read_units is None or not units:   # a stand-in with read_unit only (unit tests)
+            return {}
+        self._set_current((ALL_UNITS, "unit", time.monotonic()))
+        try:
+            return read_units(units)
+        except DriftwatchError as exc:
+            return {normalize_unit_name(u): exc for u in units}
+        finally:
+            self._set_current(None)
 
     def invalidate(self, unit: str | None = None) -> None:
         """Forget memoised probe results (of one unit, or all): a restart was seen."""
@@ -217,6 +244,9 @@ class Inspector:
         else:
             self._probe_memo.pop(unit, None)
         self._processes.forget(unit)
+        forget = getattr(self.systemd, "forget", None)
+        if forget is not None:
+            forget(unit)
         if self._sessions is not None:
             self._sessions.close(unit)
         if self.preflight is not None:
@@ -273,8 +303,11 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
+                props = self._unit_reads.get(normalize_unit_name(name))
+                if isinstance(props, Exception):
+                    raise props
                 report = inspect_unit(self.systemd, name, self._restarts.get(name),
-                                      self._processes)
+                                      self._processes, props)
                 self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)
