@@ -33,7 +33,8 @@ from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.privileged.sources import connections, database, files, mysql, pooler, procs, sqlite
 from agent.privileged.journal_cursors import CursorFile
-from agent.privileged.sources.journal import ErrorWindow, JournalReader
+from agent.privileged.sources import journal_api
+from agent.privileged.sources.journal import ErrorWindow, JournalReader, SharedJournal
 from agent.privileged.sources.systemd import SystemdSource, normalize_unit_name
 from agent.privileged.state import OK as STATE_OK
 from agent.privileged.state import StateStore, store_finding
@@ -150,6 +151,11 @@ class Inspector:
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
         # This run's shared D-Bus pass: unit -> its properties, or the error reading it gave.
         self._unit_reads: dict[str, Any] = {}
+        # One journal read for all units per run: members' entries of this run (unit ->
+        # entries, until its journal check counts them), and the units read alone instead.
+        self._shared_journal = SharedJournal()
+        self._shared_entries: dict[str, list[dict[str, Any]]] = {}
+        self._read_alone: set[str] = set()
         # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
         self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
         # ... and the objects the revisions after the current one name (unit -> objects).
@@ -206,22 +212,38 @@ class Inspector:
     def _pooled(self, units: Sequence[str], everything: bool) -> tuple[UnitSnapshot, ...]:
         """Every unit inspected, the database sessions borrowed from the pool; afterwards
         the sessions this run did not use are ended (of these units; everything: of all).
-        Units are read from systemd in one pass first; then inspected one at a time
-        (UNITS_AT_ONCE)."""
+        Units are read from systemd in one pass first, share one opened journal, and are
+        inspected one at a time (UNITS_AT_ONCE)."""
         self._unit_reads = self._read_units(units)
         try:
-            if self._sessions is None:
-                return tuple(self._isolated(name) for name in units)
-            self._sessions.begin()
-            token = CURRENT_POOL.set(self._sessions)
-            try:
-                snaps = tuple(self._isolated(name) for name in units)
-            finally:
-                CURRENT_POOL.reset(token)
+            # One journal opened, and read once, for every unit's journal check of this run.
+            with journal_api.shared():
+                readers = self._run_journals(units)
+                self._shared_entries = self._shared_journal.before(
+                    readers, {normalize_unit_name(u) for u in units})
+                self._read_alone = set()
+                try:
+                    if self._sessions is None:
+                        return tuple(self._isolated(name) for name in units)
+                    self._sessions.begin()
+                    token = CURRENT_POOL.set(self._sessions)
+                    try:
+                        snaps = tuple(self._isolated(name) for name in units)
+                    finally:
+                        CURRENT_POOL.reset(token)
+                finally:
+                    self._shared_journal.after(self._run_journals(units), self._read_alone,
+                                               set(self._shared_entries))
+                    self._shared_entries = {}
         finally:
             self._unit_reads = {}
         self._sessions.sweep(None if everything else {u.unit for u in snaps})
         return snaps
+
+    def _run_journals(self, units: Sequence[str]) -> dict[str, JournalReader]:
+        """The journal readers of this run's units (those that have one yet)."""
+        names = {normalize_unit_name(u) for u in units}
+        return {u: r for u, r in self._journals.items() if u in names}
 
     def _read_units(self, units: Sequence[str]) -> dict[str, Any]:
         """The run's one D-Bus pass over all units (systemd.read_units); a stuck or absent
@@ -846,7 +868,13 @@ class Inspector:
                 if reader.cursor:  # a restart: history for the gauge, then what is new
                     history = reader.read_window()
                     window.add(history.events)
-            scan = reader.read()
+            shared = self._shared_entries.pop(unit, None)
+            if shared is not None:   # from the run's one union read
+                scan = reader.take(shared)
+            else:
+                scan = reader.read()
+                if not scan.error and not scan.truncated:
+                    self._read_alone.add(unit)
             if scan.error:
                 res["error"] = scan.error
             window.add(scan.events)
