@@ -276,10 +276,13 @@ class Inspector:
 
     def _prune(self, alive: set[str]) -> None:
         """Forget what was kept per unit for units no longer watched (removed, renamed)."""
-        for cache in (self._probe_memo, self._journals, self._journal_totals,
+        for cache in (self._probe_memo, self._journals, self._journal_totals, self._journal_windows,
                       self._processes.units):
             for unit in [u for u in cache if u not in alive]:
                 del cache[unit]
+        keep_only = getattr(self.systemd, "keep_only", None)
+        if keep_only is not None:
+            keep_only(alive)
 
     def _set_current(self, running: tuple[str, str, float] | None) -> None:
         self.current = running

@@ -290,9 +290,13 @@ class SystemdSource:
             except DriftwatchError as exc:   # this unit's problem, never another's
                 self._kept.pop(name, None)
                 out[name] = exc
-        for name in [n for n in self._kept if n not in out]:
-            del self._kept[name]   # no longer asked for: a later read starts afresh
         return out
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Drop the kept reads of units no longer watched (memory stays bounded)."""
+        wanted = {normalize_unit_name(n) for n in names}
+        for name in [n for n in self._kept if n not in wanted]:
+            del self._kept[name]
 
     def forget(self, name: str | None = None) -> None:
         """Drop the kept read of one unit (or all): its next read is a full one."""
