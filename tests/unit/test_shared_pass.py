@@ -3,13 +3,17 @@ journal entry of the union belongs to, and how units join and leave the union re
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 
-from agent.model import UnitProperties
+from agent.model import ExecCommand, UnitProperties
+from agent.privileged.inspector import UNITS_AT_ONCE, Inspector, InspectorSettings
+from agent.privileged.probe_runner import ProbeResult
 from agent.privileged.sources import journal_api
-from agent.privileged.sources.journal import JournalReader, SharedJournal
+from agent.privileged.sources.journal import JournalReader, JournalScan, SharedJournal
 from agent.privileged.sources.journal_api import COREDUMP_MESSAGE_ID, units_of
 from agent.privileged.sources.systemd import _Kept, still_current
 
@@ -131,3 +135,52 @@ def test_doubt_means_reading_alone_again(api: FakeApi) -> None:
     shared = SharedJournal(cursor="c3", members={"a"})
     assert shared.before({"a": JournalReader("a", source="journalctl")}, ["a"]) == {}
     assert shared.members == set()
+
+
+class StandInSystemd:
+    """systemd as literal data: running units with nothing to look at."""
+
+    def __init__(self, app_dir: str) -> None:
+        self.app_dir = app_dir
+
+    def read_unit(self, name: str) -> UnitProperties:
+        return UnitProperties(name, "loaded", "active", "running",
+                              working_directory=self.app_dir,
+                              exec_start=(ExecCommand("/bin/sleep",
+                                                      ("/bin/sleep", "infinity")),))
+
+    def close(self) -> None:
+        pass
+
+
+class QuietJournal:
+    def __init__(self, unit: str, **kw: Any) -> None:
+        self.unit, self.cursor = unit, None
+
+    def read(self) -> JournalScan:
+        return JournalScan(self.unit, {})
+
+
+def test_probes_of_a_run_never_overlap(tmp_path: Any) -> None:
+    running, most, lock = [0], [0], threading.Lock()
+
+    def probe(ctx: Any, request: Any, timeout: float) -> ProbeResult:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return ProbeResult(ok=False, error="stand-in", error_kind="app_load")
+
+    units = [f"app{i}.service" for i in range(4)]
+    inspector = Inspector(InspectorSettings(state_path=f"{tmp_path}/state.db"),
+                          systemd=StandInSystemd(str(tmp_path)), probe=probe,  # type: ignore[arg-type]
+                          journal_reader=QuietJournal)  # type: ignore[arg-type]
+    runs = [threading.Thread(target=inspector.inspect, args=(units,)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    # Each unit's app loaded at least once (later runs may use the memo), never two at once.
+    assert inspector.probe_runs >= len(units) and most[0] == UNITS_AT_ONCE == 1
