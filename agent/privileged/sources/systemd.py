@@ -236,8 +236,8 @@ class SystemdSource:
               args: list[Any]) -> Any:
         from pystemd.dbuslib import apply_signature
         bus = self._open()
-        key = method.decode() if method not in (b"Get", b"GetAll") else \
-            f"{method.decode()}({args[-1].decode() if method == b'Get' else args[0].decode()})"
+        key = method.decode() if method not in (b"Get", b"GetAll") or not args else \
+            f"{method.decode()}({_text(args[-1])})"
         self.calls[key] = self.calls.get(key, 0) + 1
         try:
             return bus.call_method(DESTINATION, path, interface, method,
