@@ -21,7 +21,7 @@ from agent.checks.half_applied import LiveObjects, half_applied, half_applied_fi
 from agent.checks.mysql_privileges import mysql_privilege_findings
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
-from agent.privileged.inspection import UnitReport, inspect_unit
+from agent.privileged.inspection import Lookups, UnitReport, inspect_unit
 from agent.model import Finding
 from agent.privileged.alembic_env import AlembicEnv
 from agent.secrets import mask_url
@@ -151,6 +151,8 @@ class Inspector:
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
         # This run's shared D-Bus pass: unit -> its properties, or the error reading it gave.
         self._unit_reads: dict[str, Any] = {}
+        # ... and its user and group lookups (None outside a run: looked up each time).
+        self._lookups: Lookups | None = None
         # One journal read for all units per run: members' entries of this run (unit ->
         # entries, until its journal check counts them), and the units read alone instead.
         self._shared_journal = SharedJournal()
@@ -215,6 +217,7 @@ class Inspector:
         Units are read from systemd in one pass first, share one opened journal, and are
         inspected one at a time (UNITS_AT_ONCE)."""
         self._unit_reads = self._read_units(units)
+        self._lookups = Lookups()
         try:
             # One journal opened, and read once, for every unit's journal check of this run.
             with journal_api.shared():
@@ -236,7 +239,7 @@ class Inspector:
                                                set(self._shared_entries))
                     self._shared_entries = {}
         finally:
-            self._unit_reads = {}
+            self._unit_reads, self._lookups = {}, None
         self._sessions.sweep(None if everything else {u.unit for u in snaps})
         return snaps
 
@@ -332,7 +335,7 @@ class Inspector:
                 if isinstance(props, Exception):
                     raise props
                 report = inspect_unit(self.systemd, name, self._restarts.get(name),
-                                      self._processes, props)
+                                      self._processes, props, self._lookups)
                 self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)

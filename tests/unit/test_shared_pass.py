@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from agent.model import ExecCommand, UnitProperties
+from agent.privileged.inspection import Lookups
 from agent.privileged.inspector import UNITS_AT_ONCE, Inspector, InspectorSettings
 from agent.privileged.probe_runner import ProbeResult
-from agent.privileged.sources import journal_api
+from agent.privileged.sources import files, journal_api
 from agent.privileged.sources.journal import JournalReader, JournalScan, SharedJournal
 from agent.privileged.sources.journal_api import COREDUMP_MESSAGE_ID, units_of
 from agent.privileged.sources.systemd import _Kept, still_current
@@ -184,3 +185,14 @@ def test_probes_of_a_run_never_overlap(tmp_path: Any) -> None:
         run.join()
     # Each unit's app loaded at least once (later runs may use the memo), never two at once.
     assert inspector.probe_runs >= len(units) and most[0] == UNITS_AT_ONCE == 1
+
+
+def test_user_lookups_are_made_once_per_run_and_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(files, "reader_for", lambda *a: asked.append(a) or files.Reader(33, 33))
+    lookups = Lookups()
+    for _ in range(3):
+        assert lookups.reader_for("www-data", "", (), False) == files.Reader(33, 33)
+    lookups.reader_for("www-data", "adm", (), False)
+    assert asked == [("www-data", "", (), False), ("www-data", "adm", (), False)]
+    assert Lookups().reader_for("www-data", "", (), False) and len(asked) == 3  # a new run
