@@ -221,9 +221,8 @@ class Inspector:
         try:
             # One journal opened, and read once, for every unit's journal check of this run.
             with journal_api.shared():
-                readers = self._run_journals(units)
-                self._shared_entries = self._shared_journal.before(
-                    readers, {normalize_unit_name(u) for u in units})
+                self._shared_entries = self._shared_journal_step(
+                    "before", self._run_journals(units), {normalize_unit_name(u) for u in units})
                 self._read_alone = set()
                 try:
                     if self._sessions is None:
@@ -235,8 +234,8 @@ class Inspector:
                     finally:
                         CURRENT_POOL.reset(token)
                 finally:
-                    self._shared_journal.after(self._run_journals(units), self._read_alone,
-                                               set(self._shared_entries))
+                    self._shared_journal_step("after", self._run_journals(units),
+                                              self._read_alone, set(self._shared_entries))
                     self._shared_entries = {}
         finally:
             self._unit_reads, self._lookups = {}, None
@@ -247,6 +246,16 @@ class Inspector:
         """The journal readers of this run's units (those that have one yet)."""
         names = {normalize_unit_name(u) for u in units}
         return {u: r for u, r in self._journals.items() if u in names}
+
+    def _shared_journal_step(self, step: str, *args: Any) -> Any:
+        """SharedJournal.before/after; whatever goes wrong there only means every unit
+        reads its journal alone (as before the union read existed), never a failed run."""
+        try:
+            return getattr(self._shared_journal, step)(*args)
+        except Exception:
+            log.exception("the shared journal read failed; units read their journals alone")
+            self._shared_journal = SharedJournal()
+            return {}
 
     def _read_units(self, units: Sequence[str]) -> dict[str, Any]:
         """The run's one D-Bus pass over all units (systemd.read_units); a stuck or absent
@@ -259,6 +268,9 @@ class Inspector:
             return read_units(units)
         except DriftwatchError as exc:
             return {normalize_unit_name(u): exc for u in units}
+        except Exception:   # each unit reads alone then, its failure confined to it
+            log.exception("the shared D-Bus pass failed; units are read one by one")
+            return {}
         finally:
             self._set_current(None)
 

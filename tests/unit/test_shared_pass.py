@@ -196,3 +196,17 @@ def test_user_lookups_are_made_once_per_run_and_identity(monkeypatch: pytest.Mon
     lookups.reader_for("www-data", "adm", (), False)
     assert asked == [("www-data", "", (), False), ("www-data", "adm", (), False)]
     assert Lookups().reader_for("www-data", "", (), False) and len(asked) == 3  # a new run
+
+
+def test_a_failing_shared_step_never_fails_the_run(tmp_path: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("journal exploded")
+    monkeypatch.setattr(SharedJournal, "before", broken)
+    inspector = Inspector(InspectorSettings(state_path=f"{tmp_path}/state.db"),
+                          systemd=StandInSystemd(str(tmp_path)),  # type: ignore[arg-type]
+                          probe=lambda *a: ProbeResult(ok=False, error="x", error_kind="app_load"),
+                          journal_reader=QuietJournal)  # type: ignore[arg-type]
+    snap = inspector.inspect(["a.service", "b.service"])
+    assert [u.unit for u in snap.units] == ["a.service", "b.service"]
+    assert all(c.success for u in snap.units for c in u.checks if c.name == "journal")
