@@ -43,8 +43,32 @@ class UnitReport:
         return data
 
 
-def gather_inputs(props: UnitProperties) -> ContextInputs:
+class Lookups:
+    """The user and group lookups of one inspection run, shared by its units: each NSS
+    lookup reads /etc/passwd and /etc/group again, and many units run as one user."""
+
+    def __init__(self) -> None:
+        self._readers: dict[tuple[Any, ...], files.Reader | None] = {}
+        self._homes: dict[str, str] = {}
+
+    def reader_for(self, user: str, group: str, supplementary: tuple[str, ...],
+                   dynamic_user: bool) -> files.Reader | None:
+        """files.reader_for, once per run and identity."""
+        key = (user, group, supplementary, dynamic_user)
+        if key not in self._readers:
+            self._readers[key] = files.reader_for(user, group, supplementary, dynamic_user)
+        return self._readers[key]
+
+    def user_home(self, user: str) -> str:
+        """files.user_home, once per run and user."""
+        if user not in self._homes:
+            self._homes[user] = files.user_home(user)
+        return self._homes[user]
+
+
+def gather_inputs(props: UnitProperties, lookups: Lookups | None = None) -> ContextInputs:
     """Read the env files, venv candidates and '#!' lines the context builder needs."""
+    lookups = lookups or Lookups()
     env_paths, venv_candidates, scripts = wanted_paths(props)
     env_files: dict[str, bytes | None] = {}
     errors: dict[str, str] = {}
@@ -54,15 +78,15 @@ def gather_inputs(props: UnitProperties) -> ContextInputs:
         if read.error and not read.missing:
             errors[path] = read.error
     # '#!' lines are read as the unit's user (systemd execs the script as that user).
-    reader = files.reader_for(props.user, props.group, props.supplementary_groups,
-                              props.dynamic_user)
+    reader = lookups.reader_for(props.user, props.group, props.supplementary_groups,
+                                props.dynamic_user)
     shebangs = {script: files.shebang_interpreter(script, reader) for script in scripts}
     for interpreter in shebangs.values():
         if interpreter.startswith("/"):
             venv_candidates.append(posixpath.dirname(posixpath.dirname(interpreter)))
     venvs = {v: files.is_virtualenv(v) for v in venv_candidates}
     return ContextInputs(env_files=env_files, env_file_errors=errors,
-                         user_home=files.user_home(props.user), venvs=venvs,
+                         user_home=lookups.user_home(props.user), venvs=venvs,
                          shebangs=shebangs)
 
 
@@ -88,12 +112,17 @@ def gather_facts(ctx: AppContext, processes: list[ProcessInfo],
 
 def inspect_unit(systemd: SystemdSource, name: str,
                  previous_restarts: int | None = None,
-                 process_memo: procs.ProcessMemo | None = None) -> UnitReport:
+                 process_memo: procs.ProcessMemo | None = None,
+                 props: UnitProperties | None = None,
+                 lookups: Lookups | None = None) -> UnitReport:
     """Read one unit and its processes and return its report (raises UnitNotFound).
     PREVIOUS_RESTARTS: NRestarts at the last inspection, to see a crash loop rising.
-    PROCESS_MEMO: processes read before at the same pid and start time are not read again."""
-    props = systemd.read_unit(name)
-    ctx = build_context(props, gather_inputs(props))
+    PROCESS_MEMO: processes read before at the same pid and start time are not read again.
+    PROPS: the unit's properties when already read (the run's shared D-Bus pass).
+    LOOKUPS: the run's user and group lookups."""
+    if props is None:
+        props = systemd.read_unit(name)
+    ctx = build_context(props, gather_inputs(props, lookups))
     processes = procs.unit_processes(props.main_pid, memo=process_memo, unit=name) \
         if props.main_pid else []
     facts = gather_facts(ctx, processes, props, previous_restarts)

@@ -21,7 +21,7 @@ from agent.checks.half_applied import LiveObjects, half_applied, half_applied_fi
 from agent.checks.mysql_privileges import mysql_privilege_findings
 from agent.checks.workers_database import DatabaseSide, mismatch_findings
 from agent.errors import DriftwatchError, UnitNotFound
-from agent.privileged.inspection import UnitReport, inspect_unit
+from agent.privileged.inspection import Lookups, UnitReport, inspect_unit
 from agent.model import Finding
 from agent.privileged.alembic_env import AlembicEnv
 from agent.secrets import mask_url
@@ -33,12 +33,18 @@ from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.privileged.sources import connections, database, files, mysql, pooler, procs, sqlite
 from agent.privileged.journal_cursors import CursorFile
-from agent.privileged.sources.journal import ErrorWindow, JournalReader
-from agent.privileged.sources.systemd import SystemdSource
+from agent.privileged.sources import journal_api
+from agent.privileged.sources.journal import ErrorWindow, JournalReader, SharedJournal
+from agent.privileged.sources.systemd import SystemdSource, normalize_unit_name
 from agent.privileged.state import OK as STATE_OK
 from agent.privileged.state import StateStore, store_finding
 
 log = logging.getLogger("driftwatch.inspector")
+
+# Units inspected at once: one. Each unit's checks (its probe, when its app must be loaded
+# again) run after the previous unit's, so 20 first inspections never load 20 apps side by
+# side on a 2-core host, and a probe's memory limit bounds the run's memory too.
+UNITS_AT_ONCE = 1
 
 # Backends whose database driftwatch reads; any other gets backend_not_inspected.
 INSPECTED_BACKENDS = frozenset({"postgresql", "sqlite", "mysql", "mariadb"})
@@ -143,6 +149,15 @@ class Inspector:
         self._journal_reader = journal_reader
         self._saved_cursors = cursors.load() if cursors is not None else {}
         self._restarts: dict[str, int] = {}   # unit -> NRestarts at the last inspection
+        # This run's shared D-Bus pass: unit -> its properties, or the error reading it gave.
+        self._unit_reads: dict[str, Any] = {}
+        # ... and its user and group lookups (None outside a run: looked up each time).
+        self._lookups: Lookups | None = None
+        # One journal read for all units per run: members' entries of this run (unit ->
+        # entries, until its journal check counts them), and the units read alone instead.
+        self._shared_journal = SharedJournal()
+        self._shared_entries: dict[str, list[dict[str, Any]]] = {}
+        self._read_alone: set[str] = set()
         # MySQL/MariaDB: what SHOW GRANTS gave in this inspection (unit -> privileges).
         self._mysql_privileges: dict[str, mysql.MysqlPrivileges] = {}
         # ... and the objects the revisions after the current one name (unit -> objects).
@@ -198,17 +213,66 @@ class Inspector:
 
     def _pooled(self, units: Sequence[str], everything: bool) -> tuple[UnitSnapshot, ...]:
         """Every unit inspected, the database sessions borrowed from the pool; afterwards
-        the sessions this run did not use are ended (of these units; everything: of all)."""
-        if self._sessions is None:
-            return tuple(self._isolated(name) for name in units)
-        self._sessions.begin()
-        token = CURRENT_POOL.set(self._sessions)
+        the sessions this run did not use are ended (of these units; everything: of all).
+        Units are read from systemd in one pass first, share one opened journal, and are
+        inspected one at a time (UNITS_AT_ONCE)."""
+        self._unit_reads = self._read_units(units)
+        self._lookups = Lookups()
         try:
-            snaps = tuple(self._isolated(name) for name in units)
+            # One journal opened, and read once, for every unit's journal check of this run.
+            with journal_api.shared():
+                self._shared_entries = self._shared_journal_step(
+                    "before", self._run_journals(units), {normalize_unit_name(u) for u in units})
+                self._read_alone = set()
+                try:
+                    if self._sessions is None:
+                        return tuple(self._isolated(name) for name in units)
+                    self._sessions.begin()
+                    token = CURRENT_POOL.set(self._sessions)
+                    try:
+                        snaps = tuple(self._isolated(name) for name in units)
+                    finally:
+                        CURRENT_POOL.reset(token)
+                finally:
+                    self._shared_journal_step("after", self._run_journals(units),
+                                              self._read_alone, set(self._shared_entries))
+                    self._shared_entries = {}
         finally:
-            CURRENT_POOL.reset(token)
+            self._unit_reads, self._lookups = {}, None
         self._sessions.sweep(None if everything else {u.unit for u in snaps})
         return snaps
+
+    def _run_journals(self, units: Sequence[str]) -> dict[str, JournalReader]:
+        """The journal readers of this run's units (those that have one yet)."""
+        names = {normalize_unit_name(u) for u in units}
+        return {u: r for u, r in self._journals.items() if u in names}
+
+    def _shared_journal_step(self, step: str, *args: Any) -> Any:
+        """SharedJournal.before/after; whatever goes wrong there only means every unit
+        reads its journal alone (as before the union read existed), never a failed run."""
+        try:
+            return getattr(self._shared_journal, step)(*args)
+        except Exception:
+            log.exception("the shared journal read failed; units read their journals alone")
+            self._shared_journal = SharedJournal()
+            return {}
+
+    def _read_units(self, units: Sequence[str]) -> dict[str, Any]:
+        """The run's one D-Bus pass over all units (systemd.read_units); a stuck or absent
+        systemd shows on every unit's "unit" check, as during discovery."""
+        read_units = getattr(self.systemd, "read_units", None)
+        if read_units is None or not units:   # a stand-in with read_unit only (unit tests)
+            return {}
+        self._set_current((ALL_UNITS, "unit", time.monotonic()))
+        try:
+            return read_units(units)
+        except DriftwatchError as exc:
+            return {normalize_unit_name(u): exc for u in units}
+        except Exception:   # each unit reads alone then, its failure confined to it
+            log.exception("the shared D-Bus pass failed; units are read one by one")
+            return {}
+        finally:
+            self._set_current(None)
 
     def invalidate(self, unit: str | None = None) -> None:
         """Forget memoised probe results (of one unit, or all): a restart was seen."""
@@ -217,6 +281,9 @@ class Inspector:
         else:
             self._probe_memo.pop(unit, None)
         self._processes.forget(unit)
+        forget = getattr(self.systemd, "forget", None)
+        if forget is not None:
+            forget(unit)
         if self._sessions is not None:
             self._sessions.close(unit)
         if self.preflight is not None:
@@ -224,10 +291,13 @@ class Inspector:
 
     def _prune(self, alive: set[str]) -> None:
         """Forget what was kept per unit for units no longer watched (removed, renamed)."""
-        for cache in (self._probe_memo, self._journals, self._journal_totals,
+        for cache in (self._probe_memo, self._journals, self._journal_totals, self._journal_windows,
                       self._processes.units):
             for unit in [u for u in cache if u not in alive]:
                 del cache[unit]
+        keep_only = getattr(self.systemd, "keep_only", None)
+        if keep_only is not None:
+            keep_only(alive)
 
     def _set_current(self, running: tuple[str, str, float] | None) -> None:
         self.current = running
@@ -273,8 +343,11 @@ class Inspector:
         report: UnitReport | None = None
         with timer.check("unit") as res:
             try:
+                props = self._unit_reads.get(normalize_unit_name(name))
+                if isinstance(props, Exception):
+                    raise props
                 report = inspect_unit(self.systemd, name, self._restarts.get(name),
-                                      self._processes)
+                                      self._processes, props, self._lookups)
                 self._restarts[name] = report.props.n_restarts
             except UnitNotFound as exc:
                 res["error"] = str(exc)
@@ -816,7 +889,13 @@ class Inspector:
                 if reader.cursor:  # a restart: history for the gauge, then what is new
                     history = reader.read_window()
                     window.add(history.events)
-            scan = reader.read()
+            shared = self._shared_entries.pop(unit, None)
+            if shared is not None:   # from the run's one union read
+                scan = reader.take(shared)
+            else:
+                scan = reader.read()
+                if not scan.error and not scan.truncated:
+                    self._read_alone.add(unit)
             if scan.error:
                 res["error"] = scan.error
             window.add(scan.events)

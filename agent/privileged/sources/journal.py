@@ -217,6 +217,10 @@ class JournalReader:
             entries, error, refused = self._entries(None)
         return self._scan(entries, error, baseline, move_cursor=True)
 
+    def take(self, entries: list[dict[str, Any]]) -> JournalScan:
+        """Count entries read for this unit elsewhere (SharedJournal), after its cursor."""
+        return self._scan(entries, "", False, move_cursor=True)
+
     def read_window(self) -> JournalScan:
         """The errors of the look-back window, without moving the cursor (a baseline)."""
         entries, error, _ = self._entries(None)
@@ -263,6 +267,98 @@ class JournalReader:
             return None, f"journalctl did not answer within {self.timeout:g}s"
         except OSError as exc:
             return None, f"cannot run {self.journalctl}: {exc.strerror or exc}"
+
+
+@dataclass
+class SharedJournal:
+    """One journal read for many units per run: the union of their matches read once from a
+    shared cursor, each entry dispatched to the units whose own matches it meets, each unit's
+    cursor moved as its own read would (so persisted cursors stay per unit).
+
+    A unit is a member (read through the union) once it is known that every one of its
+    entries up to the shared cursor was counted; until then, and whenever anything is in
+    doubt (a rotated-away cursor, a unit left out of a run), it is read alone as before and
+    joins after. Only readers that use the sd-journal API take part."""
+
+    max_entries: int = 2000
+    cursor: str | None = None          # the newest entry of the union read so far
+    members: set[str] = field(default_factory=set)
+    # Members whose own cursor lies after the shared one: their entries up to it (inclusive)
+    # were already counted by their own read.
+    pending: dict[str, str] = field(default_factory=dict)
+    reads: int = 0                     # union reads done (tests count them)
+
+    def before(self, readers: Mapping[str, Any],
+               units: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]:
+        """At the start of a run over these units (readers: those that have one yet): the
+        members' new entries, from one union read (each to be counted with reader.take()).
+        Units without entries here are read alone."""
+        sharing = sorted(u for u, r in readers.items() if _shares(r))
+        self.members &= set(sharing)   # a unit left out of a run misses its entries
+        self.pending = {u: c for u, c in self.pending.items() if u in self.members}
+        everyone = sorted(set(sharing) | set(units))
+        if not everyone or not journal_api.available():
+            self._reset()
+            return {}
+        try:
+            if self.cursor is None or not self.members:
+                # Where the joiners' own reads of this run will start from, at the latest.
+                self.cursor = journal_api.union_tail(everyone)
+                self.members.clear()
+                return {}
+            members = sorted(self.members)
+            entries, last = journal_api.read_union(members, self.cursor, self.max_entries)
+        except (OSError, LookupError):
+            self._reset()
+            return {}
+        self.reads += 1
+        own: dict[str, list[dict[str, Any]]] = {u: [] for u in members}
+        for entry, owners in entries:
+            for unit in owners:
+                passed = self.pending.get(unit)
+                if passed is not None:   # counted already by the unit's own read
+                    if entry["__CURSOR"] == passed:
+                        del self.pending[unit]
+                    continue
+                own[unit].append(entry)
+        for unit in list(self.pending):  # its cursor never came: read it alone again
+            self.members.discard(unit)
+            del self.pending[unit]
+        self.cursor = last
+        return {u: own[u] for u in members if u in self.members}
+
+    def after(self, readers: Mapping[str, Any], alone: set[str], untaken: set[str]) -> None:
+        """At the end of the run. untaken: members whose entries were not counted (their
+        check did not run): they leave. alone: units read alone in full (no error, not
+        truncated), so counted up to their own cursor: they join."""
+        self.members -= untaken
+        for unit in untaken:
+            self.pending.pop(unit, None)
+        joiners = {u for u in alone if u in readers and _shares(readers[u])
+                   and readers[u].cursor}
+        if not joiners or self.cursor is None:
+            return
+        units = sorted(self.members | joiners)
+        try:
+            later = journal_api.cursors_after(units, self.cursor,
+                                              {readers[u].cursor for u in joiners})
+        except (OSError, ValueError):
+            self._reset()
+            return
+        for unit in joiners:
+            self.members.add(unit)
+            if readers[unit].cursor in later:
+                self.pending[unit] = readers[unit].cursor
+
+    def _reset(self) -> None:
+        self.cursor = None
+        self.members.clear()
+        self.pending.clear()
+
+
+def _shares(reader: Any) -> bool:
+    """A reader that can take part in the union read (sd-journal API, a real JournalReader)."""
+    return isinstance(reader, JournalReader) and reader.uses_api()
 
 
 @dataclass
