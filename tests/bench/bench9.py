@@ -148,6 +148,10 @@ class Postgres:
         postmaster = self.cluster._postmaster_pid()   # noqa: SLF001 - the harness's own
         assert postmaster is not None
         try:
+            # No autovacuum on these static databases: with 20+ of them a worker starts every
+            # few seconds and would land in the backends' count at random.
+            self.cluster.execute("ALTER SYSTEM SET autovacuum = off")
+            self.cluster.execute("SELECT pg_reload_conf()")
             # The postmaster first, so every backend it forks from now on is born inside.
             self.group = OwnCgroup(f"driftwatch-bench-pg-{postmaster}", postmaster)
             # What runs now are the background processes (checkpointer, walwriter, autovacuum
@@ -235,7 +239,7 @@ PARTS = (("own", "the inspecting process"), ("pid1", "PID 1 (init.scope)"),
          ("sessions", "the session children's transient units"),
          ("dbus", "dbus-daemon"), ("probes", "probe units"),
          ("other", "other sandbox processes"),
-         ("pg_backends", "PostgreSQL backends (and the postmaster, autovacuum workers)"),
+         ("pg_backends", "PostgreSQL backends (and the postmaster)"),
          ("pg_background", "PostgreSQL background processes"))
 
 
@@ -596,10 +600,11 @@ def inspection_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) ->
         inside.close()
 
 
-def agent_rss(rig: Rig) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+def agent_rss(rig: Rig) -> tuple[list[tuple[str, float]], list[tuple[str, float, float]]]:
     """(name, VmRSS MiB) of every process of the agent's unit (the daemon, its worker), and
-    of every process of the session children's transient units (the kept read-only sessions
-    run as the apps' users outside the agent's unit), as the sandbox's /proc shows them."""
+    (name, VmRSS MiB, Pss MiB) of every process of the session children's transient units
+    (the kept read-only sessions run as the apps' users outside the agent's unit), as the
+    sandbox's /proc shows them. Pss shares the pages the sessions have in common out."""
     code = ("import json; from pathlib import Path; from tests.bench.cpu import _unit_of\n"
             "out = []\n"
             "for p in Path('/proc').iterdir():\n"
@@ -610,13 +615,19 @@ def agent_rss(rig: Rig) -> tuple[list[tuple[str, float]], list[tuple[str, float]
             "        except OSError:\n"
             "            continue\n"
             "        st = dict(l.split(':', 1) for l in text.splitlines())\n"
+            "        try:\n"
+            "            pss = int(next(l.split()[1] for l in (p / 'smaps_rollup')\n"
+            "                           .read_text().splitlines() if l.startswith('Pss:')))\n"
+            "        except (OSError, StopIteration):\n"
+            "            pss = 0\n"
             "        out.append((unit, st['Name'].strip(),\n"
-            "                    int(st.get('VmRSS', '0 kB').split()[0])))\n"
+            "                    int(st.get('VmRSS', '0 kB').split()[0]), pss))\n"
             "print(json.dumps(out))\n")
     proc = rig.sb.run(["/usr/bin/env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-c", code])
     found = json.loads(proc.stdout)
-    return ([(name, kib / 1024) for unit, name, kib in found if unit == AGENT_UNIT],
-            [(name, kib / 1024) for unit, name, kib in found if unit != AGENT_UNIT])
+    return ([(name, kib / 1024) for unit, name, kib, _ in found if unit == AGENT_UNIT],
+            [(name, kib / 1024, pss / 1024) for unit, name, kib, pss in found
+             if unit != AGENT_UNIT])
 
 
 def http_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
@@ -651,7 +662,8 @@ def http_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
         r7.ours_values = [max(rss)]
         last = ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(samples[-1][0]))
         sessions = samples[-1][1]
-        session_mib = sum(mib for _, mib in sessions)
+        session_mib = sum(mib for _, mib, _ in sessions)
+        session_pss = sum(pss for _, _, pss in sessions)
         series = sum(1 for line in exposition.splitlines() if line and not line.startswith(b"#"))
         r5.note = (f"{series} series, {len(exposition)} bytes (text format); Prometheus' Accept "
                    "and Accept-Encoding headers; the anchor re-renders the same series per "
@@ -659,9 +671,11 @@ def http_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
         r7.note = (f"peak of the sum over {len(rss)} samples, all processes of {AGENT_UNIT}; "
                    f"after the HTTP load: {rss[-1]:.0f} MiB ({last} MiB); not counted in it, "
                    f"the kept read-only sessions (as the apps' users, each in its own transient "
-                   f"unit outside the agent's): {len(sessions)} processes, {session_mib:.0f} MiB"
-                   + (f" ({min(m for _, m in sessions):.0f}-{max(m for _, m in sessions):.0f} "
-                      "MiB each)" if sessions else ""))
+                   f"unit outside the agent's): {len(sessions)} processes, VmRSS "
+                   f"{session_mib:.0f} MiB"
+                   + (f" ({min(m for _, m, _ in sessions):.0f}-"
+                      f"{max(m for _, m, _ in sessions):.0f} MiB each)" if sessions else "")
+                   + f", Pss {session_pss:.0f} MiB (shared pages split among them)")
     finally:
         static.close()
 
