@@ -9,10 +9,12 @@ app (each on its own database, cloned from one migrated template), one unit of t
 the agent's own unit; PostgreSQL 15 runs throwaway on the host's loopback. A and B are
 alternated round by round; each row prints the median ratio and its range over the rounds.
 
-CPU is user + system seconds from /proc: for driftwatch, everything in the sandbox but the
-apps' units (the inspecting process, its session children, probe units, systemd's own D-Bus
-work: tests/bench/cpu.py), for the anchors the commands' own processes; both plus the CPU
-of the PostgreSQL cluster meanwhile. The inspections are the agent's own Inspector
+CPU is precise (tests/bench/cpu.py: cgroup v2 usage_usec and getrusage, microseconds, exited
+processes included): for driftwatch, the inspecting process (getrusage) plus the sandbox's
+cgroup tree but the apps' units, node_exporter, the agent's unit and journald (PID 1, the
+session children's and probes' transient units, dbus); for the anchors the commands' own
+processes (getrusage of reaped children); both plus the PostgreSQL cluster's cgroup
+meanwhile. A steady round's value is the total over its k inspections divided by k. The inspections are the agent's own Inspector
 (agent.privileged.inspector.make_inspector) run inside the sandbox by tests/bench/inspect_in_sandbox.py,
 so the benchmark measures whatever code is in the tree.
 """
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench.cpu import tree_cpu
+from tests.bench.cpu import SESSION_PREFIX, OwnCgroup, descendants
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_EXPORTER = REPO_ROOT / ".tools/usr/bin/prometheus-node-exporter"
@@ -137,16 +139,32 @@ def children_cpu() -> float:
 
 
 class Postgres:
-    """The throwaway cluster and the CPU its processes spent."""
+    """The throwaway cluster in a cgroup of its own, and the CPU its processes spent."""
 
     def __init__(self) -> None:
         from tests.harness.postgres import PostgresCluster
 
         self.cluster = PostgresCluster().start()
-        self.postmaster = self.cluster._postmaster_pid()   # noqa: SLF001 - the harness's own
+        postmaster = self.cluster._postmaster_pid()   # noqa: SLF001 - the harness's own
+        assert postmaster is not None
+        try:
+            # No autovacuum on these static databases: with 20+ of them a worker starts every
+            # few seconds and would land in the backends' count at random.
+            self.cluster.execute("ALTER SYSTEM SET autovacuum = off")
+            self.cluster.execute("SELECT pg_reload_conf()")
+            # The postmaster first, so every backend it forks from now on is born inside.
+            self.group = OwnCgroup(f"driftwatch-bench-pg-{postmaster}", postmaster)
+            # What runs now are the background processes (checkpointer, walwriter, autovacuum
+            # launcher...): a child group of their own, so backends are told apart.
+            background = self.group.split_off("background", descendants(postmaster))
+            self.cpu_fd = os.open(self.group.path / "cpu.stat", os.O_RDONLY)
+            self.background_fd = os.open(background / "cpu.stat", os.O_RDONLY)
+        except BaseException:
+            self.cluster.stop()
+            raise
 
     def cpu(self) -> float:
-        return tree_cpu(self.postmaster) if self.postmaster else 0.0
+        return self.group.cpu()
 
     def clone(self, template: Any, name: str) -> Any:
         """A new database copied from TEMPLATE (same owner and password): no migration run."""
@@ -157,7 +175,10 @@ class Postgres:
         return replace(template, name=name)
 
     def stop(self) -> None:
+        os.close(self.cpu_fd)
+        os.close(self.background_fd)
         self.cluster.stop()
+        self.group.close()
 
 
 def timed_cpu(fn: Callable[[], Any], pg: Postgres) -> tuple[float, float]:
@@ -172,14 +193,19 @@ def timed_cpu(fn: Callable[[], Any], pg: Postgres) -> tuple[float, float]:
 class InSandbox:
     """tests/bench/inspect_in_sandbox.py running inside the sandbox, one command at a time."""
 
-    def __init__(self, sb: Any, exclude: Sequence[str], probe_timeout: float) -> None:
+    def __init__(self, sb: Any, exclude: Sequence[str], probe_timeout: float,
+                 pg: Postgres) -> None:
         argv = sb.nsenter_argv(["/usr/bin/env", f"PYTHONPATH={REPO_ROOT}", sys.executable,
                                                 "-m", "tests.bench.inspect_in_sandbox",
                                 "--exclude", ",".join(exclude),
-                                "--probe-timeout", str(probe_timeout)])
+                                "--probe-timeout", str(probe_timeout),
+                                "--pg-cpu-fds", f"{pg.cpu_fd},{pg.background_fd}"])
+        # PostgreSQL's cpu.stat files are passed open: its cgroup is outside the sandbox's
+        # cgroup namespace.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                                     "LANG": "C.UTF-8"})
+                                     text=True, pass_fds=(pg.cpu_fd, pg.background_fd),
+                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                          "LANG": "C.UTF-8"})
 
     def ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
@@ -190,12 +216,11 @@ class InSandbox:
             raise RuntimeError(f"the in-sandbox inspector died on {command!r}")
         return json.loads(line)
 
-    def inspect(self, units: Sequence[str], count: int, pg: Postgres) -> tuple[list[float], float,
-                                                                               dict[str, Any]]:
-        """COUNT inspections of UNITS: CPU of each, PostgreSQL's CPU per inspection, the answer."""
-        p0 = pg.cpu()
+    def inspect(self, units: Sequence[str], count: int) -> tuple[float, dict[str, Any]]:
+        """COUNT inspections of UNITS: CPU seconds per inspection incl. PostgreSQL (the total
+        over all COUNT divided by COUNT), and the answer (per-part totals: see PARTS)."""
         answer = self.ask(f"inspect {count} {','.join(units)}")
-        return answer["cpu"], (pg.cpu() - p0) / count, answer
+        return sum(answer[part] for part in ("own", "sandbox", "pg")) / count, answer
 
     def close(self) -> None:
         try:
@@ -208,6 +233,14 @@ class InSandbox:
             self.proc.kill()     # our own child, by its PID
             self.proc.wait(5)
 
+
+# The parts of one inspection's CPU the in-sandbox inspector reports, as the notes name them.
+PARTS = (("own", "the inspecting process"), ("pid1", "PID 1 (init.scope)"),
+         ("sessions", "the session children's transient units"),
+         ("dbus", "dbus-daemon"), ("probes", "probe units"),
+         ("other", "other sandbox processes"),
+         ("pg_backends", "PostgreSQL backends (and the postmaster)"),
+         ("pg_background", "PostgreSQL background processes"))
 
 
 # -- HTTP: reused connections, a bare prometheus_client server -----------------------------------
@@ -499,50 +532,51 @@ def med(values: Sequence[float]) -> float:
 def inspection_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
     """Rows 1, 2, 3, 4 and 8: the Inspector inside the sandbox against the anchors."""
     exclude = [*rig.units, BIG_UNIT, NODE_UNIT, AGENT_UNIT, "systemd-journald.service"]
-    inside = InSandbox(rig.sb, exclude, args.probe_timeout)
+    inside = InSandbox(rig.sb, exclude, args.probe_timeout, rig.pg)
     one = rig.units[:1]
     k = args.inspections
     notes: list[str] = []
     try:
         say("first inspection of one unit (fills the memo)")
-        _, _, answer = inside.inspect(one, 1, rig.pg)
+        _, answer = inside.inspect(one, 1)
         if answer["failed_checks"]:
             notes.append("failed checks: " + "; ".join(answer["failed_checks"]))
         say(f"first inspection of all {len(rig.units)} units")
-        _, _, answer = inside.inspect(rig.units, 1, rig.pg)
+        _, answer = inside.inspect(rig.units, 1)
         if answer["failed_checks"]:
             notes.append("failed checks (all units): " + "; ".join(answer["failed_checks"][:3]))
         r1, r2, r8 = rows["steady"], rows["units"], rows["sockets"]
-        split: list[tuple[float, float, float]] = []
+        split: list[dict[str, float]] = []
         for n in range(args.rounds):
             say(f"round {n + 1}/{args.rounds}: runbook vs steady inspections, "
                 f"{len(rig.units)} units, idle sockets")
             cmd, pg_cmd = timed_cpu(lambda: runbook(rig), rig.pg)
-            cpu, pg_one, answer = inside.inspect(one, k, rig.pg)
-            single = med(cpu) + pg_one
-            split.append((med(answer["own"]), med(cpu) - med(answer["own"]), pg_one))
+            single, answer = inside.inspect(one, k)
+            split.append({part: answer[part] / k for part, _ in PARTS})
+            sessions_one = answer["session_units"]
             r1.anchor_values.append((cmd + pg_cmd) * 1000)
             r1.ours_values.append(single * 1000)
             r1.ratios.append((cmd + pg_cmd) / single)
-            cpu, pg_all, answer = inside.inspect(rig.units, max(1, k // 3), rig.pg)
-            many = med(cpu) + pg_all
+            many, answer = inside.inspect(rig.units, max(1, k // 3))
             r2.anchor_values.append(single * 1000)
             r2.ours_values.append(many * 1000)
             r2.ratios.append(many / single)
             sockets = IdleSockets(args.sockets // 2)
             try:
                 count = tcp_sockets()
-                cpu, pg_s, _ = inside.inspect(one, k, rig.pg)
+                loaded, _ = inside.inspect(one, k)
             finally:
                 sockets.close()
             r8.anchor_values.append(single * 1000)
-            r8.ours_values.append((med(cpu) + pg_s) * 1000)
-            r8.ratios.append((med(cpu) + pg_s) / single)
+            r8.ours_values.append(loaded * 1000)
+            r8.ratios.append(loaded / single)
             r8.note = f"{count} TCP sockets on the host while measured (/proc/net/tcp{{,6}})"
-        own, other, pg_part = (med([s[i] for s in split]) * 1000 for i in range(3))
-        r1.note = (f"of which the inspecting process and its children {own:.0f} ms, other "
-                   f"processes in the sandbox (systemd, probe units) {other:.0f} ms, "
-                   f"PostgreSQL {pg_part:.0f} ms")
+        r1.note = "per inspection, medians over the rounds: " + ", ".join(
+            f"{name} {med([s[part] for s in split]) * 1000:.2f} ms" for part, name in PARTS
+            if part != "probes" or any(s["probes"] for s in split)) + (
+            f"; {sessions_one} session unit(s) alive; the inspecting process sits in "
+            f"cgroup {answer['own_cgroup']} (outside the sandbox's: nsenter keeps the "
+            "host's), so it is measured by getrusage")
         r2.note = f"{len(rig.units)} units vs 1; RSS of the inspecting process after: " \
                   f"{answer['rss_kib'] / 1024:.0f} MiB"
         r3, r4 = rows["first"], rows["memo"]
@@ -552,12 +586,10 @@ def inspection_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) ->
             cmd, pg_cmd = timed_cpu(lambda: big_check(rig), rig.pg)
             anchor = cmd + pg_cmd
             inside.ask("reset")
-            cpu, pg_first, answer = inside.inspect([BIG_UNIT], 1, rig.pg)
+            first, answer = inside.inspect([BIG_UNIT], 1)
             if answer["failed_checks"]:
                 r3.note = "failed checks: " + "; ".join(answer["failed_checks"])
-            first = cpu[0] + pg_first
-            cpu, pg_memo, _ = inside.inspect([BIG_UNIT], k, rig.pg)
-            memo = med(cpu) + pg_memo
+            memo, _ = inside.inspect([BIG_UNIT], k)
             for row, value in ((r3, first), (r4, memo)):
                 row.anchor_values.append(anchor)
                 row.ours_values.append(value)
@@ -568,19 +600,34 @@ def inspection_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) ->
         inside.close()
 
 
-def agent_rss(rig: Rig) -> list[tuple[str, float]]:
-    """(name, VmRSS MiB) of every process of the agent's unit: the daemon, its worker, its
-    session children, as the sandbox's /proc shows them."""
+def agent_rss(rig: Rig) -> tuple[list[tuple[str, float]], list[tuple[str, float, float]]]:
+    """(name, VmRSS MiB) of every process of the agent's unit (the daemon, its worker), and
+    (name, VmRSS MiB, Pss MiB) of every process of the session children's transient units
+    (the kept read-only sessions run as the apps' users outside the agent's unit), as the
+    sandbox's /proc shows them. Pss shares the pages the sessions have in common out."""
     code = ("import json; from pathlib import Path; from tests.bench.cpu import _unit_of\n"
             "out = []\n"
             "for p in Path('/proc').iterdir():\n"
-            "    if p.name.isdigit() and _unit_of(int(p.name), Path('/proc')) == "
-            f"{AGENT_UNIT!r}:\n"
-            "        st = dict(l.split(':', 1) for l in (p / 'status').read_text().splitlines())\n"
-            "        out.append((st['Name'].strip(), int(st.get('VmRSS', '0 kB').split()[0])))\n"
+            "    unit = _unit_of(int(p.name), Path('/proc')) if p.name.isdigit() else ''\n"
+            f"    if unit == {AGENT_UNIT!r} or unit.startswith({SESSION_PREFIX!r}):\n"
+            "        try:\n"
+            "            text = (p / 'status').read_text()\n"
+            "        except OSError:\n"
+            "            continue\n"
+            "        st = dict(l.split(':', 1) for l in text.splitlines())\n"
+            "        try:\n"
+            "            pss = int(next(l.split()[1] for l in (p / 'smaps_rollup')\n"
+            "                           .read_text().splitlines() if l.startswith('Pss:')))\n"
+            "        except (OSError, StopIteration):\n"
+            "            pss = 0\n"
+            "        out.append((unit, st['Name'].strip(),\n"
+            "                    int(st.get('VmRSS', '0 kB').split()[0]), pss))\n"
             "print(json.dumps(out))\n")
     proc = rig.sb.run(["/usr/bin/env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-c", code])
-    return [(name, kib / 1024) for name, kib in json.loads(proc.stdout)]
+    found = json.loads(proc.stdout)
+    return ([(name, kib / 1024) for unit, name, kib, _ in found if unit == AGENT_UNIT],
+            [(name, kib / 1024, pss / 1024) for unit, name, kib, pss in found
+             if unit != AGENT_UNIT])
 
 
 def http_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
@@ -611,15 +658,24 @@ def http_rows(rig: Rig, args: argparse.Namespace, rows: dict[str, Row]) -> None:
             r6.ours_values.append(result["agent"][1])
             r6.ratios.append(result["agent"][1] / result["node"][1])
             samples.append(agent_rss(rig))
-        rss = [sum(mib for _, mib in sample) for sample in samples]
+        rss = [sum(mib for _, mib in sample[0]) for sample in samples]
         r7.ours_values = [max(rss)]
-        last = ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(samples[-1]))
+        last = ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(samples[-1][0]))
+        sessions = samples[-1][1]
+        session_mib = sum(mib for _, mib, _ in sessions)
+        session_pss = sum(pss for _, _, pss in sessions)
         series = sum(1 for line in exposition.splitlines() if line and not line.startswith(b"#"))
         r5.note = (f"{series} series, {len(exposition)} bytes (text format); Prometheus' Accept "
                    "and Accept-Encoding headers; the anchor re-renders the same series per "
                    "scrape (prometheus_client.start_http_server)")
         r7.note = (f"peak of the sum over {len(rss)} samples, all processes of {AGENT_UNIT}; "
-                   f"after the HTTP load: {rss[-1]:.0f} MiB ({last} MiB)")
+                   f"after the HTTP load: {rss[-1]:.0f} MiB ({last} MiB); not counted in it, "
+                   f"the kept read-only sessions (as the apps' users, each in its own transient "
+                   f"unit outside the agent's): {len(sessions)} processes, VmRSS "
+                   f"{session_mib:.0f} MiB"
+                   + (f" ({min(m for _, m, _ in sessions):.0f}-"
+                      f"{max(m for _, m, _ in sessions):.0f} MiB each)" if sessions else "")
+                   + f", Pss {session_pss:.0f} MiB (shared pages split among them)")
     finally:
         static.close()
 

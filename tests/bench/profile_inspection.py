@@ -6,8 +6,11 @@ Boots a sandbox systemd running UNITS real gunicorn units of one Flask-Migrate a
 www-data, against a throwaway PostgreSQL, r3 pending), then inside the sandbox, as the agent
 would: one Inspector, a first inspection (probe, journal baseline), then RUNS more inspections
 of the unchanged units, each timed with time.process_time() (the agent process: user + system)
-and getrusage(RUSAGE_CHILDREN) (subprocesses it reaped). --profile prints the cProfile of
-one steady inspection (timer: process_time), sorted by cumulative CPU. Needs root and PostgreSQL 15.
+and getrusage(RUSAGE_CHILDREN) (subprocesses it reaped), and, precisely (cgroup v2 usage_usec,
+exited processes included: tests/bench/cpu.py), what the rest of the sandbox spent but the
+gunicorn units and journald (PID 1, session children, dbus, other) and PostgreSQL (in a cgroup
+of its own). --profile prints the cProfile of one steady inspection (timer: process_time),
+sorted by cumulative CPU. Needs root and PostgreSQL 15.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import shutil
 import socket
 import sys
 import textwrap
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 INSIDE = textwrap.dedent("""
     import cProfile, ctypes, gc, io, json, pstats, resource, statistics, sys, tempfile, time
+    from tests.bench.cpu import snapshot, split, unified_root, usage_from_fd
     def rss_kib():
         return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
     rss = {"start": rss_kib()}
@@ -28,6 +35,9 @@ INSIDE = textwrap.dedent("""
     rss["imported"] = rss_kib()
     before = set(sys.modules)
     units = json.loads(sys.argv[1]); runs = int(sys.argv[2]); profile = sys.argv[3] == "1"
+    pg_fds = [int(fd) for fd in sys.argv[4].split(",")]; root = unified_root()
+    pg = lambda: [usage_from_fd(fd) for fd in pg_fds]
+    exclude = [*units, "systemd-journald.service"]
     state = tempfile.mkdtemp()
     insp = Inspector(InspectorSettings(units=tuple(units), discover_gunicorn=False,
                                        state_path=state + "/state.db"))
@@ -38,14 +48,19 @@ INSIDE = textwrap.dedent("""
     def children():
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
-    own, kids = [], []
+    own, kids, parts = [], [], []
     for _ in range(runs):
+        tree0, pg0 = snapshot(root), pg()
         c0, p0 = children(), time.process_time()
         snap = insp.inspect(units)
         own.append(time.process_time() - p0); kids.append(children() - c0)
+        pg1, tree1 = pg(), snapshot(root)
+        parts.append({**split(tree0, tree1, exclude), "pg_backends": pg1[0] - pg0[0] - pg1[1]
+                      + pg0[1], "pg_background": pg1[1] - pg0[1]})
     checks = {c.name: c.success for c in snap.units[0].checks}
     out = {"own_ms": [round(x * 1000, 2) for x in own],
            "children_ms": [round(x * 1000, 2) for x in kids],
+           "parts_ms": {k: round(sum(p[k] for p in parts) / runs * 1000, 2) for k in parts[0]},
            "probe_runs": insp.probe_runs, "checks": checks,
            "findings": sorted(f.check for f in snap.units[0].findings),
            "pending": list(snap.units[0].migrations.pending) if snap.units[0].migrations else None,
@@ -83,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import statistics
 
+    import os
+    import subprocess
+
+    from tests.bench.cpu import OwnCgroup, descendants
     from tests.harness.agent import PYTHON
     from tests.harness.apps import (
         AppSpec,
@@ -108,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     idle = hold_idle_sockets(args.idle_sockets)
     cluster = PostgresCluster().start()
+    postmaster = cluster._postmaster_pid()   # noqa: SLF001 - the harness's own
+    assert postmaster is not None
+    pg_group = OwnCgroup(f"driftwatch-bench-pg-{postmaster}", postmaster)
+    background = pg_group.split_off("background", descendants(postmaster))  # not backends
+    pg_fds = (os.open(pg_group.path / "cpu.stat", os.O_RDONLY),
+              os.open(background / "cpu.stat", os.O_RDONLY))
     workspace = new_workspace()
     sb = Sandbox()
     try:
@@ -132,13 +157,18 @@ def main(argv: list[str] | None = None) -> int:
             http_get(f"http://127.0.0.1:{port}/healthz")
             http_get(f"http://127.0.0.1:{port}/db")  # a worker connection to the database
             gunicorn_pids(sb, name)
-        proc = sb.run([PYTHON, "-c", INSIDE, json.dumps(names), str(args.runs),
-                       "1" if args.profile else "0"], timeout=900, check=False)
+        # PostgreSQL's cpu.stat is passed open: its cgroup is outside the sandbox's namespace.
+        proc = subprocess.run(sb.nsenter_argv(
+            ["/usr/bin/env", f"PYTHONPATH={REPO_ROOT}", PYTHON, "-c", INSIDE, json.dumps(names),
+             str(args.runs), "1" if args.profile else "0", "%d,%d" % pg_fds]),
+            capture_output=True, text=True, timeout=900, pass_fds=pg_fds,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr)
             return 1
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         own, kids = out.pop("own_ms"), out.pop("children_ms")
+        parts = out.pop("parts_ms")
         prof, prof_t = out.pop("profile", ""), out.pop("profile_tottime", "")
         print(f"{args.units} unit(s), {args.runs} steady inspections")
         print(f"agent process CPU per inspection: median {statistics.median(own):.1f} ms "
@@ -147,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         if idle:
             print(f"with {len(idle)} idle TCP sockets held open on the host")
         print(f"reaped children CPU per inspection: median {statistics.median(kids):.1f} ms")
+        print(f"agent process CPU per inspection, total / runs: {sum(own) / len(own):.2f} ms; "
+              "the rest per inspection, total / runs (cgroup v2 usage_usec; 'total': the "
+              "sandbox but the gunicorn units and journald): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
         print(json.dumps(out, indent=1))
         if prof:
             print(prof)
@@ -156,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         for sock in idle:
             sock.close()
         sb.destroy()
+        for fd in pg_fds:
+            os.close(fd)
         cluster.stop()
+        pg_group.close()
         shutil.rmtree(workspace, ignore_errors=True)
 
 
