@@ -15,7 +15,8 @@ FD_IN:
 - {"batch": [{"sql": ..., "params": {...}, "flush": bool}, ...]}: the statements in order in
   one read-only transaction (the guard verifies it before every statement), rolled back
   after the last; answered by lines {"results": [answer, ...]} (a line after a "flush"
-  statement, one when a batch has run FLUSH_S since the last line, one at the end). The first
+  statement, one when a batch has run FLUSH_S or gathered FLUSH_BYTES since the last line,
+  one at the end). The first
   error ends the batch: its answer is the last one, the statements after it are not run.
 EOF on FD_IN ends it. Root bounds every line it reads; a statement's rows are capped at
 MAX_ROWS.
@@ -34,6 +35,9 @@ MAX_MESSAGE = 500
 # A batch that has run this long writes what it has: root waits for each line at most a
 # statement's answer time, so no answer is held back longer than this plus one statement.
 FLUSH_S = 1.0
+# ... and one whose answers add up to this much: a line stays as large as one statement's
+# answer could always be (root bounds each line), whatever a batch holds.
+FLUSH_BYTES = 1024 * 1024
 
 
 def _message(exc):
@@ -153,7 +157,7 @@ def answer_requests(lines, fd_out, run, error_of, finish=None):
         except Exception as exc:
             _write(fd_out, error_of(exc))
             continue
-        results, last_write = [], time.monotonic()
+        results, size, last_write = [], 0, time.monotonic()
         for i, ask in enumerate(asks):
             try:
                 sql, params = one_statement(ask)
@@ -167,16 +171,27 @@ def answer_requests(lines, fd_out, run, error_of, finish=None):
                 except Exception as exc:
                     if "error" not in answer:
                         answer = error_of(exc)
-            results.append(answer)
             if not batch:
                 _write(fd_out, answer)
-            elif done or ask.get("flush") or time.monotonic() - last_write >= FLUSH_S:
-                _write(fd_out, {"results": results})
-                results, last_write = [], time.monotonic()
+                break
+            results.append(json.dumps(answer))
+            size += len(results[-1])
+            if done or ask.get("flush") or size >= FLUSH_BYTES \
+                    or time.monotonic() - last_write >= FLUSH_S:
+                _write_results(fd_out, results)
+                results, size, last_write = [], 0, time.monotonic()
             if done:
                 break
         if batch and not asks:
             _write(fd_out, {"results": []})
+
+
+def _write_results(fd, encoded):
+    """One batch answer line from answers already encoded (each measured as it came)."""
+    data = ('{"results": [' + ", ".join(encoded) + "]}\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def driver_connect(url):

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+import pytest
+
 from agent.asuser import dbsession
 
 
@@ -88,3 +90,13 @@ def test_a_malformed_request_is_an_error_answer() -> None:
     answers, _ = serve([{"batch": "SELECT 1"}, [1]])
     assert [a["error"] for a in answers] == ["a batch is a list of statements",
                                              "a request is a JSON object"]
+
+
+def test_a_batch_of_large_answers_is_split_into_lines_of_bounded_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root bounds every line it reads: a batch never packs more than FLUSH_BYTES of
+    answers (plus the one that crossed it) into one line."""
+    monkeypatch.setattr(dbsession, "FLUSH_BYTES", 100)
+    answers, _ = serve([{"batch": [{"sql": "x" * 60} for _ in range(5)]}])
+    assert [len(a["results"]) for a in answers] == [2, 2, 1]
+    assert all(len(json.dumps(a)) < 300 for a in answers)
