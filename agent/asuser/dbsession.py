@@ -7,11 +7,19 @@ URL names. Stdlib only at module level; readonly.py is prepended to this source.
 
 Protocol (root is the client): the request (URL and timeouts) comes in the environment
 variable DRIFTWATCH_DB_REQUEST, removed at once. The child connects and writes one JSON line
-to FD_OUT: {"ok": true} or {"ok": false, "error": "..."}. Then, for each JSON line
-{"sql": ..., "params": {...}} read from FD_IN, it runs that one statement in its own
-read-only transaction (the guard verifies it), rolls back, and writes one line
-{"rows": [[...], ...]} or {"error": "...", "sqlstate": "..."}. EOF on FD_IN ends it.
-Root bounds every line it reads; a statement's rows are capped at MAX_ROWS.
+to FD_OUT: {"ok": true} or {"ok": false, "error": "..."}. Then, for each JSON line read from
+FD_IN:
+- {"sql": ..., "params": {...}}: that one statement in its own read-only transaction (the
+  guard verifies it), rolled back; one line {"rows": [[...], ...]} or {"error": "...",
+  "sqlstate": "..."};
+- {"batch": [{"sql": ..., "params": {...}, "flush": bool}, ...]}: the statements in order in
+  one read-only transaction (the guard verifies it before every statement), rolled back
+  after the last; answered by lines {"results": [answer, ...]} (a line after a "flush"
+  statement, one when a batch has run FLUSH_S or gathered FLUSH_BYTES since the last line,
+  one at the end). The first
+  error ends the batch: its answer is the last one, the statements after it are not run.
+EOF on FD_IN ends it. Root bounds every line it reads; a statement's rows are capped at
+MAX_ROWS.
 """
 
 import json
@@ -19,10 +27,17 @@ import os
 import re
 import urllib.parse
 import sys
+import time
 
 DB_REQUEST_ENV = "DRIFTWATCH_DB_REQUEST"
 MAX_ROWS = 5000
 MAX_MESSAGE = 500
+# A batch that has run this long writes what it has: root waits for each line at most a
+# statement's answer time, so no answer is held back longer than this plus one statement.
+FLUSH_S = 1.0
+# ... and one whose answers add up to this much: a line stays as large as one statement's
+# answer could always be (root bounds each line), whatever a batch holds.
+FLUSH_BYTES = 1024 * 1024
 
 
 def _message(exc):
@@ -90,13 +105,14 @@ def libpq_uri(url):
     return "postgresql://" + rest
 
 
-def one_statement(line):
-    """A request line -> (sql, params); refuses more than one statement.
+def one_statement(ask):
+    """A request (line or parsed dict) -> (sql, params); refuses more than one statement.
 
-    One statement per transaction: "COMMIT; BEGIN READ WRITE; ..." in one simple-protocol
+    One statement per string: "COMMIT; BEGIN READ WRITE; ..." in one simple-protocol
     string would end the guarded transaction.
     """
-    ask = json.loads(line)
+    if not isinstance(ask, dict):
+        ask = json.loads(ask)
     sql = str(ask["sql"])
     if ";" in sql.strip().rstrip(";"):
         raise ValueError("one statement at a time (no ';')")
@@ -106,6 +122,76 @@ def one_statement(line):
 def pyformat(sql):
     """':name' parameters (SQLAlchemy text style) -> '%(name)s' (psycopg); '%' escaped."""
     return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+
+def fetch_rows(cur):
+    """At most MAX_ROWS rows of a cursor's result, JSON-safe ([] for no result)."""
+    if cur.description is None:
+        return []
+    return [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)]
+
+
+def requests_of(line):
+    """A request line -> (its statements as dicts, True when it is a batch)."""
+    ask = json.loads(line)
+    if not isinstance(ask, dict):
+        raise ValueError("a request is a JSON object")
+    if "batch" not in ask:
+        return [ask], False
+    batch = ask["batch"]
+    if not isinstance(batch, list) or not all(isinstance(a, dict) for a in batch):
+        raise ValueError("a batch is a list of statements")
+    return batch, True
+
+
+def answer_requests(lines, fd_out, run, error_of, finish=None):
+    """The statement loop every kind of session shares.
+
+    run(sql, params) -> rows verifies (its guard) and runs one statement; error_of(exc) ->
+    the error answer; finish() ends the request's transaction (rollback) after its last
+    statement or its first error; one that fails makes a good answer an error.
+    """
+    for line in lines:
+        try:
+            asks, batch = requests_of(line)
+        except Exception as exc:
+            _write(fd_out, error_of(exc))
+            continue
+        results, size, last_write = [], 0, time.monotonic()
+        for i, ask in enumerate(asks):
+            try:
+                sql, params = one_statement(ask)
+                answer = {"rows": run(sql, params)}
+            except Exception as exc:
+                answer = error_of(exc)
+            done = "error" in answer or i == len(asks) - 1
+            if done and finish is not None:
+                try:
+                    finish()  # never a transaction held open between requests
+                except Exception as exc:
+                    if "error" not in answer:
+                        answer = error_of(exc)
+            if not batch:
+                _write(fd_out, answer)
+                break
+            results.append(json.dumps(answer))
+            size += len(results[-1])
+            if done or ask.get("flush") or size >= FLUSH_BYTES \
+                    or time.monotonic() - last_write >= FLUSH_S:
+                _write_results(fd_out, results)
+                results, size, last_write = [], 0, time.monotonic()
+            if done:
+                break
+        if batch and not asks:
+            _write(fd_out, {"results": []})
+
+
+def _write_results(fd, encoded):
+    """One batch answer line from answers already encoded (each measured as it came)."""
+    data = ('{"results": [' + ", ".join(encoded) + "]}\n").encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def driver_connect(url):
@@ -128,7 +214,8 @@ def driver_connect(url):
 
 
 def serve_driver(conn, request, fd_out, lines):
-    """Answer statements on a plain driver connection, each in a guarded transaction."""
+    """Answer statements on a plain driver connection, each in a guarded transaction (a
+    batch's statements in one, the guard still asked before each)."""
     settings, state = request.get("guard") or {}, {"guarding": False}
 
     def run(sql, params):
@@ -136,27 +223,18 @@ def serve_driver(conn, request, fd_out, lines):
         cur = conn.cursor()
         try:
             cur.execute(pyformat(sql), dict(params or {}))
-            return [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
-                if cur.description is not None else []
+            return fetch_rows(cur)
         finally:
             cur.close()
-            conn.rollback()  # never a transaction held open between statements
 
     rows = run("SHOW transaction_read_only", {})
+    conn.rollback()
     if not rows or str(rows[0][0]).lower() != "on":
         raise RuntimeError("the session is not read-only")
     _write(fd_out, {"ok": True})
-    for line in lines:
-        try:
-            sql, params = one_statement(line)
-            answer = {"rows": run(sql, params)}
-        except Exception as exc:
-            answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
-            try:
-                conn.rollback()
-            except Exception:
-                pass
-        _write(fd_out, answer)
+    answer_requests(lines, fd_out, run,
+                    lambda exc: {"error": _message(exc), "sqlstate": _sqlstate(exc)},
+                    conn.rollback)
 
 
 def sqlite_path(url):
@@ -190,23 +268,18 @@ def serve_sqlite(request, fd_out, lines):
     except Exception as exc:
         _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
         return
+    def run(sql, params):
+        verify_sqlite(conn)  # noqa: F821 (bundled readonly.py)
+        cur = conn.execute(sql, dict(params))
+        try:
+            return fetch_rows(cur)
+        finally:
+            cur.close()
+
     try:
         _write(fd_out, {"ok": True})
-        for line in lines:
-            try:
-                sql, params = one_statement(line)
-                verify_sqlite(conn)  # noqa: F821 (bundled readonly.py)
-                cur = conn.execute(sql, dict(params))
-                try:
-                    rows = [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
-                        if cur.description is not None else []
-                finally:
-                    cur.close()
-                answer = {"rows": rows}
-            except Exception as exc:
-                answer = {"error": _message(exc),
-                          "sqlstate": str(getattr(exc, "sqlite_errorname", "") or "")}
-            _write(fd_out, answer)
+        answer_requests(lines, fd_out, run, lambda exc: {
+            "error": _message(exc), "sqlstate": str(getattr(exc, "sqlite_errorname", "") or "")})
     finally:
         conn.close()
 
@@ -295,27 +368,26 @@ def serve_mysql(request, fd_out, lines):
     except Exception as exc:
         _write(fd_out, {"ok": False, "error": _message(exc), "sqlstate": _sqlstate(exc)})
         return
+    def run(sql, params):
+        verify_mysql(conn)  # noqa: F821 (bundled readonly.py)
+        cur = conn.cursor()
+        try:
+            cur.execute(pyformat(sql), dict(params or {}))
+            return fetch_rows(cur)
+        finally:
+            cur.close()
+
+    def finish():
+        try:
+            conn.rollback()  # never a transaction held open between statements
+        except Exception:
+            pass
+
     try:
         _write(fd_out, {"ok": True})
-        for line in lines:
-            try:
-                sql, params = one_statement(line)
-                verify_mysql(conn)  # noqa: F821 (bundled readonly.py)
-                cur = conn.cursor()
-                try:
-                    cur.execute(pyformat(sql), dict(params or {}))
-                    rows = [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)] \
-                        if cur.description is not None else []
-                finally:
-                    cur.close()
-                answer = {"rows": rows}
-            except Exception as exc:
-                answer = {"error": _message(exc), "sqlstate": _mysql_errno(exc)}
-            try:
-                conn.rollback()  # never a transaction held open between statements
-            except Exception:
-                pass
-            _write(fd_out, answer)
+        answer_requests(lines, fd_out, run,
+                        lambda exc: {"error": _message(exc), "sqlstate": _mysql_errno(exc)},
+                        finish)
     finally:
         conn.close()
 
@@ -331,25 +403,21 @@ def serve_pgbouncer_admin(request, fd_out, lines):
     conn = driver_connect(request["url"])
     if conn is None:
         raise ImportError("the app's interpreter has neither psycopg2 nor psycopg")
+    def run(sql, _params):
+        if " ".join(sql.split()).upper() not in PGBOUNCER_SHOWS:
+            raise ValueError("only %s on PgBouncer's console" % ", ".join(PGBOUNCER_SHOWS))
+        cur = conn.cursor()
+        try:
+            cur.execute(sql)
+            return fetch_rows(cur)
+        finally:
+            cur.close()
+
     try:
         conn.autocommit = True
         _write(fd_out, {"ok": True})
-        for line in lines:
-            try:
-                sql, _params = one_statement(line)
-                if " ".join(sql.split()).upper() not in PGBOUNCER_SHOWS:
-                    raise ValueError("only %s on PgBouncer's console" % ", ".join(
-                        PGBOUNCER_SHOWS))
-                cur = conn.cursor()
-                try:
-                    cur.execute(sql)
-                    answer = {"rows": [[_plain(v) for v in row]
-                                       for row in cur.fetchmany(MAX_ROWS)]}
-                finally:
-                    cur.close()
-            except Exception as exc:
-                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
-            _write(fd_out, answer)
+        answer_requests(lines, fd_out, run,
+                        lambda exc: {"error": _message(exc), "sqlstate": _sqlstate(exc)})
     finally:
         conn.close()
 
@@ -413,20 +481,15 @@ def serve_sqlalchemy(request, fd_out, lines):
         if str(state).lower() != "on":
             raise RuntimeError("the session is not read-only")
         _write(fd_out, {"ok": True})
-        for line in lines:
-            try:
-                sql, params = one_statement(line)
-                result = conn.execute(text(sql), params)
-                rows = [[_plain(v) for v in row] for row in result.fetchmany(MAX_ROWS)] \
-                    if result.returns_rows else []
-                answer = {"rows": rows}
-            except Exception as exc:
-                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
-            try:
-                _end(conn)  # never a transaction held open between statements
-            except Exception as exc:
-                answer = {"error": _message(exc), "sqlstate": _sqlstate(exc)}
-            _write(fd_out, answer)
+
+        def run(sql, params):
+            result = conn.execute(text(sql), params)
+            return [[_plain(v) for v in row] for row in result.fetchmany(MAX_ROWS)] \
+                if result.returns_rows else []
+
+        answer_requests(lines, fd_out, run,
+                        lambda exc: {"error": _message(exc), "sqlstate": _sqlstate(exc)},
+                        lambda: _end(conn))  # never a transaction held open between requests
     finally:
         try:
             conn.close()

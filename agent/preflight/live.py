@@ -1,8 +1,9 @@
 """The live database, read-only: how big each affected table is, and what a lock would queue behind.
 
-One short read-only session (the agent's own, agent/privileged/sources/database.py) and three catalog
-queries: sizes from pg_class, locks held or awaited on those tables from pg_locks joined to
-pg_stat_activity, and sessions with an old or idle open transaction. None of them takes a lock
+One short read-only session (the agent's own, agent/privileged/sources/database.py) and one
+catalog statement in three parts: sizes from pg_class, locks held or awaited on those tables
+from pg_locks joined to pg_stat_activity, and sessions with an old or idle open transaction
+(plus the types of columns about to change, when there are any). None of them takes a lock
 on a user table (to_regclass and pg_total_relation_size do not), so the preflight itself can
 never queue behind a migration. A role without pg_read_all_stats sees other roles' sessions
 without their state or query: their locks in pg_locks are still seen.
@@ -107,10 +108,38 @@ def session_kind(state: str | None, backend_type: str | None, application: str |
     return "active transaction" if state == "active" else f"session ({state})"
 
 
-_SIZES = text("""
-SELECT n.name, c.oid::bigint, c.reltuples::float8, pg_total_relation_size(c.oid)
-FROM unnest(CAST(:names AS text[]), CAST(:quoted AS text[])) AS n(name, quoted)
-LEFT JOIN pg_class c ON c.oid = to_regclass(n.quoted)
+# Sizes of the affected tables, the locks held or awaited on them, and old or idle open
+# transactions: one statement (planned once, one answer), each row tagged with its part.
+_LIVE = text("""
+WITH n AS (
+  SELECT n.name, c.oid, c.reltuples::float8 AS reltuples,
+         pg_total_relation_size(c.oid) AS total
+  FROM unnest(CAST(:names AS text[]), CAST(:quoted AS text[])) AS n(name, quoted)
+  LEFT JOIN pg_class c ON c.oid = to_regclass(n.quoted)
+)
+(SELECT 'size', n.name, n.oid::bigint, n.reltuples, n.total, NULL::int, NULL::text,
+        NULL::bool, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::text
+ FROM n)
+UNION ALL
+(SELECT 'lock', NULL, l.relation::bigint, NULL, NULL, l.pid, l.mode, l.granted, a.state,
+        a.backend_type, a.application_name,
+        EXTRACT(EPOCH FROM clock_timestamp() - a.xact_start)::float8, left(a.query, 200)
+ FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation' AND l.relation IN (SELECT oid FROM n WHERE oid IS NOT NULL)
+   AND l.pid <> pg_backend_pid()
+ ORDER BY l.granted DESC, l.pid
+ LIMIT :limit)
+UNION ALL
+(SELECT 'old', NULL, NULL, NULL, NULL, pid, NULL, NULL, state, backend_type,
+        application_name, EXTRACT(EPOCH FROM clock_timestamp() - xact_start)::float8,
+        left(query, 200)
+ FROM pg_stat_activity
+ WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+   AND (state LIKE 'idle in transaction%' OR backend_type = 'autovacuum worker'
+        OR application_name LIKE 'pg_dump%'
+        OR clock_timestamp() - xact_start > make_interval(secs => :long))
+ ORDER BY xact_start
+ LIMIT :limit)
 """)
 
 _COLUMNS = text("""
@@ -149,29 +178,29 @@ def query_live(conn: Connection, tables: Iterable[str],
                columns: Iterable[tuple[str, str]] = ()) -> LiveState:
     """The catalog reads on an open read-only connection."""
     names = sorted(set(t for t in tables if t))
+    rows = list(conn.execute(_LIVE, {"names": names, "quoted": [quote_name(n) for n in names],
+                                     "long": LONG_TRANSACTION_SECONDS,
+                                     "limit": MAX_SESSIONS}))
     sizes, oids = [], {}
-    if names:
-        for name, oid, reltuples, total in conn.execute(
-                _SIZES, {"names": names, "quoted": [quote_name(n) for n in names]}):
-            if oid is None:
-                sizes.append(TableSize(name, False))
-                continue
-            oids[int(oid)] = name
-            rows = None if reltuples is None or reltuples < 0 else int(reltuples)
-            sizes.append(TableSize(name, True, rows, int(total or 0)))
-    lockers = []
-    if oids:
-        for rel, pid, mode, granted, state, btype, app, xact, query in conn.execute(
-                _LOCKERS, {"oids": list(oids), "limit": MAX_SESSIONS}):
+    for kind, name, oid, reltuples, total, *_ in rows:
+        if kind != "size":
+            continue
+        if oid is None:
+            sizes.append(TableSize(name, False))
+            continue
+        oids[int(oid)] = name
+        count = None if reltuples is None or reltuples < 0 else int(reltuples)
+        sizes.append(TableSize(name, True, count, int(total or 0)))
+    lockers, old = [], []
+    for kind, _, rel, _, _, pid, mode, granted, state, btype, app, xact, query in rows:
+        if kind == "lock":
             lockers.append(Session(
                 int(pid), session_kind(state, btype, app, query, xact), oids.get(int(rel), ""),
                 str(mode), bool(granted), state or "", xact, app or "", query or ""))
-    old = []
-    for pid, state, btype, app, xact, query in conn.execute(
-            _OLD, {"long": LONG_TRANSACTION_SECONDS, "limit": MAX_SESSIONS}):
-        old.append(Session(int(pid), session_kind(state, btype, app, query, xact),
-                           state=state or "", transaction_seconds=xact,
-                           application=app or "", query=query or ""))
+        elif kind == "old":
+            old.append(Session(int(pid), session_kind(state, btype, app, query, xact),
+                               state=state or "", transaction_seconds=xact,
+                               application=app or "", query=query or ""))
     types = {}
     pairs = sorted(set(columns))
     if pairs:

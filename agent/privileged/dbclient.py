@@ -17,7 +17,7 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -46,6 +46,10 @@ APPLICATION_NAME = "driftwatch"
 MAX_LINE_BYTES = 8 * 1024 * 1024
 # The child gets this long to start its interpreter and connect, beyond connect_s.
 START_GRACE_S = 10.0
+# What a kept session is asked first in a run, to know it still answers.
+PING_SQL = "SELECT 1"
+# At most this many statements of one run are remembered for the next run's batch.
+MAX_LEARNED = 200
 # While set (by the Inspector, for one inspection run), user_session borrows long-lived
 # sessions from this pool (agent/privileged/sessionpool.py) instead of starting one each time.
 CURRENT_POOL: contextvars.ContextVar[Any] = contextvars.ContextVar("driftwatch_session_pool",
@@ -105,6 +109,11 @@ class _Result:
         return self._rows[0]
 
 
+def statement_key(sql: str, params: Mapping[str, Any]) -> str:
+    """Pure: what makes two statements the same (text and parameters)."""
+    return json.dumps([sql, params], sort_keys=True, default=str)
+
+
 def parse_answer(line: bytes) -> dict[str, Any]:
     """One bounded JSON line from the child -> a dict (ValueError when it is not one)."""
     if len(line) > MAX_LINE_BYTES:
@@ -130,7 +139,8 @@ def rows_of(doc: Mapping[str, Any]) -> list[tuple[Any, ...]]:
 
 
 class RemoteConnection:
-    """Sends one statement at a time to the child and waits (bounded) for its rows."""
+    """Sends statements to the child (one at a time, or a prefetched batch) and waits
+    (bounded) for their rows."""
 
     def __init__(self, writer: BinaryIO, fd_out: int, settings: SessionSettings,
                  secrets: list[str]) -> None:
@@ -139,7 +149,14 @@ class RemoteConnection:
         self._buf = b""
         self._settings = settings
         self._secrets = secrets
-        self.statements = 0
+        self.statements = 0     # statements the child ran
+        self.round_trips = 0    # requests written (a batch is one)
+        # Answers prefetch() got, by statement_key, consumed by execute() in order.
+        self._ready: dict[str, list[dict[str, Any]]] = {}
+        # The statements answered (not failed) since new_run(): the next run's prefetch.
+        self._log: list[tuple[str, dict[str, Any]]] = []
+        # Values that cannot change during one session (its server's identity), by name.
+        self.session_memo: dict[str, Any] = {}
         # A lost, late or garbled answer: the next answer could belong to this statement,
         # so the session must not be used again.
         self.broken = False
@@ -171,24 +188,88 @@ class RemoteConnection:
     def execute(self, clause: Any, params: Mapping[str, Any] | None = None,
                 timeout: float | None = None) -> _Result:
         """Run one statement (a TextClause or SQL text) as the unit's user (timeout: how
-        long to wait for its answer, default the settings' answer_s)."""
+        long to wait for its answer, default the settings' answer_s); the answer prefetch()
+        already has for the same statement and parameters, if any."""
         sql = str(getattr(clause, "text", clause))
-        request = json.dumps({"sql": sql, "params": dict(params or {})}).encode() + b"\n"
-        try:
-            self._writer.write(request)
-            self._writer.flush()
-            doc = self.read_line(timeout or self._settings.answer_s)
-        except (OSError, RemoteError) as exc:
-            self.broken = True
-            raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))) from None
-        self.statements += 1
+        params = dict(params or {})
+        ready = self._ready.get(statement_key(sql, params))
+        if ready:
+            doc = ready.pop(0)
+        else:
+            request = json.dumps({"sql": sql, "params": params}).encode() + b"\n"
+            try:
+                self._send(request)
+                doc = self.read_line(timeout or self._settings.answer_s)
+            except (OSError, RemoteError) as exc:
+                self.broken = True
+                raise DBAPIError(sql, params, RemoteError(scrub(str(exc), self._secrets))
+                                 ) from None
+            self.statements += 1
         if "error" in doc:
             message = scrub(str(doc.get("error") or "error"), self._secrets)[:500]
             raise DBAPIError(sql, params, RemoteError(message, str(doc.get("sqlstate") or "")))
         try:
-            return _Result(rows_of(doc))
+            result = _Result(rows_of(doc))
         except ValueError as exc:
             raise DBAPIError(sql, params, RemoteError(str(exc))) from None
+        if len(self._log) < MAX_LEARNED:
+            self._log.append((sql, params))
+        return result
+
+    def _send(self, request: bytes) -> None:
+        self._writer.write(request)
+        self._writer.flush()
+        self.round_trips += 1
+
+    def prefetch(self, statements: Sequence[tuple[str, Mapping[str, Any]]],
+                 ping_timeout: float | None = None) -> None:
+        """Send statements as one batch (one read-only transaction in the child, one round
+        trip) and keep their answers for execute(); with ping_timeout, a "SELECT 1" first
+        whose answer must come within it (DBAPIError when it does not, or is an error).
+
+        A statement's answer is kept even when it is an error; the first error ends the
+        batch, and the statements after it are sent one by one when executed.
+        """
+        asks: list[dict[str, Any]] = [{"sql": PING_SQL, "params": {}, "flush": True}] \
+            if ping_timeout is not None else []
+        asks += [{"sql": sql, "params": dict(params)} for sql, params in statements]
+        if not asks:
+            return
+        got = 0
+        try:
+            self._send(json.dumps({"batch": asks}).encode() + b"\n")
+            while got < len(asks):
+                first = got == 0 and ping_timeout is not None
+                doc = self.read_line(ping_timeout if first else self._settings.answer_s)
+                results = doc.get("results")
+                if not isinstance(results, list) or not results or \
+                        len(results) > len(asks) - got:
+                    raise RemoteError("the session's answer to a batch is not one")
+                for answer in results:
+                    if not isinstance(answer, dict):
+                        raise RemoteError("the session's answer to a batch is not one")
+                    ask, got = asks[got], got + 1
+                    self.statements += 1
+                    if ask.get("flush") and got == 1 and ping_timeout is not None:
+                        if "error" in answer:
+                            message = scrub(str(answer.get("error")), self._secrets)[:500]
+                            raise DBAPIError(PING_SQL, {}, RemoteError(message))
+                        continue
+                    self._ready.setdefault(statement_key(ask["sql"], ask["params"]),
+                                           []).append(answer)
+                if "error" in results[-1]:
+                    break   # the child ended the batch there
+        except (OSError, RemoteError) as exc:
+            self.broken = True
+            raise DBAPIError(PING_SQL if got == 0 else "batch", {},
+                             RemoteError(scrub(str(exc), self._secrets))) from None
+
+    def new_run(self) -> list[tuple[str, dict[str, Any]]]:
+        """A new inspection run: forget unused prefetched answers; the statements the last
+        run had answered (in order), for the next prefetch."""
+        learned, self._log = self._log, []
+        self._ready = {}
+        return learned
 
 
 @contextmanager

@@ -61,6 +61,9 @@ class _Held:
     used: bool = True
     # Answered within this run: no ping needed before its next use in the same run.
     answered: bool = False
+    # The statements the last run had answered: sent as one batch before this run's first
+    # use (with the ping), so a steady inspection costs one round trip.
+    learned: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class SessionPool:
         user_session); ended at once when anything goes wrong inside the block."""
         key = session_key(ctx, url, timeouts, allow_root, probe_user)
         held = self.held.get(key)
+        learned = held.learned if held is not None else []
         if held is not None and not self._usable(held, timeouts):
             self._end(key)
             held = None
@@ -92,13 +96,18 @@ class SessionPool:
             stack = ExitStack()
             conn = stack.enter_context(self.opener(ctx, url, timeouts, allow_root, probe_user,
                                                    lifetime_s=self.lifetime_s))
-            held = _Held(ctx.unit, db_label(url), conn, stack, self.clock())
+            held = _Held(ctx.unit, db_label(url), conn, stack, self.clock(), learned=learned)
             self.held[key] = held
             self.started += 1
+            fresh = True
+        else:
+            fresh = False
         held.used = True
         ok = False
         try:
             try:
+                if fresh and held.learned and hasattr(held.conn, "prefetch"):
+                    held.conn.prefetch(held.learned)   # just greeted: no ping needed
                 yield held.conn
             except DBAPIError as exc:
                 raise DatabaseProblem(describe_error(held.label, exc)) from None
@@ -112,22 +121,31 @@ class SessionPool:
     def _usable(self, held: _Held, timeouts: Timeouts) -> bool:
         """Young enough, not broken, and still answering within the connect timeout (a
         server restart, an idle timeout, a killed child or a frozen server all show here,
-        before the inspection's statements)."""
+        before the inspection's statements). The ping goes with the statements the last
+        run asked, in one batch."""
         if self.clock() - held.started >= self.lifetime_s or getattr(held.conn, "broken", 0):
             return False
         if held.answered:
             return True
+        ping_s = float(max(1, timeouts.connect_s))
         try:
-            held.conn.execute("SELECT 1", timeout=float(max(1, timeouts.connect_s)))
+            if hasattr(held.conn, "prefetch"):
+                held.conn.prefetch(held.learned, ping_timeout=ping_s)
+            else:
+                held.conn.execute("SELECT 1", timeout=ping_s)
         except DBAPIError:
             return False
         return True
 
     def begin(self) -> None:
-        """A run starts: nothing used yet, nothing answered yet (ping before first use)."""
+        """A run starts: nothing used yet, nothing answered yet (ping before first use);
+        what each session answered in the last run is what it will be asked first."""
         for held in self.held.values():
             held.used = False
             held.answered = False
+            new_run = getattr(held.conn, "new_run", None)
+            if new_run is not None:
+                held.learned = new_run()
 
     def sweep(self, units: Iterable[str] | None = None) -> None:
         """After a run: end the sessions it did not use (of units, None: of all)."""
