@@ -82,7 +82,7 @@ def _parsed_passwords(text: str) -> Iterable[str]:
     found: list[str] = []
     if "://" in text and "@" in text:
         try:
-            from sqlalchemy.engine import make_url
+            from agent.dburl import make_url
 
             url = make_url(text.strip())
             if url.password:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib
+import importlib.util
 import logging
 import os
 import select
@@ -76,11 +77,9 @@ def sd_notify(*states: str) -> bool:
     """Send KEY=VALUE states to $NOTIFY_SOCKET (a no-op returning False outside systemd)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
-    try:
-        from pystemd.daemon import notify
-        return notify(False, *states) > 0
-    except ImportError:
-        return _socket_notify("\n".join(states))
+    # By hand, not pystemd.daemon: importing pystemd loads its lxml-based introspection
+    # (~9 MiB) into the daemon serving HTTP.
+    return _socket_notify("\n".join(states))
 
 
 def _socket_notify(message: str) -> bool:
@@ -481,13 +480,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_factory(spec: str) -> InspectorFactory:
-    """Import 'module:callable'."""
-    module_name, _, attr = spec.partition(":")
+class FactoryRef:
+    """'module:callable', imported where it is called: in the worker, so the daemon serving
+    HTTP never loads the inspector's libraries (SQLAlchemy, pystemd, psutil: ~30 MiB)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def resolve(self) -> InspectorFactory:
+        """The callable itself (ConfigError when it cannot be imported)."""
+        module_name, _, attr = self.spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr or "make_inspector")
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"cannot load inspector {self.spec!r}: {exc}") from None
+
+    def __call__(self, config: Config) -> Inspect:
+        return self.resolve()(config)
+
+
+def load_factory(spec: str) -> FactoryRef:
+    """'module:callable' as a FactoryRef; the module must exist (its import is left to the
+    worker)."""
+    module_name = spec.partition(":")[0]
     try:
-        return getattr(importlib.import_module(module_name), attr or "make_inspector")
-    except (ImportError, AttributeError) as exc:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:
         raise ConfigError(f"cannot load inspector {spec!r}: {exc}") from None
+    if found is None:
+        raise ConfigError(f"cannot load inspector {spec!r}: no module named {module_name!r}")
+    return FactoryRef(spec)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
