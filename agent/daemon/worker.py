@@ -57,6 +57,9 @@ def _terminate(*_: Any) -> None:
 
 def worker_main(conn: Connection) -> None:
     """Entry point of the worker process: build the inspector and watcher, serve requests."""
+    from agent.pystemd_lite import bare_pystemd
+    bare_pystemd()   # before anything imports pystemd: D-Bus calls without lxml
+
     from agent.daemon.main import candidate_predicate, setup_logging, stop_children
     from agent.daemon.watch import UnitWatcher, default_bus_factory
 
