@@ -63,6 +63,17 @@ def mask_url(text: str) -> str:
     return _mask_parsed(text, masked)
 
 
+# NAME=value in free text (log lines, error messages).
+_ASSIGNMENT = re.compile(r"\b(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s&;,'\"]+)")
+
+
+def mask_text(text: str) -> str:
+    """Mask URL passwords and values of secret-looking NAME=value pairs in free text."""
+    text = mask_url(text)
+    return _ASSIGNMENT.sub(lambda m: f"{m.group('name')}={MASK}"
+                           if is_secret_name(m.group("name")) else m.group(0), text)
+
+
 def _mask_parsed(original: str, masked: str) -> str:
     """Whatever password SQLAlchemy's or libpq's own parser finds in ORIGINAL, gone from
     MASKED too (raw and percent-encoded): the regexes above are the fast path, this the net."""

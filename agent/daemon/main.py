@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import importlib
 import importlib.util
 import logging
@@ -25,7 +24,8 @@ from agent.config import LOG_LEVELS, Config, load_config
 from agent.daemon.worker import WorkerInspect
 from agent.errors import ConfigError, DriftwatchError
 from agent.daemon.metrics import DriftwatchCollector
-from agent.daemon.server import AgentHTTPServer, AgentUnixServer, mask_text
+from agent.daemon.process import FactoryRef, _Formatter, candidate_predicate, setup_logging, stop_children  # noqa: F401
+from agent.daemon.server import AgentHTTPServer, AgentUnixServer
 from agent.snapshot import Snapshot
 from agent.daemon.watch import UnitWatcher
 from agent.daemon.webconfig import WebConfig, load_web_config
@@ -39,37 +39,6 @@ DEFAULT_UNIX_SOCKET = "/run/driftwatch/agent.sock"
 TICK_SECONDS = 1.0
 InspectorFactory = Callable[[Config], Inspect]
 WatcherFactory = Callable[..., Any]
-
-
-# -- logging ------------------------------------------------------------------------------
-class _Formatter(logging.Formatter):
-    """One line per record, secrets masked; syslog priority prefix for journald."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                logging.CRITICAL: 2}
-
-    def __init__(self, journald: bool) -> None:
-        # journald stamps every line itself: a second timestamp is noise.
-        super().__init__("%(name)s: %(message)s" if journald
-                         else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.journald = journald
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = mask_text(super().format(record))
-        if self.journald:
-            # "<N>" is sd-daemon's SD_* prefix: journald turns it into the entry's priority.
-            prio = self.PRIORITY.get(record.levelno, 6)
-            return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
-        return text
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr; journald-friendly when JOURNAL_STREAM says stderr goes to the journal."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 # -- sd_notify ----------------------------------------------------------------------------
@@ -125,16 +94,6 @@ def status_line(snapshot: Snapshot | None, listen_address: str, last_error: str 
     if last_error:
         parts.append("last inspection failed")
     return "; ".join(parts)
-
-
-def candidate_predicate(config: Config) -> Callable[[str], bool]:
-    """Which newly appearing units could be picked up by discovery (-> full re-inspection)."""
-    def is_candidate(name: str) -> bool:
-        if not name.endswith(".service"):
-            return False
-        return config.discover_gunicorn or any(
-            fnmatch.fnmatchcase(name, p) for p in config.unit_patterns)
-    return is_candidate
 
 
 def check_web_limits(config: Config) -> None:
@@ -412,44 +371,6 @@ class Daemon:
             sd_notify(*states)
 
 
-def stop_children(grace: float = 2.0) -> int:
-    """SIGTERM, then SIGKILL, every process group the agent started (probes run in their own
-    session, so outside systemd nothing else would end them); returns how many."""
-    import psutil
-
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return 0
-    groups = set()
-    for child in children:
-        try:
-            groups.add(os.getpgid(child.pid))
-        except OSError:
-            continue
-    groups.discard(os.getpgrp())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in groups:
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                pass
-        if sig == signal.SIGTERM:
-            _, alive = psutil.wait_procs(children, timeout=grace)
-            if not alive:
-                break
-    psutil.wait_procs(children, timeout=grace)
-    for child in children:   # children outside a group of their own
-        try:
-            if child.is_running():
-                child.kill()
-        except psutil.Error:
-            pass
-    if groups:
-        log.info("stopped %d probe process group(s)", len(groups))
-    return len(groups)
-
-
 # -- command line -------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2."""
@@ -478,25 +399,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # Tests only: a 'module:callable' taking the Config and returning the inspect callable.
     parser.add_argument("--inspector", default=DEFAULT_INSPECTOR, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-class FactoryRef:
-    """'module:callable', imported where it is called: in the worker, so the daemon serving
-    HTTP never loads the inspector's libraries (SQLAlchemy, pystemd, psutil: ~30 MiB)."""
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-
-    def resolve(self) -> InspectorFactory:
-        """The callable itself (ConfigError when it cannot be imported)."""
-        module_name, _, attr = self.spec.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr or "make_inspector")
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"cannot load inspector {self.spec!r}: {exc}") from None
-
-    def __call__(self, config: Config) -> Inspect:
-        return self.resolve()(config)
 
 
 def load_factory(spec: str) -> FactoryRef:

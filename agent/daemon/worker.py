@@ -50,7 +50,7 @@ class WorkerError(DriftwatchError):
 # -- the worker process -------------------------------------------------------------------
 def _terminate(*_: Any) -> None:
     """SIGTERM in the worker: stop every probe this worker started, then exit at once."""
-    from agent.daemon.main import stop_children
+    from agent.daemon.process import stop_children
     stop_children()
     os._exit(0)
 
@@ -60,7 +60,7 @@ def worker_main(conn: Connection) -> None:
     from agent.pystemd_lite import bare_pystemd
     bare_pystemd()   # before anything imports pystemd: D-Bus calls without lxml
 
-    from agent.daemon.main import candidate_predicate, setup_logging, stop_children
+    from agent.daemon.process import candidate_predicate, setup_logging, stop_children
     from agent.daemon.watch import UnitWatcher, default_bus_factory
 
     signal.signal(signal.SIGTERM, _terminate)
