@@ -63,7 +63,7 @@ class DBAPIError(SQLError):
 
     def __str__(self) -> str:
         kind = type(self.orig)
-        text_ = f"({kind.__module__}.{kind.__qualname__}) {self.orig}"
+        text_ = f"({kind.__module__}.{kind.__name__}) {self.orig}"   # as SQLAlchemy says it
         if self.statement:
             text_ += f"\n[SQL: {self.statement}]"
         return text_

@@ -100,6 +100,36 @@ def stop_children(grace: float = 2.0) -> int:
     return len(groups)
 
 
+# -- memory -------------------------------------------------------------------------------
+def lean_worker_imports() -> None:
+    """Before the inspection worker imports anything else: pystemd without its lxml-based
+    introspection (agent/pystemd_lite.py), and hashlib with Python's built-in SHA-256 rather
+    than OpenSSL's libcrypto (3.4 MiB of RSS; the worker hashes a few KiB of fingerprints per
+    inspection and never speaks TLS). The same digests either way."""
+    from agent.pystemd_lite import bare_pystemd
+
+    bare_pystemd()
+    if "hashlib" not in sys.modules:
+        sys.modules.setdefault("_hashlib", None)   # type: ignore[arg-type]
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc malloc_trim): an inspection's
+    peak (probe reports, pickled snapshots) is otherwise kept as RSS until the process ends."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 # -- the inspector factory ----------------------------------------------------------------
 class FactoryRef:
     """'module:callable', imported where it is called: in the worker, so the daemon serving

@@ -30,6 +30,7 @@ import json, re
 from pathlib import Path
 from tests.bench.cpu import _unit_of
 HEAVY = {heavy!r}
+DETAIL = {detail!r}
 out = []
 for p in Path('/proc').iterdir():
     if not (p.name.isdigit() and _unit_of(int(p.name), Path('/proc')) == {unit!r}):
@@ -40,18 +41,36 @@ for p in Path('/proc').iterdir():
         m = re.search(r'/(?:site|dist)-packages/([A-Za-z_]+)', line)
         if m and m.group(1) in HEAVY:
             libs.add(m.group(1))
+        elif '/libcrypto.so' in line:
+            libs.add('libcrypto')
+    top = {{}}
+    if DETAIL:
+        current = None
+        for line in (p / 'smaps').read_text().splitlines():
+            head = line.split()
+            if head and '-' in head[0] and not head[0].endswith(':'):
+                current = head[5] if len(head) > 5 else '[anon]'
+            elif head and head[0] == 'Rss:':
+                top[current] = top.get(current, 0) + int(head[1])
+        top = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
     cmd = (p / 'cmdline').read_bytes().replace(b'\\0', b' ').decode(errors='replace').strip()
-    out.append((int(p.name), cmd[-60:], int(st.get('VmRSS', '0 kB').split()[0]), sorted(libs)))
+    out.append((int(p.name), cmd[-60:], int(st.get('VmRSS', '0 kB').split()[0]), sorted(libs), top))
 print(json.dumps(out))
 """
 
 
-def agent_processes(sb: object) -> list[tuple[int, str, float, list[str]]]:
-    """(pid, command tail, VmRSS MiB, heavy libraries mapped) of every agent process."""
-    code = _PROBE.format(heavy=HEAVY, unit=AGENT_UNIT)
+def agent_processes(sb: object, detail: bool = False) -> list[tuple[int, str, float, list[str]]]:
+    """(pid, command tail, VmRSS MiB, heavy libraries mapped) of every agent process; DETAIL
+    prints the mappings holding most of each one's RSS."""
+    code = _PROBE.format(heavy=HEAVY, unit=AGENT_UNIT, detail=detail)
     proc = sb.run(["/usr/bin/env", f"PYTHONPATH={REPO_ROOT}", sys.executable,  # type: ignore
                    "-c", code])
-    return [(pid, cmd, kib / 1024, libs) for pid, cmd, kib, libs in json.loads(proc.stdout)]
+    out = []
+    for pid, cmd, kib, libs, top in json.loads(proc.stdout):
+        for mapping, rss in top.items():
+            print(f"    {pid} {rss / 1024:6.1f} MiB  {mapping}")
+        out.append((pid, cmd, kib / 1024, libs))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agent_rss")
     parser.add_argument("--units", type=int, default=20)
     parser.add_argument("--inspections", type=int, default=3)
+    parser.add_argument("--detail", action="store_true", help="the largest mappings")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra Environment= for the agent's unit (a drop-in)")
     args = parser.parse_args(argv)
     venv = app_venv()
     pg = Postgres()
@@ -87,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sb.add_file("/etc/driftwatch/agent.toml", agent_config(
             f"127.0.0.1:{ports[AGENT_UNIT]}", units=units, discover_gunicorn=False,
             min_interval_seconds=0))
-        sb.add_unit(AGENT_UNIT, agent_unit_text(), agent_unit_dropins())
+        dropins = agent_unit_dropins()
+        if args.env:
+            dropins["zz-env.conf"] = "[Service]\n" + "".join(f"Environment={e}\n" for e in args.env)
+        sb.add_unit(AGENT_UNIT, agent_unit_text(), dropins)
         sb.boot()
         sb.systemctl("start", *units)
         for unit in units:
@@ -104,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(args.inspections):
             body = fetch(port)
             time.sleep(0.5)
-            last = agent_processes(sb)
+            last = agent_processes(sb, args.detail and _ == args.inspections - 1)
             for pid, _cmd, mib, _libs in last:
                 peak[pid] = max(peak.get(pid, 0.0), mib)
         print(f"agent RSS, {len(units)} units, after {args.inspections} scrapes ({len(body)} bytes):")

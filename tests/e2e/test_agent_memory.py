@@ -6,6 +6,7 @@ inspection of a real gunicorn unit on PostgreSQL, neither has SQLAlchemy, psycop
 loaded. Each of the three maps a compiled extension of its own the moment it is imported
 (sqlalchemy/*_cy*.so, psycopg2/_psycopg*.so, lxml/etree*.so), so /proc/PID/maps shows the
 import; pystemd and psutil in the worker show that the same look sees a library that is there.
+The worker also leaves OpenSSL's libcrypto out (hashlib's built-in SHA-256).
 """
 
 from __future__ import annotations
@@ -47,3 +48,6 @@ def test_daemon_and_worker_load_no_sqlalchemy_psycopg2_or_lxml(
     for pid, cmd, mib, libs in procs:
         assert not FORBIDDEN & set(libs), f"{cmd} ({mib:.1f} MiB) has {libs} loaded"
     assert {"pystemd", "psutil"} <= set(workers[0][3]), workers
+    # The worker hashes with Python's built-in SHA-256: OpenSSL's libcrypto is the daemon's
+    # (TLS, http.client) only.
+    assert "libcrypto" not in workers[0][3] and "libcrypto" in daemons[0][3], procs
