@@ -102,6 +102,11 @@ def _parsed_passwords(text: str) -> Iterable[str]:
                       if is_secret_name(k) and isinstance(v, str)]
         except Exception:  # not a URL SQLAlchemy accepts: nothing to add
             pass
+    if "://" in text:
+        # A URI: its password is where the grammar above and URL_PASSWORD (to the last '@',
+        # which covers libpq's first '@') find it; tests/unit/test_masking.py checks against
+        # libpq. psycopg2 (with libpq, OpenSSL: ~10 MiB) is imported for key=value only.
+        return [f for f in dict.fromkeys(found + [unquote(f) for f in found]) if f and f != MASK]
     try:
         from psycopg2.extensions import parse_dsn  # libpq's own PQconninfoParse
 

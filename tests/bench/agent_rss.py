@@ -38,7 +38,7 @@ for p in Path('/proc').iterdir():
     st = dict(l.split(':', 1) for l in (p / 'status').read_text().splitlines())
     libs = set()
     for line in (p / 'maps').read_text().splitlines():
-        m = re.search(r'/(?:site|dist)-packages/([A-Za-z_]+)', line)
+        m = re.search(r'/(?:site|dist)-packages/([A-Za-z0-9_]+)', line)
         if m and m.group(1) in HEAVY:
             libs.add(m.group(1))
         elif '/libcrypto.so' in line:

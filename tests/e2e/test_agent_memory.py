@@ -51,3 +51,4 @@ def test_daemon_and_worker_load_no_sqlalchemy_psycopg2_or_lxml(
     # The worker hashes with Python's built-in SHA-256: OpenSSL's libcrypto is the daemon's
     # (TLS, http.client) only.
     assert "libcrypto" not in workers[0][3] and "libcrypto" in daemons[0][3], procs
+
