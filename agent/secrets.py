@@ -86,6 +86,10 @@ def _mask_parsed(original: str, masked: str) -> str:
     return masked
 
 
+# A libpq conninfo key and its '=' (libpq allows spaces around it).
+_CONNINFO_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
 def _parsed_passwords(text: str) -> Iterable[str]:
     """Passwords the real parsers read from TEXT (a URL or a libpq conninfo string)."""
     if "=" not in text and "://" not in text:
@@ -102,10 +106,11 @@ def _parsed_passwords(text: str) -> Iterable[str]:
                       if is_secret_name(k) and isinstance(v, str)]
         except Exception:  # not a URL SQLAlchemy accepts: nothing to add
             pass
-    if "://" in text:
-        # A URI: its password is where the grammar above and URL_PASSWORD (to the last '@',
-        # which covers libpq's first '@') find it; tests/unit/test_masking.py checks against
-        # libpq. psycopg2 (with libpq, OpenSSL: ~10 MiB) is imported for key=value only.
+    if "://" in text or not any(is_secret_name(m.group(1)) for m in _CONNINFO_KEY.finditer(text)):
+        # libpq finds a secret only as the value of a secret-named key ("password = x"); a
+        # URI's password is where the grammar above and URL_PASSWORD (to the last '@', which
+        # covers libpq's first '@') find it (tests/unit/test_masking.py checks both against
+        # libpq). So psycopg2 (libpq, OpenSSL: ~10 MiB) is imported only for such a conninfo.
         return [f for f in dict.fromkeys(found + [unquote(f) for f in found]) if f and f != MASK]
     try:
         from psycopg2.extensions import parse_dsn  # libpq's own PQconninfoParse
