@@ -63,6 +63,17 @@ def mask_url(text: str) -> str:
     return _mask_parsed(text, masked)
 
 
+# NAME=value in free text (log lines, error messages).
+_ASSIGNMENT = re.compile(r"\b(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s&;,'\"]+)")
+
+
+def mask_text(text: str) -> str:
+    """Mask URL passwords and values of secret-looking NAME=value pairs in free text."""
+    text = mask_url(text)
+    return _ASSIGNMENT.sub(lambda m: f"{m.group('name')}={MASK}"
+                           if is_secret_name(m.group("name")) else m.group(0), text)
+
+
 def _mask_parsed(original: str, masked: str) -> str:
     """Whatever password SQLAlchemy's or libpq's own parser finds in ORIGINAL, gone from
     MASKED too (raw and percent-encoded): the regexes above are the fast path, this the net."""
@@ -75,6 +86,10 @@ def _mask_parsed(original: str, masked: str) -> str:
     return masked
 
 
+# A libpq conninfo key and its '=' (libpq allows spaces around it).
+_CONNINFO_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
 def _parsed_passwords(text: str) -> Iterable[str]:
     """Passwords the real parsers read from TEXT (a URL or a libpq conninfo string)."""
     if "=" not in text and "://" not in text:
@@ -82,7 +97,7 @@ def _parsed_passwords(text: str) -> Iterable[str]:
     found: list[str] = []
     if "://" in text and "@" in text:
         try:
-            from sqlalchemy.engine import make_url
+            from agent.dburl import make_url
 
             url = make_url(text.strip())
             if url.password:
@@ -91,6 +106,12 @@ def _parsed_passwords(text: str) -> Iterable[str]:
                       if is_secret_name(k) and isinstance(v, str)]
         except Exception:  # not a URL SQLAlchemy accepts: nothing to add
             pass
+    if "://" in text or not any(is_secret_name(m.group(1)) for m in _CONNINFO_KEY.finditer(text)):
+        # libpq finds a secret only as the value of a secret-named key ("password = x"); a
+        # URI's password is where the grammar above and URL_PASSWORD (to the last '@', which
+        # covers libpq's first '@') find it (tests/unit/test_masking.py checks both against
+        # libpq). So psycopg2 (libpq, OpenSSL: ~10 MiB) is imported only for such a conninfo.
+        return [f for f in dict.fromkeys(found + [unquote(f) for f in found]) if f and f != MASK]
     try:
         from psycopg2.extensions import parse_dsn  # libpq's own PQconninfoParse
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import importlib
+import importlib.util
 import logging
 import os
 import select
@@ -24,7 +24,8 @@ from agent.config import LOG_LEVELS, Config, load_config
 from agent.daemon.worker import WorkerInspect
 from agent.errors import ConfigError, DriftwatchError
 from agent.daemon.metrics import DriftwatchCollector
-from agent.daemon.server import AgentHTTPServer, AgentUnixServer, mask_text
+from agent.daemon.process import FactoryRef, _Formatter, candidate_predicate, setup_logging, stop_children  # noqa: F401
+from agent.daemon.server import AgentHTTPServer, AgentUnixServer
 from agent.snapshot import Snapshot
 from agent.daemon.watch import UnitWatcher
 from agent.daemon.webconfig import WebConfig, load_web_config
@@ -40,47 +41,14 @@ InspectorFactory = Callable[[Config], Inspect]
 WatcherFactory = Callable[..., Any]
 
 
-# -- logging ------------------------------------------------------------------------------
-class _Formatter(logging.Formatter):
-    """One line per record, secrets masked; syslog priority prefix for journald."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                logging.CRITICAL: 2}
-
-    def __init__(self, journald: bool) -> None:
-        # journald stamps every line itself: a second timestamp is noise.
-        super().__init__("%(name)s: %(message)s" if journald
-                         else "%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.journald = journald
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = mask_text(super().format(record))
-        if self.journald:
-            # "<N>" is sd-daemon's SD_* prefix: journald turns it into the entry's priority.
-            prio = self.PRIORITY.get(record.levelno, 6)
-            return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
-        return text
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr; journald-friendly when JOURNAL_STREAM says stderr goes to the journal."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 # -- sd_notify ----------------------------------------------------------------------------
 def sd_notify(*states: str) -> bool:
     """Send KEY=VALUE states to $NOTIFY_SOCKET (a no-op returning False outside systemd)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return False
-    try:
-        from pystemd.daemon import notify
-        return notify(False, *states) > 0
-    except ImportError:
-        return _socket_notify("\n".join(states))
+    # By hand, not pystemd.daemon: importing pystemd loads its lxml-based introspection
+    # (~9 MiB) into the daemon serving HTTP.
+    return _socket_notify("\n".join(states))
 
 
 def _socket_notify(message: str) -> bool:
@@ -126,16 +94,6 @@ def status_line(snapshot: Snapshot | None, listen_address: str, last_error: str 
     if last_error:
         parts.append("last inspection failed")
     return "; ".join(parts)
-
-
-def candidate_predicate(config: Config) -> Callable[[str], bool]:
-    """Which newly appearing units could be picked up by discovery (-> full re-inspection)."""
-    def is_candidate(name: str) -> bool:
-        if not name.endswith(".service"):
-            return False
-        return config.discover_gunicorn or any(
-            fnmatch.fnmatchcase(name, p) for p in config.unit_patterns)
-    return is_candidate
 
 
 def check_web_limits(config: Config) -> None:
@@ -413,44 +371,6 @@ class Daemon:
             sd_notify(*states)
 
 
-def stop_children(grace: float = 2.0) -> int:
-    """SIGTERM, then SIGKILL, every process group the agent started (probes run in their own
-    session, so outside systemd nothing else would end them); returns how many."""
-    import psutil
-
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return 0
-    groups = set()
-    for child in children:
-        try:
-            groups.add(os.getpgid(child.pid))
-        except OSError:
-            continue
-    groups.discard(os.getpgrp())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pgid in groups:
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                pass
-        if sig == signal.SIGTERM:
-            _, alive = psutil.wait_procs(children, timeout=grace)
-            if not alive:
-                break
-    psutil.wait_procs(children, timeout=grace)
-    for child in children:   # children outside a group of their own
-        try:
-            if child.is_running():
-                child.kill()
-        except psutil.Error:
-            pass
-    if groups:
-        log.info("stopped %d probe process group(s)", len(groups))
-    return len(groups)
-
-
 # -- command line -------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits 2."""
@@ -481,13 +401,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_factory(spec: str) -> InspectorFactory:
-    """Import 'module:callable'."""
-    module_name, _, attr = spec.partition(":")
+def load_factory(spec: str) -> FactoryRef:
+    """'module:callable' as a FactoryRef; the module must exist (its import is left to the
+    worker)."""
+    module_name = spec.partition(":")[0]
     try:
-        return getattr(importlib.import_module(module_name), attr or "make_inspector")
-    except (ImportError, AttributeError) as exc:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as exc:
         raise ConfigError(f"cannot load inspector {spec!r}: {exc}") from None
+    if found is None:
+        raise ConfigError(f"cannot load inspector {spec!r}: no module named {module_name!r}")
+    return FactoryRef(spec)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,14 +9,20 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.checks.schema import KINDS as schema_kinds
-from agent.privileged.sources.journal import KINDS as JOURNAL_KINDS
 from agent.snapshot import Snapshot, UnitSnapshot
-from agent.privileged.state import CONDITIONS as STATE_STORE_CONDITIONS
+
+# The same values as agent.privileged.sources.journal.KINDS and agent.privileged.state.CONDITIONS
+# (tests/unit/test_metrics.py checks): importing those modules would load the sd-journal
+# bindings and sqlite3 into the daemon serving HTTP, which never reads a journal or the store.
+JOURNAL_KINDS = ("undefined_column", "undefined_table")
+STATE_STORE_CONDITIONS = ("ok", "read_only", "full", "error")
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 PREFIX = "driftwatch_"
 
@@ -37,6 +43,9 @@ class Spec:
 
     def family(self) -> Metric:
         """A fresh, empty metric family: new objects on every scrape, never stale labels."""
+        # Imported here: the inspection worker imports this module (the cache's stats) but
+        # never renders, and prometheus_client loads http.server, wsgiref, ... (~11 MiB).
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         cls = CounterMetricFamily if self.counter else GaugeMetricFamily
         return cls(PREFIX + self.name, self.help, labels=list(self.labels))
 
@@ -302,7 +311,7 @@ class CollectorStats:
     last_success: bool | None = None
 
 
-class DriftwatchCollector(Collector):
+class DriftwatchCollector:
     """Reads the latest Snapshot on every scrape and turns it into fresh metric families."""
 
     def __init__(self, get_snapshot: Callable[[], Snapshot | None],

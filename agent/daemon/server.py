@@ -7,7 +7,6 @@ import html
 import json
 import logging
 import os
-import re
 import socket
 import socketserver
 import ssl
@@ -30,7 +29,7 @@ from agent.config import TLSConfig, parse_listen_address
 from agent.errors import ConfigError, DriftwatchError
 from agent.daemon.exposition import GZIP_MIN_BYTES, ExpositionCache, zlib_gzip
 from agent.daemon.redact import redact_status
-from agent.secrets import MASK, is_secret_name, mask_url
+from agent.secrets import MASK, is_secret_name, mask_text, mask_url  # noqa: F401
 from agent.daemon.webconfig import BasicAuth, WebConfig, WebTLS, make_ssl_context, peer_san_allowed
 
 log = logging.getLogger(__name__)
@@ -44,14 +43,6 @@ class ListenError(DriftwatchError):
 
 
 # NAME=value in free text (a remedy saying "export PGPASSWORD=..."): masked by NAME.
-_ASSIGNMENT = re.compile(r"\b(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s&;,'\"]+)")
-
-
-def mask_text(text: str) -> str:
-    """Mask URL passwords and values of secret-looking NAME=value pairs in free text."""
-    text = mask_url(text)
-    return _ASSIGNMENT.sub(lambda m: f"{m.group('name')}={MASK}"
-                           if is_secret_name(m.group("name")) else m.group(0), text)
 
 
 def mask_strings(value: Any) -> Any:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from agent.daemon.process import trim_heap
 from agent.errors import DriftwatchError
 from agent.snapshot import Snapshot
 
@@ -50,14 +51,17 @@ class WorkerError(DriftwatchError):
 # -- the worker process -------------------------------------------------------------------
 def _terminate(*_: Any) -> None:
     """SIGTERM in the worker: stop every probe this worker started, then exit at once."""
-    from agent.daemon.main import stop_children
+    from agent.daemon.process import stop_children
     stop_children()
     os._exit(0)
 
 
 def worker_main(conn: Connection) -> None:
     """Entry point of the worker process: build the inspector and watcher, serve requests."""
-    from agent.daemon.main import candidate_predicate, setup_logging, stop_children
+    from agent.daemon.process import lean_worker_imports
+    lean_worker_imports()   # before anything imports pystemd or hashlib
+
+    from agent.daemon.process import candidate_predicate, setup_logging, stop_children
     from agent.daemon.watch import UnitWatcher, default_bus_factory
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -109,6 +113,7 @@ def worker_main(conn: Connection) -> None:
                     send(("result", seq, inspect(wanted), ""))
                 except Exception as exc:  # reported to the daemon, the worker goes on
                     send(("result", seq, None, f"{type(exc).__name__}: {exc}"))
+                trim_heap()
     finally:
         if watcher is not None:
             watcher.stop()
@@ -315,6 +320,8 @@ class WorkerInspect:
                 call.result, call.error = message[2], message[3]
                 self.current = None
                 call.done.set()
+                del message
+                trim_heap()   # the pickled snapshot's buffers
         with self._lock:
             call = self._call
             if self._conn is conn:

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from agent.dbsql import Connection, text
 
 from agent.context import AppContext
 from agent.privileged.dbclient import user_session

@@ -8,8 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from agent.dburl import ArgumentError, make_url
 
 from agent.context import AppContext
 from agent.preflight.analysis import Analysis

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.context import AppContext
 from agent.privileged import transient

@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.context import AppContext
 from agent.privileged import dbclient

@@ -205,20 +205,18 @@ class TransientUnit:
 def start(source: Any, name: str, argv: Sequence[str], props: dict[bytes, Any],
           stdin_fd: int, stdout_fd: int, stderr_fd: int) -> TransientUnit:
     """StartTransientUnit with argv and the given fds as the service's stdio."""
-    from pystemd.systemd1 import unit_signatures
-    from pystemd.systemd1.manager import Manager
-
     from agent.errors import DriftwatchError
+    from agent.pystemd_lite import start_transient_unit, unit_signatures
 
-    unit_signatures.KNOWN_UNIT_SIGNATURES.update(EXTRA_SIGNATURES)
+    unit_signatures().KNOWN_UNIT_SIGNATURES.update(EXTRA_SIGNATURES)
     full = dict(props)
     full[b"ExecStart"] = [(_b(argv[0]), [_b(a) for a in argv], False)]
     full[b"StandardInputFileDescriptor"] = stdin_fd
     full[b"StandardOutputFileDescriptor"] = stdout_fd
     full[b"StandardErrorFileDescriptor"] = stderr_fd
     try:
-        manager = Manager(bus=source.bus, _autoload=True)
-        manager.Manager.StartTransientUnit(name.encode(), b"fail", full)
+        # A plain call: pystemd's Manager object would introspect, with lxml (~6 MiB).
+        start_transient_unit(source.bus, name.encode(), b"fail", full)
     except DriftwatchError as exc:
         raise TransientError(str(exc)) from None
     except Exception as exc:  # pystemd's DBusError: a refused property, no systemd

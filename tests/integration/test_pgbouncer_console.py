@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.privileged.dbclient import user_session
 from agent.privileged.sources import database, pooler

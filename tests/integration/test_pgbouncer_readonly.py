@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.privileged.dbclient import user_session
 from agent.privileged.probe_runner import ProbeRequest, run_probe

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.context import AppContext, ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties

@@ -171,7 +171,8 @@ def test_generated_conninfo_passwords_never_shown(password: str, key: str, quote
         return  # libpq refuses it: nothing connects with it
     secret = parsed[key]
     shown = _shown_everywhere("DATABASE_URL", conninfo)
-    if len(secret) >= 4:
+    # A password that is part of the key's own name ("passwo") is in "password=****" itself.
+    if len(secret) >= 4 and secret not in f"{key}=":
         assert not _leaks(secret, shown), (conninfo, shown)
 
 

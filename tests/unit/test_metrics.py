@@ -230,3 +230,11 @@ def test_modified_migration_files_are_bounded_plain_labels() -> None:
              if line.startswith("driftwatch_applied_migration_modified_info{")]
     assert len(shown) == 8 and 'file="r0_step.py",revision="r0"' in shown[0]
     assert "$(x)" not in text
+
+
+def test_the_daemons_copies_of_journal_kinds_and_store_conditions_are_the_sources() -> None:
+    from agent.daemon import metrics
+    from agent.privileged.sources.journal import KINDS
+    from agent.privileged.state import CONDITIONS
+    assert metrics.JOURNAL_KINDS == KINDS
+    assert metrics.STATE_STORE_CONDITIONS == CONDITIONS

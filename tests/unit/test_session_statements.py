@@ -8,7 +8,7 @@ import ast
 import inspect
 
 import pytest
-from sqlalchemy.sql.elements import TextClause
+from agent.dbsql import TextClause
 
 from agent.preflight import live
 from agent.privileged.sources import database

@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from agent.dbsql import Connection, DBAPIError, NullPool, create_engine, text
+from agent.dbsql import SQLError as SQLAlchemyError
+from agent.dburl import URL, ArgumentError, make_url
 
 from agent.secrets import mask_url
 

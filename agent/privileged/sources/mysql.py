@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError, text
 
 from agent.checks.half_applied import LiveObjects, next_revisions, tables_named
 from agent.privileged.sources.database import (

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
-from sqlalchemy.engine import make_url
+from agent.dburl import make_url
 
 ADMIN_DATABASE = "pgbouncer"
 # SHOW CLIENTS begins type, user, database, state, addr, port and SHOW DATABASES begins

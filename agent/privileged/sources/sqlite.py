@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError, text
+from agent.dburl import make_url
 
 from agent.privileged.sources.database import (
     DEFAULT_TIMEOUTS,
