@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from agent.dbsql import DBAPIError
 
 from agent.privileged.dbclient import CURRENT_POOL, user_session
 from agent.privileged.sessionpool import SessionPool
