@@ -40,8 +40,12 @@ def inspect_with(monkeypatch: pytest.MonkeyPatch, version: database.VersionTable
                                 can_use=True),
             database.ServerIdentity(label))
 
-    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
-        monkeypatch.setattr(database, "inspect", inspect)
+    # A context of its own, left before fakes' one: a plain monkeypatch.setattr here would
+    # record fakes' stand-in as the original and put it back after the test (it leaked into
+    # every later test module of the same pytest process).
+    with fakes(monkeypatch, {}), monkeypatch.context() as patch, \
+            tempfile.TemporaryDirectory() as tmp:
+        patch.setattr(database, "inspect", inspect)
         inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
                               systemd=FakeSystemd({HEALTHY: props(HEALTHY)}),  # type: ignore
                               probe=fake_probe({HEALTHY: json.dumps(report).encode()}))
@@ -130,8 +134,12 @@ def test_a_comparison_made_during_a_migration_is_not_reused(
             database.Privileges(label, user="app", schema="public", can_create=True,
                                 can_use=True), database.ServerIdentity(label))
 
-    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
-        monkeypatch.setattr(database, "inspect", inspect)
+    # A context of its own, left before fakes' one: a plain monkeypatch.setattr here would
+    # record fakes' stand-in as the original and put it back after the test (it leaked into
+    # every later test module of the same pytest process).
+    with fakes(monkeypatch, {}), monkeypatch.context() as patch, \
+            tempfile.TemporaryDirectory() as tmp:
+        patch.setattr(database, "inspect", inspect)
         inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
                               systemd=FakeSystemd({HEALTHY: props(HEALTHY)}),  # type: ignore
                               probe=fake_probe({HEALTHY: json.dumps(DRIFTING).encode()}))
