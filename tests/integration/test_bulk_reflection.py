@@ -18,6 +18,7 @@ from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect
 
+from agent.privileged import table_fingerprints as tablefp
 from agent.privileged.launch import bundle
 from agent.asuser import bulk_reflection as bulk
 from agent.privileged.probe_runner import CHILD_SOURCE_PATH, probe_source
@@ -192,3 +193,127 @@ def test_the_probe_program_defines_the_bulk_functions_before_main_runs() -> None
         source.index('if __name__ == "__main__":')
     assert source.index("def install_bulk_reflection(") < \
         source.index('if __name__ == "__main__":')
+
+
+# -- per-table catalog fingerprints: a later check compares only the tables that changed --
+
+INCREMENTAL_DRIVER = '''
+import json, os, sys
+namespace = {"__name__": "probe_child"}
+exec(compile(open(sys.argv[1]).read(), "probe", "exec"), namespace)
+namespace["install_readonly_guard"]({})
+app, _, _ = namespace["load_app"]({"app_spec": "wsgi:app"})
+previous = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else {}
+out = {}
+with app.app_context():
+    found, _ = namespace["engines"](app)
+    config, _ = namespace["migrations_config"](app, {})
+    for name, given in sorted(previous.items()) or [("full", None)]:
+        report = {}
+        namespace["compare_with_env_py"](config, found, report, previous=given)
+        out[name] = {"error": report.get("schema_diff_error", ""),
+                     "diff": report.get("schema_diff"),
+                     "fingerprints": report.get("table_fingerprints"),
+                     "reused": [b["reused_tables"] for b in report["alembic_env"]["binds"]]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def compare_given(app: AppDir, venv: Path, url: str,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The probe's comparison as www-data: once without a previous check, or once per
+    entry of previous ({name: previous_check or None})."""
+    app.write("_probe_bundle.py", bundle(CHILD_SOURCE_PATH, probe_source()))
+    app.write("_incremental.py", INCREMENTAL_DRIVER)
+    argv = [str(venv / "bin" / "python"), "-B", "_incremental.py", "_probe_bundle.py"]
+    if previous is not None:
+        app.write("_previous.json", json.dumps(previous))
+        argv.append("_previous.json")
+    proc = run_in_app(app, venv, url, argv, "compare incrementally", user=APP_USER)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return dict(json.loads(line[len("RESULT "):]))
+
+
+def handed_back(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What root hands the next probe, from a report, through root's own validation."""
+    return tablefp.previous_check(tablefp.from_report(report["fingerprints"]), report["diff"])
+
+
+BIG_DRIFT = (  # on the 60-model app, whose first 5 models have a column no migration made
+    "ALTER TABLE m0010 ALTER COLUMN name TYPE varchar(90)",
+    "DROP INDEX ix_m0011_name", "CREATE INDEX ix_m0012_extra ON m0012 (amount)",
+    "ALTER TABLE m0013 DROP CONSTRAINT m0013_parent_id_fkey",
+    "ALTER TABLE m0014 ALTER COLUMN amount SET NOT NULL",
+    "COMMENT ON COLUMN m0015.amount IS 'cents'", "COMMENT ON TABLE m0016 IS 'x'",
+    "ALTER TABLE m0017 ADD COLUMN extra int", "CREATE TABLE m9999 (id int)")
+
+# (app, SQL before the first check, SQL after it (one table altered), tables compared again)
+INCREMENTAL = {
+    "big-alter-drifted": ("big", BIG_DRIFT,
+                          ("ALTER TABLE m0010 ALTER COLUMN amount TYPE bigint",), {"m0010"}),
+    "big-alter-clean": ("big", BIG_DRIFT, ("ALTER TABLE m0040 DROP COLUMN created_at",),
+                        {"m0040"}),
+    "big-fix-drifted": ("big", BIG_DRIFT, ("ALTER TABLE m0017 DROP COLUMN extra",),
+                        {"m0017"}),
+    "big-new-and-removed-table": ("big", BIG_DRIFT, (
+        "DROP TABLE m9999", "CREATE TABLE m9998 (id int)"), {"m9998"}),
+    "tricky-alter-drifted": ("tricky-manual-drift", (),
+                             ("ALTER TABLE articles ALTER COLUMN score TYPE real",),
+                             {"articles"}),
+    "tricky-alter-clean": ("tricky-manual-drift", (),
+                           ("ALTER TABLE users ADD COLUMN legacy int",), {"users"}),
+    "tricky-enum-label": ("tricky-at-head", (),
+                          ("ALTER TYPE article_status ADD VALUE 'archived'",), {"articles"}),
+    "tricky-serial-ownership": ("tricky-server-defaults-at-head", (),
+                                ("ALTER SEQUENCE article_numbers OWNED BY articles.number",),
+                                {"articles"}),
+    "include_object": ("include_object", (), ("ALTER TABLE legacy_reports ADD COLUMN x int",),
+                       {"legacy_reports"}),
+    "models-ahead": ("models-ahead", (), ("ALTER TABLE users ADD COLUMN legacy int",),
+                     {"users"}),
+}
+
+
+def _app_of(name: str, make_app: Callable[..., AppDir]) -> tuple[AppDir, tuple[str, ...]]:
+    if name == "big":
+        return make_app(bigapp.bigapp_spec(60, drift=5)), ()
+    return make_app(CASES[name].spec), CASES[name].sql
+
+
+@pytest.mark.parametrize("case", sorted(INCREMENTAL))
+def test_an_incremental_check_equals_a_full_one(
+        case: str, make_app: Callable[..., AppDir], flask_venv: Path,
+        pg_database: PgDatabase) -> None:
+    name, first_sql, then_sql, changed = INCREMENTAL[case]
+    app, case_sql = _app_of(name, make_app)
+    db_upgrade(app, flask_venv, pg_database.url)
+    for statement in case_sql + first_sql:
+        pg_database.execute(statement)
+    first = compare_given(app, flask_venv, pg_database.url)["full"]
+    assert first["error"] == ""
+    previous = handed_back(first)
+    assert previous is not None and first["fingerprints"]["default"]["tables"]
+    for statement in then_sql:
+        pg_database.execute(statement)
+    garbled = copy.deepcopy(previous)
+    garbled["diff"].append({"kind": "add_column", "table": 7})
+    result = compare_given(app, flask_venv, pg_database.url, {
+        "full": None, "incremental": previous, "garbled": garbled,
+        "other-basis": {**previous, "tables": {"default": {
+            **previous["tables"]["default"], "basis": "0" * 64}}}})
+    full, incremental = result["full"], result["incremental"]
+    assert full["error"] == incremental["error"] == ""
+    assert full["reused"] == [0]
+    # only the altered tables' fingerprints moved; every other table was reused
+    before = first["fingerprints"]["default"]["tables"]
+    now = full["fingerprints"]["default"]["tables"]
+    same = {t for t in now if before.get(t) == now[t]}
+    assert same == (set(now) & set(before)) - changed
+    assert incremental["reused"] == [len(same)]
+    # the same answer, in the same order, and the same fingerprints for the next time
+    assert incremental["diff"] == full["diff"]
+    assert incremental["fingerprints"] == full["fingerprints"]
+    # a garbled previous check, or one from other options: everything compared
+    for name in ("garbled", "other-basis"):
+        assert result[name]["reused"] == [0]
+        assert result[name]["diff"] == full["diff"]
