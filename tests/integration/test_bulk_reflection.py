@@ -25,7 +25,7 @@ from agent.privileged.probe_runner import CHILD_SOURCE_PATH, probe_source
 from tests.harness import bigapp
 from tests.harness.apps import APP_USER, AppDir, db_upgrade, run_in_app
 from tests.harness.postgres import PgDatabase
-from tests.integration.test_flask_db_check import CASES
+from tests.integration.test_flask_db_check import BIG_DRIFT, CASES
 
 pytestmark = pytest.mark.postgres
 
@@ -238,14 +238,6 @@ def handed_back(report: dict[str, Any]) -> dict[str, Any] | None:
     """What root hands the next probe, from a report, through root's own validation."""
     return tablefp.previous_check(tablefp.from_report(report["fingerprints"]), report["diff"])
 
-
-BIG_DRIFT = (  # on the 60-model app, whose first 5 models have a column no migration made
-    "ALTER TABLE m0010 ALTER COLUMN name TYPE varchar(90)",
-    "DROP INDEX ix_m0011_name", "CREATE INDEX ix_m0012_extra ON m0012 (amount)",
-    "ALTER TABLE m0013 DROP CONSTRAINT m0013_parent_id_fkey",
-    "ALTER TABLE m0014 ALTER COLUMN amount SET NOT NULL",
-    "COMMENT ON COLUMN m0015.amount IS 'cents'", "COMMENT ON TABLE m0016 IS 'x'",
-    "ALTER TABLE m0017 ADD COLUMN extra int", "CREATE TABLE m9999 (id int)")
 
 # (app, SQL before the first check, SQL after it (one table altered), tables compared again)
 INCREMENTAL = {
