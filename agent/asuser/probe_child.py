@@ -618,6 +618,13 @@ def _scripts(script_dir):
     for the agent's graph check (migration_graph_invalid)."""
     load = getattr(script_dir, "_load_revisions", None)
     raw = list(load()) if load is not None else None
+    if raw is not None and hasattr(script_dir, "revision_map"):
+        # Alembic's graph built from this same listing: each file is loaded once, not again
+        # by the revision map (a second import of every migration file).
+        try:
+            script_dir.revision_map = type(script_dir.revision_map)(lambda: iter(raw))
+        except Exception:
+            pass
     try:
         walked = list(script_dir.walk_revisions())
     except Exception:
