@@ -154,3 +154,52 @@ def test_only_a_schema_change_under_the_same_code_hands_the_fingerprints_back(
     # (the last: the probe after the code change already saw schema s3, but the memo held
     # s2, so it runs once more, with the fingerprints of that same code)
     assert [r.previous_check for r in requests] == [None, handed, None, None, handed]
+
+
+# -- the probe's side: what a fingerprint covers -------------------------------------------
+
+def _cache(**over: Any) -> dict[str, Any]:
+    from sqlalchemy.dialects.postgresql import ENUM, INTEGER
+    columns = [{"name": "id", "type": INTEGER(), "nullable": False, "comment": None,
+                "default": "nextval('t_id_seq'::regclass)", "autoincrement": True},
+               {"name": "status", "type": ENUM("a", "b", name="st"), "nullable": True,
+                "default": None, "autoincrement": False, "comment": None}]
+    rows = {"alembic_columns": columns, "alembic_pk_constraint": {"constrained_columns": ["id"]},
+            "alembic_foreign_keys": [], "alembic_indexes": [],
+            "alembic_unique_constraints": [], "alembic_table_comment": {"text": None},
+            "alembic_check_constraints": [], "alembic_table_options": {}}
+    rows.update(over)
+    return {k: {(None, "t"): v} for k, v in rows.items()}
+
+
+def test_a_fingerprint_moves_with_every_part_of_the_catalog() -> None:
+    from sqlalchemy.dialects.postgresql import ENUM
+    from agent.asuser import bulk_reflection as bulk
+    base = bulk.table_fingerprint(_cache(), "t", {}, False, None)
+    assert base is not None and len(base) == 32
+    assert bulk.table_fingerprint(_cache(), "t", {}, False, None) == base
+    columns = _cache()["alembic_columns"][(None, "t")]
+    columns[1]["type"] = ENUM("a", "b", "c", name="st")          # ALTER TYPE ... ADD VALUE
+    changed = [_cache(alembic_columns=columns),
+               _cache(alembic_check_constraints=[{"name": "c", "sqltext": "x > 0"}]),
+               _cache(alembic_table_options={"postgresql_with_oids": False}),
+               _cache(alembic_table_comment={"text": "x"})]
+    for cache in changed:
+        assert bulk.table_fingerprint(cache, "t", {}, False, None) not in (None, base)
+    # with compare_server_default, who owns the SERIAL's sequence is part of it
+    owned = bulk.table_fingerprint(_cache(), "t", {"t_id_seq": ("t_id_seq", "id")}, True, None)
+    assert owned != bulk.table_fingerprint(_cache(), "t", {}, True, None)
+    # a kind the dialect cannot reflect in bulk counts as empty for every table
+    cache = _cache()
+    cache["alembic_table_options"] = NotImplementedError
+    assert bulk.table_fingerprint(cache, "t", {}, False, None) is not None
+
+
+def test_anything_not_plain_data_gets_no_fingerprint() -> None:
+    from agent.asuser import bulk_reflection as bulk
+
+    class Thing:
+        pass
+    for odd in (Thing(), {1, 2}, object()):
+        cache = _cache(alembic_check_constraints=[{"name": "c", "sqltext": odd}])
+        assert bulk.table_fingerprint(cache, "t", {}, False, None) is None
