@@ -930,7 +930,8 @@ def _in_alembic_order(diff):
         groups[key].append(entry)
     first = [k for k in order if any(e["kind"] in ("add_table", "remove_table")
                                      for e in groups[k])]
-    rest = sorted((k for k in order if k not in first), key=lambda k: (k[0], k[1]))
+    leading = set(first)
+    rest = sorted((k for k in order if k not in leading), key=lambda k: (k[0], k[1]))
     return [e for k in first + rest for e in groups[k]]
 
 
