@@ -802,10 +802,32 @@ def _bind_of(context, found):
     return None
 
 
-def _described(directives):
-    """The described operations of directives (to see whether a hook changed them)."""
-    return [d for s in directives for ops in s.upgrade_ops_list for item in ops.as_diffs()
-            for d in safe_describe(item)]
+# Flask-Migrate's env.py hook (the same text in its 2.x to 4.x templates).
+FLASK_MIGRATE_HOOK = """
+def process_revision_directives(context, revision, directives):
+    if getattr(config.cmd_opts, 'autogenerate', False):
+        script = directives[0]
+        if script.upgrade_ops.is_empty():
+            directives[:] = []
+            logger.info('No changes in schema detected.')
+"""
+
+
+def inert_flask_migrate_hook(hook):
+    """True for Flask-Migrate's own process_revision_directives (the same code as its
+    template, compiled here) while its config has no autogenerate option: it then changes
+    nothing. Any other hook may act on the whole script."""
+    code = getattr(hook, "__code__", None)
+    if code is None:
+        return False
+    namespace = {}
+    exec(compile(FLASK_MIGRATE_HOOK, "<flask-migrate env.py>", "exec"), namespace)
+    ref = namespace["process_revision_directives"].__code__
+    fields = ("co_code", "co_names", "co_consts", "co_varnames", "co_freevars")
+    if any(getattr(code, f, None) != getattr(ref, f, None) for f in fields):
+        return False
+    config = (getattr(hook, "__globals__", None) or {}).get("config")
+    return not getattr(getattr(config, "cmd_opts", None), "autogenerate", False)
 
 
 def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True, previous=None):
@@ -856,28 +878,24 @@ def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True, prev
         if bulk is not None:
             bulk(context)
         hook = context.opts.get("process_revision_directives")
-        prior = previous(context) if previous is not None else None
-        while True:
-            fingerprints = None
-            if skipping is not None and shortcut:
-                # tables whose catalog equals their model, or equals the previous check's
-                # (its operations reused), left out: the answer is the same
-                script, runs[-1]["unchanged_tables"], fingerprints = \
-                    skipping(context, metadata, prior)
-            else:
-                script = produce_migrations(context, metadata)
-            directives = [script]
-            if hook:  # what `alembic check` runs too (it may filter or rewrite the ops)
-                before = _described(directives) if fingerprints is not None else None
-                hook(context, heads, directives)
-                if before is not None and _described(directives) != before:
-                    # The hook changed the operations: what it does to a part is not known
-                    # to be a part of what it does to the whole. No reuse, now or next time.
-                    if fingerprints["reused"]:
-                        prior = None
-                        continue
-                    fingerprints = None
-            break
+        # A hook sees the whole script and may act on it as a whole (drop everything, keep
+        # one table): reused entries never passed through it. So reuse only without a hook,
+        # or with Flask-Migrate's own, which returns at once unless autogenerating.
+        reuse = not hook or inert_flask_migrate_hook(hook)
+        prior = previous(context) if previous is not None and reuse else None
+        fingerprints = None
+        if skipping is not None and shortcut:
+            # tables whose catalog equals their model, or equals the previous check's
+            # (its operations reused), left out: the answer is the same
+            script, runs[-1]["unchanged_tables"], fingerprints = \
+                skipping(context, metadata, prior)
+        else:
+            script = produce_migrations(context, metadata)
+        directives = [script]
+        if hook:  # what `alembic check` runs too (it may filter or rewrite the ops)
+            hook(context, heads, directives)
+        if not reuse:
+            fingerprints = None  # none kept: the next check compares everything too
         runs[-1]["fingerprints"] = fingerprints
         runs[-1]["diff"] = [d for s in directives for ops in s.upgrade_ops_list
                             for d in ops.as_diffs()]

@@ -309,3 +309,73 @@ def test_an_incremental_check_equals_a_full_one(
     for name in ("garbled", "other-basis"):
         assert result[name]["reused"] == [0]
         assert result[name]["diff"] == full["diff"]
+
+
+HOOK = '''
+import os
+
+
+def drop_users_ops(context, revision, directives):
+    # a hook acting on the whole script: only while HIDE_USERS is set
+    if os.environ.get("HIDE_USERS"):
+        ops = directives[0].upgrade_ops
+        ops.ops = [o for o in ops.ops if getattr(o, "table_name", None) != "users"]
+'''
+
+HOOK_DRIVER = '''
+import json, os, sys
+namespace = {"__name__": "probe_child"}
+exec(compile(open(sys.argv[1]).read(), "probe", "exec"), namespace)
+namespace["install_readonly_guard"]({})
+app, _, _ = namespace["load_app"]({"app_spec": "wsgi:app"})
+previous = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else None
+out = {}
+with app.app_context():
+    found, _ = namespace["engines"](app)
+    config, _ = namespace["migrations_config"](app, {})
+    for name, hide, given in (("identity", "", None), ("changing-full", "1", None),
+                              ("changing-given", "1", previous)):
+        os.environ["HIDE_USERS"] = hide
+        report = {}
+        namespace["compare_with_env_py"](config, found, report, previous=given)
+        out[name] = {"error": report.get("schema_diff_error", ""),
+                     "diff": report.get("schema_diff"),
+                     "fingerprints": report.get("table_fingerprints"),
+                     "reused": [b["reused_tables"] for b in report["alembic_env"]["binds"]]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_with_a_hook_of_its_own_env_py_compares_everything(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    """process_revision_directives acts on the whole script, which reused entries never
+    passed through: with a hook other than Flask-Migrate's own, nothing is reused (even
+    given a previous check on the same basis) and no fingerprints are kept."""
+    from tests.harness.apps import AppSpec, custom_env_py
+    app = make_app(AppSpec(env_py=custom_env_py(
+        "process_revision_directives=drop_users_ops,", HOOK)))
+    twin = make_app(AppSpec(), name="twin")  # the same models, Flask-Migrate's own hook
+    db_upgrade(app, flask_venv, pg_database.url)
+    pg_database.execute("ALTER TABLE users ADD COLUMN legacy int")
+    first = compare_given(twin, flask_venv, pg_database.url)["full"]
+    previous = handed_back(first)
+    assert previous is not None and first["fingerprints"]["default"]["tables"]
+    pg_database.execute("ALTER TABLE posts ADD COLUMN extra int")
+    # the twin would reuse users' entry...
+    assert compare_given(twin, flask_venv, pg_database.url,
+                         {"incremental": previous})["incremental"]["reused"] == [1]
+    # ...the app whose hook drops users' operations must not
+    app.write("_probe_bundle.py", bundle(CHILD_SOURCE_PATH, probe_source()))
+    app.write("_hook.py", HOOK_DRIVER)
+    app.write("_previous.json", json.dumps(previous))
+    proc = run_in_app(app, flask_venv, pg_database.url,
+                      [str(flask_venv / "bin" / "python"), "-B", "_hook.py",
+                       "_probe_bundle.py", "_previous.json"], "hook", user=APP_USER)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    given, full = result["changing-given"], result["changing-full"]
+    assert given["error"] == full["error"] == ""
+    assert given["reused"] == [0] and given["fingerprints"] == {}
+    assert result["identity"]["fingerprints"] == {}
+    assert given["diff"] == full["diff"]
+    assert [(d["kind"], d["table"]) for d in full["diff"]] == [("remove_column", "posts")]

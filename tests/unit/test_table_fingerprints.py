@@ -203,3 +203,22 @@ def test_anything_not_plain_data_gets_no_fingerprint() -> None:
     for odd in (Thing(), {1, 2}, object()):
         cache = _cache(alembic_check_constraints=[{"name": "c", "sqltext": odd}])
         assert bulk.table_fingerprint(cache, "t", {}, False, None) is None
+
+
+def test_only_flask_migrates_own_hook_with_autogenerate_off_is_inert() -> None:
+    from types import SimpleNamespace
+    template = child.FLASK_MIGRATE_HOOK.replace("\n", "\n    ")   # nested, as in env.py
+    env_py = "def run_migrations_online():\n" + template + "\n    return " \
+        "process_revision_directives\n"
+    for autogenerate, inert in ((False, True), (True, False)):
+        namespace: dict[str, Any] = {
+            "config": SimpleNamespace(cmd_opts=SimpleNamespace(autogenerate=autogenerate))}
+        exec(compile(env_py, "env.py", "exec"), namespace)
+        hook = namespace["run_migrations_online"]()
+        assert child.inert_flask_migrate_hook(hook) is inert
+    namespace = {"config": SimpleNamespace(cmd_opts=None)}
+    exec(compile(child.FLASK_MIGRATE_HOOK.replace("directives[:] = []", "directives[:] = [1]"),
+                 "env.py", "exec"), namespace)
+    assert not child.inert_flask_migrate_hook(namespace["process_revision_directives"])
+    assert not child.inert_flask_migrate_hook(lambda context, revision, directives: None)
+    assert not child.inert_flask_migrate_hook(print)
