@@ -135,10 +135,12 @@ def test_only_a_schema_change_under_the_same_code_hands_the_fingerprints_back(
                                 can_use=True),
             database.ServerIdentity(label), schema_fingerprint=state["schema"])
 
-    with fakes(monkeypatch, {}), tempfile.TemporaryDirectory() as tmp:
-        monkeypatch.setattr(database, "inspect", inspect)
-        monkeypatch.setattr(inspector_module, "fingerprint",
-                            lambda ctx, migrations_dir="": state["code"])
+    # (a context of its own, undone before fakes' own: nothing leaks into later tests)
+    with fakes(monkeypatch, {}), monkeypatch.context() as patch, \
+            tempfile.TemporaryDirectory() as tmp:
+        patch.setattr(database, "inspect", inspect)
+        patch.setattr(inspector_module, "fingerprint",
+                      lambda ctx, migrations_dir="": state["code"])
         inspector = Inspector(InspectorSettings(state_path=f"{tmp}/s.db"),
                               systemd=FakeSystemd({HEALTHY: props(HEALTHY)}),  # type: ignore
                               probe=probe)
