@@ -269,9 +269,11 @@ CACHE_KEYS = ("alembic_columns", "alembic_pk_constraint", "alembic_foreign_keys"
               "alembic_indexes", "alembic_unique_constraints", "alembic_table_comment")
 
 
-def unchanged_tables(autogen):
-    """Names of default-schema tables whose catalog equals their model, read through
-    Alembic's own bulk cache; empty whenever the shortcut cannot be exact."""
+def catalog_names(autogen):
+    """The default-schema table names Alembic will compare, after Alembic's own bulk read
+    of their catalog into the inspector's cache; None whenever the shortcuts cannot be
+    exact (not PostgreSQL, include_schemas, a callable compare_type or
+    compare_server_default, a comparator not Alembic's own, no bulk cache)."""
     from alembic.autogenerate.compare.util import _InspectorConv
     from sqlalchemy import MetaData
     opts = autogen.opts
@@ -280,7 +282,7 @@ def unchanged_tables(autogen):
             callable(opts.get("compare_server_default")) or \
             not isinstance(autogen.metadata, MetaData) or \
             not only_alembic_comparators(autogen.comparators):
-        return set()
+        return None
     inspector, context = autogen.inspector, autogen.migration_context
     available = set(inspector.get_table_names(schema=None))
     names = available.difference([context.version_table]) \
@@ -288,10 +290,22 @@ def unchanged_tables(autogen):
     # the names Alembic itself will compare (include_name applies, as in Alembic)
     names = [n for n in names if autogen.run_name_filters(n, "table", {"schema_name": None})]
     _InspectorConv(inspector).pre_cache_tables(None, names, available)  # Alembic's own call
-    cache = inspector.info_cache
-    if any(not isinstance(cache.get(k), dict) for k in CACHE_KEYS):
-        return set()
-    owned = load_owned_sequences(inspector) if opts.get("compare_server_default") else {}
+    if any(not isinstance(inspector.info_cache.get(k), dict) for k in CACHE_KEYS):
+        return None
+    return names
+
+
+def unchanged_tables(autogen, names=None, owned=None):
+    """Names of default-schema tables whose catalog equals their model, read through
+    Alembic's own bulk cache; empty whenever the shortcut cannot be exact."""
+    if names is None:
+        names = catalog_names(autogen)
+        if names is None:
+            return set()
+    opts, cache = autogen.opts, autogen.inspector.info_cache
+    if owned is None:
+        owned = load_owned_sequences(autogen.inspector) \
+            if opts.get("compare_server_default") else {}
     tables = autogen.metadata.tables
     return {name for name in names if name in tables and tables[name].schema is None and
             same_table(autogen.dialect, tables[name], cache, (None, name), owned,
@@ -318,24 +332,164 @@ def hide_tables(autogen, hidden):
     autogen.__dict__["sorted_tables"] = rest  # Alembic's memoized property, pre-filled
 
 
-def produce_migrations_skipping(context, metadata):
-    """alembic.autogenerate.produce_migrations, with unchanged tables left out (see above).
-    Returns (MigrationScript, number of tables left out)."""
+# -- per-table catalog fingerprints: a later check compares only what changed ----------------
+#
+# A table's comparison is a function of its model (fixed while the code fingerprint holds:
+# root passes previous fingerprints only then), env.py's options and the libraries (the
+# basis below) and its own catalog rows, as Alembic's bulk read caches them (all eight kinds,
+# check constraints and table options included, and the enum labels of its types). So a
+# table whose fingerprint of those rows is the one the previous check recorded, on the same
+# basis, gives the operations it gave then: it is left out of Alembic's comparison and its
+# previous entries are reused. A table with anything that cannot be reduced to plain data,
+# or whose comparison asks the server (compare_server_default evaluating two defaults),
+# gets no fingerprint and is compared every time.
+
+FINGERPRINT_VERSION = 1
+FINGERPRINT_KEYS = CACHE_KEYS + ("alembic_check_constraints", "alembic_table_options")
+
+
+class Unplain(Exception):
+    """Catalog data that cannot be reduced to plain data: the table is always compared."""
+
+
+def canonical(value):
+    """Pure: cached catalog data as canonical JSON text (keys sorted); a type by its class,
+    repr and enum labels; anything else unknown (or a repr showing an object address)
+    raises Unplain. (json's C encoder: most of the cost of fingerprinting 1,000 tables.)"""
+    import json
+    from sqlalchemy.types import TypeEngine
+
+    def default(obj):
+        if isinstance(obj, TypeEngine):
+            text = repr(obj)
+            if " at 0x" in text:
+                raise Unplain(text)
+            return ["type", type(obj).__module__, type(obj).__qualname__, text,
+                    list(getattr(obj, "enums", None) or ())]
+        raise Unplain(type(obj).__name__)
+
+    return json.dumps(value, sort_keys=True, default=default, allow_nan=True)
+
+
+def evaluates_defaults(table, columns, compare_server_default):
+    """True when Alembic's PostgreSQL comparison may evaluate a server default on the
+    server (both sides have one): its answer is the server's, not the catalog's."""
+    if not compare_server_default or table is None:
+        return False
+    reflected = {c.get("name"): c.get("default") for c in columns or () if isinstance(c, dict)}
+    return any(col.server_default is not None and reflected.get(col.name) is not None
+               for col in table.columns)
+
+
+def table_fingerprint(cache, name, owned, compare_server_default, table):
+    """Pure: the fingerprint of one table's cached catalog rows (None: always compare)."""
+    import hashlib
+    key = (None, name)
+    columns = cache["alembic_columns"].get(key)
+    if evaluates_defaults(table, columns, compare_server_default):
+        return None
+    # a kind the dialect cannot reflect (NotImplementedError) is empty for every table
+    parts = [cache[k].get(key) if isinstance(cache[k], dict) else "n/a"
+             for k in FINGERPRINT_KEYS]
+    if compare_server_default:  # which column owns each nextval() default (a SERIAL)
+        parts.append([[c.get("name"), owned.get(m.group(1))]
+                      for c in columns or () if isinstance(c, dict)
+                      for m in [NEXTVAL.match(str(c.get("default") or ""))] if m])
+    try:
+        text = canonical(parts)
+    except (Unplain, TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def fingerprint_basis(autogen):
+    """What every table's comparison depends on beside its rows: libraries, server,
+    default schema, version table and env.py's comparison options (callables by name)."""
+    import hashlib
+    import json
+    import alembic
+    import sqlalchemy
+    context, opts = autogen.migration_context, autogen.opts
+
+    def option(value):
+        if callable(value):
+            return "callable %s.%s" % (getattr(value, "__module__", ""),
+                                       getattr(value, "__qualname__", type(value).__name__))
+        return repr(value)
+
+    basis = [FINGERPRINT_VERSION, sqlalchemy.__version__, alembic.__version__,
+             repr(getattr(autogen.dialect, "server_version_info", None)),
+             str(getattr(autogen.dialect, "default_schema_name", "")),
+             str(context.version_table), str(context.version_table_schema),
+             sorted((k, option(opts.get(k))) for k in (
+                 "compare_type", "compare_server_default", "include_schemas",
+                 "include_object", "include_name", "render_as_batch", "user_module_prefix",
+                 "render_item", "sqlalchemy_module_prefix", "alembic_module_prefix"))]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
+
+
+def table_fingerprints(autogen, names, owned):
+    """{table: fingerprint} for names (tables without one left out)."""
+    cache = autogen.inspector.info_cache
+    if any(not isinstance(cache.get(k), dict) and cache.get(k) is not NotImplementedError
+           for k in FINGERPRINT_KEYS):
+        return {}  # a kind Alembic did not read in bulk: it would be read per table
+    compare_defaults = bool(autogen.opts.get("compare_server_default"))
+    tables = autogen.metadata.tables
+    found = {}
+    for name in names:
+        table = tables.get(name)
+        if table is not None and table.schema is not None:
+            continue
+        fp = table_fingerprint(cache, name, owned, compare_defaults, table)
+        if fp is not None:
+            found[str(name)] = fp
+    return found
+
+
+def reusable(previous, basis, fingerprints):
+    """Pure: tables whose fingerprint equals the previous check's on the same basis;
+    anything malformed in previous means none (compare everything)."""
+    if not isinstance(previous, dict) or previous.get("basis") != basis:
+        return set()
+    tables = previous.get("tables")
+    if not isinstance(tables, dict):
+        return set()
+    return {name for name, fp in fingerprints.items()
+            if isinstance(tables.get(name), str) and tables[name] == fp}
+
+
+def produce_migrations_skipping(context, metadata, previous=None):
+    """alembic.autogenerate.produce_migrations, with unchanged tables left out (see above):
+    those whose catalog equals their model, and those whose catalog fingerprint equals
+    previous["tables"] (on the same basis; their previous operations stand).
+    Returns (MigrationScript, number of clean tables left out, fingerprints), fingerprints
+    being {"basis", "tables": {name: fp}, "reused": [names]} or None when unavailable."""
     from alembic.autogenerate import api, compare
     from alembic.operations import ops
     from alembic.util import sqla_compat
     if not getattr(sqla_compat, "sqla_2", False):
-        return api.produce_migrations(context, metadata), 0
+        return api.produce_migrations(context, metadata), 0, None
     try:
         from alembic.autogenerate.compare.util import _InspectorConv
         _InspectorConv.pre_cache_tables  # noqa: B018 (Alembic >= 1.14: the bulk cache)
     except (ImportError, AttributeError):
-        return api.produce_migrations(context, metadata), 0
+        return api.produce_migrations(context, metadata), 0, None
     autogen = api.AutogenContext(context, metadata=metadata)
-    hidden = unchanged_tables(autogen)
-    if hidden:
-        hide_tables(autogen, hidden)
+    names = catalog_names(autogen)
+    clean, fingerprints = set(), None
+    if names is not None:
+        owned = load_owned_sequences(autogen.inspector) \
+            if autogen.opts.get("compare_server_default") else {}
+        basis = fingerprint_basis(autogen)
+        found = table_fingerprints(autogen, names, owned)
+        reused = reusable(previous, basis, found)
+        fingerprints = {"basis": basis, "tables": found, "reused": sorted(reused)}
+        clean = unchanged_tables(autogen, [n for n in names if n not in reused], owned)
+        hidden = clean | reused
+        if hidden:
+            hide_tables(autogen, hidden)
     script = ops.MigrationScript(rev_id=None, upgrade_ops=ops.UpgradeOps([]),
                                  downgrade_ops=ops.DowngradeOps([]))
     compare._populate_migration_script(autogen, script)
-    return script, len(hidden)
+    return script, len(clean), fingerprints

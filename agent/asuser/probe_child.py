@@ -618,6 +618,13 @@ def _scripts(script_dir):
     for the agent's graph check (migration_graph_invalid)."""
     load = getattr(script_dir, "_load_revisions", None)
     raw = list(load()) if load is not None else None
+    if raw is not None and hasattr(script_dir, "revision_map"):
+        # Alembic's graph built from this same listing: each file is loaded once, not again
+        # by the revision map (a second import of every migration file).
+        try:
+            script_dir.revision_map = type(script_dir.revision_map)(lambda: iter(raw))
+        except Exception:
+            pass
     try:
         walked = list(script_dir.walk_revisions())
     except Exception:
@@ -645,6 +652,23 @@ def _cols(names):
 def _qualify(schema, name):
     """'schema.table' for a table outside the default schema, else the bare name."""
     return "%s.%s" % (schema, name) if schema else str(name)
+
+
+def _default_text(value):
+    """A server default as SQL text ('0', now(), none), never an object's repr (whose
+    address would differ from run to run)."""
+    arg = getattr(value, "arg", value)  # DefaultClause(arg)
+    if arg is None or arg is False:
+        return "none"
+    if isinstance(arg, str):
+        return "'%s'" % arg.replace("'", "''")  # a string default is a SQL literal
+    text = getattr(arg, "text", None)  # text("now()")
+    if isinstance(text, str):
+        return text
+    try:
+        return str(arg)
+    except Exception:
+        return type(arg).__name__
 
 
 def describe_diff(item):
@@ -684,6 +708,14 @@ def describe_diff(item):
         else:
             detail, kind = kind_of, op
         return [{"kind": kind, "table": table, "name": const.name or "", "detail": detail}]
+    if op in ("add_table_comment", "remove_table_comment"):
+        # (op, table with the models' comment[, the database's comment])
+        table = item[1]
+        name = _qualify(table.schema, table.name)
+        return [{"kind": op, "table": name, "name": name,
+                 "detail": "database %s, models %s" % (item[2] if len(item) > 2 else None,
+                                                       table.comment)
+                 if op == "add_table_comment" else "models have no comment"}]
     if op.startswith("modify_"):
         # (op, schema, table, column, existing_kw, old (database), new (models))
         _, schema, table, column, _, old, new = item[:7]
@@ -693,6 +725,8 @@ def describe_diff(item):
         elif op == "modify_nullable":
             old = "NULL" if old else "NOT NULL"
             new = "NULL" if new else "NOT NULL"
+        elif op == "modify_default":
+            old, new = _default_text(old), _default_text(new)
         return [{"kind": op, "table": table, "name": column,
                  "detail": "database %s, models %s" % (old, new)}]
     name = getattr(item[1], "name", "") if len(item) > 1 else ""
@@ -768,7 +802,35 @@ def _bind_of(context, found):
     return None
 
 
-def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True):
+# Flask-Migrate's env.py hook (the same text in its 2.x to 4.x templates).
+FLASK_MIGRATE_HOOK = """
+def process_revision_directives(context, revision, directives):
+    if getattr(config.cmd_opts, 'autogenerate', False):
+        script = directives[0]
+        if script.upgrade_ops.is_empty():
+            directives[:] = []
+            logger.info('No changes in schema detected.')
+"""
+
+
+def inert_flask_migrate_hook(hook):
+    """True for Flask-Migrate's own process_revision_directives (the same code as its
+    template, compiled here) while its config has no autogenerate option: it then changes
+    nothing. Any other hook may act on the whole script."""
+    code = getattr(hook, "__code__", None)
+    if code is None:
+        return False
+    namespace = {}
+    exec(compile(FLASK_MIGRATE_HOOK, "<flask-migrate env.py>", "exec"), namespace)
+    ref = namespace["process_revision_directives"].__code__
+    fields = ("co_code", "co_names", "co_consts", "co_varnames", "co_freevars")
+    if any(getattr(code, f, None) != getattr(ref, f, None) for f in fields):
+        return False
+    config = (getattr(hook, "__globals__", None) or {}).get("config")
+    return not getattr(getattr(config, "cmd_opts", None), "autogenerate", False)
+
+
+def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True, previous=None):
     """Run env.py as `alembic check` does; append one entry per context.configure to runs.
 
     Like alembic.command.check: ScriptDirectory.run_env() inside an EnvironmentContext, so
@@ -778,6 +840,8 @@ def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True):
     run_migrations is replaced by the comparison (no version table is read, none created,
     dont_mutate set), and the diff is computed even when revisions are pending (check stops
     there with "Target database is not up to date"), so drift stays apart from pending work.
+    previous(context) gives the previous check's table fingerprints for that context's bind
+    (or None): tables whose catalog fingerprint is unchanged are not compared again.
     """
     from alembic.autogenerate import produce_migrations
     from alembic.runtime.environment import EnvironmentContext
@@ -813,15 +877,26 @@ def check_like_alembic(config, heads, runs, found_urls=None, shortcut=True):
         skipping = globals().get("produce_migrations_skipping")
         if bulk is not None:
             bulk(context)
+        hook = context.opts.get("process_revision_directives")
+        # A hook sees the whole script and may act on it as a whole (drop everything, keep
+        # one table): reused entries never passed through it. So reuse only without a hook,
+        # or with Flask-Migrate's own, which returns at once unless autogenerating.
+        reuse = not hook or inert_flask_migrate_hook(hook)
+        prior = previous(context) if previous is not None and reuse else None
+        fingerprints = None
         if skipping is not None and shortcut:
-            # tables whose catalog equals their model left out (the answer is the same)
-            script, runs[-1]["unchanged_tables"] = skipping(context, metadata)
+            # tables whose catalog equals their model, or equals the previous check's
+            # (its operations reused), left out: the answer is the same
+            script, runs[-1]["unchanged_tables"], fingerprints = \
+                skipping(context, metadata, prior)
         else:
             script = produce_migrations(context, metadata)
         directives = [script]
-        hook = context.opts.get("process_revision_directives")
         if hook:  # what `alembic check` runs too (it may filter or rewrite the ops)
             hook(context, heads, directives)
+        if not reuse:
+            fingerprints = None  # none kept: the next check compares everything too
+        runs[-1]["fingerprints"] = fingerprints
         runs[-1]["diff"] = [d for s in directives for ops in s.upgrade_ops_list
                             for d in ops.as_diffs()]
 
@@ -838,8 +913,49 @@ def env_error(exc, roots):
     return one_line(exc) + where(exc, roots)
 
 
-def compare_with_env_py(config, found, report, seen_urls=None, shortcut=True):
-    """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error."""
+DIFF_KEYS = ("kind", "table", "name", "detail", "bind")
+
+
+def previous_check(value):
+    """The previous check's {"tables": {bind: {"basis", "tables"}}, "diff": [entries]} as
+    root passed it, or None when anything in it is not as this probe writes it (then
+    every table is compared)."""
+    if not isinstance(value, dict) or not isinstance(value.get("tables"), dict) or \
+            not isinstance(value.get("diff"), list):
+        return None
+    for entry in value["diff"]:
+        if not isinstance(entry, dict) or \
+                not all(isinstance(entry.get(k), str) for k in DIFF_KEYS):
+            return None
+    for bind in value["tables"].values():
+        if not isinstance(bind, dict) or not isinstance(bind.get("basis"), str) or \
+                not isinstance(bind.get("tables"), dict):
+            return None
+    if any(not entry["table"] for entry in value["diff"]):
+        return None  # an entry that names no table cannot be reused with its table
+    return value
+
+
+def _in_alembic_order(diff):
+    """Entries grouped by table as Alembic orders them: tables created or dropped first
+    (in their order), then the others by name (their own entries in their order)."""
+    groups, order = {}, []
+    for entry in diff:
+        key = (entry["bind"], entry["table"])
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(entry)
+    first = [k for k in order if any(e["kind"] in ("add_table", "remove_table")
+                                     for e in groups[k])]
+    leading = set(first)
+    rest = sorted((k for k in order if k not in leading), key=lambda k: (k[0], k[1]))
+    return [e for k in first + rest for e in groups[k]]
+
+
+def compare_with_env_py(config, found, report, seen_urls=None, shortcut=True, previous=None):
+    """Fill schema_diff / alembic_env by running env.py; errors into schema_diff_error.
+    previous: the previous check of the same code (see previous_check), or None."""
     location = os.path.abspath(config.get_main_option("script_location") or
                                report.get("migrations_dir") or ".")
     env_py = os.path.join(location, "env.py")
@@ -847,9 +963,22 @@ def compare_with_env_py(config, found, report, seen_urls=None, shortcut=True):
             "version_table_schema": "", "include_schemas": False, "options": {}, "binds": []}
     report["alembic_env"] = info
     runs = []
+    previous = previous_check(previous)
+    asked = set()
+
+    def previous_for(context):
+        """The previous fingerprints of this context's bind (a bind asked twice: none)."""
+        key = _bind_of(context, found)
+        bind = "default" if key is None else str(key)
+        if previous is None or bind in asked:
+            asked.add(bind)
+            return None
+        asked.add(bind)
+        return previous["tables"].get(bind)
+
     try:
         check_like_alembic(config, tuple(report.get("heads") or ()), runs, seen_urls,
-                           shortcut)
+                           shortcut, previous_for)
     except BaseException as exc:  # SystemExit from env.py too
         kind = "database" if _is_db_error(exc) else "migrations"
         report["schema_diff_error"] = (
@@ -867,14 +996,27 @@ def compare_with_env_py(config, found, report, seen_urls=None, shortcut=True):
                                                        "called context.run_migrations"))
         report["schema_diff_error_kind"] = "migrations"
         return
-    diff = []
+    diff, fingerprints, binds, reusing = [], {}, [], False
     for run in runs:
         key = run["bind"]
+        bind = "default" if key is None else str(key)
+        binds.append(bind)
         for item in run["diff"] or ():
             for entry in safe_describe(item):
-                entry["bind"] = "default" if key is None else str(key)
+                entry["bind"] = bind
                 diff.append(entry)
-    report["schema_diff"] = diff
+        kept = run.get("fingerprints")
+        if kept is not None:
+            fingerprints[bind] = {"basis": kept["basis"], "tables": kept["tables"]}
+            reused = set(kept["reused"])
+            if reused:  # the previous check's entries of tables whose catalog is unchanged
+                reusing = True
+                diff += [dict(e) for e in previous["diff"]
+                         if e["bind"] == bind and e["table"] in reused]
+    report["schema_diff"] = _in_alembic_order(diff) if reusing else diff
+    # a bind compared twice (two contexts on one engine) cannot say whose tables these are
+    report["table_fingerprints"] = {b: v for b, v in fingerprints.items()
+                                    if binds.count(b) == 1}
 
 
 def _describe_runs(runs, found, info):
@@ -890,7 +1032,8 @@ def _describe_runs(runs, found, info):
                  "version_table": str(version_table)[:MAX_NAME],
                  "version_table_schema": str(schema)[:MAX_NAME],
                  "include_schemas": include_schemas, "options": run["options"],
-                 "unchanged_tables": run.get("unchanged_tables", 0)}
+                 "unchanged_tables": run.get("unchanged_tables", 0),
+                 "reused_tables": len((run.get("fingerprints") or {}).get("reused") or ())}
         info["binds"].append(entry)
         if index == 0 or key is None:  # the default bind's version table is the unit's
             info["version_table"] = entry["version_table"]
@@ -956,7 +1099,8 @@ def probe(request, report, gunicorn_app=None):
             return
         if config is not None and request.get("run_env_py", True):
             compare_with_env_py(config, found, report,
-                                shortcut=request.get("skip_unchanged_tables", True))
+                                shortcut=request.get("skip_unchanged_tables", True),
+                                previous=request.get("previous_check"))
             kind = report.pop("schema_diff_error_kind", "")
             if report.get("schema_diff_error") and not report.get("error"):
                 report["error_kind"], report["error"] = kind, report["schema_diff_error"]
@@ -1003,7 +1147,8 @@ def probe_plain_alembic(request, report):
         return
     seen = {}
     compare_with_env_py(config, {}, report, seen,
-                        shortcut=request.get("skip_unchanged_tables", True))
+                        shortcut=request.get("skip_unchanged_tables", True),
+                        previous=request.get("previous_check"))
     # env.py's engine, else what env.py set (config.set_main_option) before failing to connect
     url = seen.get("url") or config.get_main_option("sqlalchemy.url") or ""
     if url:

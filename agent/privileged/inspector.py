@@ -29,6 +29,7 @@ from agent.preflight.plan import stale_workers
 from agent.preflight.watch import PreflightWatch
 from agent.privileged.dbclient import CURRENT_POOL, user_session
 from agent.privileged.sessionpool import SessionPool
+from agent.privileged import table_fingerprints
 from agent.privileged.probe_runner import ProbeRequest, ProbeResult, fingerprint, run_probe
 from agent.snapshot import CheckRun, DriftItem, MigrationState, Snapshot, UnitSnapshot
 from agent.privileged.sources import connections, database, files, mysql, pooler, procs, sqlite
@@ -463,11 +464,18 @@ class Inspector:
             if fresh:
                 result = memo.result  # type: ignore[union-attr]
             else:
+                # The live schema changed under the same code: the previous comparison's
+                # per-table catalog fingerprints let the probe compare only the tables
+                # whose catalog changed. A code change or an old memo compares everything.
+                previous = table_fingerprints.previous_check(
+                    memo.result.table_fingerprints, memo.result.schema_diff) \
+                    if force and memo is not None and memo.code_fingerprint == key else None
                 request = ProbeRequest(
                     statement_timeout_ms=int(self.settings.db_timeout_seconds * 1000),
                     connect_timeout_s=max(1, int(self.settings.db_timeout_seconds)),
                     probe_user=self.settings.probe_user,
-                    memory_max_mb=self.settings.probe_memory_max_mb)
+                    memory_max_mb=self.settings.probe_memory_max_mb,
+                    previous_check=previous)
                 result = self._probe(ctx, request, self.settings.probe_timeout_seconds)
                 self.probe_runs += 1
                 # Recompute with the migrations dir the probe found, so edits there count.

@@ -25,6 +25,7 @@ from agent.execstart import parse_gunicorn_args
 from agent.model import Finding
 from agent.privileged.alembic_env import AlembicEnv
 from agent.privileged.alembic_env import from_report as alembic_env_from
+from agent.privileged import table_fingerprints
 from agent.privileged import transient
 from agent.privileged.launch import PROBE_CHILD, bundle
 from agent.secrets import MASK, is_secret_name, mask_url
@@ -81,6 +82,9 @@ class ProbeRequest:
     probe_user: str = ""
     # The transient unit's MemoryMax=; its address space (LimitAS=) is 4x that, at least 2 GiB.
     memory_max_mb: int = 512
+    # The previous comparison of the same code (agent/privileged/table_fingerprints.py):
+    # tables whose catalog fingerprint is unchanged are not compared again. None: all are.
+    previous_check: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class ProbeResult:
     versions: dict[str, str | None] = field(default_factory=dict)
     # What env.py configured (version table, options); see agent/privileged/alembic_env.py.
     alembic_env: AlembicEnv = field(default_factory=AlembicEnv)
+    # Per bind, the catalog fingerprint of each compared table (validated; {} if refused).
+    table_fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     duration: float = 0.0
     returncode: int | None = None
     output_tail: str = ""
@@ -332,7 +338,8 @@ def child_request(ctx: AppContext, request: ProbeRequest) -> dict[str, Any]:
             "allow_root": request.allow_root, "resolve_only": False,
             # A stand-in user that cannot load the app still reads the migration files.
             "revisions_without_app": stands_in(ctx),
-            "guard": guard_settings(request)}
+            "guard": guard_settings(request),
+            "previous_check": request.previous_check}
 
 
 def guard_settings(request: ProbeRequest) -> dict[str, Any]:
@@ -478,7 +485,9 @@ def parse_report(raw: bytes, returncode: int | None, tail: str, *, timed_out: bo
                                                    doc.get("raw_env_names") or ()})),
         versions={str(k): (None if v is None else str(v))
                   for k, v in (doc.get("versions") or {}).items()},
-        alembic_env=alembic_env, **base)
+        alembic_env=alembic_env,
+        table_fingerprints=table_fingerprints.from_report(doc.get("table_fingerprints"))
+        if diff is not None else {}, **base)
 
 
 # -- running ----------------------------------------------------------------------------------

@@ -169,6 +169,30 @@ def test_manual_schema_change_reaches_the_running_agent(deployment: Deployment) 
                              kind="extra_column") == 1
 
 
+def test_a_second_change_keeps_the_first_changes_drift(deployment: Deployment) -> None:
+    """After the second change the probe compares only the new table (users' catalog
+    fingerprint is the previous check's): users' extra column is that check's entry, reused."""
+    def drift_becomes(kind: str, count: int) -> float | None:
+        deadline = time.monotonic() + 30
+        value = None
+        while time.monotonic() < deadline:
+            value = deployment.sample("driftwatch_schema_drift_objects", unit=APP_UNIT,
+                                      kind=kind)
+            if value == count:
+                break
+            time.sleep(0.5)
+        return value
+
+    deployment.metrics_text()
+    deployment.db.execute("ALTER TABLE users ADD COLUMN nickname text", as_owner=True)
+    time.sleep(3.5)  # past min_interval_seconds: the next scrape inspects again
+    assert drift_becomes("extra_column", 1) == 1
+    deployment.db.execute("CREATE TABLE legacy_reports (id int)", as_owner=True)
+    time.sleep(3.5)
+    assert drift_becomes("extra_table", 1) == 1
+    assert drift_becomes("extra_column", 1) == 1
+
+
 # An hour-long interval: the cached snapshot could only show the restart because systemd's
 # signal invalidated it, never because it aged out (no elapsed-time assertion needed).
 @pytest.mark.parametrize("deployment", [3600], indirect=True)

@@ -925,7 +925,8 @@ class DbCheck:
 
 
 _CHECK_OP = re.compile(
-    r"\('(?P<op>add_table|remove_table)', Table\('(?P<t1>[^']*)'"
+    r"\('(?P<op>add_table|remove_table|add_table_comment|remove_table_comment)', "
+    r"Table\('(?P<t1>[^']*)'"
     r"|\('(?P<cop>add_column|remove_column|modify_[a-z_]+)', (?:None|'[^']*'), '(?P<t2>[^']*)'"
     r"|\('(?P<iop>add_index|remove_index)', "
     r"|\('(?P<kop>add_constraint|remove_constraint|add_fk|remove_fk)', ")

@@ -18,13 +18,14 @@ from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect
 
+from agent.privileged import table_fingerprints as tablefp
 from agent.privileged.launch import bundle
 from agent.asuser import bulk_reflection as bulk
 from agent.privileged.probe_runner import CHILD_SOURCE_PATH, probe_source
 from tests.harness import bigapp
 from tests.harness.apps import APP_USER, AppDir, db_upgrade, run_in_app
 from tests.harness.postgres import PgDatabase
-from tests.integration.test_flask_db_check import CASES
+from tests.integration.test_flask_db_check import BIG_DRIFT, CASES
 
 pytestmark = pytest.mark.postgres
 
@@ -192,3 +193,189 @@ def test_the_probe_program_defines_the_bulk_functions_before_main_runs() -> None
         source.index('if __name__ == "__main__":')
     assert source.index("def install_bulk_reflection(") < \
         source.index('if __name__ == "__main__":')
+
+
+# -- per-table catalog fingerprints: a later check compares only the tables that changed --
+
+INCREMENTAL_DRIVER = '''
+import json, os, sys
+namespace = {"__name__": "probe_child"}
+exec(compile(open(sys.argv[1]).read(), "probe", "exec"), namespace)
+namespace["install_readonly_guard"]({})
+app, _, _ = namespace["load_app"]({"app_spec": "wsgi:app"})
+previous = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else {}
+out = {}
+with app.app_context():
+    found, _ = namespace["engines"](app)
+    config, _ = namespace["migrations_config"](app, {})
+    for name, given in sorted(previous.items()) or [("full", None)]:
+        report = {}
+        namespace["compare_with_env_py"](config, found, report, previous=given)
+        out[name] = {"error": report.get("schema_diff_error", ""),
+                     "diff": report.get("schema_diff"),
+                     "fingerprints": report.get("table_fingerprints"),
+                     "reused": [b["reused_tables"] for b in report["alembic_env"]["binds"]]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def compare_given(app: AppDir, venv: Path, url: str,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The probe's comparison as www-data: once without a previous check, or once per
+    entry of previous ({name: previous_check or None})."""
+    app.write("_probe_bundle.py", bundle(CHILD_SOURCE_PATH, probe_source()))
+    app.write("_incremental.py", INCREMENTAL_DRIVER)
+    argv = [str(venv / "bin" / "python"), "-B", "_incremental.py", "_probe_bundle.py"]
+    if previous is not None:
+        app.write("_previous.json", json.dumps(previous))
+        argv.append("_previous.json")
+    proc = run_in_app(app, venv, url, argv, "compare incrementally", user=APP_USER)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return dict(json.loads(line[len("RESULT "):]))
+
+
+def handed_back(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What root hands the next probe, from a report, through root's own validation."""
+    return tablefp.previous_check(tablefp.from_report(report["fingerprints"]), report["diff"])
+
+
+# (app, SQL before the first check, SQL after it (one table altered), tables compared again)
+INCREMENTAL = {
+    "big-alter-drifted": ("big", BIG_DRIFT,
+                          ("ALTER TABLE m0010 ALTER COLUMN amount TYPE bigint",), {"m0010"}),
+    "big-alter-clean": ("big", BIG_DRIFT, ("ALTER TABLE m0040 DROP COLUMN created_at",),
+                        {"m0040"}),
+    "big-fix-drifted": ("big", BIG_DRIFT, ("ALTER TABLE m0017 DROP COLUMN extra",),
+                        {"m0017"}),
+    "big-new-and-removed-table": ("big", BIG_DRIFT, (
+        "DROP TABLE m9999", "CREATE TABLE m9998 (id int)"), {"m9998"}),
+    "tricky-alter-drifted": ("tricky-manual-drift", (),
+                             ("ALTER TABLE articles ALTER COLUMN score TYPE real",),
+                             {"articles"}),
+    "tricky-alter-clean": ("tricky-manual-drift", (),
+                           ("ALTER TABLE users ADD COLUMN legacy int",), {"users"}),
+    "tricky-enum-label": ("tricky-at-head", (),
+                          ("ALTER TYPE article_status ADD VALUE 'archived'",), {"articles"}),
+    "tricky-serial-ownership": ("tricky-server-defaults-at-head", (),
+                                ("ALTER SEQUENCE article_numbers OWNED BY articles.number",),
+                                {"articles"}),
+    "include_object": ("include_object", (), ("ALTER TABLE legacy_reports ADD COLUMN x int",),
+                       {"legacy_reports"}),
+    "models-ahead": ("models-ahead", (), ("ALTER TABLE users ADD COLUMN legacy int",),
+                     {"users"}),
+}
+
+
+def _app_of(name: str, make_app: Callable[..., AppDir]) -> tuple[AppDir, tuple[str, ...]]:
+    if name == "big":
+        return make_app(bigapp.bigapp_spec(60, drift=5)), ()
+    return make_app(CASES[name].spec), CASES[name].sql
+
+
+@pytest.mark.parametrize("case", sorted(INCREMENTAL))
+def test_an_incremental_check_equals_a_full_one(
+        case: str, make_app: Callable[..., AppDir], flask_venv: Path,
+        pg_database: PgDatabase) -> None:
+    name, first_sql, then_sql, changed = INCREMENTAL[case]
+    app, case_sql = _app_of(name, make_app)
+    db_upgrade(app, flask_venv, pg_database.url)
+    for statement in case_sql + first_sql:
+        pg_database.execute(statement)
+    first = compare_given(app, flask_venv, pg_database.url)["full"]
+    assert first["error"] == ""
+    previous = handed_back(first)
+    assert previous is not None and first["fingerprints"]["default"]["tables"]
+    for statement in then_sql:
+        pg_database.execute(statement)
+    garbled = copy.deepcopy(previous)
+    garbled["diff"].append({"kind": "add_column", "table": 7})
+    result = compare_given(app, flask_venv, pg_database.url, {
+        "full": None, "incremental": previous, "garbled": garbled,
+        "other-basis": {**previous, "tables": {"default": {
+            **previous["tables"]["default"], "basis": "0" * 64}}}})
+    full, incremental = result["full"], result["incremental"]
+    assert full["error"] == incremental["error"] == ""
+    assert full["reused"] == [0]
+    # only the altered tables' fingerprints moved; every other table was reused
+    before = first["fingerprints"]["default"]["tables"]
+    now = full["fingerprints"]["default"]["tables"]
+    same = {t for t in now if before.get(t) == now[t]}
+    assert same == (set(now) & set(before)) - changed
+    assert incremental["reused"] == [len(same)]
+    # the same answer, in the same order, and the same fingerprints for the next time
+    assert incremental["diff"] == full["diff"]
+    assert incremental["fingerprints"] == full["fingerprints"]
+    # a garbled previous check, or one from other options: everything compared
+    for name in ("garbled", "other-basis"):
+        assert result[name]["reused"] == [0]
+        assert result[name]["diff"] == full["diff"]
+
+
+HOOK = '''
+import os
+
+
+def drop_users_ops(context, revision, directives):
+    # a hook acting on the whole script: only while HIDE_USERS is set
+    if os.environ.get("HIDE_USERS"):
+        ops = directives[0].upgrade_ops
+        ops.ops = [o for o in ops.ops if getattr(o, "table_name", None) != "users"]
+'''
+
+HOOK_DRIVER = '''
+import json, os, sys
+namespace = {"__name__": "probe_child"}
+exec(compile(open(sys.argv[1]).read(), "probe", "exec"), namespace)
+namespace["install_readonly_guard"]({})
+app, _, _ = namespace["load_app"]({"app_spec": "wsgi:app"})
+previous = json.loads(open(sys.argv[2]).read()) if len(sys.argv) > 2 else None
+out = {}
+with app.app_context():
+    found, _ = namespace["engines"](app)
+    config, _ = namespace["migrations_config"](app, {})
+    for name, hide, given in (("identity", "", None), ("changing-full", "1", None),
+                              ("changing-given", "1", previous)):
+        os.environ["HIDE_USERS"] = hide
+        report = {}
+        namespace["compare_with_env_py"](config, found, report, previous=given)
+        out[name] = {"error": report.get("schema_diff_error", ""),
+                     "diff": report.get("schema_diff"),
+                     "fingerprints": report.get("table_fingerprints"),
+                     "reused": [b["reused_tables"] for b in report["alembic_env"]["binds"]]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_with_a_hook_of_its_own_env_py_compares_everything(
+        make_app: Callable[..., AppDir], flask_venv: Path, pg_database: PgDatabase) -> None:
+    """process_revision_directives acts on the whole script, which reused entries never
+    passed through: with a hook other than Flask-Migrate's own, nothing is reused (even
+    given a previous check on the same basis) and no fingerprints are kept."""
+    from tests.harness.apps import AppSpec, custom_env_py
+    app = make_app(AppSpec(env_py=custom_env_py(
+        "process_revision_directives=drop_users_ops,", HOOK)))
+    twin = make_app(AppSpec(), name="twin")  # the same models, Flask-Migrate's own hook
+    db_upgrade(app, flask_venv, pg_database.url)
+    pg_database.execute("ALTER TABLE users ADD COLUMN legacy int")
+    first = compare_given(twin, flask_venv, pg_database.url)["full"]
+    previous = handed_back(first)
+    assert previous is not None and first["fingerprints"]["default"]["tables"]
+    pg_database.execute("ALTER TABLE posts ADD COLUMN extra int")
+    # the twin would reuse users' entry...
+    assert compare_given(twin, flask_venv, pg_database.url,
+                         {"incremental": previous})["incremental"]["reused"] == [1]
+    # ...the app whose hook drops users' operations must not
+    app.write("_probe_bundle.py", bundle(CHILD_SOURCE_PATH, probe_source()))
+    app.write("_hook.py", HOOK_DRIVER)
+    app.write("_previous.json", json.dumps(previous))
+    proc = run_in_app(app, flask_venv, pg_database.url,
+                      [str(flask_venv / "bin" / "python"), "-B", "_hook.py",
+                       "_probe_bundle.py", "_previous.json"], "hook", user=APP_USER)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    given, full = result["changing-given"], result["changing-full"]
+    assert given["error"] == full["error"] == ""
+    assert given["reused"] == [0] and given["fingerprints"] == {}
+    assert result["identity"]["fingerprints"] == {}
+    assert given["diff"] == full["diff"]
+    assert [(d["kind"], d["table"]) for d in full["diff"]] == [("remove_column", "posts")]

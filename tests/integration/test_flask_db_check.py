@@ -20,6 +20,7 @@ import pytest
 from agent.checks import migrations as migration_checks
 from agent.context import ContextInputs, build_context
 from agent.model import ExecCommand, UnitProperties
+from agent.privileged import table_fingerprints as tablefp
 from agent.privileged.probe_runner import ProbeRequest, ProbeResult, run_probe
 from agent.privileged.sources import database
 from tests.harness.apps import (
@@ -37,6 +38,7 @@ from tests.harness.apps import (
     standard_revisions,
     tricky_spec,
 )
+from tests.harness import bigapp
 from tests.harness.postgres import PgDatabase
 from tests.integration.test_probe import BIND_APP
 from tests.integration.test_probe import probe as probe_app
@@ -169,7 +171,8 @@ CASES = {
 }
 
 
-def probe(app: AppDir, venv: Path, url: str) -> ProbeResult:
+def probe(app: AppDir, venv: Path, url: str,
+          request: ProbeRequest | None = None) -> ProbeResult:
     """The probe on a gunicorn.service context for app, as www-data."""
     gunicorn = f"{venv}/bin/gunicorn"
     props = UnitProperties(
@@ -180,7 +183,7 @@ def probe(app: AppDir, venv: Path, url: str) -> ProbeResult:
                                            "wsgi:app")),),
         user=APP_USER, group=APP_USER)
     ctx = build_context(props, ContextInputs(venvs={str(venv): True}))
-    return run_probe(ctx, ProbeRequest(), 60.0)
+    return run_probe(ctx, request or ProbeRequest(), 60.0)
 
 
 # The same comparison on the other supported stacks (Alembic 1.13 / SQLAlchemy 1.4 and
@@ -332,3 +335,45 @@ def test_old_alembic_evaluating_nextval_is_refused(make_app: Callable[..., AppDi
     assert sequence() == before
     flask_db_check(app, venv, pg_database.url)
     assert sequence() != before  # flask db check itself advanced it
+
+
+# -- after one ALTER, a probe given the previous check's table fingerprints ----------------
+
+BIG_DRIFT = (  # the 60-model app's 9 manual changes (5 models also carry a new column)
+    "ALTER TABLE m0010 ALTER COLUMN name TYPE varchar(90)",
+    "DROP INDEX ix_m0011_name", "CREATE INDEX ix_m0012_extra ON m0012 (amount)",
+    "ALTER TABLE m0013 DROP CONSTRAINT m0013_parent_id_fkey",
+    "ALTER TABLE m0014 ALTER COLUMN amount SET NOT NULL",
+    "COMMENT ON COLUMN m0015.amount IS 'cents'", "COMMENT ON TABLE m0016 IS 'x'",
+    "ALTER TABLE m0017 ADD COLUMN extra int", "CREATE TABLE m9999 (id int)")
+
+
+@pytest.mark.parametrize("name, alter", [
+    ("big", "ALTER TABLE m0010 ALTER COLUMN amount TYPE bigint"),          # a drifted table
+    ("big", "ALTER TABLE m0040 DROP COLUMN created_at"),                   # a clean one
+    ("tricky-manual-drift", "ALTER TABLE articles ALTER COLUMN score TYPE real"),
+    ("tricky-manual-drift", "ALTER TABLE users ADD COLUMN legacy int"),
+], ids=["big-drifted", "big-clean", "tricky-drifted", "tricky-clean"])
+def test_an_incremental_probe_agrees_with_flask_db_check(
+        name: str, alter: str, make_app: Callable[..., AppDir], flask_venv: Path,
+        pg_database: PgDatabase) -> None:
+    if name == "big":
+        app, sql = make_app(bigapp.bigapp_spec(60, drift=5)), BIG_DRIFT
+    else:
+        app, sql = make_app(CASES[name].spec), CASES[name].sql
+    db_upgrade(app, flask_venv, pg_database.url)
+    for statement in sql:
+        pg_database.execute(statement)
+    first = probe(app, flask_venv, pg_database.url)
+    assert first.ok, first.error
+    previous = tablefp.previous_check(first.table_fingerprints, first.schema_diff)
+    assert previous is not None
+    pg_database.execute(alter)
+    again = probe(app, flask_venv, pg_database.url, ProbeRequest(previous_check=previous))
+    full = probe(app, flask_venv, pg_database.url)
+    check = flask_db_check(app, flask_venv, pg_database.url)
+    assert again.ok and full.ok, (again.error, full.error)
+    assert again.schema_diff == full.schema_diff
+    assert again.schema_diff != first.schema_diff
+    assert check_ops(again.schema_diff or ()) == check.ops, check.output
+    assert again.table_fingerprints == full.table_fingerprints

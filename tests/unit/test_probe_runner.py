@@ -437,6 +437,12 @@ def test_child_describe_diff_shapes() -> None:
         ("add_fk", fk), ("remove_constraint", uq), ("add_index", ix),
         [("modify_type", None, "users", "email", {}, sa.String(80), sa.String(120)),
          ("modify_nullable", None, "users", "email", {}, True, False)],
+        ("modify_default", None, "users", "email", {},
+         sa.schema.DefaultClause(sa.text("'x'::character varying")),
+         sa.schema.DefaultClause("it's")),
+        ("modify_default", None, "users", "id", {}, None, sa.schema.DefaultClause(sa.text("1"))),
+        ("add_table_comment", sa.Table("posts", sa.MetaData(), comment="all posts"), None),
+        ("remove_table_comment", sa.Table("posts", sa.MetaData(), schema="blog")),
     ] for d in child.describe_diff(item)]
     assert got == [
         {"kind": "add_table", "table": "users", "name": "users", "detail": "id, email"},
@@ -450,6 +456,16 @@ def test_child_describe_diff_shapes() -> None:
          "detail": "database VARCHAR(80), models VARCHAR(120)"},
         {"kind": "modify_nullable", "table": "users", "name": "email",
          "detail": "database NULL, models NOT NULL"},
+        # SQL text, never an object's repr with its address
+        {"kind": "modify_default", "table": "users", "name": "email",
+         "detail": "database 'x'::character varying, models 'it''s'"},
+        {"kind": "modify_default", "table": "users", "name": "id",
+         "detail": "database none, models 1"},
+        # with its table, so a later check can reuse it with that table's fingerprint
+        {"kind": "add_table_comment", "table": "posts", "name": "posts",
+         "detail": "database None, models all posts"},
+        {"kind": "remove_table_comment", "table": "blog.posts", "name": "blog.posts",
+         "detail": "models have no comment"},
     ]
 
 

@@ -82,3 +82,21 @@ def test_unloadable_script_is_not_an_unknown_revision(tmp_path: Path) -> None:
     assert state.unknown == () and state.pending is None
     assert checks(state) == []
     assert evaluate(UNIT, ["b"], []).unknown == ("b",)  # no error: really unknown
+
+
+def test_each_migration_file_is_loaded_once(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from alembic.script import base
+    config = write_scripts(tmp_path, {"a": ("a", None), "b": ("b", "a"), "c": ("c", "b")})
+    loaded: list[str] = []
+    original = base.util.load_python_file
+
+    def counting(dir_: str, filename: str) -> Any:
+        loaded.append(filename)
+        return original(dir_, filename)
+
+    monkeypatch.setattr(base.util, "load_python_file", counting)
+    report = read(config)
+    assert [r["revision"] for r in report["revisions"]] == ["c", "b", "a"]
+    assert report["heads"] == ["c"]
+    assert sorted(loaded) == ["a.py", "b.py", "c.py"]
