@@ -6,6 +6,7 @@ batch's rollback) is not a migration."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.agent import agentctl_json, deploy_app_and_agent, wait_first_snapshot
+from tests.harness.agent import agentctl, agentctl_json, deploy_app_and_agent, wait_first_snapshot
 from tests.harness.apps import AppDir, db_upgrade
 from tests.harness.postgres import PgDatabase
 from tests.harness.sandbox import Sandbox
@@ -70,3 +71,37 @@ def test_another_agent_session_mid_batch_is_not_a_migration(
     unit = next(u for u in status["units"] if u["unit"] == APP)
     assert unit["migrations"]["in_progress"] is False
     assert "migration_in_progress" not in [f["check"] for f in unit["findings"]]
+
+
+def test_two_real_agent_sessions_never_see_each_other_as_a_migration(
+        make_sandbox: Callable[[], Sandbox], make_app: Callable[..., AppDir],
+        flask_venv: Path, pg_database: PgDatabase) -> None:
+    """Nothing imitated: the daemon inspecting on every scrape and `agentctl check` beside it,
+    each with its own session on the same database. Before the fix, 3 of 15 checks said
+    "pid N holds AccessShareLock on alembic_version" (the daemon's batch) and the gauge read 1."""
+    db = pg_database
+    app = make_app()
+    db_upgrade(app, flask_venv, db.url, "r3")
+    sb = make_sandbox()
+    _app_port, agent_port = deploy_app_and_agent(
+        sb, app=app, venv=flask_venv, env={"DATABASE_URL": db.url}, app_unit=APP,
+        agent_settings={"min_interval_seconds": 0})
+    stop, readings = threading.Event(), []
+
+    def scrape() -> None:  # bounded: until the checks below are done
+        while not stop.is_set():
+            readings.append(gauge(agent_port))
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        said = []
+        for _ in range(15):
+            proc = agentctl(sb, "check", "gunicorn", "--json")
+            said.append(proc.stdout)
+    finally:
+        stop.set()
+        scraper.join(60)
+    assert readings and set(readings) == {0.0}, f"{readings.count(1.0)} of {len(readings)}"
+    running = [out for out in said if "migration_in_progress" in out]
+    assert not running, running[0][-3000:]
