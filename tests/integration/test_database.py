@@ -387,3 +387,62 @@ def test_worker_connections_are_named_by_the_server(pg: PostgresCluster,
             ("tcp", pg_database.name, "backend pid"), ("unix", pg_database.name, "backend pid")]
     finally:
         pg.drop(stranger)
+
+
+def _reading_session(pg: PostgresCluster, db: PgDatabase, application_name: str) -> Any:
+    """A session in a read-only transaction that has read the version table and is still
+    open: what an agent session holds in the middle of its batch (idle in transaction,
+    ACCESS SHARE on alembic_version until the batch's rollback)."""
+    conn = pg.connect(db.name, db.owner, db.password, autocommit=False)
+    cur = conn.cursor()
+    cur.execute("SELECT set_config('application_name', %s, false)", (application_name,))
+    cur.execute("SET TRANSACTION READ ONLY")
+    cur.execute("SELECT version_num FROM alembic_version")
+    return conn
+
+
+def test_another_agent_session_reading_the_version_table_is_not_a_migration(
+        pg: PostgresCluster, pg_database: PgDatabase) -> None:
+    """The agent's own sessions (the previous agent's session child finishing its batch, its
+    probe) hold ACCESS SHARE on the version table while they read it: not a migration."""
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    pg_database.execute("INSERT INTO alembic_version VALUES ('r2')", as_owner=True)
+    for name in ("driftwatch", "driftwatch-probe"):
+        other = _reading_session(pg, pg_database, name)
+        try:
+            held = pg_database.execute(
+                "SELECT l.mode FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE a.application_name = %s AND l.relation = 'alembic_version'::regclass",
+                (name,))
+            assert held == [("AccessShareLock",)]  # the lock really is there
+            result = database.inspect(pg_database.url)
+            assert result.version.revisions == ("r2",)
+            assert not result.activity.in_progress, result.activity.sessions
+            assert not database.migration_activity(pg_database.url).in_progress
+        finally:
+            other.rollback()
+            other.close()
+
+
+def test_a_migration_named_like_the_agent_is_still_seen(pg: PostgresCluster,
+                                                        pg_database: PgDatabase) -> None:
+    """Only the agent's read lock is left out: DDL locks of a session calling itself
+    driftwatch still say a migration is running."""
+    pg_database.execute(VERSION_DDL, as_owner=True)
+    pg_database.execute("INSERT INTO alembic_version VALUES ('r2')", as_owner=True)
+    pg_database.execute("CREATE TABLE users (id int)", as_owner=True)
+    migrator = pg.connect(pg_database.name, pg_database.owner, pg_database.password,
+                          autocommit=False)
+    try:
+        cur = migrator.cursor()
+        cur.execute("SELECT set_config('application_name', 'driftwatch', false)")
+        cur.execute("SELECT version_num FROM alembic_version")
+        cur.execute("ALTER TABLE users ADD COLUMN name text")
+        cur.execute("UPDATE alembic_version SET version_num = 'r3'")
+        result = database.inspect(pg_database.url)
+        assert result.activity.in_progress
+        reasons = {s.reason for s in result.activity.sessions}
+        assert reasons == {"holds RowExclusiveLock on alembic_version"}, reasons
+    finally:
+        migrator.rollback()
+        migrator.close()

@@ -324,15 +324,17 @@ WITH l AS (
   SELECT pid, datname, state AS raw_state, coalesce(usename, '') AS usename,
          coalesce(state, '') AS state,
          extract(epoch FROM now() - coalesce(xact_start, query_start)) AS secs,
-         coalesce(query, '') AS query
+         coalesce(query, '') AS query, coalesce(application_name, '') AS app
     FROM pg_stat_activity
    WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'
 )
-(SELECT 'lock', a.pid, a.usename, a.state, a.secs, a.query, l.mode, l.granted, NULL::name
+(SELECT 'lock', a.pid, a.usename, a.state, a.secs, a.query, l.mode, l.granted, NULL::name,
+        a.app
    FROM l JOIN a ON a.pid = l.pid
   WHERE l.relation = to_regclass(:n))
 UNION ALL
-(SELECT 'exclusive', a.pid, a.usename, a.state, a.secs, a.query, NULL, NULL, c.relname
+(SELECT 'exclusive', a.pid, a.usename, a.state, a.secs, a.query, NULL, NULL, c.relname,
+        a.app
    FROM l JOIN a ON a.pid = l.pid
    JOIN pg_class c ON c.oid = l.relation
    JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -341,12 +343,16 @@ UNION ALL
   ORDER BY a.pid, c.relname
   LIMIT 500)
 UNION ALL
-(SELECT 'active', a.pid, a.usename, a.state, a.secs, a.query, NULL, NULL, NULL
+(SELECT 'active', a.pid, a.usename, a.state, a.secs, a.query, NULL, NULL, NULL, a.app
    FROM a
   WHERE a.datname = current_database() AND a.raw_state = 'active'
   LIMIT 500)
 """
 ACTIVITY_ORDER = ("lock", "exclusive", "active")
+# The agent's own sessions: its session held as the unit's user (dbclient, this module) and
+# its probe. Both are read-only: on the version table they only ever take ACCESS SHARE (a
+# read inside their batch's transaction), never what a migration takes.
+AGENT_APPLICATION_NAMES = frozenset({APPLICATION_NAME, "driftwatch-probe"})
 
 
 def short_query(query: str, limit: int = MAX_QUERY_CHARS) -> str:
@@ -354,6 +360,14 @@ def short_query(query: str, limit: int = MAX_QUERY_CHARS) -> str:
     query = re.sub(r"(?i)(\bPASSWORD\s+)('(?:[^']|'')*'|\S+)", r"\1'****'", query)
     flat = " ".join(mask_url(query).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def agent_read(kind: str, application_name: str, mode: str | None) -> bool:
+    """Pure: an ACCESS SHARE lock on the version table held (or awaited) by one of the agent's
+    own read-only sessions: another inspection reading it (e.g. the previous agent's session
+    child finishing its batch after a restart), never a migration."""
+    return kind == "lock" and mode == "AccessShareLock" \
+        and application_name in AGENT_APPLICATION_NAMES
 
 
 def query_migration_activity(conn: Connection, table: str = "alembic_version",
@@ -366,8 +380,10 @@ def query_migration_activity(conn: Connection, table: str = "alembic_version",
     # The version table's locks first, then exclusive locks, then running statements: a
     # session's first reason is kept.
     rows.sort(key=lambda r: ACTIVITY_ORDER.index(r[0]) if r[0] in ACTIVITY_ORDER else 3)
-    for kind, pid, user, state, secs, query, mode, granted, relation in rows:
+    for kind, pid, user, state, secs, query, mode, granted, relation, app in rows:
         hidden = hidden or query == "<insufficient privilege>"
+        if agent_read(kind, app, mode):
+            continue
         if kind == "lock":
             reason = f"{'holds' if granted else 'waits for'} {mode} on {table}"
         elif kind == "exclusive":
