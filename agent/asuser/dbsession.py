@@ -20,6 +20,10 @@ FD_IN:
   error ends the batch: its answer is the last one, the statements after it are not run.
 EOF on FD_IN ends it. Root bounds every line it reads; a statement's rows are capped at
 MAX_ROWS.
+
+A shared child (request {"shared": true, "unset": [...]}, serve_shared) connects to nothing
+at first and holds a connection per URL it is asked to open; every request line then names
+its connection ("conn") and every answer line carries it back.
 """
 
 import json
