@@ -17,7 +17,8 @@ user, groups, interpreter, execution settings, guard, and environment but for th
 that carries the URL) share one child, which holds a connection per URL: each connection
 follows the rules above on its own (an error ends that connection only); a child in doubt
 (a lost, late or misaddressed answer) ends with all its connections, and so does one whose
-last connection ended or that is LIFETIME_S old.
+last connection ended or that is LIFETIME_S old. A child answers one request at a time:
+the pool is used by one inspection run at a time (units one after another), as before.
 """
 
 from __future__ import annotations
