@@ -110,3 +110,41 @@ def test_an_answer_for_another_connection_is_refused_and_the_child_no_longer_tru
     finally:
         for fd in (read_fd, write_fd, sink_r):
             os.close(fd)
+
+
+def test_an_interpreter_that_cannot_share_gets_a_child_per_session() -> None:
+    """No psycopg2/psycopg in the app's venv (the child says "unshared"): that identity gets
+    a child of its own per session, as before, and is not asked to share again."""
+    from contextlib import contextmanager
+
+    from agent.privileged import dbclient
+    from agent.privileged.sessionpool import SessionPool
+
+    started: list[str] = []
+
+    class NoShare:
+        broken = False
+
+        def open(self, url: str, secrets: list[str]) -> object:
+            raise dbclient.Unshareable(url)
+
+    @contextmanager
+    def shared_opener(*_a: object, **_k: object):  # type: ignore[no-untyped-def]
+        started.append("shared")
+        yield NoShare()
+
+    @contextmanager
+    def opener(_ctx: object, url: str, *_a: object, **_k: object):  # type: ignore[no-untyped-def]
+        started.append(url)
+        yield object()
+
+    pool = SessionPool(opener=opener, shared_opener=shared_opener)
+    for c, url in ((ctx({"DATABASE_URL": URL_A}), URL_A),
+                   (ctx({"DATABASE_URL": URL_B}, "b.service"), URL_B)):
+        with pool.borrow(c, url, Timeouts()):
+            pass
+    assert started == ["shared", URL_A, URL_B]
+    assert len(pool.unshareable) == 1 and pool.children == {}
+    assert (pool.started, pool.children_started) == (2, 3)
+    pool.close()
+    assert pool.held == {}
