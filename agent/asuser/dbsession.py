@@ -20,6 +20,10 @@ FD_IN:
   error ends the batch: its answer is the last one, the statements after it are not run.
 EOF on FD_IN ends it. Root bounds every line it reads; a statement's rows are capped at
 MAX_ROWS.
+
+A shared child (request {"shared": true, "unset": [...]}, serve_shared) connects to nothing
+at first and holds a connection per URL it is asked to open; every request line then names
+its connection ("conn") and every answer line carries it back.
 """
 
 import json
@@ -157,38 +161,46 @@ def answer_requests(lines, fd_out, run, error_of, finish=None):
         except Exception as exc:
             _write(fd_out, error_of(exc))
             continue
-        results, size, last_write = [], 0, time.monotonic()
-        for i, ask in enumerate(asks):
+        answer_asks(asks, batch, fd_out, run, error_of, finish)
+
+
+def answer_asks(asks, batch, fd_out, run, error_of, finish=None, tag=None):
+    """One request's statements (one, or a batch in one transaction); tag: fields every
+    answer line carries (a shared child's connection id)."""
+    tag = tag or {}
+    results, size, last_write = [], 0, time.monotonic()
+    for i, ask in enumerate(asks):
+        try:
+            sql, params = one_statement(ask)
+            answer = {"rows": run(sql, params)}
+        except Exception as exc:
+            answer = error_of(exc)
+        done = "error" in answer or i == len(asks) - 1
+        if done and finish is not None:
             try:
-                sql, params = one_statement(ask)
-                answer = {"rows": run(sql, params)}
+                finish()  # never a transaction held open between requests
             except Exception as exc:
-                answer = error_of(exc)
-            done = "error" in answer or i == len(asks) - 1
-            if done and finish is not None:
-                try:
-                    finish()  # never a transaction held open between requests
-                except Exception as exc:
-                    if "error" not in answer:
-                        answer = error_of(exc)
-            if not batch:
-                _write(fd_out, answer)
-                break
-            results.append(json.dumps(answer))
-            size += len(results[-1])
-            if done or ask.get("flush") or size >= FLUSH_BYTES \
-                    or time.monotonic() - last_write >= FLUSH_S:
-                _write_results(fd_out, results)
-                results, size, last_write = [], 0, time.monotonic()
-            if done:
-                break
-        if batch and not asks:
-            _write(fd_out, {"results": []})
+                if "error" not in answer:
+                    answer = error_of(exc)
+        if not batch:
+            _write(fd_out, dict(answer, **tag))
+            break
+        results.append(json.dumps(answer))
+        size += len(results[-1])
+        if done or ask.get("flush") or size >= FLUSH_BYTES \
+                or time.monotonic() - last_write >= FLUSH_S:
+            _write_results(fd_out, results, tag)
+            results, size, last_write = [], 0, time.monotonic()
+        if done:
+            break
+    if batch and not asks:
+        _write(fd_out, dict({"results": []}, **tag))
 
 
-def _write_results(fd, encoded):
+def _write_results(fd, encoded, tag=None):
     """One batch answer line from answers already encoded (each measured as it came)."""
-    data = ('{"results": [' + ", ".join(encoded) + "]}\n").encode()
+    head = "".join("%s: %s, " % (json.dumps(k), json.dumps(v)) for k, v in (tag or {}).items())
+    data = ("{" + head + '"results": [' + ", ".join(encoded) + "]}\n").encode()
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -213,10 +225,10 @@ def driver_connect(url):
     return psycopg.connect(base, **params)
 
 
-def serve_driver(conn, request, fd_out, lines):
-    """Answer statements on a plain driver connection, each in a guarded transaction (a
-    batch's statements in one, the guard still asked before each)."""
-    settings, state = request.get("guard") or {}, {"guarding": False}
+def guarded_runner(conn, settings):
+    """run(sql, params) -> rows on a plain driver connection, the guard asked before every
+    statement (its own state per connection); verified read-only before it is returned."""
+    state = {"guarding": False}
 
     def run(sql, params):
         check_before_statement(conn, settings, state)  # noqa: F821 (bundled readonly.py)
@@ -231,6 +243,13 @@ def serve_driver(conn, request, fd_out, lines):
     conn.rollback()
     if not rows or str(rows[0][0]).lower() != "on":
         raise RuntimeError("the session is not read-only")
+    return run
+
+
+def serve_driver(conn, request, fd_out, lines):
+    """Answer statements on a plain driver connection, each in a guarded transaction (a
+    batch's statements in one, the guard still asked before each)."""
+    run = guarded_runner(conn, request.get("guard") or {})
     _write(fd_out, {"ok": True})
     answer_requests(lines, fd_out, run,
                     lambda exc: {"error": _message(exc), "sqlstate": _sqlstate(exc)},
@@ -428,6 +447,80 @@ def _mysql_errno(exc):
     return str(args[0]) if args and isinstance(args[0], int) else ""
 
 
+def _close_quietly(conn):
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
+def serve_shared(request, fd_out, lines):
+    """One child, a connection per URL it is asked to open (PostgreSQL, the app's libpq
+    driver): every request line names its connection ("conn"), every answer line carries it.
+
+    {"conn": id, "open": url}: connect (the same guard settings for all), verified
+    read-only, answered {"conn": id, "ok": ...}; {"conn": id, "close": true}: closed, no
+    answer; else statements as serve() answers them, on that connection only. The
+    variables in "unset" (they carry the starting unit's URL) are dropped first.
+    """
+    for name in request.get("unset") or []:
+        os.environ.pop(str(name), None)
+    settings = request.get("guard") or {}
+    conns = {}
+
+    def error_of(exc):
+        return {"error": _message(exc), "sqlstate": _sqlstate(exc)}
+
+    def missing(_sql, _params):
+        raise LookupError("no open connection of that id")
+
+    _write(fd_out, {"ok": True, "shared": True})
+    try:
+        for line in lines:
+            try:
+                ask = json.loads(line)
+                if not isinstance(ask, dict) or not isinstance(ask.get("conn"), str):
+                    raise ValueError("a shared session's request names its connection")
+            except Exception as exc:
+                _write(fd_out, error_of(exc))   # untagged: root no longer trusts the child
+                continue
+            tag = {"conn": ask["conn"]}
+            if "open" in ask or "close" in ask:
+                old = conns.pop(ask["conn"], None)
+                if old is not None:
+                    _close_quietly(old[0])
+                if "close" in ask:
+                    continue
+                try:
+                    url = str(ask["open"])
+                    libpq_uri(url)
+                    conn = driver_connect(url)
+                    if conn is None:
+                        _write(fd_out, dict(tag, ok=False, unshared=True,
+                                            error="no psycopg2 or psycopg to share"))
+                        continue
+                    try:
+                        conns[ask["conn"]] = (conn, guarded_runner(conn, settings))
+                    except BaseException:
+                        _close_quietly(conn)
+                        raise
+                    _write(fd_out, dict(tag, ok=True))
+                except Exception as exc:
+                    _write(fd_out, dict(error_of(exc), ok=False, **tag))
+                continue
+            conn, run = conns.get(ask["conn"]) or (None, missing)
+            try:
+                asks, batch = requests_of(line)
+            except Exception as exc:
+                _write(fd_out, dict(error_of(exc), **tag))
+                continue
+            answer_asks(asks, batch, fd_out, run, error_of,
+                        conn.rollback if conn is not None else None, tag)
+    finally:
+        for conn, _run in conns.values():
+            _close_quietly(conn)
+
+
 def serve(request, fd_in, fd_out, lines=None):
     """Connect, then answer statements until EOF (lines: an already started reader).
 
@@ -435,6 +528,9 @@ def serve(request, fd_in, fd_out, lines=None):
     interpreter has neither psycopg2 nor psycopg.
     """
     lines = lines if lines is not None else _lines(fd_in)
+    if request.get("shared"):
+        serve_shared(request, fd_out, lines)
+        return
     if request.get("mode") == "pgbouncer_admin":
         try:
             serve_pgbouncer_admin(request, fd_out, lines)

@@ -138,15 +138,29 @@ def rows_of(doc: Mapping[str, Any]) -> list[tuple[Any, ...]]:
     return out
 
 
+class _Channel:
+    """The pipes to one session child, and whether the child is still trusted."""
+
+    def __init__(self, writer: BinaryIO, fd_out: int) -> None:
+        self.writer = writer
+        self.fd = fd_out
+        self.buf = b""
+        # A lost, late or garbled answer: the next answer could belong to that request, so
+        # nothing on this child may be used again.
+        self.broken = False
+
+
 class RemoteConnection:
     """Sends statements to the child (one at a time, or a prefetched batch) and waits
-    (bounded) for their rows."""
+    (bounded) for their rows. conn_id: the connection it is on a shared child
+    (SharedSession), named in every request and checked in every answer."""
 
-    def __init__(self, writer: BinaryIO, fd_out: int, settings: SessionSettings,
-                 secrets: list[str]) -> None:
-        self._writer = writer
-        self._fd = fd_out
-        self._buf = b""
+    def __init__(self, writer: BinaryIO | None, fd_out: int, settings: SessionSettings,
+                 secrets: list[str], channel: _Channel | None = None,
+                 conn_id: str | None = None) -> None:
+        assert writer is not None or channel is not None
+        self._chan = channel if channel is not None else _Channel(writer, fd_out)  # type: ignore[arg-type]
+        self.conn_id = conn_id
         self._settings = settings
         self._secrets = secrets
         self.statements = 0     # statements the child ran
@@ -157,29 +171,49 @@ class RemoteConnection:
         self._log: list[tuple[str, dict[str, Any]]] = []
         # Values that cannot change during one session (its server's identity), by name.
         self.session_memo: dict[str, Any] = {}
-        # A lost, late or garbled answer: the next answer could belong to this statement,
-        # so the session must not be used again.
-        self.broken = False
+
+    @property
+    def broken(self) -> bool:
+        """The child is in doubt (a lost, late, garbled or misaddressed answer)."""
+        return self._chan.broken
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._chan.broken = self._chan.broken or value
+
+    def _ask(self, doc: dict[str, Any]) -> bytes:
+        """A request line, naming this connection on a shared child."""
+        if self.conn_id is not None:
+            doc = {"conn": self.conn_id, **doc}
+        return json.dumps(doc).encode() + b"\n"
 
     def read_line(self, timeout: float) -> dict[str, Any]:
-        """The child's next answer line; RemoteError on timeout, EOF or garbage."""
+        """The child's next answer line; RemoteError on timeout, EOF or garbage, or (on a
+        shared child) an answer that is not this connection's."""
+        doc = self._read_line(timeout)
+        if self.conn_id is not None and doc.get("conn") != self.conn_id:
+            raise RemoteError("the session answered for another connection")
+        return doc
+
+    def _read_line(self, timeout: float) -> dict[str, Any]:
+        chan = self._chan
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
-            sel.register(self._fd, selectors.EVENT_READ)
-            while b"\n" not in self._buf:
+            sel.register(chan.fd, selectors.EVENT_READ)
+            while b"\n" not in chan.buf:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RemoteError(f"no answer from the session within {timeout:g} s "
                                       "(timed out)")
                 if not sel.select(remaining):
                     continue
-                chunk = os.read(self._fd, 65536)
+                chunk = os.read(chan.fd, 65536)
                 if not chunk:
                     raise RemoteError("the session ended before answering")
-                self._buf += chunk
-                if len(self._buf) > MAX_LINE_BYTES:
+                chan.buf += chunk
+                if len(chan.buf) > MAX_LINE_BYTES:
                     raise RemoteError("the session's answer is too large")
-        line, self._buf = self._buf.split(b"\n", 1)
+        line, chan.buf = chan.buf.split(b"\n", 1)
         try:
             return parse_answer(line)
         except ValueError as exc:
@@ -196,7 +230,7 @@ class RemoteConnection:
         if ready:
             doc = ready.pop(0)
         else:
-            request = json.dumps({"sql": sql, "params": params}).encode() + b"\n"
+            request = self._ask({"sql": sql, "params": params})
             try:
                 self._send(request)
                 doc = self.read_line(timeout or self._settings.answer_s)
@@ -217,8 +251,10 @@ class RemoteConnection:
         return result
 
     def _send(self, request: bytes) -> None:
-        self._writer.write(request)
-        self._writer.flush()
+        if self._chan.broken:
+            raise RemoteError("the session is no longer trusted")
+        self._chan.writer.write(request)
+        self._chan.writer.flush()
         self.round_trips += 1
 
     def prefetch(self, statements: Sequence[tuple[str, Mapping[str, Any]]],
@@ -237,7 +273,7 @@ class RemoteConnection:
             return
         got = 0
         try:
-            self._send(json.dumps({"batch": asks}).encode() + b"\n")
+            self._send(self._ask({"batch": asks}))
             while got < len(asks):
                 first = got == 0 and ping_timeout is not None
                 doc = self.read_line(ping_timeout if first else self._settings.answer_s)
@@ -272,6 +308,62 @@ class RemoteConnection:
         return learned
 
 
+class Unshareable(Exception):
+    """The app's interpreter cannot hold a shared session (no psycopg2/psycopg)."""
+
+
+class SharedSession:
+    """One kept session child holding a connection per URL (sessionpool's, PostgreSQL):
+    each RemoteConnection names its connection in every request and accepts only its own
+    answers; every answer is scrubbed of the secrets of every URL the child was given."""
+
+    def __init__(self, greeter: RemoteConnection, settings: SessionSettings,
+                 secrets: list[str]) -> None:
+        self._chan = greeter._chan
+        self._settings = settings
+        self.secrets = secrets   # one list, shared by every connection: extended per URL
+        self._next = 0
+        self.open_ids: set[str] = set()
+
+    @property
+    def broken(self) -> bool:
+        """The child is in doubt: nothing on it may be used."""
+        return self._chan.broken
+
+    def open(self, url: str, secrets: Sequence[str]) -> RemoteConnection:
+        """A new connection on url in this child (DatabaseProblem; Unshareable)."""
+        label = db_label(url)
+        self.secrets[:] = sorted(set(self.secrets) | set(secrets), key=len, reverse=True)
+        self._next += 1
+        conn = RemoteConnection(None, -1, self._settings, self.secrets, channel=self._chan,
+                                conn_id=f"c{self._next}")
+        try:
+            conn._send(conn._ask({"open": url}))
+            hello = conn.read_line(START_GRACE_S + self._settings.timeouts.connect_s)
+        except (OSError, RemoteError) as exc:
+            conn.broken = True
+            raise DatabaseProblem(f"database {label} error: "
+                                  f"{scrub(str(exc), self.secrets)}") from None
+        if not hello.get("ok"):
+            if hello.get("unshared"):
+                raise Unshareable(label)
+            reason = scrub(str(hello.get("error") or "no session"), self.secrets)[:500]
+            raise DatabaseProblem(describe_error(label, RemoteError(
+                reason, str(hello.get("sqlstate") or ""))))
+        assert conn.conn_id is not None
+        self.open_ids.add(conn.conn_id)
+        return conn
+
+    def close(self, conn: RemoteConnection) -> None:
+        """End one connection (its backend disconnects); the child stays."""
+        if conn.conn_id in self.open_ids:
+            self.open_ids.discard(conn.conn_id)
+            try:
+                conn._send(conn._ask({"close": True}))
+            except (OSError, RemoteError):
+                conn.broken = True
+
+
 @contextmanager
 def _greeted(conn: RemoteConnection, label: str, secrets: list[str],
              grace_s: float) -> Iterator[RemoteConnection]:
@@ -299,14 +391,23 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def child_request(url: str, settings: SessionSettings, mode: str,
+                  shared: Sequence[str] | None, allow_root: bool) -> str:
+    """Pure: the child's request; shared: a child for many URLs, these variables dropped."""
+    doc: dict[str, Any] = {"url": url, "guard": settings.guard(), "allow_root": allow_root,
+                           "mode": mode}
+    if shared is not None:
+        doc.update(url="", shared=True, unset=list(shared))
+    return json.dumps(doc)
+
+
 def session_env(ctx: AppContext, identity: Any, settings: SessionSettings, url: str,
-                mode: str = "") -> dict[str, str]:
+                mode: str = "", shared: Sequence[str] | None = None) -> dict[str, str]:
     """The unit's environment plus the session request (and a connect timeout default)."""
     env = build_unit_env(ctx, identity, gunicorn_env=False)
     env.setdefault("PGCONNECT_TIMEOUT", str(int(settings.timeouts.connect_s)))
     env.setdefault("PGAPPNAME", APPLICATION_NAME)
-    env[DB_REQUEST_ENV] = json.dumps({"url": url, "guard": settings.guard(),
-                                      "allow_root": settings.allow_root, "mode": mode})
+    env[DB_REQUEST_ENV] = child_request(url, settings, mode, shared, settings.allow_root)
     return env
 
 
@@ -333,24 +434,36 @@ def user_session(ctx: AppContext, url: str, timeouts: Timeouts,
 
 
 @contextmanager
+def open_shared(ctx: AppContext, unset: Sequence[str], timeouts: Timeouts,
+                allow_root: bool = False, probe_user: str = "",
+                lifetime_s: float = 0.0) -> Iterator[SharedSession]:
+    """A new session child that holds a connection per URL it is asked to open (the
+    unit's identity and environment, the variables unset dropped), for the with block."""
+    with open_session(ctx, "", timeouts, allow_root, probe_user, lifetime_s,
+                      shared=tuple(unset)) as child:
+        yield child
+
+
+@contextmanager
 def open_session(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool = False,
                  probe_user: str = "", lifetime_s: float = 0.0,
-                 mode: str = "") -> Iterator[RemoteConnection]:
+                 mode: str = "", shared: Sequence[str] | None = None) -> Iterator[Any]:
     """A new session child for as long as the with block (user_session without the pool);
-    lifetime_s: how long beyond one inspection's statements it may be kept."""
-    label = db_label(url)
+    lifetime_s: how long beyond one inspection's statements it may be kept; shared (the
+    variables to drop): a SharedSession instead, connections opened on it per URL."""
+    label = db_label(url) if url else "(shared session)"
     settings = SessionSettings(timeouts, answer_s=max(5.0, timeouts.statement_ms / 1000 + 5),
                                allow_root=allow_root, probe_user=probe_user)
     secrets = secret_values(ctx.environment, [url])
     if transient.available(ctx.exec_settings):
         with _transient_session(ctx, url, settings, secrets, label, mode,
-                                lifetime_s) as conn:
+                                lifetime_s, shared) as conn:
             yield conn
         return
     try:
         identity = unit_identity(ctx, probe_user)
         drop = privilege_plan(identity, os.geteuid(), allow_root)
-        env = session_env(ctx, identity, settings, url, mode)
+        env = session_env(ctx, identity, settings, url, mode, shared)
         python = interpreter(ctx, env)
     except ProbeSetupError as exc:
         raise DatabaseProblem(f"database {label}: no session as the unit's user: "
@@ -372,7 +485,7 @@ def open_session(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool
         conn = RemoteConnection(proc.stdin, read_fd, settings, secrets)
         try:
             with _greeted(conn, label, secrets, START_GRACE_S + timeouts.connect_s):
-                yield conn
+                yield conn if shared is None else SharedSession(conn, settings, secrets)
         finally:
             if proc.stdin is not None:
                 try:
@@ -389,7 +502,8 @@ def open_session(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool
 @contextmanager
 def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
                        secrets: list[str], label: str, mode: str = "",
-                       lifetime_s: float = 0.0) -> Iterator[RemoteConnection]:
+                       lifetime_s: float = 0.0,
+                       shared: Sequence[str] | None = None) -> Iterator[Any]:
     """The session child as a transient unit with the app unit's execution settings
     (credentials, DynamicUser=, sandboxing as for the app); stdin/stdout are root's pipes."""
     try:
@@ -402,11 +516,11 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
                               + lifetime_s + 30 * settings.answer_s,
                               memory_max_bytes=256 * 1024 * 1024)
     props = transient.transient_properties(
-        ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}",
+        ctx.exec_settings, description=f"driftwatch database session for {ctx.unit}"
+        + (" (shared by the units of the same identity)" if shared is not None else ""),
         extra_env={k: v for k, v in defaults.items() if k not in ctx.environment},
         limits=limits, probe_user=settings.probe_user)
-    request = json.dumps({"url": url, "guard": settings.guard(), "allow_root": False,
-                          "mode": mode})
+    request = child_request(url, settings, mode, shared, False)
     bus = SystemdSource()
     fds: list[int] = []
     unit = None
@@ -430,7 +544,7 @@ def _transient_session(ctx: AppContext, url: str, settings: SessionSettings,
             writer.write(request.encode() + b"\n")
             conn = RemoteConnection(writer, ans_r, settings, secrets)
             with _greeted(conn, label, secrets, START_GRACE_S + settings.timeouts.connect_s):
-                yield conn
+                yield conn if shared is None else SharedSession(conn, settings, secrets)
     finally:
         if unit is not None:
             # stdin is closed by now (EOF): the child ends by itself; then nothing is left.

@@ -11,6 +11,14 @@ answers a ping (once per run: within a run it answered moments ago), it is young
 leaves a `with` block, or a lost answer, ends it, and the next use starts a new one. Sessions
 a run did not use are ended after it (sweep); so are a unit's when it restarted (close).
 PostgreSQL only: a held SQLite file would keep answering from a file replaced on disk.
+
+Units whose children would be started identically (agent/privileged/sharedkey.py: same
+user, groups, interpreter, execution settings, guard, and environment but for the variable
+that carries the URL) share one child, which holds a connection per URL: each connection
+follows the rules above on its own (an error ends that connection only); a child in doubt
+(a lost, late or misaddressed answer) ends with all its connections, and so does one whose
+last connection ended or that is LIFETIME_S old. A child answers one request at a time:
+the pool is used by one inspection run at a time (units one after another), as before.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from typing import Any
 from agent.dbsql import DBAPIError
 
 from agent.context import AppContext
-from agent.privileged import dbclient
+from agent.privileged import dbclient, sharedkey
+from agent.privileged.probe_runner import secret_values
 from agent.privileged.sources.database import DatabaseProblem, Timeouts, backend_of, db_label, \
     describe_error
 
@@ -52,12 +61,23 @@ def session_key(ctx: AppContext, url: str, timeouts: Timeouts, allow_root: bool,
 
 
 @dataclass
+class _Child:
+    """A shared session child and the sessions (by session_key) it holds."""
+
+    session: Any
+    stack: ExitStack
+    started: float
+    conns: set[str] = field(default_factory=set)
+
+
+@dataclass
 class _Held:
     unit: str
     label: str
     conn: Any
-    stack: ExitStack
+    stack: ExitStack | None   # its own child; None: a connection on a shared child
     started: float
+    child: str = ""           # the shared child's key
     used: bool = True
     # Answered within this run: no ping needed before its next use in the same run.
     answered: bool = False
@@ -75,6 +95,13 @@ class SessionPool:
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     held: dict[str, _Held] = field(default_factory=dict)
     started: int = 0   # sessions started (for tests and the benchmark)
+    # One child per launch identity, a connection per URL in it (False: a child per session).
+    share: bool = True
+    shared_opener: Callable[..., Any] = field(default=dbclient.open_shared, repr=False)
+    children: dict[str, _Child] = field(default_factory=dict)
+    children_started: int = 0
+    # Child keys whose interpreter cannot share (no libpq driver): a child per session.
+    unshareable: set[str] = field(default_factory=set)
 
     @staticmethod
     def pooled(url: str) -> bool:
@@ -93,12 +120,7 @@ class SessionPool:
             self._end(key)
             held = None
         if held is None:
-            stack = ExitStack()
-            conn = stack.enter_context(self.opener(ctx, url, timeouts, allow_root, probe_user,
-                                                   lifetime_s=self.lifetime_s))
-            held = _Held(ctx.unit, db_label(url), conn, stack, self.clock(), learned=learned)
-            self.held[key] = held
-            self.started += 1
+            held = self._start(key, ctx, url, timeouts, allow_root, probe_user, learned)
             fresh = True
         else:
             fresh = False
@@ -118,12 +140,66 @@ class SessionPool:
             else:
                 held.answered = True
 
+    def _start(self, key: str, ctx: AppContext, url: str, timeouts: Timeouts,
+               allow_root: bool, probe_user: str, learned: list[Any]) -> _Held:
+        """A new session: a connection on the shared child of its identity, or (not
+        shareable) a child of its own."""
+        held = self._start_shared(key, ctx, url, timeouts, allow_root, probe_user, learned) \
+            if self.share else None
+        if held is None:
+            stack = ExitStack()
+            conn = stack.enter_context(self.opener(ctx, url, timeouts, allow_root, probe_user,
+                                                   lifetime_s=self.lifetime_s))
+            held = _Held(ctx.unit, db_label(url), conn, stack, self.clock(), learned=learned)
+            self.children_started += 1
+        self.held[key] = held
+        self.started += 1
+        return held
+
+    def _start_shared(self, key: str, ctx: AppContext, url: str, timeouts: Timeouts,
+                      allow_root: bool, probe_user: str, learned: list[Any]) -> _Held | None:
+        """A connection on the shared child (started if need be); None: not shared."""
+        guard = [timeouts.statement_ms, timeouts.lock_ms, timeouts.idle_in_transaction_ms,
+                 timeouts.connect_s]
+        found = sharedkey.child_key(ctx, url, guard, allow_root, probe_user)
+        if not found.shared or found.digest in self.unshareable:
+            return None
+        child = self.children.get(found.digest)
+        if child is not None and (child.session.broken
+                                  or self.clock() - child.started >= self.lifetime_s):
+            self._end_child(found.digest)
+            child = None
+        if child is None:
+            stack = ExitStack()
+            session = stack.enter_context(self.shared_opener(
+                ctx, found.unset, timeouts, allow_root, probe_user, lifetime_s=self.lifetime_s))
+            child = _Child(session, stack, self.clock())
+            self.children[found.digest] = child
+            self.children_started += 1
+        try:
+            conn = child.session.open(url, secret_values(ctx.environment, [url]))
+        except dbclient.Unshareable:
+            self.unshareable.add(found.digest)
+            if not child.conns:
+                self._end_child(found.digest)
+            return None
+        except BaseException:
+            if child.session.broken or not child.conns:
+                self._end_child(found.digest)
+            raise
+        child.conns.add(key)
+        return _Held(ctx.unit, db_label(url), conn, None, self.clock(), learned=learned,
+                     child=found.digest)
+
     def _usable(self, held: _Held, timeouts: Timeouts) -> bool:
         """Young enough, not broken, and still answering within the connect timeout (a
         server restart, an idle timeout, a killed child or a frozen server all show here,
         before the inspection's statements). The ping goes with the statements the last
         run asked, in one batch."""
         if self.clock() - held.started >= self.lifetime_s or getattr(held.conn, "broken", 0):
+            return False
+        child = self.children.get(held.child) if held.child else None
+        if held.child and (child is None or self.clock() - child.started >= self.lifetime_s):
             return False
         if held.answered:
             return True
@@ -160,9 +236,35 @@ class SessionPool:
             self._end(key)
 
     def _end(self, key: str) -> None:
+        """End one session: its own child, or its connection on a shared child (the child
+        too when it is in doubt or holds nothing else)."""
         held = self.held.pop(key, None)
-        if held is not None:
-            try:
-                held.stack.close()
-            except Exception:  # ending a dead child must never fail an inspection
-                pass
+        if held is None:
+            return
+        if held.stack is not None:
+            _close(held.stack)
+            return
+        child = self.children.get(held.child)
+        if child is None:
+            return
+        child.conns.discard(key)
+        if not child.session.broken and child.conns:
+            child.session.close(held.conn)
+        if child.session.broken or not child.conns:
+            self._end_child(held.child)
+
+    def _end_child(self, digest: str) -> None:
+        """End a shared child and every session on it."""
+        child = self.children.pop(digest, None)
+        if child is None:
+            return
+        for key in child.conns:
+            self.held.pop(key, None)
+        _close(child.stack)
+
+
+def _close(stack: ExitStack) -> None:
+    try:
+        stack.close()
+    except Exception:  # ending a dead child must never fail an inspection
+        pass

@@ -16,8 +16,10 @@ import json
 import shutil
 import sys
 import time
+import types
 from collections.abc import Sequence
 
+from tests.bench import bench9
 from tests.bench.bench9 import AGENT_UNIT, ENV_DIR, Postgres, fetch, wait_for
 from tests.harness.sandbox import REPO_ROOT
 
@@ -138,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"          heavy libraries mapped: {', '.join(libs) or '-'}")
         print(f"  total {sum(m for _, _, m, _ in last):.1f} MiB "
               f"(peak sum {sum(peak.values()):.1f} MiB)")
+        # The kept read-only sessions, outside the agent's unit (as the apps' users).
+        sessions = bench9.agent_rss(types.SimpleNamespace(sb=sb))[1]  # type: ignore[arg-type]
+        print(f"session children: {len(sessions)} processes, VmRSS "
+              f"{sum(m for _, m, _ in sessions):.1f} MiB, Pss {sum(p for _, _, p in sessions):.1f} MiB")
         return 0
     finally:
         if sb is not None:
