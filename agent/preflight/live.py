@@ -149,29 +149,6 @@ JOIN pg_attribute a ON a.attrelid = to_regclass(n.q) AND a.attname = n.c
   AND NOT a.attisdropped
 """)
 
-_LOCKERS = text("""
-SELECT l.relation::bigint, l.pid, l.mode, l.granted, a.state, a.backend_type,
-       a.application_name, EXTRACT(EPOCH FROM clock_timestamp() - a.xact_start)::float8,
-       left(a.query, 200)
-FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'relation' AND l.relation = ANY(CAST(:oids AS oid[]))
-  AND l.pid <> pg_backend_pid()
-ORDER BY l.granted DESC, l.pid
-LIMIT :limit
-""")
-
-_OLD = text("""
-SELECT pid, state, backend_type, application_name,
-       EXTRACT(EPOCH FROM clock_timestamp() - xact_start)::float8, left(query, 200)
-FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
-  AND (state LIKE 'idle in transaction%' OR backend_type = 'autovacuum worker'
-       OR application_name LIKE 'pg_dump%'
-       OR clock_timestamp() - xact_start > make_interval(secs => :long))
-ORDER BY xact_start
-LIMIT :limit
-""")
-
 
 def query_live(conn: Connection, tables: Iterable[str],
                columns: Iterable[tuple[str, str]] = ()) -> LiveState:
