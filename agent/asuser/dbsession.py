@@ -135,6 +135,16 @@ def fetch_rows(cur):
     return [[_plain(v) for v in row] for row in cur.fetchmany(MAX_ROWS)]
 
 
+def cursor_rows(conn, sql, params):
+    """One ':name'-style statement on a DB-API connection's new cursor -> its rows."""
+    cur = conn.cursor()
+    try:
+        cur.execute(pyformat(sql), dict(params or {}))
+        return fetch_rows(cur)
+    finally:
+        cur.close()
+
+
 def requests_of(line):
     """A request line -> (its statements as dicts, True when it is a batch)."""
     ask = json.loads(line)
@@ -232,12 +242,7 @@ def guarded_runner(conn, settings):
 
     def run(sql, params):
         check_before_statement(conn, settings, state)  # noqa: F821 (bundled readonly.py)
-        cur = conn.cursor()
-        try:
-            cur.execute(pyformat(sql), dict(params or {}))
-            return fetch_rows(cur)
-        finally:
-            cur.close()
+        return cursor_rows(conn, sql, params)
 
     rows = run("SHOW transaction_read_only", {})
     conn.rollback()
@@ -389,12 +394,7 @@ def serve_mysql(request, fd_out, lines):
         return
     def run(sql, params):
         verify_mysql(conn)  # noqa: F821 (bundled readonly.py)
-        cur = conn.cursor()
-        try:
-            cur.execute(pyformat(sql), dict(params or {}))
-            return fetch_rows(cur)
-        finally:
-            cur.close()
+        return cursor_rows(conn, sql, params)
 
     def finish():
         try:
